@@ -1,0 +1,100 @@
+"""A preallocated key/value cache with ring buffers for the sliding-window layers.
+
+Global layers keep every column up to `max_len`. Local layers only ever look W keys back, so they
+keep the last W columns in a ring buffer (column c lives in slot c % W). For the 2B preset at 8192
+tokens that is 0.61 GiB in bf16 instead of 0.81 GiB.
+
+The model drives the cache in three calls per forward: `begin(valid)` before the layers,
+`update(layer, k, v)` inside each attention layer, `length += T` after.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import Gemma2Config
+from .masks import ring_columns
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: Gemma2Config,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if max_len > config.max_position_embeddings:
+            raise ValueError(
+                f"a cache of {max_len} tokens exceeds the model's context of "
+                f"{config.max_position_embeddings}; shorten the prompt or max_new_tokens"
+            )
+        self.config = config
+        self.max_len = max_len
+        self.ring = min(config.sliding_window, max_len)  # slots of a local layer's buffer
+        kv, hd = config.num_key_value_heads, config.head_dim
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        for layer in range(config.num_hidden_layers):
+            slots = self.ring if config.is_local(layer) else max_len
+            self.keys.append(torch.zeros(batch_size, kv, slots, hd, dtype=dtype, device=device))
+            self.values.append(torch.zeros(batch_size, kv, slots, hd, dtype=dtype, device=device))
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # real tokens
+        self.length = 0  # columns written so far
+
+    @staticmethod
+    def nbytes(config: Gemma2Config, batch_size: int, max_len: int, dtype: torch.dtype) -> int:
+        """Bytes the key/value buffers take, computed without allocating them."""
+        ring = min(config.sliding_window, max_len)
+        slots = sum(ring if config.is_local(i) else max_len for i in range(config.num_hidden_layers))
+        per_slot = 2 * batch_size * config.num_key_value_heads * config.head_dim * dtype.itemsize
+        return slots * per_slot
+
+    def begin(self, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Record the new columns' padding; return what the masks need for this step.
+
+        valid: `[B, T]` bool, False for left padding.
+        Returns (q_cols, global k_cols, global key_valid, local k_cols, local key_valid).
+        """
+        start, T = self.length, valid.shape[1]
+        if start + T > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} tokens; {start} + {T} do not fit")
+        device = valid.device
+        self.valid[:, start : start + T] = valid
+        q_cols = torch.arange(start, start + T, device=device)
+        global_cols = torch.arange(start + T, device=device)
+        if T == 1:  # decoding: write first, then the ring holds exactly the keys to attend to
+            local_cols = ring_columns(start + 1, self.ring, device)
+        elif start == 0:  # a first prefill attends to its own keys only
+            local_cols = q_cols
+        else:  # chunked prefill: the ring as it was, then the new keys
+            local_cols = torch.cat([ring_columns(start, self.ring, device), q_cols])
+        local_valid = self.valid[:, local_cols.clamp(min=0)] & (local_cols >= 0)
+        return q_cols, global_cols, self.valid[:, : start + T], local_cols, local_valid
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's keys/values `[B, KV, T, hd]`; return the keys/values to attend over."""
+        start, T = self.length, k.shape[2]
+        kbuf, vbuf = self.keys[layer], self.values[layer]
+        if not self.config.is_local(layer):
+            kbuf[:, :, start : start + T] = k
+            vbuf[:, :, start : start + T] = v
+            return kbuf[:, :, : start + T], vbuf[:, :, : start + T]
+        if T == 1:
+            slot = start % self.ring
+            kbuf[:, :, slot : slot + 1] = k
+            vbuf[:, :, slot : slot + 1] = v
+            return kbuf, vbuf
+        if start == 0:
+            keys, values = k, v
+        else:
+            keys, values = torch.cat([kbuf, k], dim=2), torch.cat([vbuf, v], dim=2)
+        # Keep the last `ring` new columns for later steps.
+        n = min(T, self.ring)
+        slots = torch.arange(start + T - n, start + T, device=k.device) % self.ring
+        kbuf.index_copy_(2, slots, k[:, :, T - n :])
+        vbuf.index_copy_(2, slots, v[:, :, T - n :])
+        return keys, values

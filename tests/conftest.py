@@ -1,0 +1,75 @@
+"""Shared test helpers: tiny random configs and a transformers twin with the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma2 import Gemma2Config, Gemma2ForCausalLM
+
+
+def tiny_config(**overrides) -> Gemma2Config:
+    """A tiny Gemma 2: GQA (4 / 2 heads), H * head_dim != D, window well below the context."""
+    values = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24,
+        sliding_window=8, max_position_embeddings=128,
+    )  # fmt: skip
+    return Gemma2Config(**(values | overrides))
+
+
+def hf_config(cfg: Gemma2Config):
+    """The oracle's config, written field by field (not through our own config.json writer)."""
+    import transformers
+
+    return transformers.Gemma2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        query_pre_attn_scalar=cfg.query_pre_attn_scalar, sliding_window=cfg.sliding_window,
+        max_position_embeddings=cfg.max_position_embeddings,
+        attn_logit_softcapping=cfg.attn_logit_softcapping,
+        final_logit_softcapping=cfg.final_logit_softcapping, rms_norm_eps=cfg.rms_norm_eps,
+        pad_token_id=0, bos_token_id=2, eos_token_id=1, attn_implementation="eager",
+    )  # fmt: skip
+
+
+def randomize_(model: torch.nn.Module, seed: int, std: float = 0.3) -> None:
+    """Every parameter random, norm weights included, large enough that both softcaps bite.
+
+    The embedding is also the output head: a larger scale there pushes logits past the final cap.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 1.5 if "embed" in name else 0.5 if "norm" in name else std
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def hf_twin(cfg: Gemma2Config, seed: int = 0):
+    """A random transformers Gemma2ForCausalLM (eager, fp32) and our model with its weights."""
+    import transformers
+
+    hf = transformers.Gemma2ForCausalLM(hf_config(cfg)).eval()
+    randomize_(hf, seed)
+    ours = Gemma2ForCausalLM(cfg).eval()
+    state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    ours.load_state_dict(state, strict=True)
+    return hf, ours
+
+
+def left_padded(lengths: list[int], vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids `[B, max(lengths)]` left-padded with 0, and the 1/0 attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, T - n :] = 1
+        ids[row, : T - n] = 0
+    return ids, mask
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)

@@ -1,0 +1,153 @@
+"""Our model against transformers' Gemma2ForCausalLM (eager, fp32) with the same random weights."""
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import hf_twin, left_padded, tiny_config
+from gemma2 import Gemma2ForCausalLM, KVCache
+
+CONFIGS = {
+    "base": tiny_config(),  # 3 layers (odd count), GQA 4/2, H * head_dim = 96 != D = 64
+    "27b_style_scalar": tiny_config(query_pre_attn_scalar=16),  # = D / H, not head_dim
+    "mqa_5_layers": tiny_config(num_hidden_layers=5, num_key_value_heads=1, head_dim=32),
+    "window_1": tiny_config(sliding_window=1),
+}
+
+
+def real_max_diff(a, b, mask):
+    return (a - b)[mask.bool()].abs().max().item()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(name):
+    cfg = CONFIGS[name]
+    hf, ours = hf_twin(cfg, seed=1)
+    ids, am = left_padded([40, 33, 17], cfg.vocab_size)  # longer than twice the window
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=am).logits
+        got = ours(ids, am)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert real_max_diff(got, want, am) <= 1e-4
+
+
+def test_unpadded_batch_without_mask_matches_transformers():
+    cfg = CONFIGS["base"]
+    hf, ours = hf_twin(cfg, seed=2)
+    ids = torch.randint(3, cfg.vocab_size, (2, 30))
+    with torch.no_grad():
+        assert (ours(ids) - hf(input_ids=ids).logits).abs().max() <= 1e-4
+
+
+def test_bf16_agrees_within_bf16_tolerance():
+    cfg = CONFIGS["base"]
+    hf, ours = hf_twin(cfg, seed=3)
+    ids, am = left_padded([30, 21], cfg.vocab_size)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=am).logits
+        got = ours.to(torch.bfloat16)(ids, am)
+    assert got.dtype == torch.float32  # logits are fp32 whatever the weights
+    # bf16 keeps 8 bits of mantissa: relative error ~ 2^-8 per op, compounding over layers.
+    err = (got - want)[am.bool()].abs()
+    assert err.mean() <= 0.05 * want[am.bool()].abs().mean()
+
+
+def test_both_softcaps_bite_in_these_tests():
+    """Regression (ports that dropped the attention softcap): it must change the result here."""
+    cfg = CONFIGS["base"]
+    hf, ours = hf_twin(cfg, seed=1)
+    ids, am = left_padded([40, 33], cfg.vocab_size)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=am).logits
+        uncapped = Gemma2ForCausalLM(cfg.replace(attn_logit_softcapping=1e9)).eval()
+        uncapped.load_state_dict(ours.state_dict())
+        assert real_max_diff(uncapped(ids, am), want, am) > 1e-2
+        raw = ours.hidden_states(ids, am) @ ours.output_weight.T
+        assert raw[am.bool()].abs().max() > 1.5 * cfg.final_logit_softcapping
+
+
+def test_eager_and_flex_attention_agree():
+    cfg = CONFIGS["base"]
+    _, ours = hf_twin(cfg, seed=4)
+    ids, am = left_padded([40, 25], cfg.vocab_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex without torch.compile warns that it is unfused
+        eager = ours(ids, am)
+        ours.attention = "flex"
+        flex = ours(ids, am)
+    assert real_max_diff(eager, flex, am) <= 1e-5
+
+
+def test_local_layer_sees_exactly_w_keys():
+    """Regression (window off by one; local/global parity inverted): a one-layer model is local."""
+    W = 5
+    cfg = tiny_config(num_hidden_layers=1, sliding_window=W)
+    _, model = hf_twin(cfg, seed=5)
+    ids = torch.randint(3, cfg.vocab_size, (1, 20))
+    p = 15
+    with torch.no_grad():
+        base = model(ids)[0, p]
+        for k, should_change in [(p - W, False), (p - W + 1, True), (p - 3 * W, False)]:
+            changed = ids.clone()
+            changed[0, k] = (ids[0, k] + 1) % cfg.vocab_size
+            moved = (model(changed)[0, p] - base).abs().max().item() > 0
+            assert moved == should_change, f"key at p - {p - k}"
+
+
+def test_positions_count_from_first_real_token():
+    """Left padding must not shift RoPE: a padded row equals the same row unpadded."""
+    cfg = CONFIGS["base"]
+    _, model = hf_twin(cfg, seed=6)
+    ids, am = left_padded([30, 12], cfg.vocab_size)
+    with torch.no_grad():
+        padded = model(ids, am)[1, -12:]
+        alone = model(ids[1:, -12:])[0]
+    assert (padded - alone).abs().max() <= 1e-4
+
+
+def test_hidden_states_give_logits():
+    cfg = CONFIGS["base"]
+    _, model = hf_twin(cfg, seed=7)
+    ids = torch.randint(3, cfg.vocab_size, (2, 10))
+    with torch.no_grad():
+        h = model.hidden_states(ids)
+        assert h.shape == (2, 10, cfg.hidden_size)
+        expected = cfg.final_logit_softcapping * torch.tanh((h @ model.model.embed_tokens.weight.T) / 30.0)
+        assert torch.allclose(model(ids), expected, atol=1e-5)
+
+
+# The KV cache: cached forwards give exactly what one full forward gives.
+
+
+@pytest.mark.parametrize("chunks", [[40], [17, 1, 1, 1, 20], [5] * 8, [1] * 40, [9, 31]])
+def test_cached_forward_equals_full_forward(chunks):
+    cfg = CONFIGS["base"]  # W = 8: 40 columns run several windows past it
+    _, model = hf_twin(cfg, seed=8)
+    ids, am = left_padded([40, 29, 11], cfg.vocab_size)
+    with torch.no_grad():
+        full = model(ids, am)
+        cache = KVCache(cfg, batch_size=3, max_len=48)
+        pieces, start = [], 0
+        for n in chunks:
+            pieces.append(model(ids[:, start : start + n], am[:, start : start + n], cache=cache))
+            start += n
+    assert cache.length == 40
+    # fp32 with logits near the cap of 30: summation order alone moves the last bits (~1e-5).
+    assert real_max_diff(torch.cat(pieces, dim=1), full, am) <= 1e-4
+
+
+def test_local_layers_keep_only_w_positions():
+    cfg = CONFIGS["base"]
+    cache = KVCache(cfg, batch_size=2, max_len=100)
+    for layer in range(cfg.num_hidden_layers):
+        slots = cache.keys[layer].shape[2]
+        assert slots == (cfg.sliding_window if cfg.is_local(layer) else 100)
+    two_b = KVCache.nbytes(tiny_config().from_name("2b"), 1, 8192, torch.bfloat16)
+    # 13 local layers x 4096 + 13 global x 8192 slots, x 2 (k, v) x 4 heads x 256 x 2 bytes.
+    assert two_b == 13 * (4096 + 8192) * 2 * 4 * 256 * 2
+
+
+def test_cache_longer_than_context_is_refused():
+    with pytest.raises(ValueError, match="context"):
+        KVCache(CONFIGS["base"], batch_size=1, max_len=129)
