@@ -1,0 +1,202 @@
+"""Loading and saving checkpoints: both layouts, both directions with transformers, every error."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import hf_twin, left_padded, tiny_config
+from gemma2 import CheckpointError, Gemma2ForCausalLM, load_model, save_model
+from gemma2.checkpoint import hf_to_official
+
+CFG = tiny_config()
+
+
+@pytest.fixture(scope="module")
+def twin():
+    return hf_twin(CFG, seed=11)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return left_padded([40, 26], CFG.vocab_size)
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        if isinstance(model, Gemma2ForCausalLM):
+            return model(*inputs)
+        return model(input_ids=inputs[0], attention_mask=inputs[1]).logits
+
+
+def assert_same_logits(a, b, inputs):
+    real = inputs[1].bool()
+    assert (logits(a, inputs) - logits(b, inputs))[real].abs().max() <= 1e-4
+
+
+def official_state(hf) -> dict:
+    """The official reference's layout, built here by hand from the transformers weights."""
+    state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    out = {"embedder.weight": state.pop("model.embed_tokens.weight"), "freqs_cis": torch.randn(256, 12)}
+    for i in range(CFG.num_hidden_layers):
+        p = f"model.layers.{i}.self_attn."
+        out[p + "qkv_proj.weight"] = torch.cat([state.pop(p + f"{n}_proj.weight") for n in "qkv"])
+    return out | state
+
+
+def test_transformers_sharded_save_loads_with_same_logits(twin, inputs, tmp_path):
+    hf, _ = twin
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")  # several shards + index
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert_same_logits(load_model(tmp_path), hf, inputs)
+
+
+def test_our_save_loads_in_transformers_with_same_logits(twin, inputs, tmp_path):
+    import transformers
+
+    _, ours = twin
+    save_model(ours, tmp_path, max_shard_bytes=150_000)  # sharded
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    hf = transformers.Gemma2ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert_same_logits(ours, hf, inputs)
+    assert_same_logits(load_model(tmp_path), hf, inputs)
+
+
+def test_single_file_save_round_trip(twin, inputs, tmp_path):
+    _, ours = twin
+    save_model(ours, tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    loaded = load_model(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_official_ckpt_loads_with_same_logits(twin, inputs, tmp_path):
+    hf, _ = twin
+    torch.save({"model_state_dict": official_state(hf)}, tmp_path / "model.ckpt")
+    assert_same_logits(load_model(tmp_path / "model.ckpt", config=CFG), hf, inputs)
+
+
+def test_official_bin_shards_load(twin, inputs, tmp_path):
+    hf, _ = twin
+    state = official_state(hf)
+    names = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    weight_map = {}
+    for file, keys in halves.items():
+        torch.save({k: state[k] for k in keys}, tmp_path / file)
+        weight_map |= dict.fromkeys(keys, file)
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert_same_logits(load_model(tmp_path, config=CFG), hf, inputs)
+
+
+def test_hf_to_official_inverts_loading(twin):
+    hf, ours = twin
+    expected = official_state(hf)
+    expected.pop("freqs_cis")
+    got = hf_to_official(ours.state_dict())
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_load_in_bfloat16(twin, inputs, tmp_path):
+    _, ours = twin
+    save_model(ours, tmp_path)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_float16_is_refused(tmp_path):
+    """Regression: Gemma 2 overflows in fp16."""
+    with pytest.raises(ValueError, match="bfloat16"):
+        load_model(tmp_path, dtype=torch.float16)
+
+
+# Every key is checked.
+
+
+@pytest.fixture
+def saved(twin, tmp_path):
+    _, ours = twin
+    save_model(ours, tmp_path)
+    return tmp_path
+
+
+def rewrite(directory, edit):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(directory / "model.safetensors")
+    edit(state)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_an_error(saved):
+    """Regression: strict=False loading left weights silently at their initial values."""
+    rewrite(saved, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match="missing tensors model.layers.1.mlp.up_proj.weight"):
+        load_model(saved)
+
+
+def test_unexpected_tensor_is_an_error(saved):
+    rewrite(saved, lambda s: s.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*unexpected tensor 'model.layers.9"):
+        load_model(saved)
+
+
+def test_misshaped_tensor_is_an_error(saved):
+    rewrite(saved, lambda s: s.update({"model.norm.weight": torch.zeros(63)}))
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight.*\(63,\).*\(64,\)"):
+        load_model(saved)
+
+
+def test_config_that_does_not_match_tensors_is_an_error(saved):
+    with pytest.raises(CheckpointError, match="config does not match"):
+        load_model(saved, config=CFG.replace(intermediate_size=128))
+
+
+def test_truncated_file_is_an_error(saved):
+    data = (saved / "model.safetensors").read_bytes()
+    (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated or corrupt"):
+        load_model(saved)
+
+
+def test_corrupt_ckpt_is_an_error(tmp_path):
+    (tmp_path / "model.ckpt").write_bytes(b"not a pickle at all")
+    with pytest.raises(CheckpointError, match="model.ckpt.*truncated or corrupt"):
+        load_model(tmp_path / "model.ckpt", config=CFG)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    torch.save({"model_state_dict": {"x": Evil()}}, tmp_path / "model.ckpt")
+    with pytest.raises(CheckpointError, match="model.ckpt"):
+        load_model(tmp_path / "model.ckpt", config=CFG)
+
+
+def test_missing_shard_listed_in_index_is_an_error(twin, tmp_path):
+    _, ours = twin
+    save_model(ours, tmp_path, max_shard_bytes=150_000)
+    next(tmp_path.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(tmp_path)
+
+
+def test_no_config_is_an_error_that_names_the_fix(twin, tmp_path):
+    hf, _ = twin
+    torch.save({"model_state_dict": official_state(hf)}, tmp_path / "model.ckpt")
+    with pytest.raises(CheckpointError, match="pass config="):
+        load_model(tmp_path / "model.ckpt")
+
+
+def test_library_never_imports_transformers():
+    import pathlib
+
+    import gemma2
+
+    for file in pathlib.Path(gemma2.__file__).parent.glob("*.py"):
+        for line in file.read_text().splitlines():
+            assert not line.strip().startswith(("import transformers", "from transformers")), file
