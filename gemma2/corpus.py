@@ -1,0 +1,203 @@
+"""The default demo corpus: English technical prose that ships inside CPython, so that training
+and evaluation need no download.
+
+Two sources, both read from the running interpreter's own standard library:
+
+- the interactive help topics in `pydoc_data.topics` (the text of `help("FORMATTING")` etc.,
+  about 0.5 MB), one document per topic;
+- the docstrings of the standard library's modules, classes and functions, pulled out of the
+  `.py` sources with `ast` (nothing is imported or executed), one document per docstring.
+
+Test packages, site-packages and files that fail to parse are skipped; docstrings are cleaned with
+`inspect.cleandoc`, very short ones are dropped and exact duplicates are kept once (so the held-out
+split cannot contain a copy of a training document). The result is deterministic for a given
+Python version; `corpus_fingerprint` records which version a run used.
+
+Documents contain blank lines, so files are written as JSONL (one `{"text": ...}` per line).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import sysconfig
+import warnings
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+MIN_CHARS = 40  # shorter docstrings ("Return self.") are noise, not prose
+# Directory names that hold tests rather than library code (test, tests, idlelib/idle_test ...),
+# plus third-party installs, which are neither part of CPython nor the same on every machine.
+SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+
+
+def help_topics() -> list[str]:
+    """The texts of `help(topic)` for every topic, in sorted topic order."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:  # some distributions split pydoc_data into its own package
+        raise RuntimeError(
+            "this Python has no pydoc_data module, which the default corpus is built from; "
+            "install your distribution's full Python standard library (e.g. the libpython3-stdlib "
+            "package) or pass your own text files instead"
+        ) from e
+    return [topics[name] for name in sorted(topics)]
+
+
+def stdlib_sources(root: str | Path | None = None) -> list[Path]:
+    """The standard library's .py files below `root` (default: this interpreter's), sorted, tests
+    and site-packages excluded."""
+    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in root.rglob("*.py"):
+        if not SKIP_DIRS.intersection(path.relative_to(root).parts[:-1]):
+            files.append(path)
+    # Sort on the relative POSIX path so the order does not depend on where Python lives.
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def docstrings(source: bytes | str) -> list[str]:
+    """The cleaned docstrings of a module and of all its classes and functions, in source order.
+    Raises SyntaxError / ValueError for source that does not parse."""
+    with warnings.catch_warnings():  # old files' invalid escapes warn; they are not our problem
+        warnings.simplefilter("ignore")
+        tree = ast.parse(source)
+    out = []
+    stack: list[ast.AST] = [tree]
+    while stack:  # depth first, source order (ast.walk is breadth first)
+        node = stack.pop()
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)  # clean=True is inspect.cleandoc
+            if doc:
+                out.append(doc)
+        stack.extend(reversed(list(ast.iter_child_nodes(node))))
+    return out
+
+
+def build_corpus(root: str | Path | None = None) -> list[str]:
+    """The default corpus as a list of documents: help topics, then the docstrings of every
+    standard library file in sorted path order. Takes a few seconds (it parses ~1,000 files)."""
+    docs = help_topics()
+    for path in stdlib_sources(root):
+        try:
+            docs.extend(docstrings(path.read_bytes()))
+        except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
+            continue  # e.g. lib2to3's deliberately broken fixtures, unreadable files
+    return _dedup(d.strip() for d in docs if len(d.strip()) >= MIN_CHARS)
+
+
+def _dedup(docs: Iterable[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for d in docs:
+        if d not in seen:
+            seen.add(d)
+            out.append(d)
+    return out
+
+
+def _doc_key(doc: str, seed: int) -> bytes:
+    # sha256 rather than hash(): Python salts str hashes per process, which would reshuffle the
+    # split on every run.
+    return hashlib.sha256(f"{seed}\0{doc}".encode()).digest()
+
+
+def split_corpus(
+    docs: list[str], *, holdout_fraction: float = 0.02, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Deterministic train / held-out split. A document is held out when its seeded hash ranks in
+    the lowest `holdout_fraction` (at least one document when the fraction is positive), so the
+    split is the same in every process and a document's side barely depends on the others. Both
+    halves keep the input order."""
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    n_held = 0 if holdout_fraction == 0 else max(1, round(len(docs) * holdout_fraction))
+    if n_held >= len(docs) and n_held > 0:
+        raise ValueError(
+            f"cannot hold out {n_held} of {len(docs)} documents and still train; "
+            "pass more documents or a smaller holdout_fraction"
+        )
+    ranked = sorted(range(len(docs)), key=lambda i: _doc_key(docs[i], seed))
+    held = set(ranked[:n_held])
+    train = [d for i, d in enumerate(docs) if i not in held]
+    heldout = [d for i, d in enumerate(docs) if i in held]
+    return train, heldout
+
+
+def corpus_fingerprint(docs: list[str]) -> str:
+    """A short sha256 of the documents (order and boundaries included), to record in a run."""
+    h = hashlib.sha256()
+    for d in docs:
+        b = d.encode()
+        h.update(len(b).to_bytes(8, "little"))  # length prefix: ["ab"] != ["a", "b"]
+        h.update(b)
+    return h.hexdigest()[:16]
+
+
+def corpus_bytes(docs: Iterable[str]) -> int:
+    """Total UTF-8 size of the documents."""
+    return sum(len(d.encode()) for d in docs)
+
+
+def write_jsonl(docs: Iterable[str], path: str | Path) -> Path:
+    """Write one `{"text": doc}` object per line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+    return path
+
+
+class CorpusFiles(NamedTuple):
+    train: Path  # train.jsonl
+    heldout: Path  # heldout.jsonl
+    fingerprint: str  # corpus_fingerprint of the whole corpus
+    train_docs: int
+    heldout_docs: int
+
+
+def write_corpus(
+    directory: str | Path, *, holdout_fraction: float = 0.02, seed: int = 0
+) -> CorpusFiles:
+    """Build the default corpus, split it and write `train.jsonl` and `heldout.jsonl` into
+    `directory`."""
+    docs = build_corpus()
+    train, heldout = split_corpus(docs, holdout_fraction=holdout_fraction, seed=seed)
+    directory = Path(directory)
+    return CorpusFiles(
+        train=write_jsonl(train, directory / "train.jsonl"),
+        heldout=write_jsonl(heldout, directory / "heldout.jsonl"),
+        fingerprint=corpus_fingerprint(docs),
+        train_docs=len(train),
+        heldout_docs=len(heldout),
+    )
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Documents from a file or a directory: a `.jsonl` file gives one document per line (its
+    `text` field), any other file is one document, a directory gives the `.txt` and `.jsonl` files
+    below it in sorted order."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+        if not files:
+            raise ValueError(f"{path} holds no .txt or .jsonl files")
+        return [d for f in files for d in read_documents(f)]
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if path.suffix != ".jsonl":
+        return [path.read_text(encoding="utf-8")]
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f'{path}:{lineno}: expected a JSON object with a "text" field per line ({e})'
+                ) from e
+    return docs
