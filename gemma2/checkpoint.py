@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from tqdm import tqdm
 
 from .config import Gemma2Config
 from .model import Gemma2ForCausalLM
@@ -151,8 +152,13 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     config: Gemma2Config | str | None = None,
+    progress: bool = False,
 ) -> Gemma2ForCausalLM:
-    """Load a Gemma 2 checkpoint (Hugging Face directory, official `.ckpt`, or `.bin` shards)."""
+    """Load a Gemma 2 checkpoint (Hugging Face directory, official `.ckpt`, or `.bin` shards).
+
+    config: the model's shape when the checkpoint has no config.json (a Gemma2Config or a preset
+    name); it overrides config.json when given. progress: show a bar over the tensors.
+    """
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype {dtype} is not supported: Gemma 2 overflows in float16; use bfloat16 or float32")
     path = Path(path)
@@ -162,6 +168,7 @@ def load_model(
         model = Gemma2ForCausalLM(config)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     state: dict[str, Tensor] = {}
+    bar = tqdm(total=len(expected), desc="loading", unit="tensor", disable=not progress)
     for file in files:
         reader = _read_safetensors if file.suffix == ".safetensors" else _read_pickle
         for raw_name, raw in reader(file):
@@ -179,6 +186,8 @@ def load_model(
                         f"{tuple(expected[name])}: the config does not match this checkpoint"
                     )
                 state[name] = tensor.to(device=device, dtype=dtype)
+                bar.update()
+    bar.close()
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -221,3 +230,9 @@ def save_model(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     model.config.to_json(directory / "config.json", dtype=dtype)
+
+
+def save_official(model: Gemma2ForCausalLM, path: str | os.PathLike) -> None:
+    """Write the official reference's `.ckpt`: `{"model_state_dict": ...}` with fused qkv."""
+    state = hf_to_official({k: v.detach() for k, v in model.state_dict().items()})
+    torch.save({"model_state_dict": state}, path)

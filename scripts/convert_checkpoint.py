@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Convert between the official PyTorch `.ckpt` layout and the Hugging Face layout.
+
+  official -> HF:  convert_checkpoint.py --input gemma-2-2b.ckpt --config 2b --output gemma-2-2b-hf
+  HF -> official:  convert_checkpoint.py --input gemma-2-2b-hf --output gemma-2-2b.ckpt --to-official
+
+A tokenizer.model next to the input is copied next to the output.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from gemma2 import CheckpointError, load_model, save_model
+from gemma2.checkpoint import save_official
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="a .ckpt file, a directory of .bin shards, or an HF directory")
+    parser.add_argument("--output", required=True, help="an HF directory, or a .ckpt path with --to-official")
+    parser.add_argument("--config", help="preset (2b, 9b, 27b) or config.json path; needed for official inputs")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype written (default bfloat16)")
+    parser.add_argument("--to-official", action="store_true", help="write the official .ckpt instead")
+    parser.add_argument("--max-shard-gb", type=float, default=4.0, help="HF shard size (default 4 GB)")
+    args = parser.parse_args()
+
+    source, target = Path(args.input), Path(args.output)
+    config = args.config
+    if config and config.endswith(".json"):
+        from gemma2 import Gemma2Config
+
+        config = Gemma2Config.from_json(config)
+    try:
+        model = load_model(source, dtype=DTYPES[args.dtype], config=config, progress=True)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.to_official:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_official(model, target)
+        out_dir = target.parent
+    else:
+        save_model(model, target, max_shard_bytes=int(args.max_shard_gb * 2**30))
+        out_dir = target
+    tokenizer = (source if source.is_dir() else source.parent) / "tokenizer.model"
+    if tokenizer.exists() and not (out_dir / "tokenizer.model").exists():
+        shutil.copy(tokenizer, out_dir / "tokenizer.model")
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
