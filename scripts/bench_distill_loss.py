@@ -1,0 +1,144 @@
+"""Peak memory and time of the chunked distillation loss vs the naive one, forward + backward.
+
+naive:   logits = softcap(h @ W.T) -> teacher logits the same way (no_grad) -> kd_loss -> backward
+chunked: chunked_distill_loss(h, W, TeacherHead(h_T, W_T)) -> backward
+
+Defaults are the Gemma 2 2B student with a 9B teacher: V = 256000, 4096 tokens, D = 2304, D_T = 3584.
+The naive fp32 variant needs several [N, V] fp32 tensors (3.9 GiB each at that size): on a small
+machine, use --tokens to scale it down (both variants grow linearly in N, the chunked one only
+through the [N, D] tensors) and --variants to run one side alone.
+
+How peak memory is measured (the extra bytes above the inputs, which both variants share):
+- CUDA: torch.cuda.max_memory_allocated() after the run, minus memory_allocated() before it.
+- CPU: PyTorch's CPU tensors are plain malloc/mmap, invisible to tracemalloc, so each variant runs
+  in a fresh subprocess and reads the kernel's resident-set high-water mark (VmHWM). After the
+  inputs exist the mark is reset (writing 5 to /proc/self/clear_refs), and the figure is
+  VmHWM - VmRSS-at-reset: every byte the forward + backward touched at its worst moment,
+  allocator overheads included. The weight gradient [V, D] (2.2 GiB in fp32 for 2B) is part of
+  both figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from gemma2.distill import TeacherHead, chunked_distill_loss, kd_loss
+
+CAP = 30.0  # Gemma 2 final logit softcap, student and teacher
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak(device: torch.device) -> int:
+    """Reset the peak counter; return the bytes in use now (the baseline)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current VmRSS
+    return _status_kib("VmRSS") * 1024
+
+
+def _peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _status_kib("VmHWM") * 1024
+
+
+def _step(variant: str, h, w, h_t, w_t, args) -> None:
+    if variant == "naive":
+        logits = CAP * torch.tanh((h @ w.T).float() / CAP)  # [N, V]
+        with torch.no_grad():
+            t_logits = CAP * torch.tanh((h_t @ w_t.T).float() / CAP)
+        loss = kd_loss(logits, t_logits, objective=args.objective, temperature=args.temperature)
+    else:
+        teacher = TeacherHead(h_t, w_t, CAP)
+        loss, _ = chunked_distill_loss(h, w, teacher, final_softcap=CAP, objective=args.objective,
+                                       temperature=args.temperature, chunk_size=args.chunk_size)
+    loss.backward()
+
+
+def worker(args) -> None:
+    """One timed forward + backward of one variant: print a JSON line with its peak and time."""
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    N, V, D, D_T = args.tokens, args.vocab, args.hidden, args.teacher_hidden
+
+    def randn(*shape, std, grad=False):  # built in place: no transient copies raise the peak
+        return torch.empty(*shape, dtype=dtype, device=device).normal_(std=std).requires_grad_(grad)
+
+    # Scales give logits of std ~10, so the softcap (30) bends the tails as in a trained model.
+    h, w = randn(N, D, std=1.0, grad=True), randn(V, D, std=10 / D**0.5, grad=True)
+    h_t, w_t = randn(N, D_T, std=1.0), randn(V, D_T, std=10 / D_T**0.5)
+    base = _reset_peak(device)
+    t0 = time.perf_counter()
+    _step(args.variant, h, w, h_t, w_t, args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"peak_bytes": _peak(device) - base, "seconds": seconds}), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=256000)
+    p.add_argument("--hidden", type=int, default=2304, help="student hidden size (2B: 2304)")
+    p.add_argument("--teacher-hidden", type=int, default=3584, help="teacher hidden size (9B: 3584)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="hidden states and weights")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--objective", default="forward_kl")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per variant, each in a fresh process (median reported)")
+    p.add_argument("--variants", default="naive,chunked")
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    args = p.parse_args()
+    if args.variant:
+        return worker(args)
+
+    # One fresh process per timed run, variants interleaved (A B B A A B ...) so that drifting load
+    # from other processes on the machine hits both alike.
+    variants = args.variants.split(",")
+    results = {v: {"peak_bytes": [], "seconds": []} for v in variants}
+    for rep in range(args.repeats):
+        for variant in variants if rep % 2 == 0 else variants[::-1]:
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"{variant} failed (exit {out.returncode}; -9 is usually out of memory: lower "
+                         f"--tokens):\n{out.stderr[-2000:]}")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  run {rep}: {variant} peak {r['peak_bytes'] / 2**30:.2f} GiB, {r['seconds']:.2f} s", flush=True)
+            results[variant]["peak_bytes"].append(r["peak_bytes"])
+            results[variant]["seconds"].append(r["seconds"])
+
+    print(f"N={args.tokens} V={args.vocab} D={args.hidden} D_T={args.teacher_hidden} {args.dtype} "
+          f"{args.device} objective={args.objective} chunk={args.chunk_size} repeats={args.repeats}")
+    for name, r in results.items():
+        print(f"  {name:8s} peak {max(r['peak_bytes']) / 2**30:7.2f} GiB   "
+              f"time {statistics.median(r['seconds']):7.2f} s (median; all {[round(s, 2) for s in r['seconds']]})")
+    if len(results) == 2 and {"naive", "chunked"} <= results.keys():
+        n, c = results["naive"], results["chunked"]
+        print(f"  chunked / naive: peak {max(c['peak_bytes']) / max(n['peak_bytes']):.3f}, "
+              f"time {statistics.median(c['seconds']) / statistics.median(n['seconds']):.2f}")
+
+
+if __name__ == "__main__":
+    main()
