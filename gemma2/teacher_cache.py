@@ -1,0 +1,214 @@
+"""An offline teacher: its top-k next-token log-probs for every packed sequence, run once.
+
+Distilling from a cache costs no teacher forward per step and no teacher memory, at the price of
+keeping k of the V probabilities (plus one bucket for the rest: gemma2.distill.topk_kd_loss).
+Storage per token: k ids (int16 when V <= 32768, else int32), k log-probs (float16 by default)
+and the tail log-mass (float32). With Gemma's 256000-way vocabulary and k = 32 that is
+32 * (4 + 2) + 4 = 196 bytes per token, against 512,000 for the full distribution in bf16.
+
+Layout of a cache directory:
+    cache.json                                 what the cache holds (see `TeacherCache`)
+    {split}-{i:05d}.safetensors                ids [n, T, k], logprobs [n, T, k], tail [n, T]
+Shards hold consecutive sequences of one split ("train", "heldout") of a `Datasets`; sequence j
+of the split is row j - start of its shard. The cache records each split's token fingerprint,
+so it cannot be read against other data, another tokenizer or another seq_len.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .data import PackedSequences
+from .distill import TopK, teacher_topk
+from .model import Gemma2ForCausalLM
+
+INDEX = "cache.json"
+FORMAT = 1
+
+
+def bytes_per_token(k: int, vocab_size: int, logprob_dtype: torch.dtype = torch.float16) -> int:
+    """Storage per token: k ids, k log-probs and one float32 tail."""
+    id_bytes = 2 if vocab_size <= 2**15 else 4
+    return k * (id_bytes + torch.finfo(logprob_dtype).bits // 8) + 4
+
+
+@torch.no_grad()
+def write_teacher_cache(
+    teacher: Gemma2ForCausalLM,
+    splits: dict[str, PackedSequences],
+    directory: str | os.PathLike,
+    *,
+    k: int = 32,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    chunk_size: int = 1024,
+    logprob_dtype: torch.dtype = torch.float16,
+    shard_bytes: int = 512 * 2**20,
+    progress: bool = True,
+) -> dict:
+    """Run `teacher` over every sequence of every split once; write shards and `cache.json`.
+
+    The teacher runs where it is, in its own dtype; logits are formed `chunk_size` tokens at a
+    time from the hidden states, so a batch never holds [B, T, V]. The log-probs are at
+    `temperature` (training must use the same one). The held-out split's teacher cross-entropy is
+    recorded too, so the trainer can report the teacher's perplexity without the teacher.
+    Returns the index written to cache.json.
+    """
+    if logprob_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"logprob_dtype must be torch.float16 or torch.float32, got {logprob_dtype}")
+    V = teacher.config.vocab_size
+    if not 1 <= k <= V:
+        raise ValueError(f"k must be in [1, vocab size {V}], got {k}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / INDEX).unlink(missing_ok=True)  # an interrupted rewrite must not look complete
+    id_dtype = torch.int16 if V <= 2**15 else torch.int32
+    device = teacher.output_weight.device
+    teacher.eval()
+    index: dict = {"format": FORMAT, "k": k, "temperature": temperature, "vocab_size": V,
+                   "logprob_dtype": str(logprob_dtype).removeprefix("torch."),
+                   "bytes_per_token": bytes_per_token(k, V, logprob_dtype), "splits": {}}  # fmt: skip
+    for name, data in splits.items():
+        T = data.seq_len
+        per_shard = max(batch_size, shard_bytes // (T * index["bytes_per_token"]) // batch_size * batch_size)
+        shards, ce_sum = [], torch.zeros((), device=device)
+        bar = tqdm(total=len(data), desc=f"caching {name}", unit="seq", disable=not progress)
+        for start in range(0, len(data), per_shard):
+            stop = min(start + per_shard, len(data))
+            ids = torch.empty(stop - start, T, k, dtype=id_dtype)
+            lps = torch.empty(stop - start, T, k, dtype=logprob_dtype)
+            tail = torch.empty(stop - start, T, dtype=torch.float32)
+            for lo in range(start, stop, batch_size):
+                batch = data.batch(range(lo, min(lo + batch_size, stop)))
+                hidden = teacher.hidden_states(batch.inputs.to(device)).flatten(0, 1)  # [B T, D]
+                targets = batch.targets.to(device).flatten()
+                rows = slice(lo - start, lo - start + len(batch.indices))
+                out = [], [], []
+                for c in range(0, hidden.shape[0], chunk_size):
+                    logits = teacher.logits(hidden[c : c + chunk_size])  # [C, V] fp32, soft-capped
+                    ce_sum += torch.nn.functional.cross_entropy(logits, targets[c : c + chunk_size], reduction="sum")
+                    top = teacher_topk(logits, k, temperature)
+                    for o, t in zip(out, top):
+                        o.append(t)
+                ids[rows] = torch.cat(out[0]).view(-1, T, k).to("cpu", id_dtype)
+                lps[rows] = torch.cat(out[1]).view(-1, T, k).to("cpu", logprob_dtype)
+                tail[rows] = torch.cat(out[2]).view(-1, T).cpu()
+                bar.update(len(batch.indices))
+            file = f"{name}-{len(shards):05d}.safetensors"
+            tmp = directory / (file + ".tmp")
+            save_file({"ids": ids, "logprobs": lps, "tail": tail}, tmp)
+            tmp.replace(directory / file)
+            shards.append({"file": file, "start": start, "count": stop - start})
+        bar.close()
+        index["splits"][name] = {
+            "seq_len": T, "num_sequences": len(data), "fingerprint": data.fingerprint(),
+            "teacher_ce": ce_sum.item() / (len(data) * T), "shards": shards,
+        }  # fmt: skip
+    tmp = directory / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    tmp.replace(directory / INDEX)  # written last: its presence means every shard is complete
+    return index
+
+
+@dataclass
+class CacheSplit:
+    """One split of a cache; `topk(indices)` reads the rows of those sequences (memory-mapped)."""
+
+    name: str
+    directory: Path
+    seq_len: int
+    num_sequences: int
+    fingerprint: str
+    teacher_ce: float
+    shards: list[dict]
+
+    def __post_init__(self) -> None:
+        self._open: dict[str, object] = {}
+
+    def check(self, data: PackedSequences, where: str) -> None:
+        """Raise unless this split was computed from exactly `data`."""
+        if data.seq_len != self.seq_len or len(data) != self.num_sequences or data.fingerprint() != self.fingerprint:
+            raise ValueError(
+                f"{self.directory}: the teacher cache's {self.name!r} split was built from other "
+                f"tokens than the {where} data (cache: {self.num_sequences} sequences of seq_len "
+                f"{self.seq_len}, fingerprint {self.fingerprint}; data: {len(data)} of "
+                f"{data.seq_len}, {data.fingerprint()}); rerun scripts/cache_teacher.py with the "
+                "same data, tokenizer, seq_len and holdout fraction as training"
+            )
+
+    def _file(self, name: str):
+        if name not in self._open:
+            self._open[name] = safe_open(self.directory / name, framework="pt")
+        return self._open[name]
+
+    def topk(self, indices: Tensor, device: torch.device | str = "cpu") -> TopK:
+        """TopK with ids int64 [B, T, k], log-probs and tail float32, for sequences `indices`."""
+        ids, lps, tail = [], [], []
+        for i in indices.tolist():
+            shard = self.shards[self._shard_of(i)]
+            f, row = self._file(shard["file"]), i - shard["start"]
+            ids.append(f.get_slice("ids")[row : row + 1])
+            lps.append(f.get_slice("logprobs")[row : row + 1])
+            tail.append(f.get_slice("tail")[row : row + 1])
+        return TopK(
+            torch.cat(ids).to(device, torch.int64, non_blocking=True),
+            torch.cat(lps).to(device, torch.float32, non_blocking=True),
+            torch.cat(tail).to(device, torch.float32, non_blocking=True),
+        )
+
+    def _shard_of(self, i: int) -> int:
+        if not 0 <= i < self.num_sequences:
+            raise IndexError(f"sequence {i} is outside the cache's {self.num_sequences} sequences")
+        # Every shard but the last holds the same number of sequences.
+        return i // self.shards[0]["count"]
+
+
+class TeacherCache:
+    """A cache directory written by `write_teacher_cache` (scripts/cache_teacher.py)."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        index_file = self.directory / INDEX
+        if not index_file.is_file():
+            raise FileNotFoundError(
+                f"{self.directory}: no {INDEX}, so no complete teacher cache; write one with "
+                "scripts/cache_teacher.py (an interrupted run leaves none)"
+            )
+        index = json.loads(index_file.read_text())
+        if index.get("format") != FORMAT:
+            raise ValueError(f"{index_file}: cache format {index.get('format')!r}, expected {FORMAT}; rebuild the cache")
+        self.k: int = index["k"]
+        self.temperature: float = index["temperature"]
+        self.vocab_size: int = index["vocab_size"]
+        self.bytes_per_token: int = index["bytes_per_token"]
+        self.splits = {
+            name: CacheSplit(name, self.directory, s["seq_len"], s["num_sequences"], s["fingerprint"],
+                             s["teacher_ce"], s["shards"])
+            for name, s in index["splits"].items()
+        }  # fmt: skip
+
+    def split(self, name: str) -> CacheSplit:
+        if name not in self.splits:
+            raise ValueError(
+                f"{self.directory}: the teacher cache has no {name!r} split (it has "
+                f"{sorted(self.splits)}); rerun scripts/cache_teacher.py on data with that split"
+            )
+        return self.splits[name]
+
+    def check_temperature(self, temperature: float) -> None:
+        if not math.isclose(temperature, self.temperature):
+            raise ValueError(
+                f"{self.directory}: the cached log-probs are at temperature {self.temperature}, "
+                f"training asks for {temperature}; train at that temperature or rebuild the cache "
+                f"with --temperature {temperature}"
+            )
