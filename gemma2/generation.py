@@ -1,0 +1,294 @@
+"""Autoregressive generation over the KV cache: the prompt in one prefill call, then one-token steps.
+
+- `Session`: a model and a cache sized up front. Each `stream` call feeds only the tokens that are
+  new since the last call, so a multi-turn chat never recomputes earlier turns.
+- `stream(model, ids, ...)`: a fresh session for one (left-padded) batch of prompts; yields each
+  step's new tokens `[B]`.
+- `generate(model, ids, ...)`: `stream` written into a preallocated `[B, T + max_new_tokens]` buffer.
+- `Chat`: Gemma's chat template over a session, one user turn at a time.
+
+Stopping: a row that samples a stop id keeps that token and gets pad_id for every later step. When
+every row has stopped the loop ends early; `generate` still returns `[B, T + max_new_tokens]`, the
+columns after the last step left as pad_id, so the output shape never depends on the content.
+
+The last sampled token is not fed to the model until there is a reason to (the next step, or the
+next turn): a session holds it as `pending`, and counts it in `length`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .kv_cache import KVCache
+from .model import Gemma2ForCausalLM
+from .sampling import check_sampling_args, sample
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+
+def _check_max_new_tokens(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+
+
+class Session:
+    """A conversation with a model: a KV cache of `max_len` tokens and the last sampled tokens.
+
+    The cache is allocated by the first `stream` call (which fixes the batch size) and holds the whole
+    conversation, so `max_len` must cover every turn; a turn that does not fit is refused before any
+    work, and `tokens_left` says how much room remains.
+    """
+
+    def __init__(self, model: Gemma2ForCausalLM, max_len: int | None = None) -> None:
+        context = model.config.max_position_embeddings
+        max_len = context if max_len is None else max_len
+        if not 1 <= max_len <= context:
+            raise ValueError(f"max_len must be in [1, {context}] (the model's context), got {max_len}")
+        self.model = model
+        self.max_len = max_len
+        self.cache: KVCache | None = None
+        self.pending: Tensor | None = None  # [B, 1] the last sampled tokens, not yet in the cache
+
+    @property
+    def length(self) -> int:
+        """Tokens in the conversation so far: those in the cache plus the pending ones."""
+        return (0 if self.cache is None else self.cache.length) + (self.pending is not None)
+
+    @property
+    def tokens_left(self) -> int:
+        return self.max_len - self.length
+
+    def stream(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_token_ids: Sequence[int] = (1,),
+        generator: torch.Generator | None = None,
+        pad_id: int = 0,
+    ) -> Iterator[Tensor]:
+        """Feed `input_ids` `[B, T]` (the tokens new since the last call), then yield up to
+        `max_new_tokens` steps of new tokens `[B]`. Everything is checked before any work.
+
+        attention_mask: `[B, T]` 1/0, left-padded; only a session's first call may pad.
+        """
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be a LongTensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        _check_max_new_tokens(max_new_tokens)
+        check_sampling_args(temperature, top_k, top_p)
+        total = self.length + T + max_new_tokens
+        if total > self.max_len:
+            context = self.model.config.max_position_embeddings
+            limit = "the model's context" if self.max_len == context else "the session's max_len"
+            used = f"the prompt ({T} tokens)" if self.length == 0 else f"{self.length} tokens so far + {T} new"
+            raise ValueError(
+                f"{used} + max_new_tokens ({max_new_tokens}) = {total} tokens exceed {limit} of "
+                f"{self.max_len}; shorten the prompt or lower max_new_tokens"
+                + ("" if self.length == 0 else ", or start a new Session")
+            )
+        device = self.model.output_weight.device
+        if input_ids.device != device:
+            raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}; move them with .to()")
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"the generator is on {generator.device} but the model is on {device}; "
+                             f"make it with torch.Generator(device={str(device)!r})")  # fmt: skip
+        valid = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        if valid.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(valid.shape)} must have input_ids' shape {tuple(input_ids.shape)}")
+        if self.cache is None:
+            if T == 0:
+                raise ValueError("the prompt is empty; a generation starts from at least one token (e.g. bos)")
+            if not valid[:, -1].all() or (valid[:, 1:] < valid[:, :-1]).any():
+                raise ValueError(
+                    "attention_mask must be left-padded (0s then 1s, every row ending in a real token); "
+                    "Tokenizer.encode_batch pads this way"
+                )
+        else:
+            if B != self.pending.shape[0]:
+                raise ValueError(f"this session holds a batch of {self.pending.shape[0]}, got input_ids for {B}")
+            if B > 1:
+                # Rows stop at different steps, and padding them in the middle would shift the
+                # sliding window (it counts columns), so only one sequence can go on exactly.
+                raise ValueError("only a session of one sequence can be continued; run one Session per conversation")
+            if not valid.all():
+                raise ValueError("only a session's first call may pad: pass attention_mask=None when continuing")
+        pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
+        return self._steps(input_ids, valid, max_new_tokens, pick, stop, pad_id)
+
+    @torch.inference_mode()
+    def _steps(self, ids: Tensor, valid: Tensor, max_new_tokens: int, pick, stop: Tensor, pad_id: int) -> Iterator[Tensor]:
+        model = self.model
+        B = ids.shape[0]
+        if self.cache is None:
+            weight = model.output_weight
+            self.cache = KVCache(model.config, B, self.max_len, dtype=weight.dtype, device=weight.device)
+        cache = self.cache
+        ones = torch.ones(B, 1, dtype=torch.bool, device=ids.device)  # decode steps never pad
+        if self.pending is not None:  # the previous turn's last token goes in first
+            ids, valid = torch.cat([self.pending, ids], dim=1), torch.cat([ones, valid], dim=1)
+            self.pending = None
+        was_training = model.training
+        model.eval()
+        try:
+            # Prefill in one call; only the last position goes through the output head, so a long
+            # prompt never materialises [B, T, V] logits.
+            logits = model.logits(model.hidden_states(ids, valid, cache)[:, -1])  # [B, V]
+            done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+            for step in range(max_new_tokens):
+                token = pick(logits).masked_fill_(done, pad_id)  # [B]; stopped rows only pad
+                done |= torch.isin(token, stop)
+                # The consumer may stop iterating here: the cache plus `pending` stay consistent.
+                self.pending = token[:, None]
+                yield token
+                if step == max_new_tokens - 1 or bool(done.all()):
+                    return
+                self.pending = None
+                logits = model.logits(model.hidden_states(token[:, None], ones, cache)[:, -1])
+        finally:
+            model.train(was_training)
+
+
+def stream(
+    model: Gemma2ForCausalLM,
+    input_ids: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_token_ids: Sequence[int] = (1,),
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+) -> Iterator[Tensor]:
+    """Yield each step's new tokens `[B]` for a left-padded batch of prompts `[B, T]`.
+
+    The cache is sized exactly for the request (T + max_new_tokens, at most the model's context).
+    Arguments as in `generate`; they are checked when `stream` is called, before any work.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    _check_max_new_tokens(max_new_tokens)
+    # Past the context, Session.stream refuses the request with the numbers.
+    max_len = min(input_ids.shape[1] + max_new_tokens, model.config.max_position_embeddings)
+    return Session(model, max_len=max_len).stream(
+        input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, stop_token_ids=stop_token_ids, generator=generator, pad_id=pad_id,
+    )  # fmt: skip
+
+
+def generate(
+    model: Gemma2ForCausalLM,
+    input_ids: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_token_ids: Sequence[int] = (1,),
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+) -> Tensor:
+    """The prompt followed by the new tokens: LongTensor `[B, T + max_new_tokens]`.
+
+    input_ids: `[B, T]` left-padded prompts; attention_mask: `[B, T]` 1/0 (None: no padding).
+    temperature 0 is greedy; top_k / top_p filter before sampling (see gemma2.sampling).
+    A row that samples one of stop_token_ids keeps it and is pad_id afterwards; when every row
+    has stopped, generation ends and the remaining columns are pad_id.
+    Raises ValueError, before any work, when T + max_new_tokens exceeds the model's context.
+    """
+    steps = stream(
+        model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, stop_token_ids=stop_token_ids, generator=generator, pad_id=pad_id,
+    )  # fmt: skip
+    B, T = input_ids.shape
+    out = input_ids.new_full((B, T + max_new_tokens), pad_id)
+    out[:, :T] = input_ids
+    for i, token in enumerate(steps):
+        out[:, T + i] = token
+    return out
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Token id lists -> (input_ids, attention_mask), both LongTensor `[B, T]`, left-padded."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("left_pad needs a non-empty list of non-empty token id lists")
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[b, T - len(r) :] = 1
+    return ids, mask
+
+
+class Chat:
+    """Gemma's chat template over a Session: each `reply` feeds one user turn, streams the model's turn.
+
+    The first turn is `<bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n`; each
+    later one closes the model's turn (its `<end_of_turn>` is usually already there: the stop token
+    it sampled) and opens the next user turn, so the cache always holds exactly the conversation.
+    """
+
+    def __init__(self, model: Gemma2ForCausalLM, tokenizer: Tokenizer, max_len: int | None = None) -> None:
+        if tokenizer.end_of_turn_id is None:
+            raise ValueError(f"{tokenizer.path} has no <end_of_turn> piece; a chat needs an instruction-tuned tokenizer")
+        self.session = Session(model, max_len=max_len)
+        self.tokenizer = tokenizer
+
+    @property
+    def tokens_left(self) -> int:
+        return self.session.tokens_left
+
+    def turn_ids(self, text: str) -> list[int]:
+        """The tokens that take the conversation from where it is to the model's next turn."""
+        tok = self.tokenizer
+        opening = tok.encode_chat([{"role": "user", "content": text}])  # bos, user turn, model turn open
+        if self.session.length == 0:
+            return opening
+        last = int(self.session.pending[0, 0]) if self.session.pending is not None else None
+        close = [] if last == tok.end_of_turn_id else [tok.end_of_turn_id]  # a reply cut by max_new_tokens
+        return close + tok.encode("\n", bos=False) + opening[1:]  # opening[1:]: one bos per conversation
+
+    def reply(
+        self,
+        text: str,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[int]:
+        """Stream the model's reply to `text` as token ids, ending with its stop token (if it fits).
+
+        The reply is cut short when the context fills; a turn that leaves no room for even one new
+        token is a ValueError (start a new Chat, with a larger max_len if the model allows).
+        """
+        ids = self.turn_ids(text)
+        room = self.tokens_left - len(ids)
+        if room < 1:
+            raise ValueError(
+                f"the chat is full: {self.session.length} of {self.session.max_len} tokens used and this turn "
+                f"needs {len(ids)} more; start a new chat"
+            )
+        device = self.session.model.output_weight.device
+        steps = self.session.stream(
+            torch.tensor([ids], device=device), max_new_tokens=min(max_new_tokens, room), temperature=temperature,
+            top_k=top_k, top_p=top_p, stop_token_ids=self.tokenizer.stop_ids, generator=generator,
+            pad_id=self.tokenizer.pad_id,
+        )  # fmt: skip
+        return (int(token) for token in steps)

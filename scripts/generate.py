@@ -1,0 +1,183 @@
+"""Generate text with a Gemma 2 checkpoint.
+
+    python scripts/generate.py --checkpoint checkpoints/gemma-2-2b-it --chat --prompt "Why is the sky blue?"
+    python scripts/generate.py --checkpoint DIR --prompt "Once upon" --prompt "The capital of" --max-new-tokens 40
+    python scripts/generate.py --checkpoint DIR --interactive          # a multi-turn chat on stdin
+
+Output: stdout holds only generated text. One prompt streams as it is produced; several prompts
+run as one left-padded batch and each row is printed when all are done, as "[i] text". A line of
+figures (prompt tokens, new tokens, prefill and decode tokens/s) goes to stderr after each
+generation, so the text can be piped on its own.
+
+--chat wraps each prompt as a user turn and stops on <end_of_turn> or eos. --interactive reads one
+user turn per stdin line and keeps the KV cache between turns (sized for the model's whole
+context); an empty line, "/exit" or end of input ends it. Defaults: greedy decoding, float32 on
+CPU and bfloat16 on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from gemma2 import CheckpointError, load_model
+from gemma2.generation import Chat, left_pad, stream
+from gemma2.tokenizer import StreamDecoder, Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class UsageError(Exception):
+    """A bad command line: reported as one line, exit status 2."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model directory (config.json, *.safetensors)")
+    p.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: CHECKPOINT/tokenizer.model)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn")
+    p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin (implies --chat)")
+    return p.parse_args(argv)
+
+
+def load(args: argparse.Namespace) -> tuple[torch.nn.Module, Tokenizer]:
+    if args.dtype is None:
+        args.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
+    if args.dtype in ("float16", "half", "fp16"):
+        raise UsageError("--dtype float16 is refused: Gemma 2's activations overflow float16; use bfloat16 or float32")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPES)}")
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.exists():
+        raise UsageError(
+            f"checkpoint {checkpoint} not found; pass --checkpoint a directory with config.json and "
+            "*.safetensors (scripts/convert_checkpoint.py converts an official .ckpt)"
+        )
+    tokenizer_path = Path(args.tokenizer) if args.tokenizer else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise UsageError(f"tokenizer {tokenizer_path} not found; put tokenizer.model in the checkpoint directory or pass --tokenizer PATH")
+    tokenizer = Tokenizer(tokenizer_path)  # before the model: a bad tokenizer fails fast
+    model = load_model(checkpoint, dtype=DTYPES[args.dtype], device=args.device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UsageError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {model.config.vocab_size}; "
+                         "pass the --tokenizer that came with this checkpoint")  # fmt: skip
+    return model, tokenizer
+
+
+class Meter:
+    """Times one generation: prefill ends when the first new tokens reach the host."""
+
+    def __init__(self, prompt_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.t0 = time.perf_counter()
+        self.t_first: float | None = None
+        self.new_tokens = self.first_tokens = 0
+
+    def step(self, n: int) -> None:
+        """Count n new tokens, already copied to the host (so the device has caught up)."""
+        if self.t_first is None:
+            self.t_first, self.first_tokens = time.perf_counter(), n
+        self.new_tokens += n
+
+    def report(self) -> None:
+        t_end, t_first = time.perf_counter(), self.t_first or time.perf_counter()
+        prefill = self.prompt_tokens / max(t_first - self.t0, 1e-9)
+        decoded = self.new_tokens - self.first_tokens
+        decode = f"{decoded / max(t_end - t_first, 1e-9):.1f}" if decoded else "n/a"
+        print(f"prompt tokens: {self.prompt_tokens} | new tokens: {self.new_tokens} | "
+              f"prefill: {prefill:.1f} tokens/s | decode: {decode} tokens/s", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator) -> None:
+    if args.chat:
+        rows = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in args.prompt]
+        stop = tokenizer.stop_ids
+    else:
+        rows = [tokenizer.encode(p) for p in args.prompt]
+        stop = (tokenizer.eos_id,)
+    ids, mask = left_pad(rows, tokenizer.pad_id)
+    meter = Meter(sum(len(r) for r in rows))
+    steps = stream(
+        model, ids.to(args.device), attention_mask=mask.to(args.device), max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_token_ids=stop,
+        generator=generator, pad_id=tokenizer.pad_id,
+    )  # fmt: skip
+    new: list[list[int]] = [[] for _ in rows]  # each row's tokens up to and including its stop id
+    decoder = StreamDecoder(tokenizer)
+    for token in steps:
+        live = 0
+        for row, t in zip(new, token.tolist()):
+            if not row or row[-1] not in stop:  # a row that stopped only gets padding
+                row.append(t)
+                live += 1
+        meter.step(live)
+        if len(rows) == 1:  # one prompt streams; a batch is printed when done
+            print(decoder.push(new[0][-1]), end="", flush=True)
+    if len(rows) == 1:
+        print(decoder.flush(), flush=True)
+    else:
+        for i, row in enumerate(new):
+            print(f"[{i}] {tokenizer.decode(row)}")
+    meter.report()
+
+
+def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generator) -> None:
+    chat = Chat(model, tokenizer)
+    first = list(args.prompt)
+    while True:
+        if first:
+            text = first.pop()
+        else:
+            print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            text = line.strip()
+            if not line or not text or text == "/exit":
+                return
+        try:
+            turn = len(chat.turn_ids(text))  # the tokens this turn feeds (for the figures)
+            steps = chat.reply(text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, generator=generator)  # fmt: skip
+        except ValueError as e:  # the context is full
+            print(f"{e}", file=sys.stderr)
+            return
+        meter, decoder = Meter(turn), StreamDecoder(tokenizer)
+        for token in steps:
+            meter.step(1)
+            print(decoder.push(token), end="", flush=True)
+        print(decoder.flush(), flush=True)
+        meter.report()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        if args.interactive and len(args.prompt) > 1:
+            raise UsageError("--interactive takes at most one --prompt (the first turn)")
+        if not args.interactive and not args.prompt:
+            raise UsageError("pass --prompt TEXT (repeat it for a batch) or --interactive")
+        model, tokenizer = load(args)
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        if args.interactive:
+            run_interactive(args, model, tokenizer, generator)
+        else:
+            run_batch(args, model, tokenizer, generator)
+    except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""scripts/generate.py end to end on a tiny checkpoint written by the test: its text must be what the
+library generates, and user errors must be one line with exit status 2."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import randomize_, tiny_config
+from gemma2 import Gemma2ForCausalLM, load_model, save_model
+from gemma2.generation import Chat, generate, left_pad
+from gemma2.tokenizer import Tokenizer, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "generate.py"
+FIGURES = re.compile(r"prompt tokens: \d+ \| new tokens: \d+ \| prefill: [\d.]+ tokens/s \| decode: ([\d.]+|n/a) tokens/s")
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello there! How are you today?",
+         "I am fine, thank you. What would you like to know?"] * 3  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("ckpt")
+    tok = Tokenizer(train_tokenizer(TEXTS, directory / "tokenizer.model", 300))
+    model = Gemma2ForCausalLM(tiny_config(vocab_size=tok.vocab_size))
+    randomize_(model, seed=0)
+    with torch.no_grad():  # as in test_generation.talkative_twin: varied text, not one token repeated
+        model.model.embed_tokens.weight.mul_(0.1)
+        model.model.norm.weight.mul_(40.0)
+    save_model(model, directory)
+    return directory
+
+
+def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # tiny matmuls: one thread is fastest
+    return subprocess.run([sys.executable, str(SCRIPT), *args], input=stdin, capture_output=True, text=True,
+                          env=env, timeout=120)  # fmt: skip
+
+
+def expected_texts(checkpoint: Path, rows: list[list[int]], stop: tuple[int, ...], new: int) -> list[str]:
+    tok, model = Tokenizer(checkpoint / "tokenizer.model"), load_model(checkpoint)
+    ids, mask = left_pad(rows, tok.pad_id)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=new, stop_token_ids=stop, pad_id=tok.pad_id)
+    return [tok.decode(row) for row in out[:, ids.shape[1] :]]
+
+
+def test_a_batch_of_two_prompts(checkpoint):
+    result = run_cli("--checkpoint", str(checkpoint), "--prompt", "The quick", "--prompt", "Hello there! How", "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    tok = Tokenizer(checkpoint / "tokenizer.model")
+    texts = expected_texts(checkpoint, [tok.encode("The quick"), tok.encode("Hello there! How")], (tok.eos_id,), 12)
+    assert result.stdout == f"[0] {texts[0]}\n[1] {texts[1]}\n"
+    assert FIGURES.fullmatch(result.stderr.strip())
+
+
+def test_one_chat_prompt_streams_the_reply(checkpoint):
+    result = run_cli("--checkpoint", str(checkpoint), "--chat", "--prompt", "How are you?", "--max-new-tokens", "10")
+    assert result.returncode == 0, result.stderr
+    tok = Tokenizer(checkpoint / "tokenizer.model")
+    [text] = expected_texts(checkpoint, [tok.encode_chat([{"role": "user", "content": "How are you?"}])], tok.stop_ids, 10)
+    assert result.stdout == text + "\n"
+    assert FIGURES.fullmatch(result.stderr.strip())
+
+
+def test_interactive_chat_keeps_its_cache_between_turns(checkpoint):
+    result = run_cli("--checkpoint", str(checkpoint), "--interactive", "--max-new-tokens", "8",
+                     stdin="Hi\nHow are you?\n/exit\nnever read\n")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    tok, model = Tokenizer(checkpoint / "tokenizer.model"), load_model(checkpoint)
+    chat = Chat(model, tok)
+    replies = [tok.decode(list(chat.reply(text, max_new_tokens=8))) for text in ("Hi", "How are you?")]
+    assert result.stdout == "".join(r + "\n" for r in replies)
+    assert len(FIGURES.findall(result.stderr)) == 2  # one figures line per turn, nothing after /exit
+
+
+def test_float16_is_refused_with_the_reason(checkpoint):
+    result = run_cli("--checkpoint", str(checkpoint), "--prompt", "Hi", "--dtype", "float16")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --dtype float16 is refused: Gemma 2's activations overflow float16")
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("generate_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--checkpoint", "{tmp}/missing", "--prompt", "Hi"], "checkpoint .*missing not found; pass --checkpoint a directory"),
+        (["--checkpoint", "{ckpt}", "--tokenizer", "{tmp}/none.model", "--prompt", "Hi"], "tokenizer .*none.model not found"),
+        (["--checkpoint", "{ckpt}", "--prompt", "Hi", "--dtype", "int8"], "--dtype 'int8' is not one of float32, bfloat16"),
+        (["--checkpoint", "{ckpt}"], "pass --prompt TEXT"),
+        (["--checkpoint", "{ckpt}", "--prompt", "Hi", "--max-new-tokens", "500"], "exceed the model's context of 128"),
+        (["--checkpoint", "{ckpt}", "--prompt", "Hi", "--temperature", "1", "--top-p", "0"], r"top_p must be in \(0, 1\]"),
+    ],
+)
+def test_user_errors_are_one_line_with_status_2(checkpoint, tmp_path, capsys, args, message):
+    script = load_script()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([a.format(tmp=tmp_path, ckpt=checkpoint) for a in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err

@@ -1,0 +1,200 @@
+"""Generation: cached decoding against recomputation and transformers, stopping, sessions, chats."""
+
+import pytest
+import torch
+
+from conftest import hf_twin, left_padded, tiny_config
+from gemma2.generation import Chat, Session, generate, left_pad, stream
+from gemma2.tokenizer import Tokenizer, train_tokenizer
+
+CFG = tiny_config()  # W = 8, context 128
+NEW = 30  # with prompts up to 20 tokens, decoding runs 5 windows past W
+
+
+def talkative_twin(cfg, seed: int = 0):
+    """hf_twin with every parameter random, rescaled so greedy decoding does not just repeat.
+
+    hf_twin's large tied embedding makes each position predict its own input token forever, which
+    would hide cache bugs. A smaller embedding lets the layers decide; a wider final norm keeps the
+    final softcap biting (raw logits well past 30) without saturating it into ties.
+    """
+    hf, ours = hf_twin(cfg, seed)
+    with torch.no_grad():
+        for model in (hf, ours):
+            model.model.embed_tokens.weight.mul_(0.1)
+            model.model.norm.weight.mul_(40.0)
+    return hf, ours
+
+
+@pytest.fixture(scope="module")
+def twin():
+    return talkative_twin(CFG, seed=1)
+
+
+def new_tokens(out: torch.Tensor, T: int) -> torch.Tensor:
+    return out[:, T:]
+
+
+def test_cached_greedy_equals_recomputing_every_step(twin):
+    _, model = twin
+    ids, mask = left_padded([20, 13, 5], CFG.vocab_size)  # the longest prompt is past W already
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=NEW, stop_token_ids=())
+    seq, seq_mask = ids, mask
+    with torch.no_grad():
+        for _ in range(NEW):
+            nxt = model(seq, seq_mask)[:, -1].argmax(-1, keepdim=True)
+            seq, seq_mask = torch.cat([seq, nxt], 1), torch.cat([seq_mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(out, seq)
+    assert all(len(set(row.tolist())) > 10 for row in new_tokens(out, 20))  # a real test: no loops
+
+
+@pytest.mark.parametrize(
+    "cfg", [CFG, tiny_config(num_hidden_layers=4, num_key_value_heads=1, sliding_window=5)], ids=["base", "mqa_w5"]
+)
+def test_greedy_matches_transformers_generate(cfg):
+    hf, ours = talkative_twin(cfg, seed=2)
+    ids, mask = left_padded([17, 9, 4], cfg.vocab_size, seed=3)
+    want = hf.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW,
+        pad_token_id=0, eos_token_id=None,  # no stop token: every row runs NEW steps
+    )  # fmt: skip
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=NEW, stop_token_ids=())
+    assert torch.equal(got, want)
+
+
+def test_stream_yields_the_steps_of_generate(twin):
+    _, model = twin
+    ids, mask = left_padded([12, 6], CFG.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, temperature=0.8, top_k=50, top_p=0.9, stop_token_ids=())
+    steps = list(stream(model, ids, generator=torch.Generator().manual_seed(5), **kwargs))
+    out = generate(model, ids, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert len(steps) == 10 and all(s.shape == (2,) for s in steps)
+    assert torch.equal(torch.stack(steps, 1), new_tokens(out, 12))
+    other = generate(model, ids, generator=torch.Generator().manual_seed(6), **kwargs)
+    assert not torch.equal(out, other)
+
+
+def test_stop_ids_pad_the_row_afterwards(twin):
+    _, model = twin
+    ids, mask = left_padded([12, 8, 5], CFG.vocab_size)
+    free = new_tokens(generate(model, ids, attention_mask=mask, max_new_tokens=12, stop_token_ids=()), 12)
+    stop_id = free[0, 3].item()
+    out = new_tokens(generate(model, ids, attention_mask=mask, max_new_tokens=12, stop_token_ids=(stop_id,), pad_id=0), 12)
+    for row in range(3):
+        hits = (free[row] == stop_id).nonzero().flatten().tolist()
+        end = hits[0] + 1 if hits else 12  # the stop token itself is kept
+        assert torch.equal(out[row, :end], free[row, :end])
+        assert (out[row, end:] == 0).all()
+
+
+def test_generation_ends_when_every_row_has_stopped(twin):
+    _, model = twin
+    ids, mask = left_padded([12, 8, 5], CFG.vocab_size)
+    first = new_tokens(generate(model, ids, attention_mask=mask, max_new_tokens=1, stop_token_ids=()), 12)[:, 0]
+    stops = tuple(first.tolist())  # every row stops at its first token
+    assert len(list(stream(model, ids, attention_mask=mask, max_new_tokens=20, stop_token_ids=stops))) == 1
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=20, stop_token_ids=stops, pad_id=0)
+    assert out.shape == (3, 32)  # still padded out to T + max_new_tokens
+    assert torch.equal(out[:, 12], first) and (out[:, 13:] == 0).all()
+
+
+def test_context_overflow_is_refused_before_any_work(twin, monkeypatch):
+    _, model = twin
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(model, "hidden_states", no_work)
+    ids = torch.randint(3, CFG.vocab_size, (2, 100))
+    with pytest.raises(ValueError, match=r"prompt \(100 tokens\) \+ max_new_tokens \(29\) = 129 tokens exceed the model's context of 128"):
+        generate(model, ids, max_new_tokens=29)
+    with pytest.raises(ValueError, match="context of 128"):
+        stream(model, ids, max_new_tokens=29)  # refused on the call, not on the first step
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        stream(model, ids, max_new_tokens=0)
+    with pytest.raises(ValueError, match="left-padded"):
+        stream(model, ids, attention_mask=torch.ones(2, 100).flip(1).tril()[:2].long(), max_new_tokens=1)
+    with pytest.raises(ValueError, match="top_p"):
+        stream(model, ids, max_new_tokens=1, temperature=1.0, top_p=0.0)
+
+
+def test_generate_leaves_the_model_mode_and_gives_a_normal_tensor(twin):
+    _, model = twin
+    model.train()
+    out = generate(model, torch.tensor([[2, 5, 9]]), max_new_tokens=3)
+    assert model.training
+    model.eval()
+    out[0, 0] = 7  # not an inference tensor: callers may edit it
+    assert out.shape == (1, 6)
+
+
+def test_session_turns_equal_feeding_the_whole_conversation(twin):
+    _, model = twin
+    g = torch.Generator().manual_seed(0)
+    turn1, turn2 = torch.randint(3, CFG.vocab_size, (1, 10), generator=g), torch.randint(3, CFG.vocab_size, (1, 6), generator=g)
+    session = Session(model, max_len=60)
+    reply1 = torch.stack(list(session.stream(turn1, max_new_tokens=12, stop_token_ids=())), 1)
+    assert session.length == 22 and session.tokens_left == 38
+    reply2 = torch.stack(list(session.stream(turn2, max_new_tokens=12, stop_token_ids=())), 1)
+    whole = torch.cat([turn1, reply1, turn2], 1)  # 28 tokens, then 12 more: 5 windows of W = 8
+    assert torch.equal(new_tokens(generate(model, whole, max_new_tokens=12, stop_token_ids=()), 28), reply2)
+    with pytest.raises(ValueError, match=r"40 tokens so far \+ 15 new \+ max_new_tokens \(6\) = 61 tokens exceed the session's max_len of 60"):
+        session.stream(torch.randint(3, CFG.vocab_size, (1, 15)), max_new_tokens=6)
+    assert session.length == 40  # the refused turn changed nothing
+
+
+def test_a_batch_session_cannot_be_continued(twin):
+    _, model = twin
+    ids, mask = left_padded([6, 4], CFG.vocab_size)
+    session = Session(model)
+    list(session.stream(ids, attention_mask=mask, max_new_tokens=2))
+    with pytest.raises(ValueError, match="only a session of one sequence can be continued"):
+        session.stream(ids[:, -1:], max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def chat_parts(tmp_path_factory):
+    texts = ["Hello there! How are you today?", "I am fine, thank you. What would you like to know?"] * 3
+    tok = Tokenizer(train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tokenizer.model", 300))
+    _, model = talkative_twin(tiny_config(vocab_size=tok.vocab_size), seed=4)
+    return model, tok
+
+
+def test_chat_turn_ids_continue_gemmas_template(chat_parts):
+    _, tok = chat_parts
+    u1, m1, u2 = ({"role": "user", "content": "Hi"}, {"role": "model", "content": "Hello"}, {"role": "user", "content": "How are you?"})
+    after_reply = tok.encode_chat([u1, m1])  # ends "<end_of_turn>\n": the model's stop, then "\n"
+    newline = tok.encode("\n", bos=False)
+    assert after_reply[-len(newline) - 1] == tok.end_of_turn_id
+    expected = tok.encode_chat([u1, m1, u2])[len(after_reply) - len(newline) :]
+
+    class Stopped:  # a session whose model just sampled <end_of_turn>
+        length, pending = 20, torch.tensor([[tok.end_of_turn_id]])
+
+    chat = Chat.__new__(Chat)
+    chat.tokenizer, chat.session = tok, Stopped()
+    assert chat.turn_ids("How are you?") == expected
+    Stopped.pending = torch.tensor([[42]])  # a reply cut by max_new_tokens: close the turn first
+    assert chat.turn_ids("How are you?") == [tok.end_of_turn_id] + expected
+
+
+def test_chat_replies_equal_generating_from_the_whole_conversation(chat_parts):
+    model, tok = chat_parts
+    chat = Chat(model, tok, max_len=120)
+    first = chat.turn_ids("Hi")
+    assert first == tok.encode_chat([{"role": "user", "content": "Hi"}])
+    reply1 = list(chat.reply("Hi", max_new_tokens=15))
+    second = chat.turn_ids("How are you?")
+    reply2 = list(chat.reply("How are you?", max_new_tokens=15))
+    whole = torch.tensor([first + reply1 + second])
+    want = generate(model, whole, max_new_tokens=15, stop_token_ids=tok.stop_ids)[0, whole.shape[1] :].tolist()
+    assert reply2 == want[: len(reply2)] and set(want[len(reply2) :]) <= {tok.pad_id}
+    with pytest.raises(ValueError, match="the chat is full"):
+        list(chat.reply("x " * 100, max_new_tokens=5))
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="non-empty"):
+        left_pad([[1], []])
