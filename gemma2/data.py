@@ -62,6 +62,8 @@ def read_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
             docs += read_documents(path)
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8 or pass other files") from None
+        except FileNotFoundError:
+            raise  # read_documents' message names the path
         except OSError as e:
             raise ValueError(f"{path}: cannot read ({e.strerror or e}); check the path and permissions") from None
     docs = [d for d in docs if d.strip()]

@@ -49,7 +49,9 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -427,8 +429,9 @@ def _save_checkpoint(
         if cfg.tokenizer_file is not None:
             shutil.copyfile(cfg.tokenizer_file, tmp / "tokenizer.model")
     del full
-    dcp.save({"optimizer": get_optimizer_state_dict(student, optimizer)}, checkpoint_id=tmp / "optimizer",
-             no_dist=not rt.sharded)  # fmt: skip
+    with _single_process_dcp(rt):
+        dcp.save({"optimizer": get_optimizer_state_dict(student, optimizer)}, checkpoint_id=tmp / "optimizer",
+                 no_dist=not rt.sharded)  # fmt: skip
     torch.save(_rng_state(), tmp / f"rng-{rt.rank}.pt")
     if rt.is_main:
         state = {"step": step, "data": loader.state_dict(), "world_size": rt.world,
@@ -451,12 +454,22 @@ def _save_checkpoint(
     return final
 
 
+@contextmanager
+def _single_process_dcp(rt: _Runtime) -> Iterator[None]:
+    """DCP warns on every single-process save and load that it assumes a single process: it is."""
+    with warnings.catch_warnings():
+        if not rt.sharded:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def _load_optimizer(path: Path, student: Gemma2ForCausalLM, optimizer: torch.optim.Optimizer, rt: _Runtime) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = {"optimizer": get_optimizer_state_dict(student, optimizer)}  # the layout to fill in
-    dcp.load(state, checkpoint_id=path / "optimizer", no_dist=not rt.sharded)
+    with _single_process_dcp(rt):
+        dcp.load(state, checkpoint_id=path / "optimizer", no_dist=not rt.sharded)
     set_optimizer_state_dict(student, optimizer, state["optimizer"])
 
 
@@ -501,6 +514,35 @@ def _evaluate(loss_mod: _StudentLoss, teacher: _Teacher | None, data: Datasets, 
 
 # ------------------------------------------------------------------------------------------------
 # The loop
+
+
+def _accumulate_gradients(
+    loss_mod: _StudentLoss, micro: list[Batch], teacher: _Teacher | None, alpha: float, rt: _Runtime
+) -> tuple[float, Tensor]:
+    """Forward and backward over one step's micro-batches. The gradients left in the student are
+    those of the mean loss over every counted token of every micro-batch on every rank.
+    Returns (counted tokens, [loss, kd_sum, ce_sum] summed over micro-batches and ranks)."""
+    # Count all micro-batches' tokens first (targets are still on the host: no device sync).
+    counted = torch.tensor(float(sum(int((b.targets != IGNORE_INDEX).sum()) for b in micro)), device=rt.device)
+    n_counted = rt.all_reduce(counted).item()
+    if n_counted == 0:
+        raise ValueError(f"a training batch has no counted tokens (every target is {IGNORE_INDEX})")
+    # Each micro-batch's loss is its token SUM over this; FSDP then averages the ranks' gradients,
+    # hence the division by the world size.
+    normalizer = n_counted / rt.world
+    sums = torch.zeros(3, device=rt.device)  # loss, kd_sum, ce_sum
+    for i, batch in enumerate(micro):
+        if rt.sharded:
+            loss_mod.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once per step
+        inputs = batch.inputs.to(rt.device, non_blocking=True)
+        targets = batch.targets.to(rt.device, non_blocking=True)
+        src = teacher(batch, "train") if teacher is not None else None
+        loss, st = loss_mod(inputs, targets, src, normalizer, alpha)
+        if teacher is not None:
+            teacher.release()
+        loss.backward()
+        sums += torch.stack([loss.detach(), st.kd_sum, st.ce_sum])
+    return n_counted, rt.all_reduce(sums)
 
 
 def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets) -> None:
@@ -558,9 +600,9 @@ def train(
       training, every step:  step, lr, loss, ce (None if alpha = 1), kd (None if alpha = 0),
                              grad_norm, tokens, tokens_per_s
       evaluation:            step, eval_ce, eval_ppl, eval_kd (with a teacher),
-                             teacher_eval_ce and teacher_eval_ppl (the first evaluation only)
-    `step` counts optimizer updates done; evaluation runs at step 0, every eval_every steps and at
-    the end. Raises NonFiniteLossError if the loss or gradient norm stops being finite.
+                             teacher_eval_ce and teacher_eval_ppl (at step 0 only)
+    `step` counts optimizer updates done; evaluation runs at step 0 (with the teacher's numbers),
+    every eval_every steps and at the end. Raises NonFiniteLossError if the loss or gradient norm stops being finite.
     """
     rt = _runtime(cfg)
     _check(cfg, student, teacher, data)
@@ -623,7 +665,6 @@ def train(
 
     if cfg.eval_every and start_step == 0:
         evaluate(0, first=True)
-    evaluated = start_step == 0
     last_ckpt = ckpt
     tokens_per_step = cfg.batch_size * data.train.seq_len * cfg.grad_accum * rt.world
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not progress or not rt.is_main)
@@ -634,28 +675,10 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [next(loader) for _ in range(cfg.grad_accum)]
-        # Count every micro-batch's tokens (on every rank) before the first forward.
-        counted = torch.tensor(float(sum(int((b.targets != IGNORE_INDEX).sum()) for b in micro)), device=rt.device)
-        n_counted = rt.all_reduce(counted).item()
-        if n_counted == 0:
-            raise ValueError(f"step {step + 1}: no counted tokens in the batch (every target is {IGNORE_INDEX})")
-        normalizer = n_counted / rt.world  # FSDP averages gradients over ranks: undo that
-        sums = torch.zeros(3, device=rt.device)  # loss, kd_sum, ce_sum
-        for i, batch in enumerate(micro):
-            if rt.sharded:
-                loss_mod.set_requires_gradient_sync(i == len(micro) - 1)  # reduce once per step
-            inputs = batch.inputs.to(rt.device, non_blocking=True)
-            targets = batch.targets.to(rt.device, non_blocking=True)
-            src = train_teacher(batch, "train") if train_teacher is not None else None
-            loss, st = loss_mod(inputs, targets, src, normalizer, cfg.alpha)
-            if train_teacher is not None:
-                train_teacher.release()
-            loss.backward()
-            sums += torch.stack([loss.detach(), st.kd_sum, st.ce_sum])
+        n_counted, sums = _accumulate_gradients(loss_mod, micro, train_teacher, cfg.alpha, rt)
         norm = nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
             norm = norm.full_tensor()
-        rt.all_reduce(sums)
         loss_sum, kd_sum, ce_sum, grad_norm = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()  # one sync
         loss_value = loss_sum / rt.world
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
@@ -677,8 +700,7 @@ def train(
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
         done = step + 1 == cfg.steps
         if cfg.eval_every and (done or (step + 1) % cfg.eval_every == 0):
-            evaluate(step + 1, first=not evaluated)
-            evaluated = True
+            evaluate(step + 1, first=False)
         if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             last_ckpt = _save_checkpoint(step + 1, student, optimizer, loader, cfg, rt)
     bar.close()

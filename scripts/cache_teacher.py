@@ -1,0 +1,68 @@
+"""Run a teacher once over a dataset and store its top-k next-token log-probs for distillation.
+
+    python scripts/cache_teacher.py --teacher runs/teacher/step-001000 --out runs/cache --k 32 --seq-len 256
+    python scripts/distill.py --student tiny --teacher-cache runs/cache --tokenizer runs/teacher/step-001000/tokenizer.model ...
+
+Use the same --data, --tokenizer, --seq-len and --holdout-fraction here as for training: the cache
+is keyed by packed sequence and checks the tokens' fingerprint. Both splits are cached (the
+held-out one gives the student's held-out KD and the teacher's perplexity). Library:
+gemma2.teacher_cache.write_teacher_cache.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from gemma2.checkpoint import CheckpointError, load_model
+from gemma2.data import load_datasets
+from gemma2.teacher_cache import write_teacher_cache
+from gemma2.tokenizer import Tokenizer
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="teacher checkpoint directory")
+    p.add_argument("--out", required=True, help="cache directory to write")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="as for scripts/distill.py; default: built-in corpus")
+    p.add_argument("--eval-data", nargs="+", metavar="PATH")
+    p.add_argument("--holdout-fraction", type=float, default=0.02)
+    p.add_argument("--tokenizer", help="default: the teacher's tokenizer.model")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--k", type=int, default=32, help="teacher log-probs kept per token")
+    p.add_argument("--temperature", type=float, default=1.0, help="must equal the training temperature")
+    p.add_argument("--logprob-dtype", choices=("fp16", "fp32"), default="fp16")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of teacher logits")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16" if torch.cuda.is_available() else "fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+
+    tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.teacher) / "tokenizer.model"
+    tokenizer = Tokenizer(tok_path)
+    teacher = load_model(args.teacher, dtype=DTYPES[args.dtype], device=args.device)
+    data = load_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,
+                         eval_paths=args.eval_data)  # fmt: skip
+    splits = {"train": data.train} | ({"heldout": data.heldout} if data.heldout is not None else {})
+    index = write_teacher_cache(
+        teacher, splits, args.out, k=args.k, temperature=args.temperature, batch_size=args.batch_size,
+        chunk_size=args.chunk_size, logprob_dtype=torch.float16 if args.logprob_dtype == "fp16" else torch.float32,
+    )  # fmt: skip
+    tokens = sum(s["num_sequences"] * s["seq_len"] for s in index["splits"].values())
+    print(f"wrote {args.out}: {tokens:,} tokens, {index['bytes_per_token']} bytes per token "
+          f"({tokens * index['bytes_per_token'] / 2**20:.1f} MiB; full {index['vocab_size']}-way bf16 "
+          f"distributions would take {2 * index['vocab_size']} bytes per token)", file=sys.stderr)  # fmt: skip
+    if "heldout" in index["splits"]:
+        print(f"teacher held-out cross-entropy {index['splits']['heldout']['teacher_ce']:.4f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,133 @@
+"""Train or distil a Gemma 2 student (one process, or many under torchrun).
+
+    # plain next-token training of a small model on the built-in corpus
+    python scripts/distill.py --student tiny --tokenizer runs/tok/tokenizer.model --alpha 0 --out runs/teacher
+    # distil from a teacher checkpoint (its tokenizer.model is used unless --tokenizer says otherwise)
+    python scripts/distill.py --student tiny --teacher runs/teacher/step-001000 --out runs/student
+    # ... or from an offline top-k cache written by scripts/cache_teacher.py
+    python scripts/distill.py --student tiny --teacher-cache runs/cache --tokenizer tok.model --out runs/s2
+    # many processes: FSDP2 over every rank (NCCL on GPUs, gloo on CPU)
+    torchrun --nproc-per-node 8 scripts/distill.py --student 2b --teacher checkpoints/gemma-2-9b ...
+
+--student is a preset name, a config.json or a checkpoint directory; a fresh student takes the
+teacher's vocabulary size (else the tokenizer's). Checkpoints land in OUT/step-XXXXXX (Hugging Face
+layout plus trainer state), metrics in OUT/metrics.jsonl. Library: gemma2.trainer.train.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from gemma2.checkpoint import CheckpointError, load_model
+from gemma2.data import load_datasets
+from gemma2.teacher_cache import TeacherCache
+from gemma2.tokenizer import Tokenizer
+from gemma2.trainer import NonFiniteLossError, TrainConfig, init_distributed, load_student, train
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", required=True, help="preset (e.g. tiny, 2b), config.json or checkpoint directory")
+    teacher = p.add_mutually_exclusive_group()
+    teacher.add_argument("--teacher", help="teacher checkpoint directory (Hugging Face layout)")
+    teacher.add_argument("--teacher-cache", help="directory written by scripts/cache_teacher.py")
+    p.add_argument("--teacher-dtype", choices=DTYPES, default="bf16" if torch.cuda.is_available() else "fp32")
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help=".txt (one document each), .jsonl ('text' per line) or directories; default: built-in corpus")
+    p.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out documents (default: split from --data)")
+    p.add_argument("--holdout-fraction", type=float, default=0.02)
+    p.add_argument("--tokenizer", help="SentencePiece .model (default: the teacher's or the student's tokenizer.model)")
+    p.add_argument("--out", required=True, help="output directory for checkpoints and metrics.jsonl")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--min-lr", type=float, default=None, help="end of the cosine (default lr / 10)")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--alpha", type=float, default=None,
+                   help="KD weight: loss = (1 - alpha) CE + alpha KD (default 1 with a teacher, 0 without)")
+    p.add_argument("--objective", choices=("forward_kl", "reverse_kl", "jsd"), default="forward_kl")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-sequences", type=int, default=None, help="cap on held-out sequences per evaluation")
+    p.add_argument("--save-every", type=int, default=0, help="0: only at the end")
+    p.add_argument("--keep-last", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="data order, and a fresh student's weights")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the loss")
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args()
+
+
+def tokenizer_path(args: argparse.Namespace) -> Path:
+    if args.tokenizer:
+        return Path(args.tokenizer)
+    for source in (args.teacher, args.student):
+        if source and (Path(source) / "tokenizer.model").is_file():
+            return Path(source) / "tokenizer.model"
+    raise ValueError("no tokenizer: pass --tokenizer PATH (or a --teacher / --student directory holding tokenizer.model)")
+
+
+def main() -> int:
+    args = parse_args()
+    rank, _ = init_distributed()
+    tok_path = tokenizer_path(args)
+    tokenizer = Tokenizer(tok_path)
+    teacher = None
+    if args.teacher:
+        teacher = load_model(args.teacher, dtype=DTYPES[args.teacher_dtype])
+    elif args.teacher_cache:
+        teacher = TeacherCache(args.teacher_cache)
+    # A fresh student speaks the teacher's vocabulary (else the tokenizer's).
+    if isinstance(teacher, TeacherCache):
+        vocab = teacher.vocab_size
+    elif teacher is not None:
+        vocab = teacher.config.vocab_size
+    else:
+        vocab = tokenizer.vocab_size
+    student = load_student(args.student, vocab_size=vocab, seed=args.seed)
+    data = load_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,
+                         eval_paths=args.eval_data)  # fmt: skip
+    if rank == 0:
+        n = sum(p.numel() for p in student.parameters())
+        held = len(data.heldout) if data.heldout is not None else 0
+        print(f"student {args.student}: {n / 1e6:.2f} M parameters; data: {len(data.train)} training and "
+              f"{held} held-out sequences of {args.seq_len} tokens", file=sys.stderr)  # fmt: skip
+    cfg = TrainConfig(
+        out_dir=args.out, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        alpha=args.alpha if args.alpha is not None else float(teacher is not None), objective=args.objective,
+        temperature=args.temperature, beta=args.beta, chunk_size=args.chunk_size, dtype=args.dtype,
+        activation_checkpointing=args.activation_checkpointing,
+        eval_every=args.eval_every if data.heldout is not None else 0, eval_sequences=args.eval_sequences,
+        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, device=args.device,
+        tokenizer_file=str(tok_path),
+    )  # fmt: skip
+    metrics = train(cfg, student, data, teacher=teacher, resume=args.resume, progress=not args.no_progress)
+    if rank == 0:
+        evals = [m for m in metrics if "eval_ce" in m]
+        if evals:
+            print(f"final held-out: {evals[-1]}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

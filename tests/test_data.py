@@ -1,0 +1,205 @@
+"""Data: reading, packing (boundaries, lengths, no token lost), held-out split, shuffling, sharding,
+resumable position, and clear errors for empty or unreadable inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gemma2.data import BatchLoader, PackedSequences, eval_batches, load_datasets, read_texts, tokenize
+
+BOS, EOS = 2, 1
+
+
+class ByteTokenizer:
+    """One id per UTF-8 byte (3 + byte), Gemma's bos / eos ids: packing tests need nothing more."""
+
+    bos_id, eos_id, vocab_size = BOS, EOS, 259
+
+    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+        return [BOS] * bos + [3 + b for b in text.encode()] + [EOS] * eos
+
+
+def test_read_texts_txt_jsonl_and_sorted_directories(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "b.txt").write_text("second\n\nstill the second document")
+    (tmp_path / "d" / "a.jsonl").write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"text": "1b"}) + "\n")
+    (tmp_path / "d" / "sub" / "c.txt").write_text("third")
+    (tmp_path / "d" / "ignored.md").write_text("not data")
+    (tmp_path / "d" / "blank.txt").write_text("  \n")  # empty documents are dropped
+    assert read_texts([tmp_path / "d"]) == ["first", "1b", "second\n\nstill the second document", "third"]
+    assert read_texts(tmp_path / "d" / "sub" / "c.txt") == ["third"]
+
+
+@pytest.mark.parametrize("make", ["empty_file", "empty_jsonl", "empty_dir", "blank_docs"])
+def test_empty_dataset_is_an_error_naming_the_path(tmp_path, make):
+    path = tmp_path / "data"
+    if make == "empty_file":
+        path = tmp_path / "data.txt"
+        path.write_text("")
+    elif make == "empty_jsonl":
+        path = tmp_path / "data.jsonl"
+        path.write_text("\n")
+    elif make == "empty_dir":
+        path.mkdir()
+    else:
+        path = tmp_path / "data.jsonl"
+        path.write_text(json.dumps({"text": "   "}) + "\n")
+    with pytest.raises(ValueError, match=str(path)):
+        read_texts([path])
+
+
+def test_unreadable_inputs_are_errors_naming_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        read_texts([tmp_path / "missing.txt"])
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt.*UTF-8"):
+        read_texts([bad])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"txt": "wrong field"}\n')
+    with pytest.raises(ValueError, match='broken.jsonl:1.*"text"'):
+        read_texts([broken])
+
+
+def test_packing_boundaries_lengths_and_no_token_lost():
+    docs = ["ab", "cde", "", "fghij", "k"]
+    stream = tokenize([d for d in docs if d], ByteTokenizer())
+    assert stream.dtype == np.int32
+    # Each document is bos ... eos, back to back.
+    expected = []
+    for d in docs:
+        if d:
+            expected += [BOS, *(3 + b for b in d.encode()), EOS]
+    assert stream.tolist() == expected
+    T = 4
+    data = PackedSequences(stream, T)
+    n = (len(stream) - 1) // T
+    assert len(data) == n
+    batch = data.batch(range(n))
+    assert batch.inputs.shape == batch.targets.shape == (n, T)
+    assert batch.inputs.dtype == batch.targets.dtype == torch.int64
+    # Targets are the inputs shifted by one, windows overlap by one token, and read in order the
+    # sequences give back the whole stream: only a tail shorter than seq_len is dropped.
+    assert torch.equal(batch.inputs[:, 1:], batch.targets[:, :-1])
+    assert torch.equal(batch.inputs[1:, 0], batch.targets[:-1, -1])
+    covered = torch.cat([batch.inputs.flatten(), batch.targets[-1, -1:]])
+    assert covered.tolist() == stream[: n * T + 1].tolist()
+    assert len(stream) - (n * T + 1) < T
+    # Every input token is followed by its successor, bos after eos at document boundaries.
+    assert (batch.targets[batch.inputs == EOS] == BOS).all()
+
+
+def test_out_of_range_indices_are_an_error():
+    data = PackedSequences(np.arange(20, dtype=np.int32), 4)
+    with pytest.raises(IndexError):
+        data.batch([len(data)])
+
+
+def test_heldout_split_is_by_document_disjoint_and_deterministic(tmp_path):
+    docs = [f"document number {i} " + "x" * (i % 7) for i in range(200)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+    def documents(tokens: np.ndarray) -> set[bytes]:
+        cuts = np.flatnonzero(tokens == BOS)
+        return {bytes((tokens[a + 1 : b - 1] - 3).astype(np.uint8)) for a, b in zip(cuts, [*cuts[1:], len(tokens)])}
+
+    a = load_datasets([path], ByteTokenizer(), 8, holdout_fraction=0.1)
+    b = load_datasets([path], ByteTokenizer(), 16, holdout_fraction=0.1)
+    train_docs, held_docs = documents(a.train.tokens), documents(a.heldout.tokens)
+    assert len(held_docs) == 20 and len(train_docs) == 180
+    assert not train_docs & held_docs
+    assert train_docs | held_docs == {d.encode() for d in docs}
+    # The split depends on the documents only (not on seq_len or anything else).
+    assert np.array_equal(a.heldout.tokens, b.heldout.tokens)
+    assert load_datasets([path], ByteTokenizer(), 8, holdout_fraction=0).heldout is None
+
+
+def test_too_little_data_is_a_clear_error(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("hi")
+    with pytest.raises(ValueError, match="lower seq_len"):
+        load_datasets([path], ByteTokenizer(), 64, holdout_fraction=0)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        BatchLoader(PackedSequences(np.zeros(9, dtype=np.int32), 4), batch_size=3)
+
+
+def _loader_data(n: int = 12, T: int = 3) -> PackedSequences:
+    return PackedSequences(np.arange(n * T + 1, dtype=np.int32), T)
+
+
+def test_shuffle_is_a_seeded_permutation_per_epoch():
+    data = _loader_data()
+
+    def epochs(seed: int, n_epochs: int = 3) -> list[list[int]]:
+        loader = BatchLoader(data, batch_size=4, seed=seed)
+        return [[i for _ in range(3) for i in next(loader).indices.tolist()] for _ in range(n_epochs)]
+
+    a, b, c = epochs(0), epochs(0), epochs(1)
+    assert a == b  # deterministic
+    assert a != c  # the seed matters
+    for epoch in a:
+        assert sorted(epoch) == list(range(12))  # each epoch visits every sequence once
+    assert a[0] != a[1]  # and in a new order
+    # The batch holds exactly the sequences it names.
+    batch = next(BatchLoader(data, batch_size=4, seed=0))
+    assert torch.equal(batch.inputs, data.batch(batch.indices).inputs)
+
+
+def test_ranks_read_disjoint_slices_of_the_same_global_batch():
+    data = _loader_data(n=20)
+    single = BatchLoader(data, batch_size=4, seed=3)
+    ranks = [BatchLoader(data, batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(12):  # across epoch ends too (20 sequences, global batch 4)
+        together = torch.cat([next(r).indices for r in ranks])
+        assert torch.equal(together, next(single).indices)
+
+
+def test_position_resumes_exactly_even_across_epochs():
+    data = _loader_data(n=10)
+    loader = BatchLoader(data, batch_size=3, seed=5)
+    for _ in range(4):  # 3 batches per epoch: we are in epoch 1
+        next(loader)
+    state = loader.state_dict()
+    assert state["epoch"] == 1
+    expected = [next(loader).indices for _ in range(5)]
+    resumed = BatchLoader(data, batch_size=3, seed=5)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # as stored in trainer_state.json
+    assert all(torch.equal(a, next(resumed).indices) for a in expected)
+    with pytest.raises(ValueError, match="seed"):
+        BatchLoader(data, batch_size=3, seed=6).load_state_dict(state)
+
+
+def test_eval_batches_split_ranks_evenly():
+    data = _loader_data(n=11)
+    seen = [torch.cat([b.indices for b in eval_batches(data, 2, rank=r, world_size=2)]) for r in range(2)]
+    assert seen[0].tolist() == [0, 1, 2, 3, 4] and seen[1].tolist() == [5, 6, 7, 8, 9]
+    assert [len(b.indices) for b in eval_batches(data, 4, max_sequences=6)] == [4, 2]
+
+
+def test_memmapped_tokens_round_trip(tmp_path):
+    data = PackedSequences(np.arange(50, dtype=np.int32), 7)
+    data.save(tmp_path / "tokens.npy")
+    loaded = PackedSequences.load(tmp_path / "tokens.npy", 7)
+    assert isinstance(loaded.tokens, np.memmap)
+    assert torch.equal(loaded.batch([0, 5]).inputs, data.batch([0, 5]).inputs)
+    assert loaded.fingerprint() == data.fingerprint()
+    assert PackedSequences(np.arange(50, dtype=np.int32), 6).fingerprint() != data.fingerprint()
+
+
+def test_with_a_sentencepiece_tokenizer(tmp_path):
+    from gemma2.tokenizer import Tokenizer, train_tokenizer
+
+    docs = [f"The quick brown fox {i} jumps over the lazy dog." for i in range(50)]
+    tok = Tokenizer(train_tokenizer(docs, tmp_path / "tok.model", vocab_size=320))
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    data = load_datasets([path], tok, 16, holdout_fraction=0.1)
+    stream = data.train.tokens
+    assert stream[0] == tok.bos_id and stream[-1] == tok.eos_id
+    assert (stream == tok.bos_id).sum() == (stream == tok.eos_id).sum() == 45
+    assert tok.decode(stream[1 : np.flatnonzero(stream == tok.eos_id)[0]].tolist()) in docs

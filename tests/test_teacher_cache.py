@@ -1,0 +1,108 @@
+"""The offline top-k teacher cache: what is written is what the teacher computes, its loss equals
+the on-the-fly top-k loss, and a cache cannot be read against other data or temperature."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gemma2 import Gemma2Config, Gemma2ForCausalLM
+from gemma2.data import Datasets, PackedSequences
+from gemma2.distill import chunked_distill_loss, teacher_topk
+from gemma2.teacher_cache import TeacherCache, bytes_per_token, write_teacher_cache
+from gemma2.trainer import TrainConfig, init_weights, train
+
+V, K = 64, 8
+
+
+def _config() -> Gemma2Config:
+    return Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                        sliding_window=8, max_position_embeddings=64)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, V, size=1200).astype(np.int32)
+    data = Datasets(PackedSequences(tokens[:1000], 16), PackedSequences(tokens[1000:], 16))
+    teacher = init_weights(Gemma2ForCausalLM(_config()), seed=1, std=0.3).eval()
+    student = init_weights(Gemma2ForCausalLM(_config()), seed=2)
+    return data, teacher, student
+
+
+def _write(tmp_path, setup, **kw) -> TeacherCache:
+    data, teacher, _ = setup
+    values = dict(k=K, batch_size=5, chunk_size=24, shard_bytes=20 * 16 * 52, progress=False)
+    write_teacher_cache(teacher, {"train": data.train, "heldout": data.heldout}, tmp_path, **(values | kw))
+    return TeacherCache(tmp_path)
+
+
+def test_round_trip_equals_the_teacher_and_its_loss(tmp_path, setup):
+    data, teacher, student = setup
+    cache = _write(tmp_path, setup, logprob_dtype=torch.float32, temperature=2.0)
+    split = cache.split("train")
+    assert len(split.shards) > 2  # rows are read across shard boundaries
+    indices = torch.tensor([0, 11, 12, 61, 3])
+    batch = data.train.batch(indices)
+    got = split.topk(indices)
+    with torch.no_grad():
+        want = teacher_topk(teacher(batch.inputs), K, temperature=2.0)
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.tail_logprob, want.tail_logprob, rtol=0, atol=1e-5)
+    hidden = student.hidden_states(batch.inputs)
+    args = dict(final_softcap=30.0, temperature=2.0, alpha=1.0)
+    cached, _ = chunked_distill_loss(hidden, student.output_weight, got, batch.targets, **args)
+    fly, _ = chunked_distill_loss(hidden, student.output_weight, want, batch.targets, **args)
+    assert cached.item() == pytest.approx(fly.item(), rel=1e-5)
+    # The held-out split carries the teacher's cross-entropy.
+    h = data.heldout.batch(range(len(data.heldout)))
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(teacher(h.inputs).flatten(0, 1), h.targets.flatten())
+    assert cache.split("heldout").teacher_ce == pytest.approx(ce.item(), rel=1e-5)
+
+
+def test_float16_storage_and_its_size(tmp_path, setup):
+    data, teacher, _ = setup
+    cache = _write(tmp_path, setup)
+    assert cache.bytes_per_token == bytes_per_token(K, V) == K * (2 + 2) + 4  # int16 ids, fp16 log-probs, fp32 tail
+    assert bytes_per_token(32, 256000) == 196  # Gemma's vocabulary needs int32 ids
+    stored = sum(f.stat().st_size for f in tmp_path.glob("train-*.safetensors"))
+    tokens = len(data.train) * data.train.seq_len
+    assert tokens * cache.bytes_per_token <= stored < tokens * cache.bytes_per_token * 1.1  # headers only
+    batch = data.train.batch(torch.arange(4))
+    with torch.no_grad():
+        want = teacher_topk(teacher(batch.inputs), K)
+    got = cache.split("train").topk(batch.indices)
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-3, atol=1e-3)
+
+
+def test_a_cache_refuses_other_data_temperature_or_an_interrupted_write(tmp_path, setup):
+    data, _, _ = setup
+    cache = _write(tmp_path / "c", setup)
+    other = PackedSequences(data.train.tokens, 15)
+    with pytest.raises(ValueError, match="other tokens.*rerun scripts/cache_teacher.py"):
+        cache.split("train").check(other, "training")
+    with pytest.raises(ValueError, match="temperature 1.0.*--temperature 2.0"):
+        cache.check_temperature(2.0)
+    (tmp_path / "c" / "cache.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no complete teacher cache"):
+        TeacherCache(tmp_path / "c")
+
+
+def test_training_from_a_full_cache_equals_training_from_the_teacher(tmp_path, setup):
+    """With k = V the top-k loss is the full forward KL: the two runs must agree."""
+    data, teacher, _ = setup
+    cache = _write(tmp_path / "cache", setup, k=V, logprob_dtype=torch.float32)
+    cfg = dict(steps=3, batch_size=4, lr=3e-3, warmup=1, alpha=0.7, eval_every=3, chunk_size=24)
+    fresh = lambda: init_weights(Gemma2ForCausalLM(_config()), seed=2)  # noqa: E731
+    a = train(TrainConfig(out_dir=str(tmp_path / "a"), **cfg), fresh(), data, teacher=cache, progress=False)
+    b = train(TrainConfig(out_dir=str(tmp_path / "b"), **cfg), fresh(), data, teacher=teacher, progress=False)
+    for x, y in zip(a, b):
+        for key in ("loss", "kd", "ce", "eval_ce", "eval_kd", "teacher_eval_ce"):
+            if key in y:
+                assert x[key] == pytest.approx(y[key], rel=1e-4), (x["step"], key)
