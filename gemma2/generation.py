@@ -17,7 +17,7 @@ next turn): a session holds it as `pending`, and counts it in `length`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -40,9 +40,10 @@ def _check_max_new_tokens(n: int) -> None:
 class Session:
     """A conversation with a model: a KV cache of `max_len` tokens and the last sampled tokens.
 
-    The cache is allocated by the first `stream` call (which fixes the batch size) and holds the whole
+    The cache is allocated by the first stream (which fixes the batch size) and holds the whole
     conversation, so `max_len` must cover every turn; a turn that does not fit is refused before any
-    work, and `tokens_left` says how much room remains.
+    work, and `tokens_left` says how much room remains. Run one stream at a time: it may be left
+    before its end, and the next call goes on from the last token it yielded.
     """
 
     def __init__(self, model: Gemma2ForCausalLM, max_len: int | None = None) -> None:
@@ -52,7 +53,7 @@ class Session:
             raise ValueError(f"max_len must be in [1, {context}] (the model's context), got {max_len}")
         self.model = model
         self.max_len = max_len
-        self.cache: KVCache | None = None
+        self.cache: KVCache | None = None  # allocated by the first stream call, for its batch size
         self.pending: Tensor | None = None  # [B, 1] the last sampled tokens, not yet in the cache
 
     @property
@@ -83,7 +84,8 @@ class Session:
         attention_mask: `[B, T]` 1/0, left-padded; only a session's first call may pad.
         """
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError(f"input_ids must be a LongTensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
+            got = f"{input_ids.dtype} {tuple(input_ids.shape)}"
+            raise ValueError(f"input_ids must be a LongTensor [B, T], got {got}")
         B, T = input_ids.shape
         _check_max_new_tokens(max_new_tokens)
         check_sampling_args(temperature, top_k, top_p)
@@ -103,9 +105,13 @@ class Session:
         if generator is not None and generator.device.type != device.type:
             raise ValueError(f"the generator is on {generator.device} but the model is on {device}; "
                              f"make it with torch.Generator(device={str(device)!r})")  # fmt: skip
-        valid = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-        if valid.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(valid.shape)} must have input_ids' shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=device)
+        else:
+            valid = attention_mask.bool()
+            if valid.shape != input_ids.shape:
+                shapes = f"{tuple(valid.shape)} vs {tuple(input_ids.shape)}"
+                raise ValueError(f"attention_mask must have the shape of input_ids, got {shapes}")
         if self.cache is None:
             if T == 0:
                 raise ValueError("the prompt is empty; a generation starts from at least one token (e.g. bos)")
@@ -115,8 +121,9 @@ class Session:
                     "Tokenizer.encode_batch pads this way"
                 )
         else:
-            if B != self.pending.shape[0]:
-                raise ValueError(f"this session holds a batch of {self.pending.shape[0]}, got input_ids for {B}")
+            held = self.cache.valid.shape[0]
+            if B != held:
+                raise ValueError(f"this session holds a batch of {held}, got input_ids for {B}")
             if B > 1:
                 # Rows stop at different steps, and padding them in the middle would shift the
                 # sliding window (it counts columns), so only one sequence can go on exactly.
@@ -128,7 +135,15 @@ class Session:
         return self._steps(input_ids, valid, max_new_tokens, pick, stop, pad_id)
 
     @torch.inference_mode()
-    def _steps(self, ids: Tensor, valid: Tensor, max_new_tokens: int, pick, stop: Tensor, pad_id: int) -> Iterator[Tensor]:
+    def _steps(
+        self,
+        ids: Tensor,  # [B, T] the new tokens
+        valid: Tensor,  # [B, T] bool, False for left padding
+        max_new_tokens: int,
+        pick: Callable[[Tensor], Tensor],  # logits [B, V] -> tokens [B]
+        stop: Tensor,  # [n] stop ids
+        pad_id: int,
+    ) -> Iterator[Tensor]:
         model = self.model
         B = ids.shape[0]
         if self.cache is None:
@@ -245,7 +260,9 @@ class Chat:
 
     def __init__(self, model: Gemma2ForCausalLM, tokenizer: Tokenizer, max_len: int | None = None) -> None:
         if tokenizer.end_of_turn_id is None:
-            raise ValueError(f"{tokenizer.path} has no <end_of_turn> piece; a chat needs an instruction-tuned tokenizer")
+            raise ValueError(
+                f"{tokenizer.path} has no <end_of_turn> piece; a chat needs an instruction-tuned Gemma tokenizer"
+            )
         self.session = Session(model, max_len=max_len)
         self.tokenizer = tokenizer
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from gemma2 import CheckpointError, load_model
+from gemma2 import CheckpointError, Gemma2ForCausalLM, load_model
 from gemma2.generation import Chat, left_pad, stream
+from gemma2.sampling import check_sampling_args
 from gemma2.tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -53,11 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load(args: argparse.Namespace) -> tuple[torch.nn.Module, Tokenizer]:
+def load(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, Tokenizer]:
     if args.dtype is None:
         args.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
     if args.dtype in ("float16", "half", "fp16"):
-        raise UsageError("--dtype float16 is refused: Gemma 2's activations overflow float16; use bfloat16 or float32")
+        raise UsageError(
+            "--dtype float16 is refused: Gemma 2's activations overflow float16; use bfloat16 or float32"
+        )
     if args.dtype not in DTYPES:
         raise UsageError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPES)}")
     checkpoint = Path(args.checkpoint)
@@ -66,14 +68,20 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, Tokenizer]:
             f"checkpoint {checkpoint} not found; pass --checkpoint a directory with config.json and "
             "*.safetensors (scripts/convert_checkpoint.py converts an official .ckpt)"
         )
-    tokenizer_path = Path(args.tokenizer) if args.tokenizer else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "tokenizer.model"
+    directory = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    tokenizer_path = Path(args.tokenizer) if args.tokenizer else directory / "tokenizer.model"
     if not tokenizer_path.is_file():
-        raise UsageError(f"tokenizer {tokenizer_path} not found; put tokenizer.model in the checkpoint directory or pass --tokenizer PATH")
+        raise UsageError(
+            f"tokenizer {tokenizer_path} not found; put tokenizer.model in the checkpoint directory "
+            "or pass --tokenizer PATH"
+        )
     tokenizer = Tokenizer(tokenizer_path)  # before the model: a bad tokenizer fails fast
     model = load_model(checkpoint, dtype=DTYPES[args.dtype], device=args.device)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise UsageError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {model.config.vocab_size}; "
-                         "pass the --tokenizer that came with this checkpoint")  # fmt: skip
+        raise UsageError(
+            f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {model.config.vocab_size}; "
+            "pass the --tokenizer that came with this checkpoint"
+        )
     return model, tokenizer
 
 
@@ -150,8 +158,8 @@ def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generato
             turn = len(chat.turn_ids(text))  # the tokens this turn feeds (for the figures)
             steps = chat.reply(text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, generator=generator)  # fmt: skip
-        except ValueError as e:  # the context is full
-            print(f"{e}", file=sys.stderr)
+        except ValueError as e:  # the context is full (the arguments were checked up front)
+            print(e, file=sys.stderr)
             return
         meter, decoder = Meter(turn), StreamDecoder(tokenizer)
         for token in steps:
@@ -168,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
             raise UsageError("--interactive takes at most one --prompt (the first turn)")
         if not args.interactive and not args.prompt:
             raise UsageError("pass --prompt TEXT (repeat it for a batch) or --interactive")
+        if args.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        check_sampling_args(args.temperature, args.top_k, args.top_p)  # before minutes of loading
         model, tokenizer = load(args)
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         if args.interactive:

@@ -11,6 +11,16 @@ CFG = tiny_config()  # W = 8, context 128
 NEW = 30  # with prompts up to 20 tokens, decoding runs 5 windows past W
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: threads only add hand-offs, which on a busy machine cost more than the
+    matmuls (seconds per test). The previous setting is restored for other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def talkative_twin(cfg, seed: int = 0):
     """hf_twin with every parameter random, rescaled so greedy decoding does not just repeat.
 
@@ -79,7 +89,8 @@ def test_stop_ids_pad_the_row_afterwards(twin):
     ids, mask = left_padded([12, 8, 5], CFG.vocab_size)
     free = new_tokens(generate(model, ids, attention_mask=mask, max_new_tokens=12, stop_token_ids=()), 12)
     stop_id = free[0, 3].item()
-    out = new_tokens(generate(model, ids, attention_mask=mask, max_new_tokens=12, stop_token_ids=(stop_id,), pad_id=0), 12)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=12, stop_token_ids=(stop_id,), pad_id=0)
+    out = new_tokens(out, 12)
     for row in range(3):
         hits = (free[row] == stop_id).nonzero().flatten().tolist()
         end = hits[0] + 1 if hits else 12  # the stop token itself is kept
@@ -106,7 +117,8 @@ def test_context_overflow_is_refused_before_any_work(twin, monkeypatch):
 
     monkeypatch.setattr(model, "hidden_states", no_work)
     ids = torch.randint(3, CFG.vocab_size, (2, 100))
-    with pytest.raises(ValueError, match=r"prompt \(100 tokens\) \+ max_new_tokens \(29\) = 129 tokens exceed the model's context of 128"):
+    message = r"prompt \(100 tokens\) \+ max_new_tokens \(29\) = 129 tokens exceed the model's context of 128"
+    with pytest.raises(ValueError, match=message):
         generate(model, ids, max_new_tokens=29)
     with pytest.raises(ValueError, match="context of 128"):
         stream(model, ids, max_new_tokens=29)  # refused on the call, not on the first step
@@ -131,14 +143,16 @@ def test_generate_leaves_the_model_mode_and_gives_a_normal_tensor(twin):
 def test_session_turns_equal_feeding_the_whole_conversation(twin):
     _, model = twin
     g = torch.Generator().manual_seed(0)
-    turn1, turn2 = torch.randint(3, CFG.vocab_size, (1, 10), generator=g), torch.randint(3, CFG.vocab_size, (1, 6), generator=g)
+    turn1 = torch.randint(3, CFG.vocab_size, (1, 10), generator=g)
+    turn2 = torch.randint(3, CFG.vocab_size, (1, 6), generator=g)
     session = Session(model, max_len=60)
     reply1 = torch.stack(list(session.stream(turn1, max_new_tokens=12, stop_token_ids=())), 1)
     assert session.length == 22 and session.tokens_left == 38
     reply2 = torch.stack(list(session.stream(turn2, max_new_tokens=12, stop_token_ids=())), 1)
     whole = torch.cat([turn1, reply1, turn2], 1)  # 28 tokens, then 12 more: 5 windows of W = 8
     assert torch.equal(new_tokens(generate(model, whole, max_new_tokens=12, stop_token_ids=()), 28), reply2)
-    with pytest.raises(ValueError, match=r"40 tokens so far \+ 15 new \+ max_new_tokens \(6\) = 61 tokens exceed the session's max_len of 60"):
+    message = r"40 tokens so far \+ 15 new \+ max_new_tokens \(6\) = 61 tokens exceed the session's max_len of 60"
+    with pytest.raises(ValueError, match=message):
         session.stream(torch.randint(3, CFG.vocab_size, (1, 15)), max_new_tokens=6)
     assert session.length == 40  # the refused turn changed nothing
 
@@ -161,20 +175,19 @@ def chat_parts(tmp_path_factory):
 
 
 def test_chat_turn_ids_continue_gemmas_template(chat_parts):
-    _, tok = chat_parts
-    u1, m1, u2 = ({"role": "user", "content": "Hi"}, {"role": "model", "content": "Hello"}, {"role": "user", "content": "How are you?"})
+    model, tok = chat_parts
+    u1 = {"role": "user", "content": "Hi"}
+    m1 = {"role": "model", "content": "Hello"}
+    u2 = {"role": "user", "content": "How are you?"}
     after_reply = tok.encode_chat([u1, m1])  # ends "<end_of_turn>\n": the model's stop, then "\n"
     newline = tok.encode("\n", bos=False)
     assert after_reply[-len(newline) - 1] == tok.end_of_turn_id
     expected = tok.encode_chat([u1, m1, u2])[len(after_reply) - len(newline) :]
-
-    class Stopped:  # a session whose model just sampled <end_of_turn>
-        length, pending = 20, torch.tensor([[tok.end_of_turn_id]])
-
-    chat = Chat.__new__(Chat)
-    chat.tokenizer, chat.session = tok, Stopped()
+    chat = Chat(model, tok)
+    list(chat.reply("Hi", max_new_tokens=1))
+    chat.session.pending = torch.tensor([[tok.end_of_turn_id]])  # as if the model had closed its turn
     assert chat.turn_ids("How are you?") == expected
-    Stopped.pending = torch.tensor([[42]])  # a reply cut by max_new_tokens: close the turn first
+    chat.session.pending = torch.tensor([[42]])  # a reply cut by max_new_tokens: close the turn first
     assert chat.turn_ids("How are you?") == [tok.end_of_turn_id] + expected
 
 
