@@ -24,11 +24,9 @@ Choices, and why:
   loss matmuls run in the compute dtype; softmax, losses and their gradients in fp32.
 - A non-finite loss or gradient norm stops training BEFORE the update, so the last checkpoint and
   the weights in memory are both still good.
-- Checkpoints are written to a temporary directory, fsynced, then renamed to out_dir/step-XXXXXX:
-  a crash mid-save leaves the previous checkpoint whole. Each holds the student in the Hugging Face
-  layout (gemma2.checkpoint.load_model and transformers read it), the optimizer state as a
-  torch.distributed.checkpoint (DCP) directory, every rank's RNG states, and trainer_state.json
-  (step, data position, config). Resuming reproduces the uninterrupted run's losses exactly.
+- Checkpoints (gemma2.train_state) appear atomically as out_dir/step-XXXXXX: the student in the
+  Hugging Face layout, the optimizer state (DCP), RNG states and the data position. Resuming
+  reproduces the uninterrupted run's losses exactly.
 
 Many machines: run the same code under torchrun. Every Block and then the root are sharded with
 FSDP2 (`fully_shard`), student and teacher alike; NCCL on GPUs, gloo on CPU; each rank reads its
@@ -37,7 +35,9 @@ unsharded only inside the root's forward, so the student's forward AND its chunk
 module (`_StudentLoss`): the head's gradient and the embedding lookup's gradient meet in the
 unsharded parameter before the reduce-scatter. The teacher's root is unsharded explicitly around
 the loss that reads its head. Checkpoints gather the full student to rank 0 for the Hugging Face
-files; the optimizer state is saved sharded with DCP (so it reloads on another world size).
+files; the optimizer state is saved sharded with DCP (so it reloads on another world size). Each
+rank still builds (or loads) the full models before sharding them: fine while one model fits in
+one process's memory.
 """
 
 from __future__ import annotations
@@ -46,29 +46,25 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_model, save_model
-from .config import Gemma2Config
+from .checkpoint import load_model
+from .config import PRESETS, Gemma2Config
 from .data import IGNORE_INDEX, Batch, BatchLoader, Datasets, eval_batches
-from .distill import OBJECTIVES, TeacherHead, TopK, chunked_distill_loss
+from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss
 from .model import Gemma2ForCausalLM, RMSNorm
 from .teacher_cache import TeacherCache
+from .train_state import latest_checkpoint, load_training_state, save_checkpoint
 
-STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -107,8 +103,16 @@ class TrainConfig:
         for name in ("warmup", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.beta}")
+        if self.eval_sequences is not None and self.eval_sequences < 1:
+            raise ValueError(f"eval_sequences must be >= 1 or None (all), got {self.eval_sequences}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr must be in [0, lr = {self.lr}], got {self.min_lr}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -168,17 +172,11 @@ def load_student(spec: str | os.PathLike, *, vocab_size: int | None = None, seed
         except ValueError:
             raise ValueError(
                 f"student {str(spec)!r} is neither a checkpoint directory, a config.json nor a preset; "
-                f"pass one of those (presets: {', '.join(sorted(_presets()))})"
+                f"pass one of those (presets: {', '.join(sorted(PRESETS))})"
             ) from None
     if vocab_size is not None:
         config = config.replace(vocab_size=vocab_size)
     return init_weights(Gemma2ForCausalLM(config), seed)
-
-
-def _presets() -> list[str]:
-    from .config import PRESETS
-
-    return list(PRESETS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +251,7 @@ class _StudentLoss(nn.Module):
 
     def forward(
         self, inputs: Tensor, targets: Tensor, teacher: TeacherHead | TopK | None, normalizer: float, alpha: float
-    ):
+    ) -> tuple[Tensor, DistillStats]:
         cfg = self.cfg
         ctx = torch.autocast(inputs.device.type, self.dtype) if self.autocast else nullcontext()
         with ctx:
@@ -360,117 +358,6 @@ def build_optimizer(model: Gemma2ForCausalLM, cfg: TrainConfig, device: torch.de
     # parameters, which dominates a tiny model's step on CPU).
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None, foreach=not fused or None)
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The newest complete out_dir/step-XXXXXX, or None. (A crash mid-save leaves only a
-    .tmp-step-XXXXXX directory, which this ignores.)"""
-    done = [p for p in Path(out_dir).glob("step-*") if (p / STATE_FILE).is_file()]
-    return max(done, key=lambda p: int(p.name.removeprefix("step-")), default=None)
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        # As tensors and plain numbers, so it loads with weights_only=True.
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_student(config: Gemma2Config, state: dict[str, Tensor], directory: Path) -> None:
-    """The Hugging Face files from a full (gathered) state dict, without a second copy."""
-    with torch.device("meta"):
-        model = Gemma2ForCausalLM(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    save_model(model, directory)
-
-
-def _save_checkpoint(
-    step: int, student: Gemma2ForCausalLM, optimizer: torch.optim.Optimizer, loader: BatchLoader,
-    cfg: TrainConfig, rt: _Runtime,
-) -> Path:  # fmt: skip
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    out = Path(cfg.out_dir)
-    final, tmp = out / f"step-{step:06d}", out / f".tmp-step-{step:06d}"
-    if rt.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    rt.barrier()
-    # Every rank takes part in the gather; with cpu_offload only rank 0 receives the tensors.
-    full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rt.is_main:
-        _write_student(student.config, full, tmp)
-        if cfg.tokenizer_file is not None:
-            shutil.copyfile(cfg.tokenizer_file, tmp / "tokenizer.model")
-    del full
-    with _single_process_dcp(rt):
-        dcp.save({"optimizer": get_optimizer_state_dict(student, optimizer)}, checkpoint_id=tmp / "optimizer",
-                 no_dist=not rt.sharded)  # fmt: skip
-    torch.save(_rng_state(), tmp / f"rng-{rt.rank}.pt")
-    if rt.is_main:
-        state = {"step": step, "data": loader.state_dict(), "world_size": rt.world,
-                 "config": dataclasses.asdict(cfg), "torch": torch.__version__}  # fmt: skip
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    rt.barrier()
-    if rt.is_main:
-        for f in tmp.rglob("*"):
-            _fsync(f)
-        _fsync(tmp)
-        if final.exists():  # the same step saved again (e.g. a rerun after a crash)
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # the checkpoint appears whole or not at all
-        _fsync(out)
-        if cfg.keep_last is not None:
-            done = sorted(out.glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))
-            for old in done[: -cfg.keep_last]:
-                shutil.rmtree(old)
-    rt.barrier()
-    return final
-
-
-@contextmanager
-def _single_process_dcp(rt: _Runtime) -> Iterator[None]:
-    """DCP warns on every single-process save and load that it assumes a single process: it is."""
-    with warnings.catch_warnings():
-        if not rt.sharded:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
-
-
-def _load_optimizer(path: Path, student: Gemma2ForCausalLM, optimizer: torch.optim.Optimizer, rt: _Runtime) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    state = {"optimizer": get_optimizer_state_dict(student, optimizer)}  # the layout to fill in
-    with _single_process_dcp(rt):
-        dcp.load(state, checkpoint_id=path / "optimizer", no_dist=not rt.sharded)
-    set_optimizer_state_dict(student, optimizer, state["optimizer"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -602,25 +489,23 @@ def train(
       evaluation:            step, eval_ce, eval_ppl, eval_kd (with a teacher),
                              teacher_eval_ce and teacher_eval_ppl (at step 0 only)
     `step` counts optimizer updates done; evaluation runs at step 0 (with the teacher's numbers),
-    every eval_every steps and at the end. Raises NonFiniteLossError if the loss or gradient norm stops being finite.
+    every eval_every steps and at the end. Raises NonFiniteLossError if the loss or the gradient
+    norm stops being finite.
     """
     rt = _runtime(cfg)
     _check(cfg, student, teacher, data)
     out = Path(cfg.out_dir)
-    ckpt = latest_checkpoint(out) if resume else None
-    if not resume and latest_checkpoint(out) is not None:
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not resume:
         raise ValueError(
-            f"{out} already holds checkpoints ({latest_checkpoint(out).name}); pass resume=True "
-            "(--resume) to continue from the newest, or choose a new out_dir"
+            f"{out} already holds checkpoints ({ckpt.name}); pass resume=True (--resume) to "
+            "continue from the newest, or choose a new out_dir"
         )
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".tmp-step-*"):  # left by a crash mid-save
             shutil.rmtree(stale)
-    start_step = 0
     if ckpt is not None:
-        state = json.loads((ckpt / STATE_FILE).read_text())
-        start_step = state["step"]
         # Loaded before sharding: fully_shard then cuts every rank's shard out of these tensors.
         student.load_state_dict(load_model(ckpt, config=student.config).state_dict(), strict=True)
 
@@ -638,12 +523,11 @@ def train(
     optimizer = build_optimizer(student, cfg, rt.device)
     loader = BatchLoader(data.train, cfg.batch_size, seed=cfg.seed, rank=rt.rank, world_size=rt.world)
     kd_teacher = _Teacher(teacher, data, rt) if teacher is not None else None
+    start_step = 0
     if ckpt is not None:
-        _load_optimizer(ckpt, student, optimizer, rt)
+        state = load_training_state(ckpt, student, optimizer)
         loader.load_state_dict(state["data"])
-        rng = ckpt / f"rng-{rt.rank}.pt"
-        if rng.is_file():  # absent when resuming on more ranks than saved; nothing draws from it yet
-            _set_rng_state(torch.load(rng, weights_only=True))
+        start_step = state["step"]
 
     metrics: list[dict] = []
     metrics_file = out / METRICS_FILE
@@ -702,6 +586,8 @@ def train(
         if cfg.eval_every and (done or (step + 1) % cfg.eval_every == 0):
             evaluate(step + 1, first=False)
         if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            last_ckpt = _save_checkpoint(step + 1, student, optimizer, loader, cfg, rt)
+            state = {"data": loader.state_dict(), "config": dataclasses.asdict(cfg)}
+            last_ckpt = save_checkpoint(out, step + 1, student, optimizer, state, tokenizer_file=cfg.tokenizer_file,
+                                        keep_last=cfg.keep_last)  # fmt: skip
     bar.close()
     return metrics

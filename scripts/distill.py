@@ -59,7 +59,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-sequences", type=int, default=None, help="cap on held-out sequences per evaluation")
     p.add_argument("--save-every", type=int, default=0, help="0: only at the end")
-    p.add_argument("--keep-last", type=int, default=1)
+    p.add_argument("--keep-last", type=int, default=1, help="newest checkpoints to keep (0: all)")
     p.add_argument("--seed", type=int, default=0, help="data order, and a fresh student's weights")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
@@ -111,7 +111,7 @@ def main() -> int:
         temperature=args.temperature, beta=args.beta, chunk_size=args.chunk_size, dtype=args.dtype,
         activation_checkpointing=args.activation_checkpointing,
         eval_every=args.eval_every if data.heldout is not None else 0, eval_sequences=args.eval_sequences,
-        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, device=args.device,
+        save_every=args.save_every, keep_last=args.keep_last or None, seed=args.seed, device=args.device,
         tokenizer_file=str(tok_path),
     )  # fmt: skip
     metrics = train(cfg, student, data, teacher=teacher, resume=args.resume, progress=not args.no_progress)
@@ -119,6 +119,8 @@ def main() -> int:
         evals = [m for m in metrics if "eval_ce" in m]
         if evals:
             print(f"final held-out: {evals[-1]}", file=sys.stderr)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -10,7 +10,6 @@ single-process run then resumes from (a change of world size).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 

@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from gemma2 import Gemma2Config, Gemma2ForCausalLM
+from gemma2 import train_state
 from gemma2 import trainer as T
 from gemma2.checkpoint import load_model
 from gemma2.data import IGNORE_INDEX, Batch, Datasets, PackedSequences
 from gemma2.distill import kd_loss
-from gemma2.trainer import NonFiniteLossError, TrainConfig, init_weights, latest_checkpoint, lr_at, train
+from gemma2.train_state import latest_checkpoint
+from gemma2.trainer import NonFiniteLossError, TrainConfig, init_weights, lr_at, train
 
 V = 64
 GOLDEN = Path(__file__).parent / "golden" / "trainer_tiny.json"
@@ -163,7 +165,7 @@ def test_resume_continues_exactly(tmp_path, data):
 
 
 def test_a_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, data, monkeypatch):
-    real_save = T.save_model
+    real_save = train_state.save_model
     calls = []
 
     def crashing_save(model, directory, **kwargs):
@@ -172,7 +174,7 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, data, 
         if len(calls) == 2:
             raise OSError("disk full")  # ... and the process dies before the rest
 
-    monkeypatch.setattr(T, "save_model", crashing_save)
+    monkeypatch.setattr(train_state, "save_model", crashing_save)
     cfg = config(tmp_path, steps=4, save_every=2, eval_every=0)
     with pytest.raises(OSError, match="disk full"):
         train(cfg, student(), data, teacher=teacher(), progress=False)
@@ -182,7 +184,7 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, data, 
     saved = load_model(tmp_path / "step-000002")
     assert all(torch.isfinite(p).all() for p in saved.parameters())
 
-    monkeypatch.setattr(T, "save_model", real_save)
+    monkeypatch.setattr(train_state, "save_model", real_save)
     metrics = train(cfg, student(), data, teacher=teacher(), resume=True, progress=False)
     assert [m["step"] for m in metrics] == [3, 4]
     assert latest_checkpoint(tmp_path).name == "step-000004"

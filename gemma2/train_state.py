@@ -1,0 +1,176 @@
+"""Training checkpoints: what one holds, written atomically, read back for an exact resume.
+
+    out_dir/step-XXXXXX/
+        config.json, model.safetensors   the student in the Hugging Face layout (full weights,
+                                         gathered to rank 0): load_model and transformers read it
+        tokenizer.model                  when the trainer has one, so the directory is a model
+        optimizer/                       AdamW state, torch.distributed.checkpoint (DCP): each rank
+                                         writes its shards, and DCP reshards on load
+        rng-{rank}.pt                    each rank's torch / CUDA / Python / NumPy RNG states
+        trainer_state.json               step, data position, world size, config, torch version
+
+Every file is written into out_dir/.tmp-step-XXXXXX and fsynced; then the directory is renamed
+into place and the parent fsynced. A crash at any moment leaves either the whole new checkpoint or
+none of it, and the previous one untouched. Under torch.distributed every rank must call these
+functions, and all ranks must see one shared out_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .checkpoint import save_model
+from .config import Gemma2Config
+from .model import Gemma2ForCausalLM
+
+STATE_FILE = "trainer_state.json"
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The newest complete out_dir/step-XXXXXX, or None (a crash mid-save leaves only a
+    .tmp-step-XXXXXX directory, which is ignored)."""
+    done = [p for p in Path(out_dir).glob("step-*") if (p / STATE_FILE).is_file()]
+    return max(done, key=_step_of, default=None)
+
+
+def _sharded() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _barrier() -> None:
+    if _sharded():
+        dist.barrier()
+
+
+@contextmanager
+def _quiet_dcp() -> Iterator[None]:
+    """DCP warns on every single-process save and load that it assumes a single process: it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        # As a tensor and plain numbers, so the file loads with weights_only=True.
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # directories too: that makes their entries durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_student(config: Gemma2Config, state: dict[str, Tensor], directory: Path) -> None:
+    """The Hugging Face files from a full (gathered) state dict, without a second copy."""
+    with torch.device("meta"):
+        model = Gemma2ForCausalLM(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    save_model(model, directory)
+
+
+def save_checkpoint(
+    out_dir: str | os.PathLike,
+    step: int,
+    student: Gemma2ForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    *,
+    tokenizer_file: str | os.PathLike | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Write out_dir/step-{step:06d} atomically and return it; then keep only the newest
+    `keep_last` checkpoints (None: all). `state` (JSON-able: data position, config ...) goes
+    into trainer_state.json with the step."""
+    rank = dist.get_rank() if _sharded() else 0
+    out = Path(out_dir)
+    final, tmp = out / f"step-{step:06d}", out / f".tmp-step-{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    # Every rank takes part in the gather; with cpu_offload only rank 0 receives the tensors.
+    full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        _write_student(student.config, full, tmp)
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
+    del full
+    with _quiet_dcp():
+        dcp.save({"optimizer": get_optimizer_state_dict(student, optimizer)}, checkpoint_id=tmp / "optimizer",
+                 no_dist=not _sharded())  # fmt: skip
+    torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+    if rank == 0:
+        record = {"step": step, **state, "world_size": dist.get_world_size() if _sharded() else 1,
+                  "torch": torch.__version__}  # fmt: skip
+        (tmp / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    _barrier()
+    if rank == 0:
+        for f in tmp.rglob("*"):
+            _fsync(f)
+        _fsync(tmp)
+        if final.exists():  # the same step saved again (a rerun after a crash)
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # the checkpoint appears whole or not at all
+        _fsync(out)
+        if keep_last is not None:
+            for old in sorted(out.glob("step-*"), key=_step_of)[:-keep_last]:
+                shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def load_training_state(path: str | os.PathLike, student: Gemma2ForCausalLM, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore the optimizer (into a model that may be sharded differently than when saved) and
+    this rank's RNG states from the checkpoint at `path`; return its trainer_state.json.
+    The student's weights come from the Hugging Face files (gemma2.checkpoint.load_model)."""
+    path = Path(path)
+    rank = dist.get_rank() if _sharded() else 0
+    state = {"optimizer": get_optimizer_state_dict(student, optimizer)}  # the layout to fill in
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=path / "optimizer", no_dist=not _sharded())
+    set_optimizer_state_dict(student, optimizer, state["optimizer"])
+    rng = path / f"rng-{rank}.pt"
+    if rng.is_file():  # absent for ranks beyond the saved world size: nothing draws from it anyway
+        _set_rng_state(torch.load(rng, weights_only=True))
+    return json.loads((path / STATE_FILE).read_text())
