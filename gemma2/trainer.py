@@ -393,6 +393,7 @@ def _evaluate(loss_mod: _StudentLoss, teacher: _Teacher | None, data: Datasets, 
     if kd_on:
         out["eval_kd"] = kd / n * cfg.temperature**2
     if with_teacher_ce and teacher is not None:
+        # A cache recorded its teacher's CE over the whole held-out split when it was written.
         t_ce = t_ce / n if teacher.model is not None else teacher.heldout.teacher_ce if teacher.heldout else None
         if t_ce is not None:
             out |= {"teacher_eval_ce": t_ce, "teacher_eval_ppl": math.exp(min(t_ce, 50.0))}
@@ -452,7 +453,7 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
                 f"with vocab_size={teacher.vocab_size} and the tokenizer the cache was made with"
             )
         teacher.check_temperature(cfg.temperature)
-        if cfg.alpha > 0 and cfg.objective != "forward_kl":
+        if cfg.objective != "forward_kl":  # held-out KD uses the objective too, even at alpha = 0
             raise ValueError(f"a top-k teacher cache supports only objective='forward_kl', got {cfg.objective!r}")
     top = max(int(d.tokens.max()) for d in (data.train, data.heldout) if d is not None)
     if top >= V:
