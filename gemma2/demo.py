@@ -83,7 +83,7 @@ class DemoConfig:
 
 
 # A reduced run for tests and CI: seconds, not a meaningful comparison.
-QUICK = DemoConfig(steps=2, batch_size=2, warmup=1, evals=1, eval_sequences=2, sample_tokens=8)
+QUICK = DemoConfig(steps=2, batch_size=1, warmup=1, evals=1, eval_sequences=1, sample_tokens=8)
 
 
 def load_teacher(directory: str | Path = TEACHER_DIR) -> tuple[Gemma2ForCausalLM, Tokenizer]:

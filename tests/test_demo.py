@@ -1,0 +1,98 @@
+"""The out-of-the-box demo (gemma2.demo, scripts/demo.py) and the shipped tiny teacher."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from gemma2.corpus import help_topics
+from gemma2.demo import QUICK, TEACHER_CONFIG, TEACHER_DIR, greedy_sample, load_teacher, report, run, student_config
+from gemma2.model import Gemma2ForCausalLM
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_teacher()
+
+
+def test_shipped_teacher_is_the_documented_config(teacher):
+    model, tokenizer = teacher
+    assert model.config == TEACHER_CONFIG.replace(vocab_size=tokenizer.vocab_size)
+    assert model.config.sliding_window < model.config.max_position_embeddings
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    size = sum(f.stat().st_size for f in TEACHER_DIR.iterdir())
+    assert size < 30e6, f"the shipped teacher grew to {size / 1e6:.1f} MB"
+
+
+def test_student_is_about_a_quarter_of_the_teacher():
+    with torch.device("meta"):
+        n_t = sum(p.numel() for p in Gemma2ForCausalLM(TEACHER_CONFIG).parameters())
+        n_s = sum(p.numel() for p in Gemma2ForCausalLM(student_config(TEACHER_CONFIG)).parameters())
+    assert 0.2 <= n_s / n_t <= 0.3
+    assert student_config(TEACHER_CONFIG).vocab_size == TEACHER_CONFIG.vocab_size
+
+
+def test_shipped_teacher_generates(teacher):
+    model, tokenizer = teacher
+    text = greedy_sample(model, tokenizer, "Return a new list", max_new_tokens=12)
+    assert isinstance(text, str) and text.strip()
+
+
+def test_shipped_teacher_matches_transformers(teacher):
+    transformers = pytest.importorskip("transformers")
+    model, tokenizer = teacher
+    hf = transformers.Gemma2ForCausalLM.from_pretrained(
+        TEACHER_DIR, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    # Real text filling the whole context, four sliding windows long, so local layers differ
+    # from global ones; the second row is the first one shuffled.
+    text = "\n".join(help_topics()[:3])
+    ids = torch.tensor([tokenizer.encode(text)[: model.config.max_position_embeddings]] * 2)
+    ids[1, 1:] = ids[1, 1:][torch.randperm(ids.shape[1] - 1, generator=torch.Generator().manual_seed(0))]
+    assert ids.shape[1] == model.config.max_position_embeddings > 3 * model.config.sliding_window
+    with torch.no_grad():
+        ours = model(ids)
+        theirs = hf(ids).logits.float()
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_load_teacher_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_teacher.py"):
+        load_teacher(tmp_path)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a CI box whose cores are busy with other jobs, two threads that wait
+    on each other can be several times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_results_and_curves(tmp_path, one_thread):
+    pytest.importorskip("matplotlib")
+    results = run(QUICK, tmp_path, progress=False, echo=lambda line: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("teacher_ppl", "distilled_ppl", "scratch_ppl", "seconds"):
+        assert isinstance(saved[key], float) and math.isfinite(saved[key]) and saved[key] > 0, key
+    assert saved["steps"] == QUICK.steps
+    assert saved["teacher_params"] > saved["student_params"] > 0
+    assert set(saved["samples"]) == {"teacher", "distilled", "scratch"}
+    assert all(isinstance(s, str) for s in saved["samples"].values())
+    for name in ("distilled", "scratch"):
+        assert saved["curves"][name]["step"] == [0, QUICK.steps]
+    # Both students start from the same weights: their step-0 held-out losses are equal.
+    assert saved["curves"]["distilled"]["eval_ce"][0] == pytest.approx(saved["curves"]["scratch"]["eval_ce"][0])
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE)
+    assert b"Matplotlib" in png  # the Software text chunk matplotlib writes
+    text = report(results)
+    assert "held-out ppl" in text and ("YES" in text or "NO" in text)
