@@ -14,8 +14,14 @@ How peak memory is measured (the extra bytes above the inputs, which both varian
   in a fresh subprocess and reads the kernel's resident-set high-water mark (VmHWM). After the
   inputs exist the mark is reset (writing 5 to /proc/self/clear_refs), and the figure is
   VmHWM - VmRSS-at-reset: every byte the forward + backward touched at its worst moment,
-  allocator overheads included. The weight gradient [V, D] (2.2 GiB in fp32 for 2B) is part of
-  both figures.
+  allocator overheads included.
+The naive peak is about eight [N, V] fp32 tensors (forward activations kept for backward), and
+its [V, D] weight gradient only appears after they are freed; the chunked peak is that weight
+gradient (2.2 GiB for 2B in fp32, alive from the first chunk on) plus a few [chunk, V] buffers,
+so the ratio falls as N grows.
+On a CPU shared with other work, pass --threads 1: with more threads, every op waits for its
+slowest thread to be scheduled, which penalises the chunked loss's many smaller ops unfairly;
+the CPU seconds are then the steadier figure.
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ def _step(variant: str, h, w, h_t, w_t, args) -> None:
 def worker(args) -> None:
     """One timed forward + backward of one variant: print a JSON line with its peak and time."""
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     N, V, D, D_T = args.tokens, args.vocab, args.hidden, args.teacher_hidden
@@ -87,12 +95,12 @@ def worker(args) -> None:
     h, w = randn(N, D, std=1.0, grad=True), randn(V, D, std=10 / D**0.5, grad=True)
     h_t, w_t = randn(N, D_T, std=1.0), randn(V, D_T, std=10 / D_T**0.5)
     base = _reset_peak(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _step(args.variant, h, w, h_t, w_t, args)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"peak_bytes": _peak(device) - base, "seconds": seconds}), flush=True)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    print(json.dumps({"peak_bytes": _peak(device) - base, "seconds": seconds, "cpu_seconds": cpu_seconds}))
 
 
 def main() -> None:
@@ -106,7 +114,9 @@ def main() -> None:
     p.add_argument("--objective", default="forward_kl")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per variant, each in a fresh process (median reported)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs per variant, each in a fresh process (medians reported)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     p.add_argument("--variants", default="naive,chunked")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = p.parse_args()
@@ -116,7 +126,7 @@ def main() -> None:
     # One fresh process per timed run, variants interleaved (A B B A A B ...) so that drifting load
     # from other processes on the machine hits both alike.
     variants = args.variants.split(",")
-    results = {v: {"peak_bytes": [], "seconds": []} for v in variants}
+    results = {v: {"peak_bytes": [], "seconds": [], "cpu_seconds": []} for v in variants}
     for rep in range(args.repeats):
         for variant in variants if rep % 2 == 0 else variants[::-1]:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
@@ -125,19 +135,23 @@ def main() -> None:
                 sys.exit(f"{variant} failed (exit {out.returncode}; -9 is usually out of memory: lower "
                          f"--tokens):\n{out.stderr[-2000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"  run {rep}: {variant} peak {r['peak_bytes'] / 2**30:.2f} GiB, {r['seconds']:.2f} s", flush=True)
-            results[variant]["peak_bytes"].append(r["peak_bytes"])
-            results[variant]["seconds"].append(r["seconds"])
+            print(f"  run {rep}: {variant} peak {r['peak_bytes'] / 2**30:.2f} GiB, {r['seconds']:.2f} s "
+                  f"({r['cpu_seconds']:.2f} CPU s)", flush=True)
+            for key, value in r.items():
+                results[variant][key].append(value)
 
     print(f"N={args.tokens} V={args.vocab} D={args.hidden} D_T={args.teacher_hidden} {args.dtype} "
-          f"{args.device} objective={args.objective} chunk={args.chunk_size} repeats={args.repeats}")
+          f"{args.device} threads={torch.get_num_threads() if not args.threads else args.threads} "
+          f"objective={args.objective} chunk={args.chunk_size} repeats={args.repeats}")
+    summary = {}
     for name, r in results.items():
-        print(f"  {name:8s} peak {max(r['peak_bytes']) / 2**30:7.2f} GiB   "
-              f"time {statistics.median(r['seconds']):7.2f} s (median; all {[round(s, 2) for s in r['seconds']]})")
-    if len(results) == 2 and {"naive", "chunked"} <= results.keys():
-        n, c = results["naive"], results["chunked"]
-        print(f"  chunked / naive: peak {max(c['peak_bytes']) / max(n['peak_bytes']):.3f}, "
-              f"time {statistics.median(c['seconds']) / statistics.median(n['seconds']):.2f}")
+        peak = max(r["peak_bytes"])
+        wall, cpu = statistics.median(r["seconds"]), statistics.median(r["cpu_seconds"])
+        summary[name] = (peak, wall, cpu)
+        print(f"  {name:8s} peak {peak / 2**30:6.2f} GiB   time {wall:7.2f} s   CPU {cpu:7.2f} s (medians)")
+    if {"naive", "chunked"} <= summary.keys():
+        ratios = [c / n for c, n in zip(summary["chunked"], summary["naive"])]
+        print("  chunked / naive: peak {:.3f}, time {:.2f}, CPU {:.2f}".format(*ratios))
 
 
 if __name__ == "__main__":

@@ -99,7 +99,8 @@ def test_jsd_half_is_four_times_textbook_jsd():
     p, q = probs(t), probs(s)
     m = (p + q) / 2
     jsd = (0.5 * kl(p, m) + 0.5 * kl(q, m)).mean()
-    torch.testing.assert_close(kd_loss(s, t, objective="jsd", beta=0.5).double(), 4 * jsd, atol=1e-6, rtol=1e-5)
+    ours = kd_loss(s, t, objective="jsd", beta=0.5)
+    torch.testing.assert_close(ours.double(), 4 * jsd, atol=1e-6, rtol=1e-5)
     # symmetric at beta = 0.5
     torch.testing.assert_close(kd_loss(s, t, objective="jsd"), kd_loss(t, s, objective="jsd"))
 
@@ -204,8 +205,9 @@ def grads(loss, *xs):
 def test_chunked_matches_unchunked(objective, beta, T, alpha):
     h, w, teacher, targets, mask = problem()
     ref = unchunked(h, w, teacher, targets, mask, objective, T, beta, alpha)
+    # chunk_size 4 does not divide the 20 counted tokens
     loss, stats = chunked_distill_loss(h, w, teacher, targets, mask, final_softcap=CAP, objective=objective,
-                                       temperature=T, beta=beta, alpha=alpha, chunk_size=4)  # 4 does not divide the 20 counted tokens
+                                       temperature=T, beta=beta, alpha=alpha, chunk_size=4)
     assert stats.tokens == int(mask.sum()) == 20
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
     for ours, want in zip(grads(loss, h, w), grads(ref, h, w)):
@@ -230,10 +232,28 @@ def test_chunked_topk_matches_topk_kd_loss():
     for k in (6, V):
         cache = teacher_topk(t_logits, k, temperature=T)
         ref = topk_kd_loss(softcap(h @ w.T, CAP), *cache, mask, temperature=T)
-        loss, _ = chunked_distill_loss(h, w, cache, None, mask, final_softcap=CAP, temperature=T, chunk_size=7)
+        loss, _ = chunked_distill_loss(h, w, cache, None, mask, final_softcap=CAP, temperature=T,
+                                       chunk_size=7)
         torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
         for ours, want in zip(grads(loss, h, w), grads(ref, h, w)):
             torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_cross_entropy_and_stats():
+    h, w, teacher, targets, mask = problem(seed=7)
+    logits = softcap(h @ w.T, CAP)
+    ce = F.cross_entropy(logits[mask], targets[mask])
+    loss, stats = chunked_distill_loss(h, w, None, targets, mask, final_softcap=CAP, alpha=0.0, chunk_size=6)
+    torch.testing.assert_close(loss, ce)
+    for ours, want in zip(grads(loss, h, w), grads(ce, h, w)):
+        torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+    # the stats are unnormalised sums: KD without temperature**2, CE at temperature 1
+    T = 2.0
+    _, stats = chunked_distill_loss(h, w, teacher, targets, mask, final_softcap=CAP, alpha=0.5, temperature=T)
+    t_logits = softcap(teacher.hidden @ teacher.weight.T, T_CAP)
+    kd = kd_loss(logits, t_logits, mask, temperature=T)
+    torch.testing.assert_close(stats.kd_sum / stats.tokens, kd / T**2)
+    torch.testing.assert_close(stats.ce_sum / stats.tokens, ce)
 
 
 def test_softcap_is_applied():
@@ -262,7 +282,8 @@ def test_microbatch_accumulation_with_global_normalizer():
     torch.testing.assert_close(h.grad, want[0])
     torch.testing.assert_close(w.grad, want[1])
     # an all-padding micro-batch with an explicit normalizer is a zero, not an error
-    empty, stats = chunked_distill_loss(h, w, teacher, targets, torch.zeros_like(mask), final_softcap=CAP, normalizer=n)
+    empty, stats = chunked_distill_loss(h, w, teacher, targets, torch.zeros_like(mask), final_softcap=CAP,
+                                        normalizer=n)
     assert empty.item() == 0 and stats.tokens == 0
 
 
