@@ -28,7 +28,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help=f"a {QUICK.steps}-step smoke run (for CI)")
     p.add_argument("--steps", type=int, help=f"optimizer steps per student (default {default.steps})")
     p.add_argument("--batch-size", type=int, help=f"sequences per step (default {default.batch_size})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate of both students (default {default.lr})")
+    p.add_argument("--lr-distilled", type=float, help=f"peak learning rate (default {default.lr_distilled})")
+    p.add_argument("--lr-scratch", type=float, help=f"peak learning rate (default {default.lr_scratch})")
     p.add_argument("--temperature", type=float, help=f"KD temperature (default {default.temperature})")
     p.add_argument("--alpha", type=float, help=f"KD weight of the distilled student (default {default.alpha})")
     p.add_argument("--seed", type=int, help=f"initial weights and data order of both students (default {default.seed})")
@@ -40,12 +41,16 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else default
-    given = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "temperature", "alpha", "seed", "prompt")}
+    names = ("steps", "batch_size", "lr_distilled", "lr_scratch", "temperature", "alpha", "seed", "prompt")
+    given = {k: getattr(args, k) for k in names}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
 
     results = run(cfg, args.out, teacher_dir=args.teacher, progress=not args.no_progress)
     print()
     print(report(results))
+    if args.quick:
+        print(f"(--quick: a {cfg.steps}-step smoke run, too short for the verdict to mean anything; "
+              "run without --quick for the comparison)")
     print(f"\nwrote {args.out}/results.json", end="")
     if results["curves_png"]:
         print(f" and {results['curves_png']}")
