@@ -68,7 +68,9 @@ class DemoConfig:
     # 4e-2 149, 6e-2 142, 8e-2 141; distilled 3e-3 205, 1.2e-2 146, 2.4e-2 122, 4e-2 127,
     # 6e-2 127.
     # Tuning each one separately keeps the baseline honest: a learning rate too low for the
-    # scratch student alone would make distillation look better than it is.
+    # scratch student alone would make distillation look better than it is. With these, the only
+    # seeds tried gave held-out ppl distilled / scratch: seed 0 122.4 / 141.0, seed 1 133.1 / 140.0
+    # (an early loss spike slowed the distilled student), seed 2 125.9 / 141.9.
     lr_distilled: float = 2.4e-2
     lr_scratch: float = 8e-2
     warmup: int = 20
