@@ -70,6 +70,16 @@ def left_padded(lengths: list[int], vocab: int, seed: int = 0) -> tuple[torch.Te
     return ids, mask
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Every test model is tiny: extra threads only add hand-offs, which on a busy 2-core machine
+    cost more than the matmuls (several times slower per test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

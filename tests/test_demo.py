@@ -66,18 +66,8 @@ def test_load_teacher_names_the_fix(tmp_path):
         load_teacher(tmp_path)
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a CI box whose cores are busy with other jobs, two threads that wait
-    on each other can be several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_quick_demo_writes_results_and_curves(tmp_path, one_thread):
+def test_quick_demo_writes_results_and_curves(tmp_path):
     pytest.importorskip("matplotlib")
     results = run(QUICK, tmp_path, progress=False, echo=lambda line: None)
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -64,14 +64,6 @@ def _worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: extra threads only contend on shared cores
-    yield
-    torch.set_num_threads(n)
-
-
 def test_two_ranks_match_one_process(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     sharded = json.loads((tmp_path / "metrics.json").read_text())

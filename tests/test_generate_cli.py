@@ -25,16 +25,6 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello there! How are y
          "I am fine, thank you. What would you like to know?"] * 3  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: threads only add hand-offs, which on a busy machine cost more than the
-    matmuls (seconds per test). The previous setting is restored for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("ckpt")

@@ -11,16 +11,6 @@ CFG = tiny_config()  # W = 8, context 128
 NEW = 30  # with prompts up to 20 tokens, decoding runs 5 windows past W
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: threads only add hand-offs, which on a busy machine cost more than the
-    matmuls (seconds per test). The previous setting is restored for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def talkative_twin(cfg, seed: int = 0):
     """hf_twin with every parameter random, rescaled so greedy decoding does not just repeat.
 

@@ -24,7 +24,6 @@ def _config() -> Gemma2Config:
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, V, size=1200).astype(np.int32)
     data = Datasets(PackedSequences(tokens[:1000], 16), PackedSequences(tokens[1000:], 16))

@@ -69,14 +69,6 @@ def losses(metrics: list[dict], key: str = "loss") -> list[float]:
     return [m[key] for m in metrics if key in m]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: extra threads only contend on shared cores
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data() -> Datasets:
     return markov_data()
