@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from gemma2.checkpoint import CheckpointError, load_model
+from gemma2.checkpoint import load_model
+from gemma2.cli import run_cli
 from gemma2.data import load_datasets
 from gemma2.teacher_cache import write_teacher_cache
 from gemma2.tokenizer import Tokenizer
@@ -61,8 +62,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -9,13 +9,13 @@ A tokenizer.model next to the input is copied next to the output.
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-from gemma2 import CheckpointError, load_model, save_model
+from gemma2 import load_model, save_model
 from gemma2.checkpoint import save_official
+from gemma2.cli import run_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -36,11 +36,7 @@ def main() -> int:
         from gemma2 import Gemma2Config
 
         config = Gemma2Config.from_json(config)
-    try:
-        model = load_model(source, dtype=DTYPES[args.dtype], config=config, progress=True)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model = load_model(source, dtype=DTYPES[args.dtype], config=config, progress=True)
     if args.to_official:
         target.parent.mkdir(parents=True, exist_ok=True)
         save_official(model, target)
@@ -56,4 +52,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

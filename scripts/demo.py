@@ -12,11 +12,10 @@ OUT/results.json, OUT/curves.png (held-out loss against steps) and each student'
 
 import argparse
 import dataclasses
-import sys
 
 import torch
 
-from gemma2.checkpoint import CheckpointError
+from gemma2.cli import run_cli
 from gemma2.demo import QUICK, TEACHER_DIR, DemoConfig, report, run
 
 
@@ -60,8 +59,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

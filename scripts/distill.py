@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from gemma2.checkpoint import CheckpointError, load_model
+from gemma2.checkpoint import load_model
+from gemma2.cli import run_cli
 from gemma2.data import load_datasets
 from gemma2.teacher_cache import TeacherCache
 from gemma2.tokenizer import Tokenizer
@@ -114,7 +115,11 @@ def main() -> int:
         save_every=args.save_every, keep_last=args.keep_last or None, seed=args.seed, device=args.device,
         tokenizer_file=str(tok_path),
     )  # fmt: skip
-    metrics = train(cfg, student, data, teacher=teacher, resume=args.resume, progress=not args.no_progress)
+    try:
+        metrics = train(cfg, student, data, teacher=teacher, resume=args.resume, progress=not args.no_progress)
+    except NonFiniteLossError as e:  # not a usage error: the run diverged (exit 1, message kept short)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if rank == 0:
         evals = [m for m in metrics if "eval_ce" in m]
         if evals:
@@ -125,11 +130,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from gemma2.checkpoint import save_model
+from gemma2.cli import run_cli
 from gemma2.corpus import build_corpus, corpus_fingerprint, split_corpus
 from gemma2.data import load_datasets
 from gemma2.demo import TEACHER_CONFIG
@@ -131,4 +132,4 @@ held-out perplexity will too (the teacher still works).
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,6 +10,7 @@ held-out documents stay unseen. See gemma2.tokenizer.train_tokenizer for the opt
 import argparse
 import time
 
+from gemma2.cli import run_cli
 from gemma2.corpus import build_corpus, corpus_bytes, corpus_fingerprint, read_documents, split_corpus
 from gemma2.tokenizer import Tokenizer, train_tokenizer
 
@@ -42,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
