@@ -1,0 +1,141 @@
+"""Writing files so that a crash, a full disk or a bad argument never destroys what was there.
+
+Everything the project writes goes through here: a new file or directory is built under a
+temporary sibling name (same directory, so the final rename never crosses a filesystem), fsynced,
+then renamed over the destination in one step. A reader sees the old version or the new one,
+never half of either; a failure removes the temporary and leaves the destination untouched.
+
+- `atomic_file(path)`: yields a temporary path to write; on success it replaces `path`.
+- `write_text_atomic(path, text)`: the same for a string.
+- `atomic_directory(path)`: yields a temporary directory to fill; on success it replaces `path`
+  (an existing directory is swapped out in one step where the OS allows, see `_exchange`).
+- `fsync(path)`: make a file's bytes, or a directory's entries, durable.
+
+Temporary names start with `.tmp-` so that `remove_stale_temporaries` can clear what a killed
+process left behind, and nothing else. Files get the usual permissions (0666 less the umask),
+because the writer that fills the temporary path creates it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+
+
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*"), reverse=True):  # children before their directory
+        if not p.is_symlink():
+            fsync(p)
+    fsync(root)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` for the caller to write; then fsync it and rename it
+    over `path`. On an exception the temporary is removed and `path` keeps its old content."""
+    path = Path(path)
+    tmp = _temporary(path)
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # the filesystem cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `path` for the caller to fill; then fsync it and
+    put it in place of `path`. An existing `path` (a directory) is exchanged with the new one in a
+    single rename where the OS supports it; elsewhere it is moved aside first, so a crash between
+    the two renames leaves it, whole, under a `.tmp-` name. On an exception the temporary is
+    removed and `path` is untouched."""
+    path = Path(path)
+    tmp = _temporary(path)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if not path.exists():
+            os.replace(tmp, path)
+        elif _exchange(tmp, path):
+            shutil.rmtree(tmp)  # now the old directory
+        else:
+            old = path.with_name(f"{TMP_PREFIX}old-{path.name}-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync(path.parent)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, name: str) -> list[Path]:
+    """Remove the temporaries that writes of `directory/name` left behind when killed (their
+    process is gone); return what was removed."""
+    removed = []
+    for p in Path(directory).glob(f"{TMP_PREFIX}*{name}-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
