@@ -61,6 +61,7 @@ from .checkpoint import load_model
 from .config import PRESETS, Gemma2Config
 from .data import IGNORE_INDEX, Batch, BatchLoader, Datasets, eval_batches
 from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss
+from .dtypes import dtype_name, to_dtype
 from .model import Gemma2ForCausalLM, RMSNorm
 from .teacher_cache import TeacherCache
 from .train_state import latest_checkpoint, load_training_state, save_checkpoint
@@ -85,7 +86,7 @@ class TrainConfig:
     temperature: float = 1.0  # softmax temperature of the KD term (CE is always at 1)
     beta: float = 0.5  # JSD mixture weight (0 = forward KL, 1 = reverse KL)
     chunk_size: int = 1024  # tokens per chunk of the loss: memory ~ 4 * chunk_size * V * 4 bytes
-    dtype: str = "auto"  # compute dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bf16" or "fp32"
+    dtype: str = "auto"  # compute dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bf16" or "fp32" (or their long names)
     activation_checkpointing: bool = False  # recompute each Block in backward: memory for time
     eval_every: int = 100  # held-out evaluation every N steps, at step 0 and at the end; 0 = never
     eval_sequences: int | None = None  # cap on held-out sequences per evaluation; None = all
@@ -119,8 +120,11 @@ class TrainConfig:
             raise ValueError(f"alpha must be in [0, 1] (0 = plain CE, 1 = pure KD), got {self.alpha}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}: use one of {', '.join(OBJECTIVES)}")
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"dtype must be 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
+        if self.dtype != "auto":
+            try:
+                self.dtype = dtype_name(self.dtype)
+            except ValueError as e:
+                raise ValueError(f"dtype must be 'auto' or a name from gemma2.dtypes: {e}") from None
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), got {self.keep_last}")
         self.betas = tuple(self.betas)  # JSON gives a list back
@@ -232,7 +236,7 @@ def _runtime(cfg: TrainConfig) -> _Runtime:
 def _compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    return to_dtype(cfg.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
