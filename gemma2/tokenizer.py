@@ -26,6 +26,8 @@ from typing import Iterable, Mapping, Sequence
 import sentencepiece as spm
 import torch
 
+from .files import atomic_file
+
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 MASK = "<mask>"
@@ -349,7 +351,6 @@ def train_tokenizer(
             "the number of distinct characters"
         ) from e
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(output_path.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(output_path)  # atomic: a reader never sees half a model
+    with atomic_file(output_path) as tmp:  # a reader never sees half a model
+        tmp.write_bytes(model.getvalue())
     return output_path

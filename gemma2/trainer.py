@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -61,8 +60,11 @@ from .checkpoint import load_model
 from .config import PRESETS, Gemma2Config
 from .data import IGNORE_INDEX, Batch, BatchLoader, Datasets, eval_batches
 from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss
+from .distributed import Runtime, runtime, shard
 from .dtypes import dtype_name, to_dtype
+from .files import write_text_atomic
 from .model import Gemma2ForCausalLM, RMSNorm
+from .teacher import Teacher, check_teacher
 from .teacher_cache import TeacherCache
 from .train_state import latest_checkpoint, load_training_state, save_checkpoint
 
@@ -184,53 +186,7 @@ def load_student(spec: str | os.PathLike, *, vocab_size: int | None = None, seed
 
 
 # ------------------------------------------------------------------------------------------------
-# Processes and devices
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group that torchrun describes (WORLD_SIZE > 1): NCCL when this machine has
-    GPUs, gloo otherwise. Returns (rank, world_size); (0, 1) outside torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or dist.is_initialized():
-        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-@dataclass
-class _Runtime:
-    rank: int
-    world: int
-    device: torch.device
-    sharded: bool  # FSDP2 across `world` processes
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.sharded:
-            dist.barrier()
-
-    def all_reduce(self, t: Tensor) -> Tensor:
-        if self.sharded:
-            dist.all_reduce(t)
-        return t
-
-
-def _runtime(cfg: TrainConfig) -> _Runtime:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            device = torch.device("cpu")
-        return _Runtime(dist.get_rank(), dist.get_world_size(), device, True)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return _Runtime(0, 1, device, False)
+# Precision
 
 
 def _compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -271,80 +227,6 @@ class _StudentLoss(nn.Module):
         )  # fmt: skip
 
 
-class _TeacherHidden(nn.Module):
-    """The teacher's final hidden states as a module forward, so FSDP2 unshards its root."""
-
-    def __init__(self, teacher: Gemma2ForCausalLM) -> None:
-        super().__init__()
-        self.teacher = teacher
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        return self.teacher.hidden_states(inputs)
-
-
-def _shard(root: nn.Module, model: Gemma2ForCausalLM, rt: _Runtime, param_dtype: torch.dtype | None) -> None:
-    """FSDP2: each Block is one all-gather unit, the root holds the embedding and final norm."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(rt.device.type, (rt.world,))
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in model.model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(root, mesh=mesh, mp_policy=mp)
-
-
-class _Teacher:
-    """Gives the KD target of a batch: a TeacherHead from the model, or TopK from a cache."""
-
-    def __init__(self, teacher: Gemma2ForCausalLM | TeacherCache, data: Datasets, rt: _Runtime) -> None:
-        self.rt = rt
-        self.model: Gemma2ForCausalLM | None = None
-        self.cache: TeacherCache | None = None
-        if isinstance(teacher, TeacherCache):
-            self.cache = teacher
-            teacher.split("train").check(data.train, "training")
-            self.heldout = None
-            if data.heldout is not None and "heldout" in teacher.splits:
-                self.heldout = teacher.split("heldout")
-                self.heldout.check(data.heldout, "held-out")
-            return
-        self.model = teacher.eval().requires_grad_(False)
-        self.heldout = None
-        self.root = _TeacherHidden(teacher)
-        if rt.sharded:
-            teacher.to(rt.device)
-            _shard(self.root, teacher, rt, param_dtype=None)  # the teacher computes in its own dtype
-            self.device = rt.device
-            self._weight = None
-        else:
-            self.device = teacher.output_weight.device
-            # A teacher on another device: one copy of its frozen head next to the student.
-            self._weight = teacher.output_weight.detach().to(rt.device)
-
-    @property
-    def has_heldout(self) -> bool:
-        return self.model is not None or self.heldout is not None
-
-    @torch.no_grad()
-    def __call__(self, batch: Batch, split: str) -> TeacherHead | TopK:
-        if self.cache is not None:
-            part = self.cache.split("train") if split == "train" else self.heldout
-            return part.topk(batch.indices, self.rt.device)
-        hidden = self.root(batch.inputs.to(self.device, non_blocking=True)).to(self.rt.device)
-        if self.rt.sharded:
-            self.root.unshard()  # the tied head lives in the root group: gather it for the loss
-            weight = self.model.output_weight
-        else:
-            weight = self._weight
-        return TeacherHead(hidden, weight, self.model.config.final_logit_softcapping)
-
-    def release(self) -> None:
-        """Free the gathered teacher head once the loss that reads it is done."""
-        if self.model is not None and self.rt.sharded:
-            self.root.reshard()
-
-
 # ------------------------------------------------------------------------------------------------
 # Optimizer
 
@@ -369,8 +251,8 @@ def build_optimizer(model: Gemma2ForCausalLM, cfg: TrainConfig, device: torch.de
 
 
 @torch.no_grad()
-def _evaluate(loss_mod: _StudentLoss, teacher: _Teacher | None, data: Datasets, cfg: TrainConfig,
-              rt: _Runtime, with_teacher_ce: bool) -> dict:  # fmt: skip
+def _evaluate(loss_mod: _StudentLoss, teacher: Teacher | None, data: Datasets, cfg: TrainConfig,
+              rt: Runtime, with_teacher_ce: bool) -> dict:  # fmt: skip
     """Held-out CE / perplexity and KD of the student (and the teacher's CE, if asked)."""
     kd_on = teacher is not None and teacher.has_heldout
     sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # ce, kd, tokens, teacher ce
@@ -409,7 +291,7 @@ def _evaluate(loss_mod: _StudentLoss, teacher: _Teacher | None, data: Datasets, 
 
 
 def _accumulate_gradients(
-    loss_mod: _StudentLoss, micro: list[Batch], teacher: _Teacher | None, alpha: float, rt: _Runtime
+    loss_mod: _StudentLoss, micro: list[Batch], teacher: Teacher | None, alpha: float, rt: Runtime
 ) -> tuple[float, Tensor]:
     """Forward and backward over one step's micro-batches. The gradients left in the student are
     those of the mean loss over every counted token of every micro-batch on every rank.
@@ -444,21 +326,8 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
             f"alpha = {cfg.alpha} weighs a distillation term but there is no teacher: pass a teacher "
             "(a model or a TeacherCache), or alpha=0 for plain next-token training"
         )
-    if isinstance(teacher, Gemma2ForCausalLM) and teacher.config.vocab_size != V:
-        raise ValueError(
-            f"student vocab size {V} != teacher vocab size {teacher.config.vocab_size}: distillation "
-            "compares distributions over the same token ids; build the student with the teacher's "
-            f"vocab_size (load_student(..., vocab_size={teacher.config.vocab_size})) and its tokenizer"
-        )
-    if isinstance(teacher, TeacherCache):
-        if teacher.vocab_size != V:
-            raise ValueError(
-                f"student vocab size {V} != the teacher cache's {teacher.vocab_size}: build the student "
-                f"with vocab_size={teacher.vocab_size} and the tokenizer the cache was made with"
-            )
-        teacher.check_temperature(cfg.temperature)
-        if cfg.objective != "forward_kl":  # held-out KD uses the objective too, even at alpha = 0
-            raise ValueError(f"a top-k teacher cache supports only objective='forward_kl', got {cfg.objective!r}")
+    if teacher is not None:
+        check_teacher(teacher, V, cfg.temperature, cfg.objective)
     top = max(int(d.tokens.max()) for d in (data.train, data.heldout) if d is not None)
     if top >= V:
         raise ValueError(
@@ -497,7 +366,7 @@ def train(
     every eval_every steps and at the end. Raises NonFiniteLossError if the loss or the gradient
     norm stops being finite.
     """
-    rt = _runtime(cfg)
+    rt = runtime(cfg.device)
     _check(cfg, student, teacher, data)
     out = Path(cfg.out_dir)
     ckpt = latest_checkpoint(out)
@@ -524,10 +393,10 @@ def train(
             checkpoint(block)
     loss_mod = _StudentLoss(student, cfg, dtype, autocast=dtype != torch.float32 and not rt.sharded)
     if rt.sharded:
-        _shard(loss_mod, student, rt, param_dtype=None if dtype == torch.float32 else dtype)
+        shard(loss_mod, student, rt, param_dtype=None if dtype == torch.float32 else dtype)
     optimizer = build_optimizer(student, cfg, rt.device)
     loader = BatchLoader(data.train, cfg.batch_size, seed=cfg.seed, rank=rt.rank, world_size=rt.world)
-    kd_teacher = _Teacher(teacher, data, rt) if teacher is not None else None
+    kd_teacher = Teacher(teacher, data, rt) if teacher is not None else None
     start_step = 0
     if ckpt is not None:
         state = load_training_state(ckpt, student, optimizer)
@@ -539,7 +408,7 @@ def train(
     if rt.is_main:
         # Keep only what happened up to the checkpoint: a crashed run may have logged further.
         old = [json.loads(line) for line in metrics_file.read_text().splitlines()] if ckpt and metrics_file.exists() else []
-        metrics_file.write_text("".join(json.dumps(m) + "\n" for m in old if m["step"] <= start_step))
+        write_text_atomic(metrics_file, "".join(json.dumps(m) + "\n" for m in old if m["step"] <= start_step))
 
     def log(record: dict) -> None:
         metrics.append(record)

@@ -23,10 +23,11 @@ import torch
 from gemma2.checkpoint import load_model
 from gemma2.cli import run_cli
 from gemma2.data import load_datasets
+from gemma2.distributed import close_distributed, init_distributed
 from gemma2.dtypes import compute_dtype_argument, dtype_argument, to_dtype
 from gemma2.teacher_cache import TeacherCache
 from gemma2.tokenizer import Tokenizer
-from gemma2.trainer import NonFiniteLossError, TrainConfig, init_distributed, load_student, train
+from gemma2.trainer import NonFiniteLossError, TrainConfig, load_student, train
 
 
 def parse_args() -> argparse.Namespace:
@@ -125,8 +126,7 @@ def main() -> int:
         evals = [m for m in metrics if "eval_ce" in m]
         if evals:
             print(f"final held-out: {evals[-1]}", file=sys.stderr)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    close_distributed()
     return 0
 
 

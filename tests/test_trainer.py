@@ -23,6 +23,8 @@ from gemma2 import trainer as T
 from gemma2.checkpoint import load_model
 from gemma2.data import IGNORE_INDEX, Batch, Datasets, PackedSequences
 from gemma2.distill import kd_loss
+from gemma2.distributed import runtime
+from gemma2.teacher import Teacher
 from gemma2.train_state import latest_checkpoint
 from gemma2.trainer import NonFiniteLossError, TrainConfig, init_weights, lr_at, train
 
@@ -100,8 +102,8 @@ def _grads(model: Gemma2ForCausalLM) -> dict[str, torch.Tensor]:
 
 def test_gradient_accumulation_normalises_over_all_counted_tokens(tmp_path, data):
     cfg = config(tmp_path, chunk_size=7)
-    rt = T._runtime(cfg)
-    kd_teacher = T._Teacher(teacher(), data, rt)
+    rt = runtime(cfg.device)
+    kd_teacher = Teacher(teacher(), data, rt)
     batch = data.train.batch(range(4))
     targets = batch.targets.clone()
     targets[0, :3] = IGNORE_INDEX  # micro-batch 1 counts 29 tokens ...
