@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_model
 from .config import PRESETS, Gemma2Config
 from .data import IGNORE_INDEX, Batch, BatchLoader, Datasets, eval_batches
-from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss
+from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss, distill_sums
 from .distributed import Runtime, runtime, shard
 from .dtypes import dtype_name, to_dtype
 from .files import write_text_atomic
@@ -210,8 +210,11 @@ class _StudentLoss(nn.Module):
         self.autocast = autocast  # False under FSDP mixed precision, whose params are already bf16
 
     def forward(
-        self, inputs: Tensor, targets: Tensor, teacher: TeacherHead | TopK | None, normalizer: float, alpha: float
-    ) -> tuple[Tensor, DistillStats]:
+        self, inputs: Tensor, targets: Tensor, teacher: TeacherHead | TopK | None, normalizer: float | None = None,
+        alpha: float | None = None,
+    ) -> tuple[Tensor | None, DistillStats]:
+        """Training (normalizer and alpha given): the loss and its sums. Evaluation (neither): no
+        loss, the sums an evaluation reports (KD when `teacher` is given, CE always)."""
         cfg = self.cfg
         ctx = torch.autocast(inputs.device.type, self.dtype) if self.autocast else nullcontext()
         with ctx:
@@ -219,12 +222,11 @@ class _StudentLoss(nn.Module):
         # The residual stream leaves autocast in fp32; cast it so the head matmul runs in bf16 too.
         hidden = hidden.to(self.dtype)
         weight = self.student.output_weight.to(self.dtype)  # [V, D]; the gradient flows back
-        return chunked_distill_loss(
-            hidden, weight, teacher, targets,
-            final_softcap=self.student.config.final_logit_softcapping, objective=cfg.objective,
-            temperature=cfg.temperature, beta=cfg.beta, alpha=alpha, normalizer=normalizer,
-            chunk_size=cfg.chunk_size, ignore_index=IGNORE_INDEX,
-        )  # fmt: skip
+        options = dict(final_softcap=self.student.config.final_logit_softcapping, objective=cfg.objective,
+                       temperature=cfg.temperature, beta=cfg.beta, chunk_size=cfg.chunk_size, ignore_index=IGNORE_INDEX)
+        if alpha is None:
+            return None, distill_sums(hidden, weight, teacher, targets, **options)
+        return chunked_distill_loss(hidden, weight, teacher, targets, alpha=alpha, normalizer=normalizer, **options)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,13 +262,11 @@ def _evaluate(loss_mod: _StudentLoss, teacher: Teacher | None, data: Datasets, c
                               max_sequences=cfg.eval_sequences):  # fmt: skip
         inputs, targets = batch.inputs.to(rt.device), batch.targets.to(rt.device)
         src = teacher(batch, "heldout") if kd_on else None
-        # alpha strictly between 0 and 1 makes the loss compute both sums; its value is unused.
-        _, st = loss_mod(inputs, targets, src, 1.0, 0.5 if kd_on else 0.0)
+        _, st = loss_mod(inputs, targets, src)
         sums[:3] += torch.stack([st.ce_sum, st.kd_sum, torch.tensor(st.tokens, device=st.ce_sum.device)]).double()
         if with_teacher_ce and teacher is not None and teacher.model is not None:
-            _, tst = chunked_distill_loss(src.hidden, src.weight, None, targets, alpha=0.0,
-                                          final_softcap=src.final_softcap, chunk_size=cfg.chunk_size)  # fmt: skip
-            sums[3] += tst.ce_sum.double()
+            sums[3] += distill_sums(src.hidden, src.weight, None, targets, final_softcap=src.final_softcap,
+                                    chunk_size=cfg.chunk_size).ce_sum.double()  # fmt: skip
         if kd_on:
             teacher.release()
     ce, kd, n, t_ce = rt.all_reduce(sums).tolist()
