@@ -28,8 +28,8 @@ import torch
 
 from .checkpoint import load_model
 from .config import Gemma2Config
-from .corpus import build_corpus, corpus_fingerprint, split_corpus
-from .data import Datasets, PackedSequences, tokenize
+from .corpus import build_corpus, corpus_fingerprint
+from .data import split_datasets
 from .generation import generate
 from .model import Gemma2ForCausalLM
 from .tokenizer import Tokenizer
@@ -139,13 +139,10 @@ def run(
     out = Path(out_dir)
     teacher, tokenizer = load_teacher(teacher_dir)
     ctx = teacher.config.max_position_embeddings
-    # The same split as load_datasets(None, ...) (which the teacher was trained with), from one
-    # build of the corpus (a few seconds) instead of two: its fingerprint goes into the results.
+    # The split load_datasets(None, ...) makes (the teacher was trained on it), from one build of
+    # the corpus (a few seconds) instead of two: its fingerprint goes into the results.
     docs = build_corpus()
-    train_docs, held_docs = split_corpus(docs)
-    data = Datasets(
-        PackedSequences(tokenize(train_docs, tokenizer), ctx), PackedSequences(tokenize(held_docs, tokenizer), ctx)
-    )
+    data = split_datasets(docs, tokenizer, ctx, where="the built-in corpus")
     s_config = student_config(teacher.config)
     echo(f"teacher {_params(teacher) / 1e6:.2f} M parameters; student {_params_of(s_config) / 1e6:.2f} M; "
          f"{len(data.train)} training / {len(data.heldout)} held-out sequences of {ctx} tokens; "

@@ -25,7 +25,7 @@ from gemma2.checkpoint import save_model
 from gemma2.cli import run_cli
 from gemma2.config import TINY_TEACHER
 from gemma2.corpus import build_corpus, corpus_fingerprint, split_corpus
-from gemma2.data import load_datasets
+from gemma2.data import split_datasets
 from gemma2.model import Gemma2ForCausalLM
 from gemma2.tokenizer import Tokenizer, train_tokenizer
 from gemma2.trainer import TrainConfig, init_weights, train
@@ -50,13 +50,13 @@ def main() -> None:
     t0 = time.perf_counter()
 
     docs = build_corpus()
-    train_docs, _ = split_corpus(docs)  # the same split load_datasets makes below
+    train_docs, _ = split_corpus(docs)  # the same split split_datasets makes below
     work = Path(args.work)
     if work.exists():  # the trainer refuses to overwrite checkpoints; this script always starts over
         shutil.rmtree(work)
     tok_path = train_tokenizer(train_docs, work / "tokenizer.model", args.vocab_size)
     tokenizer = Tokenizer(tok_path)
-    data = load_datasets(None, tokenizer, args.seq_len)
+    data = split_datasets(docs, tokenizer, args.seq_len, where="the built-in corpus")
     config = TINY_TEACHER.replace(vocab_size=tokenizer.vocab_size)
     model = init_weights(Gemma2ForCausalLM(config), seed=args.seed)
     n_params = sum(q.numel() for q in model.parameters())
