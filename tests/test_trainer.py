@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_training_config
 from gemma2 import Gemma2Config, Gemma2ForCausalLM
 from gemma2 import train_state
 from gemma2 import trainer as T
@@ -28,15 +29,11 @@ from gemma2.teacher import Teacher
 from gemma2.train_state import latest_checkpoint
 from gemma2.trainer import NonFiniteLossError, TrainConfig, init_weights, lr_at, train
 
-V = 64
+V = tiny_training_config().vocab_size
 GOLDEN = Path(__file__).parent / "golden" / "trainer_tiny.json"
 
 
-def tiny(**overrides) -> Gemma2Config:
-    values = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
-                  max_position_embeddings=64)  # fmt: skip
-    return Gemma2Config(**(values | overrides))
+tiny = tiny_training_config  # vocabulary V
 
 
 def markov_data(n_tokens: int = 12_000, seq_len: int = 16, seed: int = 0) -> Datasets:
