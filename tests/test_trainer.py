@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_training_config
-from gemma2 import Gemma2Config, Gemma2ForCausalLM
+from gemma2 import Gemma2ForCausalLM
 from gemma2 import train_state
 from gemma2 import trainer as T
 from gemma2.checkpoint import load_model
