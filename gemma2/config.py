@@ -57,10 +57,6 @@ class Gemma2Config:
         """Layer 0 is local (sliding window); layers then alternate local, global."""
         return layer % 2 == 0
 
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
-
     def replace(self, **changes: Any) -> Gemma2Config:
         return dataclasses.replace(self, **changes)
 
