@@ -6,8 +6,8 @@ Per counted token the objective is
 
 with KD from gemma2.distill (forward KL as in the Gemma 2 report, reverse KL or JSD) computed
 chunk by chunk from the student's final hidden states and the tied embedding, never as [B, T, V]
-logits. The teacher is a frozen Gemma2ForCausalLM (eval mode, no grad, its own dtype and device)
-or an offline top-k cache (gemma2.teacher_cache). alpha = 0 without a teacher is plain
+logits. The teacher (gemma2.teacher) is a frozen Gemma2ForCausalLM (eval mode, no grad, its own
+dtype and device) or an offline top-k cache (gemma2.teacher_cache). alpha = 0 without a teacher is plain
 next-token training; alpha = 0 WITH a teacher trains on CE and still reports the held-out KD.
 
 Choices, and why:
@@ -29,7 +29,7 @@ Choices, and why:
   reproduces the uninterrupted run's losses exactly.
 
 Many machines: run the same code under torchrun. Every Block and then the root are sharded with
-FSDP2 (`fully_shard`), student and teacher alike; NCCL on GPUs, gloo on CPU; each rank reads its
+FSDP2 (`fully_shard`, in gemma2.distributed), student and teacher alike; NCCL on GPUs, gloo on CPU; each rank reads its
 own slice of every global batch. The tied embedding sits in the root's parameter group, which is
 unsharded only inside the root's forward, so the student's forward AND its chunked loss run in one
 module (`_StudentLoss`): the head's gradient and the embedding lookup's gradient meet in the
@@ -290,6 +290,47 @@ def _evaluate(loss_mod: _StudentLoss, teacher: Teacher | None, data: Datasets, c
 # The loop
 
 
+def _prepare_student(student: Gemma2ForCausalLM, cfg: TrainConfig, rt: Runtime) -> _StudentLoss:
+    """In place: the student on its device in train mode, each Block recomputed in backward if
+    asked, and (under torchrun) sharded; returns the module whose forward is the loss."""
+    dtype = _compute_dtype(cfg, rt.device)
+    student.to(rt.device).train()
+    if cfg.activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        for block in student.model.layers:
+            checkpoint(block)
+    loss_mod = _StudentLoss(student, cfg, dtype, autocast=dtype != torch.float32 and not rt.sharded)
+    if rt.sharded:
+        shard(loss_mod, student, rt, param_dtype=None if dtype == torch.float32 else dtype)
+    return loss_mod
+
+
+class _MetricsLog:
+    """This call's metrics, each also appended to out_dir/metrics.jsonl by rank 0. A resumed run
+    first keeps only the lines up to its checkpoint's step: a crashed run may have logged further."""
+
+    def __init__(self, path: Path, rt: Runtime, resumed_at: int | None) -> None:
+        self.path, self.rt = path, rt
+        self.records: list[dict] = []
+        if rt.is_main:
+            resumed = resumed_at is not None and path.exists()
+            old = [json.loads(line) for line in path.read_text().splitlines()] if resumed else []
+            write_text_atomic(path, "".join(json.dumps(m) + "\n" for m in old if m["step"] <= resumed_at))
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.rt.is_main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _clip_gradients(student: Gemma2ForCausalLM, grad_clip: float) -> Tensor:
+    """Clip the global gradient norm to grad_clip (0: never) and return the norm before clipping."""
+    norm = nn.utils.clip_grad_norm_(student.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+
+
 def _accumulate_gradients(
     loss_mod: _StudentLoss, micro: list[Batch], teacher: Teacher | None, alpha: float, rt: Runtime
 ) -> tuple[float, Tensor]:
@@ -383,17 +424,7 @@ def train(
         # Loaded before sharding: fully_shard then cuts every rank's shard out of these tensors.
         student.load_state_dict(load_model(ckpt, config=student.config).state_dict(), strict=True)
 
-    # Prepare the student: device, activation checkpointing, sharding, optimizer.
-    dtype = _compute_dtype(cfg, rt.device)
-    student.to(rt.device).train()
-    if cfg.activation_checkpointing:
-        from torch.distributed._composable import checkpoint
-
-        for block in student.model.layers:
-            checkpoint(block)
-    loss_mod = _StudentLoss(student, cfg, dtype, autocast=dtype != torch.float32 and not rt.sharded)
-    if rt.sharded:
-        shard(loss_mod, student, rt, param_dtype=None if dtype == torch.float32 else dtype)
+    loss_mod = _prepare_student(student, cfg, rt)
     optimizer = build_optimizer(student, cfg, rt.device)
     loader = BatchLoader(data.train, cfg.batch_size, seed=cfg.seed, rank=rt.rank, world_size=rt.world)
     kd_teacher = Teacher(teacher, data, rt) if teacher is not None else None
@@ -403,18 +434,8 @@ def train(
         loader.load_state_dict(state["data"])
         start_step = state["step"]
 
-    metrics: list[dict] = []
-    metrics_file = out / METRICS_FILE
-    if rt.is_main:
-        # Keep only what happened up to the checkpoint: a crashed run may have logged further.
-        old = [json.loads(line) for line in metrics_file.read_text().splitlines()] if ckpt and metrics_file.exists() else []
-        write_text_atomic(metrics_file, "".join(json.dumps(m) + "\n" for m in old if m["step"] <= start_step))
-
-    def log(record: dict) -> None:
-        metrics.append(record)
-        if rt.is_main:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+    metrics = _MetricsLog(out / METRICS_FILE, rt, resumed_at=start_step if ckpt is not None else None)
+    log = metrics.log
 
     def evaluate(step: int, first: bool) -> None:
         loss_mod.eval()
@@ -434,9 +455,7 @@ def train(
             group["lr"] = lr
         micro = [next(loader) for _ in range(cfg.grad_accum)]
         n_counted, sums = _accumulate_gradients(loss_mod, micro, train_teacher, cfg.alpha, rt)
-        norm = nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
-            norm = norm.full_tensor()
+        norm = _clip_gradients(student, cfg.grad_clip)
         loss_sum, kd_sum, ce_sum, grad_norm = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()  # one sync
         loss_value = loss_sum / rt.world
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
@@ -464,4 +483,4 @@ def train(
             last_ckpt = save_checkpoint(out, step + 1, student, optimizer, state, tokenizer_file=cfg.tokenizer_file,
                                         keep_last=cfg.keep_last)  # fmt: skip
     bar.close()
-    return metrics
+    return metrics.records
