@@ -33,7 +33,8 @@ from .data import split_datasets
 from .generation import generate
 from .model import Gemma2ForCausalLM
 from .tokenizer import Tokenizer
-from .trainer import TrainConfig, init_weights, train
+from .student import init_weights
+from .trainer import TrainConfig, train
 
 
 def _shipped_teacher_dir() -> Path:

@@ -27,7 +27,8 @@ from gemma2.distributed import close_distributed, init_distributed
 from gemma2.dtypes import compute_dtype_argument, dtype_argument, to_dtype
 from gemma2.teacher_cache import TeacherCache
 from gemma2.tokenizer import Tokenizer
-from gemma2.trainer import NonFiniteLossError, TrainConfig, load_student, train
+from gemma2.student import load_student
+from gemma2.trainer import NonFiniteLossError, TrainConfig, train
 
 
 def parse_args() -> argparse.Namespace:

@@ -28,7 +28,8 @@ from gemma2.corpus import build_corpus, corpus_fingerprint, split_corpus
 from gemma2.data import split_datasets
 from gemma2.model import Gemma2ForCausalLM
 from gemma2.tokenizer import Tokenizer, train_tokenizer
-from gemma2.trainer import TrainConfig, init_weights, train
+from gemma2.student import init_weights
+from gemma2.trainer import TrainConfig, train
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ from conftest import tiny_training_config
 from gemma2 import Gemma2Config, Gemma2ForCausalLM
 from gemma2.checkpoint import load_model
 from gemma2.data import Datasets, PackedSequences
-from gemma2.trainer import TrainConfig, init_weights, train
+from gemma2.student import init_weights
+from gemma2.trainer import TrainConfig, train
 
 WORLD = 2
 STEPS = 4

@@ -27,7 +27,8 @@ from gemma2.distill import kd_loss
 from gemma2.distributed import runtime
 from gemma2.teacher import Teacher
 from gemma2.train_state import latest_checkpoint
-from gemma2.trainer import NonFiniteLossError, TrainConfig, init_weights, lr_at, train
+from gemma2.student import init_weights
+from gemma2.trainer import NonFiniteLossError, TrainConfig, lr_at, train
 
 V = tiny_training_config().vocab_size
 GOLDEN = Path(__file__).parent / "golden" / "trainer_tiny.json"
