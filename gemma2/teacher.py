@@ -19,19 +19,25 @@ from .model import Gemma2ForCausalLM
 from .teacher_cache import TeacherCache
 
 
+def teacher_vocab_size(source: Gemma2ForCausalLM | TeacherCache) -> int:
+    """The vocabulary a student of this teacher must have."""
+    return source.vocab_size if isinstance(source, TeacherCache) else source.config.vocab_size
+
+
 def check_teacher(source: Gemma2ForCausalLM | TeacherCache, vocab_size: int, temperature: float, objective: str) -> None:
     """ValueError naming the fix when `source` cannot teach a student of `vocab_size`."""
-    if isinstance(source, Gemma2ForCausalLM) and source.config.vocab_size != vocab_size:
+    teacher_vocab = teacher_vocab_size(source)
+    if isinstance(source, Gemma2ForCausalLM) and teacher_vocab != vocab_size:
         raise ValueError(
-            f"student vocab size {vocab_size} != teacher vocab size {source.config.vocab_size}: distillation "
+            f"student vocab size {vocab_size} != teacher vocab size {teacher_vocab}: distillation "
             "compares distributions over the same token ids; build the student with the teacher's "
-            f"vocab_size (load_student(..., vocab_size={source.config.vocab_size})) and its tokenizer"
+            f"vocab_size (load_student(..., vocab_size={teacher_vocab})) and its tokenizer"
         )
     if isinstance(source, TeacherCache):
-        if source.vocab_size != vocab_size:
+        if teacher_vocab != vocab_size:
             raise ValueError(
-                f"student vocab size {vocab_size} != the teacher cache's {source.vocab_size}: build the student "
-                f"with vocab_size={source.vocab_size} and the tokenizer the cache was made with"
+                f"student vocab size {vocab_size} != the teacher cache's {teacher_vocab}: build the student "
+                f"with vocab_size={teacher_vocab} and the tokenizer the cache was made with"
             )
         source.check_temperature(temperature)
         if objective != "forward_kl":  # held-out KD uses the objective too, even at alpha = 0

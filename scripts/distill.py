@@ -25,6 +25,7 @@ from gemma2.cli import run_cli
 from gemma2.data import load_datasets
 from gemma2.distributed import close_distributed, init_distributed
 from gemma2.dtypes import compute_dtype_argument, dtype_argument, to_dtype
+from gemma2.teacher import teacher_vocab_size
 from gemma2.teacher_cache import TeacherCache
 from gemma2.tokenizer import Tokenizer
 from gemma2.student import load_student
@@ -94,12 +95,7 @@ def main() -> int:
     elif args.teacher_cache:
         teacher = TeacherCache(args.teacher_cache)
     # A fresh student speaks the teacher's vocabulary (else the tokenizer's).
-    if isinstance(teacher, TeacherCache):
-        vocab = teacher.vocab_size
-    elif teacher is not None:
-        vocab = teacher.config.vocab_size
-    else:
-        vocab = tokenizer.vocab_size
+    vocab = teacher_vocab_size(teacher) if teacher is not None else tokenizer.vocab_size
     student = load_student(args.student, vocab_size=vocab, seed=args.seed)
     data = load_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,
                          eval_paths=args.eval_data)  # fmt: skip
