@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .config import Gemma2Config
+from .dtypes import to_dtype
 from .model import Gemma2ForCausalLM
 
 HF_INDEX = "model.safetensors.index.json"
@@ -100,8 +101,6 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
-    except CheckpointError:
-        raise
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from e
 
@@ -149,7 +148,7 @@ def _shards(path: Path) -> list[Path]:
 def load_model(
     path: str | os.PathLike,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     config: Gemma2Config | str | None = None,
     progress: bool = False,
@@ -159,8 +158,7 @@ def load_model(
     config: the model's shape when the checkpoint has no config.json (a Gemma2Config or a preset
     name); it overrides config.json when given. progress: show a bar over the tensors.
     """
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"dtype {dtype} is not supported: Gemma 2 overflows in float16; use bfloat16 or float32")
+    dtype = to_dtype(dtype)  # bfloat16 or float32, by dtype or by name (gemma2.dtypes)
     path = Path(path)
     files = _shards(path)
     config = _resolve_config(path, config)

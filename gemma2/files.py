@@ -9,6 +9,7 @@ never half of either; a failure removes the temporary and leaves the destination
 - `write_text_atomic(path, text)`: the same for a string.
 - `atomic_directory(path)`: yields a temporary directory to fill; on success it replaces `path`
   (an existing directory is swapped out in one step where the OS allows, see `_exchange`).
+- `publish_directory(tmp, path)`: the same last step for a directory several processes filled.
 - `fsync(path)`: make a file's bytes, or a directory's entries, durable.
 
 Temporary names start with `.tmp-` so that `remove_stale_temporaries` can clear what a killed
@@ -101,19 +102,27 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        _fsync_tree(tmp)
-        if not path.exists():
-            os.replace(tmp, path)
-        elif _exchange(tmp, path):
-            shutil.rmtree(tmp)  # now the old directory
-        else:
-            old = path.with_name(f"{TMP_PREFIX}old-{path.name}-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
+        publish_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Fsync the filled directory `tmp` and put it in place of `path` in one step (the second
+    half of `atomic_directory`, for a directory that several processes fill, such as a training
+    checkpoint: they agree on `tmp`'s name, one process publishes it)."""
+    tmp, path = Path(tmp), Path(path)
+    _fsync_tree(tmp)
+    if not path.exists():
+        os.replace(tmp, path)
+    elif _exchange(tmp, path):
+        shutil.rmtree(tmp)  # now the old directory
+    else:
+        old = path.with_name(f"{TMP_PREFIX}old-{path.name}-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
     fsync(path.parent)
 
 

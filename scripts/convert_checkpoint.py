@@ -11,13 +11,10 @@ import argparse
 import shutil
 from pathlib import Path
 
-import torch
-
 from gemma2 import load_model, save_model
 from gemma2.checkpoint import save_official
 from gemma2.cli import run_cli
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from gemma2.dtypes import dtype_argument, to_dtype
 
 
 def main() -> int:
@@ -25,7 +22,7 @@ def main() -> int:
     parser.add_argument("--input", required=True, help="a .ckpt file, a directory of .bin shards, or an HF directory")
     parser.add_argument("--output", required=True, help="an HF directory, or a .ckpt path with --to-official")
     parser.add_argument("--config", help="preset (2b, 9b, 27b) or config.json path; needed for official inputs")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype written (default bfloat16)")
+    parser.add_argument("--dtype", type=dtype_argument, default="bf16", help="dtype written: bf16 (bfloat16, default) or fp32 (float32)")
     parser.add_argument("--to-official", action="store_true", help="write the official .ckpt instead")
     parser.add_argument("--max-shard-gb", type=float, default=4.0, help="HF shard size (default 4 GB)")
     args = parser.parse_args()
@@ -36,7 +33,7 @@ def main() -> int:
         from gemma2 import Gemma2Config
 
         config = Gemma2Config.from_json(config)
-    model = load_model(source, dtype=DTYPES[args.dtype], config=config, progress=True)
+    model = load_model(source, dtype=to_dtype(args.dtype), config=config, progress=True)
     if args.to_official:
         target.parent.mkdir(parents=True, exist_ok=True)
         save_official(model, target)
