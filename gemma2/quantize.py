@@ -12,18 +12,18 @@ swapped (`Int8Linear` for `nn.Linear`, `Int8Embedding` for the tied embedding): 
 forward has no quantisation branch. Inference only: the int8 tensors are buffers, not parameters.
 
 Kernels: on CPU `torch.ops.aten._weight_int8pack_mm` (int8 weights x bf16/fp32 activations with
-per-row scales, no dequantised copy); on other devices (CUDA) the weight is dequantised tile-free
-to the activation dtype and multiplied, which is correct but only saves memory, not time (not
-measured on a GPU here). `dequantize_matmul` is the readable reference both are tested against.
+per-row scales, no dequantised copy); on other devices (CUDA) `dequantize_matmul`, the readable
+reference: each call dequantises the weight to the activation dtype and multiplies. That is
+correct and halves resident memory, but not the bytes a step reads (it has not run on a GPU here).
 
 Layout on disk, ours and the official PyTorch release's alike: for each quantised module
 `<module>.weight` int8 `[out, in]` and `<module>.weight_scaler` `[out]` (the embedding's scaler
 has one entry per token). Ours uses the Hugging Face names in safetensors (`save_model` of a
 quantised model); the official `.ckpt` uses its own (`embedder.*`, one fused `qkv_proj` whose
-weight and scaler rows are q, k, v). A checkpoint is int8 when it holds any `weight_scaler`; then
-every projection weight must be int8 and have its scaler. A float checkpoint is quantised
-tensor by tensor while it loads (`load_model(..., quantize="int8")`), so the model never exists
-in bf16 and int8 at once.
+weight and scaler rows are q, k, v). A checkpoint is int8 when it holds an int8 weight or a
+`weight_scaler`; then every projection weight must be int8 and have its scaler. A float
+checkpoint is quantised tensor by tensor while it loads (`load_model(..., quantize="int8")`), so
+the model never exists in bf16 and int8 at once.
 """
 
 from __future__ import annotations
@@ -64,13 +64,9 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """int8 `[out, in]` and scales `[out]` -> the float weight `[out, in]` in `dtype`."""
-    return (q.float() * scale.float()[:, None]).to(dtype)
-
-
 def dequantize_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
-    """The reference int8 linear: `x [..., in] @ dequantize(q, scale).T -> [..., out]`."""
+    """The reference int8 linear: `x [..., in] @ (q * scale[:, None]).T -> [..., out]`, through a
+    dequantised copy of the weight in the activation dtype."""
     return F.linear(x, (q.to(x.dtype) * scale.to(x.dtype)[:, None]))
 
 
@@ -146,10 +142,6 @@ def quantize_model(model: nn.Module) -> nn.Module:
             elif isinstance(child, nn.Embedding):
                 setattr(parent, child_name, Int8Embedding.from_embedding(child))
     return model
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
 
 
 def weight_bytes(model: nn.Module) -> int:
