@@ -287,6 +287,7 @@ def test_generate_script_quantize_int8():
 # Quality on the shipped tiny teacher and the built-in held-out split.
 
 
+@pytest.mark.slow
 def test_int8_tiny_teacher_quality():
     from gemma2.data import load_datasets
     from gemma2.demo import TEACHER_DIR, load_teacher
