@@ -260,6 +260,25 @@ def test_save_official_of_an_int8_model_round_trips(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), q.state_dict().values()))
 
 
+# Distillation: an int8 teacher is refused live with the fix, and can be cached.
+
+
+def test_int8_teacher_is_refused_live_and_can_be_cached(tmp_path):
+    from gemma2.data import PackedSequences
+    from gemma2.teacher import check_teacher
+    from gemma2.teacher_cache import TeacherCache, write_teacher_cache
+
+    teacher = quantize_model(random_model(seed=11))
+    with pytest.raises(ValueError, match="int8 weights.*cache_teacher.py"):
+        check_teacher(teacher, 300, 1.0, "forward_kl")
+    data = PackedSequences(torch.randint(3, 300, (4 * 16 + 1,)).numpy(), 16)
+    write_teacher_cache(teacher, {"train": data}, tmp_path, k=4, progress=False)
+    cached = TeacherCache(tmp_path).split("train").topk(torch.arange(4), "cpu")
+    with torch.no_grad():
+        top1 = teacher(data.batch(range(4)).inputs).argmax(-1)
+    assert torch.equal(cached.ids[..., 0].long(), top1)
+
+
 # The scripts.
 
 
