@@ -11,10 +11,11 @@ softcaps and softmax are untouched, because only the modules that hold those mat
 swapped (`Int8Linear` for `nn.Linear`, `Int8Embedding` for the tied embedding): the model's
 forward has no quantisation branch. Inference only: the int8 tensors are buffers, not parameters.
 
-Kernels: on CPU `torch.ops.aten._weight_int8pack_mm` (int8 weights x bf16/fp32 activations with
-per-row scales, no dequantised copy); on other devices (CUDA) `dequantize_matmul`, the readable
-reference: each call dequantises the weight to the activation dtype and multiplies. That is
-correct and halves resident memory, but not the bytes a step reads (it has not run on a GPU here).
+Kernels: decoding on CPU in bf16 uses `torch.ops.aten._weight_int8pack_mm` (int8 weights x bf16
+activations with per-row scales, no dequantised copy); everything else (a prefill, fp32
+activations, CUDA) uses `dequantize_matmul`, the readable reference: it dequantises the weight to
+the activation dtype and multiplies. That is correct and halves resident memory, but not the bytes
+a step reads, so the decode speed-up is a CPU + bf16 one (CUDA has not run here).
 
 Layout on disk, ours and the official PyTorch release's alike: for each quantised module
 `<module>.weight` int8 `[out, in]` and `<module>.weight_scaler` `[out]` (the embedding's scaler
@@ -38,7 +39,10 @@ from .checkpoint import CheckpointError
 
 QUANTIZE_MODES = ("int8",)
 SCALER = "weight_scaler"
-_ROWS_PER_CHUNK_BYTES = 64 * 2**20  # fp32 working set while quantising one matrix
+# The CPU kernel's time grows with the rows while dequantising once does not: measured on one
+# AVX-512 core (4096 x 1024, bf16) the two cross between 16 and 64 rows.
+_KERNEL_MAX_ROWS = 16
+_ROWS_PER_CHUNK_BYTES = 16 * 2**20  # fp32 rows quantised at a time (the transients are a few times this)
 
 
 def check_quantize(quantize: str | None) -> None:
@@ -67,17 +71,22 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
 def dequantize_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """The reference int8 linear: `x [..., in] @ (q * scale[:, None]).T -> [..., out]`, through a
     dequantised copy of the weight in the activation dtype."""
-    return F.linear(x, (q.to(x.dtype) * scale.to(x.dtype)[:, None]))
+    weight = q.to(x.dtype).mul_(scale.to(x.dtype)[:, None])
+    return F.linear(x, weight)
 
 
 def int8_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """`x [..., in]` times the int8 weight `q [out, in]` with row scales `[out]` -> `[..., out]`.
 
-    CPU: the fused int8 kernel (reads one byte per weight). Elsewhere: `dequantize_matmul`.
+    The CPU int8 kernel (one byte read per weight) where it is fast: bf16 activations and at most
+    `_KERNEL_MAX_ROWS` rows, i.e. decoding. Elsewhere `dequantize_matmul`: a prefill amortises the
+    dequantised copy over its rows, the kernel's fp32 path is slower than dequantising even for
+    one row (measured: 8 ms against 4 ms for 4096 x 1024), and CUDA has no such kernel.
     """
-    if x.device.type != "cpu":
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or rows > _KERNEL_MAX_ROWS:
         return dequantize_matmul(x, q, scale)
-    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, scale.to(x.dtype))
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), q, scale.to(x.dtype))
     return y.view(*x.shape[:-1], q.shape[0])
 
 
@@ -145,7 +154,8 @@ def quantize_model(model: nn.Module) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer: what the model holds resident (int8 or not)."""
+    """Bytes of every parameter and buffer: what the model holds resident (int8 or not), and what
+    one decode step reads (every matrix once; the tied head reads the whole embedding)."""
     tensors = [*model.parameters(), *model.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
 
