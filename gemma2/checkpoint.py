@@ -33,7 +33,6 @@ HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
 OFFICIAL_INDEX = "pytorch_model.bin.index.json"
 EMBED = "model.embed_tokens.weight"
-OFFICIAL_EMBED = "embedder.weight"
 SKIPPED = ("freqs_cis",)  # the official reference stores its RoPE table; we recompute it
 
 
@@ -46,10 +45,10 @@ class CheckpointError(ValueError):
 
 def official_to_hf(name: str, tensor: Tensor, config: Gemma2Config) -> Iterator[tuple[str, Tensor]]:
     """One official tensor -> the Hugging Face tensors it holds (the fused qkv becomes three)."""
-    if name == OFFICIAL_EMBED:
-        yield EMBED, tensor
-    elif name.endswith(".self_attn.qkv_proj.weight"):
-        prefix = name.removesuffix("qkv_proj.weight")
+    if name.startswith("embedder."):  # the weight, and an int8 checkpoint's weight_scaler
+        yield "model.embed_tokens." + name.removeprefix("embedder."), tensor
+    elif ".self_attn.qkv_proj." in name:  # the weight, or an int8 checkpoint's scaler (one per row)
+        prefix, suffix = name.split("qkv_proj.")
         q_rows = config.num_attention_heads * config.head_dim
         kv_rows = config.num_key_value_heads * config.head_dim
         if tensor.shape[0] != q_rows + 2 * kv_rows:
@@ -58,9 +57,9 @@ def official_to_hf(name: str, tensor: Tensor, config: Gemma2Config) -> Iterator[
                 f"{q_rows + 2 * kv_rows}: the config does not match this checkpoint"
             )
         q, k, v = tensor.split([q_rows, kv_rows, kv_rows])
-        yield prefix + "q_proj.weight", q
-        yield prefix + "k_proj.weight", k
-        yield prefix + "v_proj.weight", v
+        yield prefix + "q_proj." + suffix, q
+        yield prefix + "k_proj." + suffix, k
+        yield prefix + "v_proj." + suffix, v
     else:
         yield name, tensor
 
@@ -68,14 +67,14 @@ def official_to_hf(name: str, tensor: Tensor, config: Gemma2Config) -> Iterator[
 def hf_to_official(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A Hugging Face state dict -> the official reference's names (fused qkv, embedder)."""
     out: dict[str, Tensor] = {}
-    for name, tensor in state.items():
-        if name == EMBED:
-            out[OFFICIAL_EMBED] = tensor
-        elif name.endswith(".self_attn.q_proj.weight"):
-            prefix = name.removesuffix("q_proj.weight")
-            parts = [state[prefix + p + "_proj.weight"] for p in "qkv"]
-            out[prefix + "qkv_proj.weight"] = torch.cat(parts)
-        elif not name.endswith((".self_attn.k_proj.weight", ".self_attn.v_proj.weight")):
+    for name, tensor in state.items():  # weights, and an int8 model's weight_scalers alike
+        if name.startswith("model.embed_tokens."):
+            out["embedder." + name.removeprefix("model.embed_tokens.")] = tensor
+        elif ".self_attn.q_proj." in name:
+            prefix, suffix = name.split("q_proj.")
+            parts = [state[prefix + p + "_proj." + suffix] for p in "qkv"]
+            out[prefix + "qkv_proj." + suffix] = torch.cat(parts)
+        elif ".self_attn.k_proj." not in name and ".self_attn.v_proj." not in name:
             out[name] = tensor
     return out
 
@@ -152,11 +151,14 @@ def load_model(
     device: torch.device | str = "cpu",
     config: Gemma2Config | str | None = None,
     progress: bool = False,
+    quantize: str | None = None,
 ) -> Gemma2ForCausalLM:
     """Load a Gemma 2 checkpoint (Hugging Face directory, official `.ckpt`, or `.bin` shards).
 
     config: the model's shape when the checkpoint has no config.json (a Gemma2Config or a preset
     name); it overrides config.json when given. progress: show a bar over the tensors.
+    quantize: "int8" quantises every projection and the embedding while loading (gemma2.quantize);
+    an int8 checkpoint (int8 weights with `weight_scaler`s) loads as int8 without it.
     """
     dtype = to_dtype(dtype)  # bfloat16 or float32, by dtype or by name (gemma2.dtypes)
     path = Path(path)
@@ -165,6 +167,9 @@ def load_model(
     with torch.device("meta"):
         model = Gemma2ForCausalLM(config)
     expected = {name: p.shape for name, p in model.state_dict().items()}
+    from .quantize import Int8Loading  # not at the top: it imports CheckpointError from here
+
+    placing = Int8Loading(model, quantize, expected, dtype, device)  # casts, or quantises, each tensor
     state: dict[str, Tensor] = {}
     bar = tqdm(total=len(expected), desc="loading", unit="tensor", disable=not progress)
     for file in files:
@@ -173,7 +178,7 @@ def load_model(
             if raw_name in SKIPPED or raw_name == "lm_head.weight" and EMBED in expected:
                 # lm_head is tied to the embedding; some exporters write the copy anyway.
                 continue
-            for name, tensor in official_to_hf(raw_name, raw, config):
+            for name, tensor in placing.place_all(official_to_hf(raw_name, raw, config)):
                 if name not in expected:
                     raise CheckpointError(f"{file}: unexpected tensor {raw_name!r}; is this a Gemma 2 checkpoint?")
                 if name in state:
@@ -183,9 +188,10 @@ def load_model(
                         f"{file}: tensor {raw_name!r} has shape {tuple(tensor.shape)} but the config expects "
                         f"{tuple(expected[name])}: the config does not match this checkpoint"
                     )
-                state[name] = tensor.to(device=device, dtype=dtype)
+                state[name] = tensor
                 bar.update()
     bar.close()
+    placing.check()
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -204,7 +210,7 @@ def save_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    dtype = str(model.dtype).removeprefix("torch.")  # the activations' (an int8 model's scales')
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for name, tensor in state.items():

@@ -149,7 +149,7 @@ class Session:
         B = ids.shape[0]
         if self.cache is None:
             weight = model.output_weight
-            self.cache = KVCache(model.config, B, self.max_len, dtype=weight.dtype, device=weight.device)
+            self.cache = KVCache(model.config, B, self.max_len, dtype=model.dtype, device=weight.device)
         cache = self.cache
         ones = torch.ones(B, 1, dtype=torch.bool, device=ids.device)  # decode steps never pad
         if self.pending is not None:  # the previous turn's last token goes in first

@@ -141,12 +141,19 @@ class Block(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
+class TiedEmbedding(nn.Embedding):
+    """The token embedding, which is also the output head: `attend` maps hidden states to logits."""
+
+    def attend(self, hidden: Tensor) -> Tensor:
+        return hidden @ self.weight.T
+
+
 class Gemma2Model(nn.Module):
     """Embedding, decoder layers and final norm: named as in the Hugging Face checkpoints."""
 
     def __init__(self, config: Gemma2Config) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = TiedEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -173,13 +180,18 @@ class Gemma2ForCausalLM(nn.Module):
         """The tied output matrix `[V, D]` (the embedding)."""
         return self.model.embed_tokens.weight
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype: the norms', also when the projections are int8 (gemma2.quantize)."""
+        return self.model.norm.weight.dtype
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """Soft-capped logits `[B, T, V]` in fp32."""
         return self.logits(self.hidden_states(input_ids, attention_mask, cache))
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final hidden states `[..., D]` -> soft-capped logits `[..., V]` in fp32."""
-        return softcap((hidden @ self.output_weight.T).float(), self.config.final_logit_softcapping)
+        return softcap(self.model.embed_tokens.attend(hidden).float(), self.config.final_logit_softcapping)
 
     def hidden_states(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None

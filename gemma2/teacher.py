@@ -27,6 +27,12 @@ def teacher_vocab_size(source: Gemma2ForCausalLM | TeacherCache) -> int:
 def check_teacher(source: Gemma2ForCausalLM | TeacherCache, vocab_size: int, temperature: float, objective: str) -> None:
     """ValueError naming the fix when `source` cannot teach a student of `vocab_size`."""
     teacher_vocab = teacher_vocab_size(source)
+    if isinstance(source, Gemma2ForCausalLM) and source.output_weight.dtype == torch.int8:
+        raise ValueError(
+            "the teacher has int8 weights (gemma2.quantize), but the chunked loss reads its output head "
+            "as a float matrix: cache it first with scripts/cache_teacher.py (which runs int8 models) "
+            "and pass --teacher-cache, or load a bf16/fp32 checkpoint of it"
+        )
     if isinstance(source, Gemma2ForCausalLM) and teacher_vocab != vocab_size:
         raise ValueError(
             f"student vocab size {vocab_size} != teacher vocab size {teacher_vocab}: distillation "
