@@ -43,10 +43,8 @@ one process's memory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -58,14 +56,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model
+from .compatibility import check_seq_len, check_tokenizer, check_vocab
 from .config import PRESETS, Gemma2Config
 from .data import IGNORE_INDEX, Batch, BatchLoader, Datasets, eval_batches
 from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss
 from .model import Gemma2ForCausalLM, RMSNorm
+from .run_dir import Run, open_run
 from .teacher_cache import TeacherCache
-from .train_state import latest_checkpoint, load_training_state, save_checkpoint
-
-METRICS_FILE = "metrics.jsonl"
+from .tokenizer import Tokenizer
+from .train_state import load_training_state, save_checkpoint
 
 
 @dataclass
@@ -465,6 +464,15 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
         raise ValueError("eval_every > 0 needs held-out data: set holdout_fraction > 0 (or eval paths), or eval_every=0")
     if cfg.tokenizer_file is not None and not Path(cfg.tokenizer_file).is_file():
         raise FileNotFoundError(f"tokenizer_file {cfg.tokenizer_file} does not exist; pass the tokenizer.model path")
+    models = [("the student", student.config)]
+    if isinstance(teacher, Gemma2ForCausalLM):
+        models.append(("the teacher", teacher.config))
+    for what, config in models:
+        check_seq_len(data.train.seq_len, config, what)
+        if cfg.tokenizer_file is not None:
+            check_tokenizer(Tokenizer(cfg.tokenizer_file), config, what)
+    if isinstance(teacher, TeacherCache) and cfg.tokenizer_file is not None:
+        check_vocab(Tokenizer(cfg.tokenizer_file).vocab_size, teacher.vocab_size, "the teacher cache", cfg.tokenizer_file)
 
 
 def train(
@@ -474,6 +482,7 @@ def train(
     *,
     teacher: Gemma2ForCausalLM | TeacherCache | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> list[dict]:
     """Train `student` on `data` (gemma2.data.load_datasets), distilling from `teacher`.
@@ -481,8 +490,10 @@ def train(
     The student is prepared in place: moved to the device, wrapped for activation checkpointing
     and, under torchrun, sharded with FSDP2 (pass a fresh model to each call). With resume=True the
     newest checkpoint in cfg.out_dir is loaded into it (weights, optimizer, data position, RNG) and
-    training continues to cfg.steps; without one, training starts fresh. A fresh run refuses an
-    out_dir that already holds checkpoints.
+    training continues to cfg.steps, provided every setting that changes the run's meaning is the
+    checkpoint's (gemma2.run_dir); without one, training starts fresh (with a notice). A fresh run
+    refuses an out_dir that already holds checkpoints, and a non-empty one that holds no previous
+    run unless overwrite=True; a second process on one out_dir is refused (a lock file).
 
     Returns this call's metrics, also appended to out_dir/metrics.jsonl (one JSON object a line):
       training, every step:  step, lr, loss, ce (None if alpha = 1), kd (None if alpha = 0),
@@ -495,17 +506,13 @@ def train(
     """
     rt = _runtime(cfg)
     _check(cfg, student, teacher, data)
-    out = Path(cfg.out_dir)
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None and not resume:
-        raise ValueError(
-            f"{out} already holds checkpoints ({ckpt.name}); pass resume=True (--resume) to "
-            "continue from the newest, or choose a new out_dir"
-        )
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".tmp-step-*"):  # left by a crash mid-save
-            shutil.rmtree(stale)
+    with open_run(cfg, data, resume=resume, overwrite=overwrite, main=rt.is_main) as run:
+        return _train(cfg, student, data, teacher, rt, run, progress)
+
+
+def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher, rt: _Runtime, run: Run,
+           progress: bool) -> list[dict]:  # fmt: skip
+    out, ckpt = run.out, run.checkpoint
     if ckpt is not None:
         # Loaded before sharding: fully_shard then cuts every rank's shard out of these tensors.
         student.load_state_dict(load_model(ckpt, config=student.config).state_dict(), strict=True)
@@ -531,17 +538,13 @@ def train(
         start_step = state["step"]
 
     metrics: list[dict] = []
-    metrics_file = out / METRICS_FILE
     if rt.is_main:
-        # Keep only what happened up to the checkpoint: a crashed run may have logged further.
-        old = [json.loads(line) for line in metrics_file.read_text().splitlines()] if ckpt and metrics_file.exists() else []
-        metrics_file.write_text("".join(json.dumps(m) + "\n" for m in old if m["step"] <= start_step))
+        run.restart_metrics(start_step)
 
     def log(record: dict) -> None:
         metrics.append(record)
         if rt.is_main:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            run.log(record)
 
     def evaluate(step: int, first: bool) -> None:
         loss_mod.eval()
@@ -550,7 +553,6 @@ def train(
 
     if cfg.eval_every and start_step == 0:
         evaluate(0, first=True)
-    last_ckpt = ckpt
     tokens_per_step = cfg.batch_size * data.train.seq_len * cfg.grad_accum * rt.world
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not progress or not rt.is_main)
     train_teacher = kd_teacher if cfg.alpha > 0 else None  # alpha = 0: the teacher only evaluates
@@ -567,11 +569,7 @@ def train(
         loss_sum, kd_sum, ce_sum, grad_norm = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()  # one sync
         loss_value = loss_sum / rt.world
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
-            raise NonFiniteLossError(
-                f"step {step + 1}: loss {loss_value}, gradient norm {grad_norm}; stopped before the update "
-                f"and {where}. Lower lr or raise warmup (or check the data), then resume from it"
-            )
+            raise NonFiniteLossError(run.nonfinite_message(step + 1, start_step + 1, loss_value, grad_norm, student))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
@@ -587,8 +585,8 @@ def train(
         if cfg.eval_every and (done or (step + 1) % cfg.eval_every == 0):
             evaluate(step + 1, first=False)
         if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            state = {"data": loader.state_dict(), "config": dataclasses.asdict(cfg)}
-            last_ckpt = save_checkpoint(out, step + 1, student, optimizer, state, tokenizer_file=cfg.tokenizer_file,
+            state = {"data": loader.state_dict(), "config": dataclasses.asdict(cfg), "run": run.record}
+            save_checkpoint(out, step + 1, student, optimizer, state, tokenizer_file=cfg.tokenizer_file,
                                         keep_last=cfg.keep_last)  # fmt: skip
     bar.close()
     return metrics
