@@ -157,6 +157,15 @@ def _shards(path: Path) -> list[Path]:
     )
 
 
+def stored_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The dtype a checkpoint's tensors are stored in (that of its first tensor)."""
+    file = _shards(Path(path))[0]
+    reader = _read_safetensors if file.suffix == ".safetensors" else _read_pickle
+    for _, tensor in reader(file):
+        return tensor.dtype
+    raise CheckpointError(f"{file}: holds no tensors")
+
+
 def load_model(
     path: str | os.PathLike,
     *,

@@ -5,7 +5,8 @@ cause (a missing path, a read-only or full disk, a file where a directory should
 messages name the fix, and no write in this project leaves a half-written file behind (see
 gemma2.files), which the full-disk message says. Ctrl-C ends a script with one line and exit status
 130 (the shell's code for SIGINT); `on_interrupt` may add what the user needs to know (where to
-resume). Anything else is a bug and keeps its traceback.
+resume). Anything else is a bug and keeps its traceback. `device_arg` checks a --device before
+any work.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import errno
 import sys
 from collections.abc import Callable
 from typing import NoReturn
+
+import torch
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -47,3 +50,19 @@ def run_cli(main: Callable[[], int | None], on_interrupt: Callable[[], str] | No
         print(f"interrupted{'; ' + extra if extra else ''}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(code or 0)
+
+
+def device_arg(name: str) -> torch.device:
+    """A --device value as a torch.device, refused (ValueError) when this machine has no such device."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine has no CUDA device (or torch was built without CUDA); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return device

@@ -15,6 +15,8 @@ from torch import Tensor
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError for settings that have no meaning, naming the accepted range."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
     if not temperature >= 0:  # also catches NaN
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -74,7 +76,10 @@ def sample(
     check_sampling_args(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = apply_temperature(logits.float(), temperature)
+    logits = logits.float()
+    # Shifting each row by its maximum changes no probability and keeps any temperature finite: the
+    # top logit becomes 0 and an overflow can only reach -inf (probability 0), never inf - inf.
+    logits = apply_temperature(logits - logits.amax(dim=-1, keepdim=True), temperature)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
