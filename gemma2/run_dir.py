@@ -21,6 +21,7 @@ must agree with.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .files import TMP_PREFIX, write_text_atomic
 
@@ -226,6 +228,20 @@ class Run:
         with self.metrics_file.open("a") as f:
             f.write(json_line(record))
 
+    @contextmanager
+    def saving(self, model: torch.nn.Module) -> Iterator[None]:
+        """Around a checkpoint save: torch's writers report a full disk as a RuntimeError
+        ("unexpected pos ...", wrapped by DCP in a CheckpointException); it becomes the OSError it
+        is when the filesystem has less room left than the model's weights, which every save writes."""
+        try:
+            yield
+        except (RuntimeError, CheckpointException) as e:
+            needed = sum(p.numel() * p.element_size() for p in model.parameters())
+            free = shutil.disk_usage(self.out).free
+            if free < needed:
+                raise OSError(errno.ENOSPC, f"No space left on device ({free:,} bytes free)", str(self.out)) from e
+            raise
+
     def nonfinite_message(self, step: int, first_step: int, loss: float, grad_norm: float, model: torch.nn.Module) -> str:
         """Why training stopped at `step`, the last checkpoint whose weights are finite, and the fix."""
         weights_ok = all(bool(_local(p).isfinite().all()) for p in model.parameters())
@@ -343,9 +359,15 @@ def open_run(cfg: TrainConfig, data: Datasets, *, resume: bool, overwrite: bool,
     out.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(out)
     try:
-        for stale in out.glob(TMP_PREFIX + "*"):  # left by a process killed mid-write; we hold the lock
-            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+        _remove_temporaries(out)  # left by a process killed mid-write
         yield run
     finally:
+        _remove_temporaries(out)  # this run's own, after a failed save (a full disk)
         release_lock(lock)
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Delete out/.tmp-*: only the lock holder writes temporaries there, so none is in use."""
+    for stale in out.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
 

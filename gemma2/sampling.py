@@ -71,10 +71,12 @@ def sample(
     """One token id per row: logits `[B, V]` -> LongTensor `[B]`.
 
     temperature 0 is greedy (argmax, the lowest id among equal maxima) and consumes no randomness,
-    so top_k / top_p cannot change its result. The generator must be on the logits' device.
+    so top_k / top_p cannot change its result. So is any temperature below float32's smallest
+    normal number (~1.2e-38): there every token but the top one has probability 0 in float32 anyway,
+    and the temperature itself would round to 0. The generator must be on the logits' device.
     """
     check_sampling_args(temperature, top_k, top_p)
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).smallest_normal:
         return logits.argmax(dim=-1)
     logits = logits.float()
     # Shifting each row by its maximum changes no probability and keeps any temperature finite: the

@@ -586,7 +586,8 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
             evaluate(step + 1, first=False)
         if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             state = {"data": loader.state_dict(), "config": dataclasses.asdict(cfg), "run": run.record}
-            save_checkpoint(out, step + 1, student, optimizer, state, tokenizer_file=cfg.tokenizer_file,
-                                        keep_last=cfg.keep_last)  # fmt: skip
+            with run.saving(student):
+                save_checkpoint(out, step + 1, student, optimizer, state, tokenizer_file=cfg.tokenizer_file,
+                                keep_last=cfg.keep_last)  # fmt: skip
     bar.close()
     return metrics
