@@ -691,8 +691,9 @@ def test_random_kills_then_resume_give_the_uninterrupted_run(tmp_path, docs):
     assert reference.returncode == 0, reference.stderr
     out, rng = tmp_path / "run", random.Random(1234)
     kills = during_save = 0
-    stale: set[tuple[str, int, int]] = set()
+    stale: set[tuple] = set()
     while kills < 12:
+        before = _identity(out / "metrics.jsonl")
         proc = start("distill.py", *distill_args(docs, out, *args, "--resume"))
         # Startup takes ~2 s; odd kills wait (longer) for a save to be under way.
         deadline = time.monotonic() + (rng.uniform(2.0, 3.5) if kills % 2 == 0 else 10.0)
@@ -710,10 +711,13 @@ def test_random_kills_then_resume_give_the_uninterrupted_run(tmp_path, docs):
         proc.communicate()
         kills += 1
         during_save += saving
-        # What the killed process left; none of the earlier leftovers may have survived its start.
-        entries = {(p.name, p.stat().st_ino, p.stat().st_ctime_ns) for p in out.iterdir()} if out.is_dir() else set()
-        assert not (stale & entries), stale & entries
-        stale = {e for e in entries if e[0].startswith(".tmp-")}
+        # What the killed process left. If it got as far as rewriting metrics.jsonl (which follows
+        # the clean-up at its start), no earlier leftover may have survived.
+        entries = {_identity(p) for p in out.iterdir()} if out.is_dir() else set()
+        if _identity(out / "metrics.jsonl") != before:
+            assert not (stale & entries), stale & entries
+            stale = set()
+        stale |= {e for e in entries if e[0].startswith(".tmp-")}
         for ckpt in out.glob("step-*") if out.is_dir() else []:
             load_model(ckpt)
             json.loads((ckpt / "trainer_state.json").read_text())
@@ -724,3 +728,12 @@ def test_random_kills_then_resume_give_the_uninterrupted_run(tmp_path, docs):
     strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
     assert strip(metrics(out)) == strip(metrics(tmp_path / "reference"))
     assert same_weights(load_model(out / f"step-{steps:06d}"), load_model(tmp_path / "reference" / f"step-{steps:06d}"))
+
+
+def _identity(path: Path) -> tuple | None:
+    """A file's name, inode and change time: a file written anew under the same name differs."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return path.name, st.st_ino, st.st_ctime_ns
