@@ -359,10 +359,9 @@ def open_run(cfg: TrainConfig, data: Datasets, *, resume: bool, overwrite: bool,
     out.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(out)
     try:
-        _remove_temporaries(out)  # left by a process killed mid-write
+        _remove_temporaries(out)  # left by a failed save, or a process killed mid-write
         yield run
     finally:
-        _remove_temporaries(out)  # this run's own, after a failed save (a full disk)
         release_lock(lock)
 
 

@@ -57,8 +57,6 @@ def main() -> int:
     args = parser.parse_args()
 
     source, target = Path(args.input), Path(args.output)
-    if not source.exists():
-        raise FileNotFoundError(f"--input {source} does not exist")
     check_output(source, target, DTYPES[args.dtype], args)
     config = args.config
     if config and config.endswith(".json"):
