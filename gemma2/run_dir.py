@@ -49,9 +49,14 @@ LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"step-(\d{6})")
-# Fields a resume may change: they decide when to save, evaluate and log, or where, not what the
-# run computes. steps may only grow (the cosine schedule then ends later).
-SAFE_TO_CHANGE = ("steps", "save_every", "eval_every", "eval_sequences", "keep_last", "out_dir", "tokenizer_file")
+# Fields a resume may change: they decide when to save, evaluate and log, where, or how memory is
+# traded for time, not what the run computes. steps may only grow (the cosine schedule then ends
+# later); the data are compared through their fingerprint, which covers the tokenizer.
+SAFE_TO_CHANGE = ("steps", "save_every", "eval_every", "eval_sequences", "keep_last", "out_dir", "tokenizer_file",
+                  "activation_checkpointing", "device")  # fmt: skip
+# Only their product with the number of ranks, the global batch, changes the run: one step's
+# gradient is the mean over its sequences however they are split (gemma2.trainer).
+BATCH_SPLIT = ("batch_size", "grad_accum")
 
 
 def notice(message: str) -> None:
@@ -271,11 +276,16 @@ def _non_empty_foreign(out: Path) -> list[str]:
     return [] if ours else sorted(names)
 
 
-def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path) -> None:
-    """Refuse a resume whose settings would change the run's meaning; print each safe change."""
+def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, world: int = 1) -> None:
+    """Refuse a resume whose settings would change the run's meaning; print each safe change.
+    `world`: the number of ranks now (the checkpoint records its own)."""
     stored = state.get("config") or {}
     now = dataclasses.asdict(cfg)
     differ, changed = [], []
+    global_batch = {
+        "checkpoint": stored.get("batch_size", 0) * stored.get("grad_accum", 1) * state.get("world_size", 1),
+        "now": cfg.batch_size * cfg.grad_accum * world,
+    }
     for name, value in now.items():
         if name not in stored:
             continue
@@ -284,7 +294,12 @@ def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path) ->
             continue
         if name == "tokenizer_file" and value and _same_bytes(ckpt / "tokenizer.model", Path(value)):
             continue  # the same tokenizer under another path
-        if name in SAFE_TO_CHANGE and not (name == "steps" and value < state["step"]):
+        if name in BATCH_SPLIT and global_batch["checkpoint"] == global_batch["now"]:
+            changed.append(f"{name}: {old} -> {value} (the global batch stays {global_batch['now']})")
+        elif name in BATCH_SPLIT:
+            differ.append(f"{name} (checkpoint: {old!r}, now: {value!r}; the global batch, batch_size x "
+                          f"grad_accum x ranks, would go from {global_batch['checkpoint']} to {global_batch['now']})")  # fmt: skip
+        elif name in SAFE_TO_CHANGE and not (name == "steps" and value < state["step"]):
             changed.append(f"{name}: {old} -> {value}")
         else:
             differ.append(f"{name} (checkpoint: {old!r}, now: {value!r})")
@@ -306,9 +321,10 @@ def _same_bytes(a: Path, b: Path) -> bool:
 
 
 @contextmanager
-def open_run(cfg: TrainConfig, data: Datasets, *, resume: bool, overwrite: bool, main: bool) -> Iterator[Run]:
+def open_run(cfg: TrainConfig, data: Datasets, *, resume: bool, overwrite: bool, main: bool = True,
+             world: int = 1) -> Iterator[Run]:  # fmt: skip
     """Check the output directory for a run and hold its lock while the run lasts (rank 0 only:
-    `main`). Raises ValueError for a directory that is not this run's to write (see the module
+    `main`; `world` ranks in all). Raises ValueError for a directory that is not this run's to write (see the module
     docstring) and for a resume that does not continue the stored run."""
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
@@ -339,15 +355,13 @@ def open_run(cfg: TrainConfig, data: Datasets, *, resume: bool, overwrite: bool,
                 f"{ckpt} is at step {state['step']}, past steps = {cfg.steps}; pass steps > {state['step']} "
                 "to train further (a run cannot go back)"
             )
-        check_resume(cfg, state, fingerprint, ckpt)
+        check_resume(cfg, state, fingerprint, ckpt, world)
         if main and cfg.steps == state["step"]:
             notice(f"{ckpt} is already at step {cfg.steps}: nothing to train (pass a larger steps to continue)")
     elif resume and main:
         notice(f"{out} holds no checkpoint to resume from; starting a new run at step 0")
     run = Run(out, (_run_id(found[1]) if found else None) or uuid.uuid4().hex, found[0] if found else None, fingerprint)
-    start = found[1]["step"] if found else 0
-    clash = [p.name for p in sorted(out.iterdir()) if (m := STEP_DIR.fullmatch(p.name)) and start < int(m[1]) <= cfg.steps
-             and (not (p / STATE_FILE).exists() or _run_id(read_state(p)) not in (None, run.id))] if out.is_dir() else []  # fmt: skip
+    clash = _in_the_way(out, found[1]["step"] if found else 0, cfg.steps, run.id)
     if clash:
         raise ValueError(
             f"{out} holds {', '.join(clash)}, which this run would overwrite but did not write; move them "
@@ -363,6 +377,19 @@ def open_run(cfg: TrainConfig, data: Datasets, *, resume: bool, overwrite: bool,
         yield run
     finally:
         release_lock(lock)
+
+
+def _in_the_way(out: Path, start: int, end: int, run_id: str) -> list[str]:
+    """The step directories this run would save into (steps start + 1 .. end) that are not its
+    own: no trainer_state.json (a user's), or another run's. A corrupt or id-less state is a
+    checkpoint of this directory's run, replaced like any unfinished one."""
+    clash = []
+    for p in sorted(out.iterdir()) if out.is_dir() else []:
+        m = STEP_DIR.fullmatch(p.name)
+        if m and start < int(m[1]) <= end:
+            if not (p / STATE_FILE).exists() or _run_id(read_state(p)) not in (None, run_id):
+                clash.append(p.name)
+    return clash
 
 
 def _remove_temporaries(out: Path) -> None:

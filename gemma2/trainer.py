@@ -506,7 +506,7 @@ def train(
     """
     rt = _runtime(cfg)
     _check(cfg, student, teacher, data)
-    with open_run(cfg, data, resume=resume, overwrite=overwrite, main=rt.is_main) as run:
+    with open_run(cfg, data, resume=resume, overwrite=overwrite, main=rt.is_main, world=rt.world) as run:
         return _train(cfg, student, data, teacher, rt, run, progress)
 
 

@@ -104,7 +104,7 @@ def test_resume_refuses_every_other_change_listing_them(tmp_path):
     old = TrainConfig(out_dir=str(tmp_path), steps=4)
     meaning = dict(batch_size=4, grad_accum=2, lr=1e-3, min_lr=1e-5, warmup=5, weight_decay=0.0, betas=(0.8, 0.9),
                    grad_clip=0.5, alpha=0.5, objective="jsd", temperature=2.0, beta=0.3, chunk_size=64, dtype="fp32",
-                   activation_checkpointing=True, seed=3, device="cpu")  # fmt: skip
+                   seed=3)  # fmt: skip
     safe = set(R.SAFE_TO_CHANGE)
     assert set(meaning) | safe == {f.name for f in dataclasses.fields(TrainConfig)}  # every field is classified
     for name, value in meaning.items():
@@ -114,6 +114,17 @@ def test_resume_refuses_every_other_change_listing_them(tmp_path):
         R.check_resume(old, _state(old), "xyz", tmp_path)
     with pytest.raises(ValueError, match=r"steps \(checkpoint: 4, now: 3\)"):
         R.check_resume(dataclasses.replace(old, steps=3), _state(old), "abc", tmp_path)
+
+
+def test_resume_may_split_the_same_global_batch_otherwise(tmp_path, capsys):
+    """Two ranks of 2 sequences -> one process of 2 x 2 micro-batches, or of 4: the same steps."""
+    old = TrainConfig(out_dir=str(tmp_path), batch_size=2)
+    state = _state(old) | {"world_size": 2}
+    R.check_resume(dataclasses.replace(old, grad_accum=2), state, "abc", tmp_path, world=1)
+    R.check_resume(dataclasses.replace(old, batch_size=4), state, "abc", tmp_path, world=1)
+    assert "batch_size: 2 -> 4 (the global batch stays 4)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="the global batch, batch_size x grad_accum x ranks, would go from 4 to 8"):
+        R.check_resume(dataclasses.replace(old, batch_size=4), state, "abc", tmp_path, world=2)
 
 
 def test_resume_accepts_the_same_tokenizer_under_another_path(tmp_path, capsys):
