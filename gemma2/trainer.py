@@ -464,15 +464,16 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
         raise ValueError("eval_every > 0 needs held-out data: set holdout_fraction > 0 (or eval paths), or eval_every=0")
     if cfg.tokenizer_file is not None and not Path(cfg.tokenizer_file).is_file():
         raise FileNotFoundError(f"tokenizer_file {cfg.tokenizer_file} does not exist; pass the tokenizer.model path")
+    tokenizer = Tokenizer(cfg.tokenizer_file) if cfg.tokenizer_file is not None else None
     models = [("the student", student.config)]
     if isinstance(teacher, Gemma2ForCausalLM):
         models.append(("the teacher", teacher.config))
     for what, config in models:
         check_seq_len(data.train.seq_len, config, what)
-        if cfg.tokenizer_file is not None:
-            check_tokenizer(Tokenizer(cfg.tokenizer_file), config, what)
-    if isinstance(teacher, TeacherCache) and cfg.tokenizer_file is not None:
-        check_vocab(Tokenizer(cfg.tokenizer_file).vocab_size, teacher.vocab_size, "the teacher cache", cfg.tokenizer_file)
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, config, what)
+    if isinstance(teacher, TeacherCache) and tokenizer is not None:
+        check_vocab(tokenizer.vocab_size, teacher.vocab_size, "the teacher cache", cfg.tokenizer_file)
 
 
 def train(
