@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .config import Gemma2Config
+from .dtypes import to_dtype
 from .files import atomic_directory, atomic_file
 from .model import Gemma2ForCausalLM
 
@@ -111,8 +112,6 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
-    except CheckpointError:
-        raise
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from e
 
@@ -175,7 +174,7 @@ def stored_dtype(path: str | os.PathLike) -> torch.dtype:
 def load_model(
     path: str | os.PathLike,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     config: Gemma2Config | str | None = None,
     progress: bool = False,
@@ -190,8 +189,7 @@ def load_model(
     thread from the page cache; a memory-mapped file is then read from disk at load, not later);
     False skips that pass and trusts the file.
     """
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"dtype {dtype} is not supported: Gemma 2 overflows in float16; use bfloat16 or float32")
+    dtype = to_dtype(dtype)  # bfloat16 or float32, by dtype or by name (gemma2.dtypes)
     path = Path(path)
     files = _shards(path)
     config = _resolve_config(path, config)

@@ -35,12 +35,13 @@ def check_vocab(pieces: int, vocab_size: int, what: str, tokenizer: str) -> None
 def check_tokenizer(tokenizer: Tokenizer, config: Gemma2Config, what: str = "the model") -> None:
     """Raise ValueError unless `tokenizer` is the one `config` (a model's) was built for."""
     check_vocab(tokenizer.vocab_size, config.vocab_size, what, str(tokenizer.path))
+    eos = config.eos_token_id if isinstance(config.eos_token_id, tuple) else (config.eos_token_id,)
     wrong = [
         f"{name} {mine} (model: {theirs})"
         for name, mine, theirs, ok in [
             ("pad", tokenizer.pad_id, config.pad_token_id, tokenizer.pad_id == config.pad_token_id),
             ("bos", tokenizer.bos_id, config.bos_token_id, tokenizer.bos_id == config.bos_token_id),
-            ("eos", tokenizer.eos_id, config.eos_token_id, tokenizer.eos_id in config.eos_token_ids),
+            ("eos", tokenizer.eos_id, config.eos_token_id, tokenizer.eos_id in eos),
         ]
         if not ok
     ]

@@ -155,11 +155,27 @@ def load_datasets(
     comparison evaluate on the same documents.
     """
     docs = build_corpus() if paths is None else read_texts(paths)
-    if eval_paths is not None:
-        train_docs, held_docs = docs, read_texts(eval_paths)
+    where = "the built-in corpus" if paths is None else ", ".join(map(str, paths))
+    held_docs = None if eval_paths is None else read_texts(eval_paths)
+    return split_datasets(docs, tokenizer, seq_len, holdout_fraction=holdout_fraction, heldout_docs=held_docs,
+                          where=where)  # fmt: skip
+
+
+def split_datasets(
+    docs: list[str],
+    tokenizer: TextEncoder,
+    seq_len: int,
+    *,
+    holdout_fraction: float = 0.02,
+    heldout_docs: list[str] | None = None,
+    where: str = "the documents",
+) -> Datasets:
+    """Split documents already read (as load_datasets does: `heldout_docs` when given, else
+    split_corpus), tokenise and pack them."""
+    if heldout_docs is not None:
+        train_docs, held_docs = docs, heldout_docs
     else:
         train_docs, held_docs = split_corpus(docs, holdout_fraction=holdout_fraction)
-    where = "the built-in corpus" if paths is None else ", ".join(map(str, paths))
     train = PackedSequences(tokenize(train_docs, tokenizer), seq_len)
     if len(train) == 0:
         raise ValueError(

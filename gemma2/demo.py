@@ -28,23 +28,25 @@ import torch
 
 from .checkpoint import load_model
 from .config import Gemma2Config
-from .corpus import build_corpus, corpus_fingerprint, split_corpus
-from .data import Datasets, PackedSequences, tokenize
+from .corpus import build_corpus, corpus_fingerprint
+from .data import split_datasets
 from .generation import generate
 from .model import Gemma2ForCausalLM
 from .tokenizer import Tokenizer
-from .trainer import TrainConfig, init_weights, train
+from .student import init_weights
+from .trainer import TrainConfig, train
 
-TEACHER_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-teacher"
 
-# The shipped teacher: every Gemma 2 feature at a size that trains in ~25 minutes on two CPU
-# cores. Local layers see 64 keys of a 256-token context, so the sliding window matters; GQA
-# (4 query heads on 2 KV heads); H * head_dim = D by coincidence only (fields are independent).
-TEACHER_CONFIG = Gemma2Config(
-    vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
-    sliding_window=64, max_position_embeddings=256,
-)  # fmt: skip
+def _shipped_teacher_dir() -> Path:
+    """Where the shipped teacher is: package data of an installed gemma2 (gemma2/tiny_teacher/,
+    which pyproject.toml maps from checkpoints/tiny-teacher/), else the repository's
+    checkpoints/tiny-teacher/ (a checkout, or `pip install -e .`, where gemma2/ is the source)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "tiny_teacher"
+    return installed if installed.is_dir() else package.parent / "checkpoints" / "tiny-teacher"
+
+
+TEACHER_DIR = _shipped_teacher_dir()
 
 
 def student_config(teacher: Gemma2Config) -> Gemma2Config:
@@ -138,13 +140,10 @@ def run(
     out = Path(out_dir)
     teacher, tokenizer = load_teacher(teacher_dir)
     ctx = teacher.config.max_position_embeddings
-    # The same split as load_datasets(None, ...) (which the teacher was trained with), from one
-    # build of the corpus (a few seconds) instead of two: its fingerprint goes into the results.
+    # The split load_datasets(None, ...) makes (the teacher was trained on it), from one build of
+    # the corpus (a few seconds) instead of two: its fingerprint goes into the results.
     docs = build_corpus()
-    train_docs, held_docs = split_corpus(docs)
-    data = Datasets(
-        PackedSequences(tokenize(train_docs, tokenizer), ctx), PackedSequences(tokenize(held_docs, tokenizer), ctx)
-    )
+    data = split_datasets(docs, tokenizer, ctx, where="the built-in corpus")
     s_config = student_config(teacher.config)
     echo(f"teacher {_params(teacher) / 1e6:.2f} M parameters; student {_params_of(s_config) / 1e6:.2f} M; "
          f"{len(data.train)} training / {len(data.heldout)} held-out sequences of {ctx} tokens; "

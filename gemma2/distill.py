@@ -10,6 +10,7 @@ minimise KL(p_teacher || p_student) per token. This file holds:
 - `chunked_distill_loss`: the same losses (plus the CE mix) from the student's final hidden states
   and the tied embedding, chunk by chunk, never materialising the [N, V] logits: 4096 tokens of
   256000-way fp32 logits are 3.9 GiB per tensor, and naive autograd keeps several of them.
+- `distill_sums`: what an evaluation measures (the KD and CE sums), the same way, no gradient.
 
 Dtype policy: matmuls run in the input dtype; softcap, softmax, losses and the gradient with
 respect to the logits are fp32. Logits are assumed finite (Gemma 2's softcap guarantees it).
@@ -312,11 +313,13 @@ def _loss_and_grads(
     temperature: float,
     beta: float,
     alpha: float,
+    with_kd: bool,
+    with_ce: bool,
     chunk_size: int,
     want_gh: bool,
     want_gw: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Loop over chunks of counted rows: the KD and CE sums, and the gradients of
+    """Loop over chunks of counted rows: the KD and CE sums (each when asked), and the gradients of
     (alpha T^2 KD_sum + (1 - alpha) CE_sum) * scale w.r.t. h and w (None where not wanted).
 
     The gradient is computed here, in forward, so backward has nothing to recompute: the logits
@@ -336,7 +339,7 @@ def _loss_and_grads(
         h_c = h[r]  # [C, D]
         z = _softcap_((h_c @ w.T).float(), cap)  # [C, V] student logits, fp32
         g = None  # gradient w.r.t. z
-        if alpha > 0:
+        if with_kd:
             ls = torch.log_softmax(z if T == 1.0 else z / T, dim=1)
             if isinstance(teacher, TopK):
                 kd, g = _topk_rows(ls, teacher.ids[r].long(), teacher.logprobs[r].float(),
@@ -353,7 +356,7 @@ def _loss_and_grads(
             kd_sum += kd.sum()
             if alpha * T != 1.0:
                 g.mul_(alpha * T)  # d(alpha T^2 KD)/dz = alpha T^2 * (1/T) dKD/ds
-        if alpha < 1:
+        if with_ce:
             tgt = targets[r]  # [C]
             lp1 = torch.log_softmax(z, dim=1)  # CE is at temperature 1
             ce_sum -= lp1.gather(1, tgt[:, None]).sum()
@@ -453,27 +456,10 @@ def chunked_distill_loss(
     _check_options(objective, temperature, beta)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1] (1 = pure KD, 0 = pure CE), got {alpha}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    V, D = student_weight.shape
-    if student_hidden.shape[-1] != D:
-        raise ValueError(
-            f"student hidden size {student_hidden.shape[-1]} != student weight's {D}: pass the "
-            "final-normed hidden states [..., D] and the embedding [V, D]"
-        )
-    tokens = student_hidden.shape[:-1]
-    h = student_hidden.reshape(-1, D)  # [N, D]
-    if alpha > 0:
-        teacher = _flatten_teacher(teacher, tokens, V, objective)
     if alpha < 1 and targets is None:
         raise ValueError(f"alpha = {alpha} < 1 mixes in cross-entropy: pass targets")
-    if targets is not None and targets.shape != tokens:
-        raise ValueError(f"targets shape {tuple(targets.shape)} must be {tuple(tokens)}")
-    counted = _counted(mask, tokens, h.device)
-    if targets is not None:
-        counted = counted & (targets != ignore_index)
-        targets = targets.reshape(-1).long()
-    rows = counted.reshape(-1).nonzero().squeeze(1)  # [n]
+    h, teacher, targets, rows = _counted_rows(student_hidden, student_weight, teacher, targets, mask,
+                                              objective, chunk_size, ignore_index, with_kd=alpha > 0)  # fmt: skip
     n = rows.numel()
     if normalizer is None:
         if n == 0:
@@ -491,12 +477,77 @@ def chunked_distill_loss(
     with torch.no_grad():
         kd_sum, ce_sum, gh, gw = _loss_and_grads(
             h.detach(), student_weight.detach(), teacher, targets, rows, 1.0 / normalizer,
-            final_softcap, objective, temperature, beta, alpha, chunk_size, want_gh, want_gw,
+            final_softcap, objective, temperature, beta, alpha, alpha > 0, alpha < 1, chunk_size, want_gh, want_gw,
         )
         loss = (alpha * temperature**2 * kd_sum + (1 - alpha) * ce_sum) / normalizer
     if want_gh or want_gw:
         loss = _PrecomputedGrads.apply(h, student_weight, loss, gh, gw)
     return loss, DistillStats(kd_sum, ce_sum, n)
+
+
+@torch.no_grad()
+def distill_sums(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: Tensor | TeacherHead | TopK | None,
+    targets: Tensor,
+    mask: Tensor | None = None,
+    *,
+    final_softcap: float | None = 30.0,
+    objective: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    chunk_size: int = 256,
+    ignore_index: int = -100,
+) -> DistillStats:
+    """What an evaluation measures: the CE sum and, when `teacher` is given, the KD sum over the
+    counted tokens, as chunked_distill_loss computes them (same arguments), with no loss to weigh
+    and no gradient."""
+    _check_options(objective, temperature, beta)
+    with_kd = teacher is not None
+    h, teacher, targets, rows = _counted_rows(student_hidden, student_weight, teacher, targets, mask,
+                                              objective, chunk_size, ignore_index, with_kd=with_kd)  # fmt: skip
+    kd_sum, ce_sum, _, _ = _loss_and_grads(
+        h, student_weight, teacher, targets, rows, 1.0, final_softcap, objective, temperature, beta,
+        1.0, with_kd, True, chunk_size, False, False,
+    )  # fmt: skip
+    return DistillStats(kd_sum, ce_sum, rows.numel())
+
+
+def _counted_rows(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: Tensor | TeacherHead | TopK | None,
+    targets: Tensor | None,
+    mask: Tensor | None,
+    objective: str,
+    chunk_size: int,
+    ignore_index: int,
+    *,
+    with_kd: bool,
+) -> tuple[Tensor, Tensor | TeacherHead | TopK | None, Tensor | None, Tensor]:
+    """Check the shapes; flatten to rows: (hidden [N, D], teacher (checked when with_kd),
+    targets [N], the indices of the counted rows [n])."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    V, D = student_weight.shape
+    if student_hidden.shape[-1] != D:
+        raise ValueError(
+            f"student hidden size {student_hidden.shape[-1]} != student weight's {D}: pass the "
+            "final-normed hidden states [..., D] and the embedding [V, D]"
+        )
+    tokens = student_hidden.shape[:-1]
+    h = student_hidden.reshape(-1, D)  # [N, D]
+    if with_kd:
+        teacher = _flatten_teacher(teacher, tokens, V, objective)
+    if targets is not None and targets.shape != tokens:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must be {tuple(tokens)}")
+    counted = _counted(mask, tokens, h.device)
+    if targets is not None:
+        counted = counted & (targets != ignore_index)
+        targets = targets.reshape(-1).long()
+    rows = counted.reshape(-1).nonzero().squeeze(1)  # [n]
+    return h, teacher, targets, rows
 
 
 def _flatten_teacher(

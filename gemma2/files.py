@@ -12,6 +12,7 @@ never half of either; a failure removes the temporary and leaves the destination
   The entries of the old directory named in `keep` (files the write does not own: a tokenizer, a
   README, someone else's shards) are carried into the new one as hard links, so nothing that the
   write did not produce is ever deleted.
+- `publish_directory(tmp, path)`: the same last step for a directory several processes filled.
 - `fsync(path)`: make a file's bytes, or a directory's entries, durable.
 
 Temporary names start with `.tmp-` so that `remove_stale_temporaries` can clear what a killed
@@ -141,22 +142,36 @@ def atomic_directory(path: str | os.PathLike, keep: Iterable[str] = ()) -> Itera
     try:
         yield tmp
         _finish_tree(tmp)
-        for name in keep:
+        for name in keep:  # after _finish_tree: a kept file keeps its owner's mode
             if not (tmp / name).exists() and os.path.lexists(path / name):
                 _link_or_copy(path / name, tmp / name)
-        fsync(tmp)
-        if not path.exists():
-            os.replace(tmp, path)
-        elif _exchange(tmp, path):
-            shutil.rmtree(tmp)  # now the old directory
-        else:
-            old = path.with_name(f"{TMP_PREFIX}old-{path.name}-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
+        _swap(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Fsync the filled directory `tmp` and put it in place of `path` in one step (the second
+    half of `atomic_directory`, for a directory that several processes fill, such as a training
+    checkpoint: they agree on `tmp`'s name, one process publishes it)."""
+    _finish_tree(Path(tmp))
+    _swap(Path(tmp), Path(path))
+
+
+def _swap(tmp: Path, path: Path) -> None:
+    """Put the finished directory `tmp` in place of `path`: exchanged in one rename where the OS
+    allows, else the old one moved aside first."""
+    fsync(tmp)
+    if not path.exists():
+        os.replace(tmp, path)
+    elif _exchange(tmp, path):
+        shutil.rmtree(tmp)  # now the old directory
+    else:
+        old = path.with_name(f"{TMP_PREFIX}old-{path.name}-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
     fsync(path.parent)
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from .kv_cache import KVCache
 from .model import Gemma2ForCausalLM
 from .sampling import check_sampling_args, sample
+from .tokenizer import left_pad  # noqa: F401  re-exported: prompts are padded with it for generate
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -251,19 +252,6 @@ def generate(
     for i, token in enumerate(steps):
         out[:, T + i] = token
     return out
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Token id lists -> (input_ids, attention_mask), both LongTensor `[B, T]`, left-padded."""
-    if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("left_pad needs a non-empty list of non-empty token id lists")
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[b, T - len(r) :] = 1
-    return ids, mask
 
 
 class Chat:

@@ -39,7 +39,7 @@ import torch
 from safetensors import safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .files import TMP_PREFIX, write_text_atomic
+from .files import TMP_PREFIX
 
 if TYPE_CHECKING:
     from .data import Datasets
@@ -218,20 +218,6 @@ class Run:
     def record(self) -> dict:
         """The run's entry in trainer_state.json."""
         return {"id": self.id, "train_fingerprint": self.fingerprint}
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.out / METRICS_FILE
-
-    def restart_metrics(self, step: int) -> None:
-        """Keep the metrics up to `step` (the checkpoint resumed from): a killed run may have
-        logged further."""
-        old = read_metrics(self.metrics_file) if self.checkpoint and self.metrics_file.exists() else []
-        write_text_atomic(self.metrics_file, "".join(json_line(m) for m in old if m["step"] <= step))
-
-    def log(self, record: dict) -> None:
-        with self.metrics_file.open("a") as f:
-            f.write(json_line(record))
 
     @contextmanager
     def saving(self, model: torch.nn.Module) -> Iterator[None]:

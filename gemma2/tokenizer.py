@@ -26,10 +26,25 @@ from typing import Iterable, Mapping, Sequence
 import sentencepiece as spm
 import torch
 
+from .files import atomic_file
+
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 MASK = "<mask>"
 ROLES = ("user", "model", "assistant", "system")  # "assistant" is an alias of "model"
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (input_ids, attention_mask), both LongTensor `[B, T]`, left-padded."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("left_pad needs a non-empty list of non-empty token id lists")
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[b, T - len(r) :] = 1
+    return ids, mask
 
 
 class Tokenizer:
@@ -153,15 +168,7 @@ class Tokenizer:
             raise ValueError(
                 "encode_batch takes a non-empty list of strings; for one text use encode"
             )
-        rows = [self.encode(t, bos=bos) for t in texts]
-        T = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for b, r in enumerate(rows):
-            if r:  # slicing [T - 0:] would select the whole row
-                input_ids[b, T - len(r) :] = torch.tensor(r, dtype=torch.long)
-                attention_mask[b, T - len(r) :] = 1
-        return input_ids, attention_mask
+        return left_pad([self.encode(t, bos=bos) for t in texts], self.pad_id)
 
     # -- chat -------------------------------------------------------------------------------------
 
@@ -349,7 +356,6 @@ def train_tokenizer(
             "the number of distinct characters"
         ) from e
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(output_path.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(output_path)  # atomic: a reader never sees half a model
+    with atomic_file(output_path) as tmp:  # a reader never sees half a model
+        tmp.write_bytes(model.getvalue())
     return output_path

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import (
@@ -38,8 +37,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from . import distributed
 from .checkpoint import save_model
 from .config import Gemma2Config
+from .files import publish_directory
 from .model import Gemma2ForCausalLM
 from .run_dir import STATE_FILE, latest_complete, rotate
 
@@ -49,15 +50,6 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     .tmp-step-XXXXXX directory, which is ignored; see gemma2.run_dir.latest_complete)."""
     found = latest_complete(out_dir)
     return found[0] if found else None
-
-
-def _sharded() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _barrier() -> None:
-    if _sharded():
-        dist.barrier()
 
 
 @contextmanager
@@ -88,14 +80,6 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy(), *rest))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # directories too: that makes their entries durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_student(config: Gemma2Config, state: dict[str, Tensor], directory: Path) -> None:
     """The Hugging Face files from a full (gathered) state dict, without a second copy."""
     with torch.device("meta"):
@@ -117,13 +101,13 @@ def save_checkpoint(
     """Write out_dir/step-{step:06d} atomically and return it; then keep only the newest
     `keep_last` checkpoints (None: all). `state` (JSON-able: data position, config ...) goes
     into trainer_state.json with the step."""
-    rank = dist.get_rank() if _sharded() else 0
+    rank = distributed.rank()
     out = Path(out_dir)
     final, tmp = out / f"step-{step:06d}", out / f".tmp-step-{step:06d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    distributed.barrier()
     # Every rank takes part in the gather; with cpu_offload only rank 0 receives the tensors.
     full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
@@ -133,23 +117,17 @@ def save_checkpoint(
     del full
     with _quiet_dcp():
         dcp.save({"optimizer": get_optimizer_state_dict(student, optimizer)}, checkpoint_id=tmp / "optimizer",
-                 no_dist=not _sharded())  # fmt: skip
+                 no_dist=not distributed.is_distributed())  # fmt: skip
     torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
     if rank == 0:
-        record = {"step": step, **state, "world_size": dist.get_world_size() if _sharded() else 1,
+        record = {"step": step, **state, "world_size": distributed.world_size(),
                   "torch": torch.__version__}  # fmt: skip
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    _barrier()
+    distributed.barrier()
     if rank == 0:
-        for f in tmp.rglob("*"):
-            _fsync(f)
-        _fsync(tmp)
-        if final.exists():  # the same step saved again (a rerun after a crash)
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # the checkpoint appears whole or not at all
-        _fsync(out)
+        publish_directory(tmp, final)  # whole or not at all; replaces the same step saved before a crash
         rotate(out, (state.get("run") or {}).get("id"), keep_last)  # this run's checkpoints only
-    _barrier()
+    distributed.barrier()
     return final
 
 
@@ -158,10 +136,10 @@ def load_training_state(path: str | os.PathLike, student: Gemma2ForCausalLM, opt
     this rank's RNG states from the checkpoint at `path`; return its trainer_state.json.
     The student's weights come from the Hugging Face files (gemma2.checkpoint.load_model)."""
     path = Path(path)
-    rank = dist.get_rank() if _sharded() else 0
+    rank = distributed.rank()
     state = {"optimizer": get_optimizer_state_dict(student, optimizer)}  # the layout to fill in
     with _quiet_dcp():
-        dcp.load(state, checkpoint_id=path / "optimizer", no_dist=not _sharded())
+        dcp.load(state, checkpoint_id=path / "optimizer", no_dist=not distributed.is_distributed())
     set_optimizer_state_dict(student, optimizer, state["optimizer"])
     rng = path / f"rng-{rank}.pt"
     if rng.is_file():  # absent for ranks beyond the saved world size: nothing draws from it anyway

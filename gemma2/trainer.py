@@ -6,8 +6,8 @@ Per counted token the objective is
 
 with KD from gemma2.distill (forward KL as in the Gemma 2 report, reverse KL or JSD) computed
 chunk by chunk from the student's final hidden states and the tied embedding, never as [B, T, V]
-logits. The teacher is a frozen Gemma2ForCausalLM (eval mode, no grad, its own dtype and device)
-or an offline top-k cache (gemma2.teacher_cache). alpha = 0 without a teacher is plain
+logits. The teacher (gemma2.teacher) is a frozen Gemma2ForCausalLM (eval mode, no grad, its own
+dtype and device) or an offline top-k cache (gemma2.teacher_cache). alpha = 0 without a teacher is plain
 next-token training; alpha = 0 WITH a teacher trains on CE and still reports the held-out KD.
 
 Choices, and why:
@@ -29,7 +29,7 @@ Choices, and why:
   reproduces the uninterrupted run's losses exactly.
 
 Many machines: run the same code under torchrun. Every Block and then the root are sharded with
-FSDP2 (`fully_shard`), student and teacher alike; NCCL on GPUs, gloo on CPU; each rank reads its
+FSDP2 (`fully_shard`, in gemma2.distributed), student and teacher alike; NCCL on GPUs, gloo on CPU; each rank reads its
 own slice of every global batch. The tied embedding sits in the root's parameter group, which is
 unsharded only inside the root's forward, so the student's forward AND its chunked loss run in one
 module (`_StudentLoss`): the head's gradient and the embedding lookup's gradient meet in the
@@ -44,24 +44,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model
-from .compatibility import check_seq_len, check_tokenizer, check_vocab
-from .config import PRESETS, Gemma2Config
+from .compatibility import check_seq_len, check_tokenizer
 from .data import IGNORE_INDEX, Batch, BatchLoader, Datasets, eval_batches
-from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss
+from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss, distill_sums
+from .distributed import Runtime, runtime, shard
+from .dtypes import dtype_name, to_dtype
+from .files import write_text_atomic
 from .model import Gemma2ForCausalLM, RMSNorm
-from .run_dir import Run, open_run
+from .run_dir import METRICS_FILE, Run, json_line, open_run, read_metrics
+from .teacher import Teacher, check_teacher
 from .teacher_cache import TeacherCache
 from .tokenizer import Tokenizer
 from .train_state import load_training_state, save_checkpoint
@@ -84,7 +85,7 @@ class TrainConfig:
     temperature: float = 1.0  # softmax temperature of the KD term (CE is always at 1)
     beta: float = 0.5  # JSD mixture weight (0 = forward KL, 1 = reverse KL)
     chunk_size: int = 1024  # tokens per chunk of the loss: memory ~ 4 * chunk_size * V * 4 bytes
-    dtype: str = "auto"  # compute dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bf16" or "fp32"
+    dtype: str = "auto"  # compute dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bf16" or "fp32" (or their long names)
     activation_checkpointing: bool = False  # recompute each Block in backward: memory for time
     eval_every: int = 100  # held-out evaluation every N steps, at step 0 and at the end; 0 = never
     eval_sequences: int | None = None  # cap on held-out sequences per evaluation; None = all
@@ -118,8 +119,11 @@ class TrainConfig:
             raise ValueError(f"alpha must be in [0, 1] (0 = plain CE, 1 = pure KD), got {self.alpha}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}: use one of {', '.join(OBJECTIVES)}")
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"dtype must be 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
+        if self.dtype != "auto":
+            try:
+                self.dtype = dtype_name(self.dtype)
+            except ValueError as e:
+                raise ValueError(f"dtype must be 'auto' or a name from gemma2.dtypes: {e}") from None
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), got {self.keep_last}")
         self.betas = tuple(self.betas)  # JSON gives a list back
@@ -139,99 +143,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# Students
-
-
-@torch.no_grad()
-def init_weights(model: Gemma2ForCausalLM, seed: int = 0, std: float = 0.02) -> Gemma2ForCausalLM:
-    """Fresh weights: N(0, std) for the embedding and every projection (transformers' Gemma 2
-    initialiser), norm offsets 0 (scale 1). nn.Embedding's own N(0, 1) would make the tied head's
-    first logits ~sqrt(D) wide, far from the uniform guess a new model should start at."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.dim() == 1:  # RMSNorm offsets: the only vectors in the model
-            p.zero_()
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
-def load_student(spec: str | os.PathLike, *, vocab_size: int | None = None, seed: int = 0) -> Gemma2ForCausalLM:
-    """A student from a checkpoint directory (its weights), a config.json or a preset name (fresh
-    weights from `init_weights(seed)`). `vocab_size` replaces a fresh student's vocabulary size, to
-    match the teacher's or the tokenizer's; a checkpoint keeps its own."""
-    path = Path(spec)
-    if path.is_dir():
-        return load_model(path)
-    if path.suffix == ".json":
-        config = Gemma2Config.from_json(path)
-    else:
-        try:
-            config = Gemma2Config.from_name(str(spec))
-        except ValueError:
-            raise ValueError(
-                f"student {str(spec)!r} is neither a checkpoint directory, a config.json nor a preset; "
-                f"pass one of those (presets: {', '.join(sorted(PRESETS))})"
-            ) from None
-    if vocab_size is not None:
-        config = config.replace(vocab_size=vocab_size)
-    return init_weights(Gemma2ForCausalLM(config), seed)
-
-
-# ------------------------------------------------------------------------------------------------
-# Processes and devices
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group that torchrun describes (WORLD_SIZE > 1): NCCL when this machine has
-    GPUs, gloo otherwise. Returns (rank, world_size); (0, 1) outside torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or dist.is_initialized():
-        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-@dataclass
-class _Runtime:
-    rank: int
-    world: int
-    device: torch.device
-    sharded: bool  # FSDP2 across `world` processes
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.sharded:
-            dist.barrier()
-
-    def all_reduce(self, t: Tensor) -> Tensor:
-        if self.sharded:
-            dist.all_reduce(t)
-        return t
-
-
-def _runtime(cfg: TrainConfig) -> _Runtime:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            device = torch.device("cpu")
-        return _Runtime(dist.get_rank(), dist.get_world_size(), device, True)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return _Runtime(0, 1, device, False)
+# Precision
 
 
 def _compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    return to_dtype(cfg.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,8 +167,11 @@ class _StudentLoss(nn.Module):
         self.autocast = autocast  # False under FSDP mixed precision, whose params are already bf16
 
     def forward(
-        self, inputs: Tensor, targets: Tensor, teacher: TeacherHead | TopK | None, normalizer: float, alpha: float
-    ) -> tuple[Tensor, DistillStats]:
+        self, inputs: Tensor, targets: Tensor, teacher: TeacherHead | TopK | None, normalizer: float | None = None,
+        alpha: float | None = None,
+    ) -> tuple[Tensor | None, DistillStats]:
+        """Training (normalizer and alpha given): the loss and its sums. Evaluation (neither): no
+        loss, the sums an evaluation reports (KD when `teacher` is given, CE always)."""
         cfg = self.cfg
         ctx = torch.autocast(inputs.device.type, self.dtype) if self.autocast else nullcontext()
         with ctx:
@@ -258,86 +179,11 @@ class _StudentLoss(nn.Module):
         # The residual stream leaves autocast in fp32; cast it so the head matmul runs in bf16 too.
         hidden = hidden.to(self.dtype)
         weight = self.student.output_weight.to(self.dtype)  # [V, D]; the gradient flows back
-        return chunked_distill_loss(
-            hidden, weight, teacher, targets,
-            final_softcap=self.student.config.final_logit_softcapping, objective=cfg.objective,
-            temperature=cfg.temperature, beta=cfg.beta, alpha=alpha, normalizer=normalizer,
-            chunk_size=cfg.chunk_size, ignore_index=IGNORE_INDEX,
-        )  # fmt: skip
-
-
-class _TeacherHidden(nn.Module):
-    """The teacher's final hidden states as a module forward, so FSDP2 unshards its root."""
-
-    def __init__(self, teacher: Gemma2ForCausalLM) -> None:
-        super().__init__()
-        self.teacher = teacher
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        return self.teacher.hidden_states(inputs)
-
-
-def _shard(root: nn.Module, model: Gemma2ForCausalLM, rt: _Runtime, param_dtype: torch.dtype | None) -> None:
-    """FSDP2: each Block is one all-gather unit, the root holds the embedding and final norm."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(rt.device.type, (rt.world,))
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in model.model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(root, mesh=mesh, mp_policy=mp)
-
-
-class _Teacher:
-    """Gives the KD target of a batch: a TeacherHead from the model, or TopK from a cache."""
-
-    def __init__(self, teacher: Gemma2ForCausalLM | TeacherCache, data: Datasets, rt: _Runtime) -> None:
-        self.rt = rt
-        self.model: Gemma2ForCausalLM | None = None
-        self.cache: TeacherCache | None = None
-        if isinstance(teacher, TeacherCache):
-            self.cache = teacher
-            teacher.split("train").check(data.train, "training")
-            self.heldout = None
-            if data.heldout is not None and "heldout" in teacher.splits:
-                self.heldout = teacher.split("heldout")
-                self.heldout.check(data.heldout, "held-out")
-            return
-        self.model = teacher.eval().requires_grad_(False)
-        self.heldout = None
-        self.root = _TeacherHidden(teacher)
-        if rt.sharded:
-            teacher.to(rt.device)
-            _shard(self.root, teacher, rt, param_dtype=None)  # the teacher computes in its own dtype
-            self.device = rt.device
-            self._weight = None
-        else:
-            self.device = teacher.output_weight.device
-            # A teacher on another device: one copy of its frozen head next to the student.
-            self._weight = teacher.output_weight.detach().to(rt.device)
-
-    @property
-    def has_heldout(self) -> bool:
-        return self.model is not None or self.heldout is not None
-
-    @torch.no_grad()
-    def __call__(self, batch: Batch, split: str) -> TeacherHead | TopK:
-        if self.cache is not None:
-            part = self.cache.split("train") if split == "train" else self.heldout
-            return part.topk(batch.indices, self.rt.device)
-        hidden = self.root(batch.inputs.to(self.device, non_blocking=True)).to(self.rt.device)
-        if self.rt.sharded:
-            self.root.unshard()  # the tied head lives in the root group: gather it for the loss
-            weight = self.model.output_weight
-        else:
-            weight = self._weight
-        return TeacherHead(hidden, weight, self.model.config.final_logit_softcapping)
-
-    def release(self) -> None:
-        """Free the gathered teacher head once the loss that reads it is done."""
-        if self.model is not None and self.rt.sharded:
-            self.root.reshard()
+        options = dict(final_softcap=self.student.config.final_logit_softcapping, objective=cfg.objective,
+                       temperature=cfg.temperature, beta=cfg.beta, chunk_size=cfg.chunk_size, ignore_index=IGNORE_INDEX)
+        if alpha is None:
+            return None, distill_sums(hidden, weight, teacher, targets, **options)
+        return chunked_distill_loss(hidden, weight, teacher, targets, alpha=alpha, normalizer=normalizer, **options)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,8 +210,8 @@ def build_optimizer(model: Gemma2ForCausalLM, cfg: TrainConfig, device: torch.de
 
 
 @torch.no_grad()
-def _evaluate(loss_mod: _StudentLoss, teacher: _Teacher | None, data: Datasets, cfg: TrainConfig,
-              rt: _Runtime, with_teacher_ce: bool) -> dict:  # fmt: skip
+def _evaluate(loss_mod: _StudentLoss, teacher: Teacher | None, data: Datasets, cfg: TrainConfig,
+              rt: Runtime, with_teacher_ce: bool) -> dict:  # fmt: skip
     """Held-out CE / perplexity and KD of the student (and the teacher's CE, if asked)."""
     kd_on = teacher is not None and teacher.has_heldout
     sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # ce, kd, tokens, teacher ce
@@ -373,13 +219,11 @@ def _evaluate(loss_mod: _StudentLoss, teacher: _Teacher | None, data: Datasets, 
                               max_sequences=cfg.eval_sequences):  # fmt: skip
         inputs, targets = batch.inputs.to(rt.device), batch.targets.to(rt.device)
         src = teacher(batch, "heldout") if kd_on else None
-        # alpha strictly between 0 and 1 makes the loss compute both sums; its value is unused.
-        _, st = loss_mod(inputs, targets, src, 1.0, 0.5 if kd_on else 0.0)
+        _, st = loss_mod(inputs, targets, src)
         sums[:3] += torch.stack([st.ce_sum, st.kd_sum, torch.tensor(st.tokens, device=st.ce_sum.device)]).double()
         if with_teacher_ce and teacher is not None and teacher.model is not None:
-            _, tst = chunked_distill_loss(src.hidden, src.weight, None, targets, alpha=0.0,
-                                          final_softcap=src.final_softcap, chunk_size=cfg.chunk_size)  # fmt: skip
-            sums[3] += tst.ce_sum.double()
+            sums[3] += distill_sums(src.hidden, src.weight, None, targets, final_softcap=src.final_softcap,
+                                    chunk_size=cfg.chunk_size).ce_sum.double()  # fmt: skip
         if kd_on:
             teacher.release()
     ce, kd, n, t_ce = rt.all_reduce(sums).tolist()
@@ -403,8 +247,49 @@ def _evaluate(loss_mod: _StudentLoss, teacher: _Teacher | None, data: Datasets, 
 # The loop
 
 
+def _prepare_student(student: Gemma2ForCausalLM, cfg: TrainConfig, rt: Runtime) -> _StudentLoss:
+    """In place: the student on its device in train mode, each Block recomputed in backward if
+    asked, and (under torchrun) sharded; returns the module whose forward is the loss."""
+    dtype = _compute_dtype(cfg, rt.device)
+    student.to(rt.device).train()
+    if cfg.activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        for block in student.model.layers:
+            checkpoint(block)
+    loss_mod = _StudentLoss(student, cfg, dtype, autocast=dtype != torch.float32 and not rt.sharded)
+    if rt.sharded:
+        shard(loss_mod, student, rt, param_dtype=None if dtype == torch.float32 else dtype)
+    return loss_mod
+
+
+class _MetricsLog:
+    """This call's metrics, each also appended to out_dir/metrics.jsonl by rank 0. A resumed run
+    first keeps only the lines up to its checkpoint's step: a crashed run may have logged further."""
+
+    def __init__(self, path: Path, rt: Runtime, resumed_at: int | None) -> None:
+        self.path, self.rt = path, rt
+        self.records: list[dict] = []
+        if rt.is_main:
+            resumed = resumed_at is not None and path.exists()
+            old = read_metrics(path) if resumed else []  # a torn last line dropped, with a notice
+            write_text_atomic(path, "".join(json_line(m) for m in old if m["step"] <= resumed_at))
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.rt.is_main:
+            with self.path.open("a") as f:
+                f.write(json_line(record))  # NaN and inf as null, flagged
+
+
+def _clip_gradients(student: Gemma2ForCausalLM, grad_clip: float) -> Tensor:
+    """Clip the global gradient norm to grad_clip (0: never) and return the norm before clipping."""
+    norm = nn.utils.clip_grad_norm_(student.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+
+
 def _accumulate_gradients(
-    loss_mod: _StudentLoss, micro: list[Batch], teacher: _Teacher | None, alpha: float, rt: _Runtime
+    loss_mod: _StudentLoss, micro: list[Batch], teacher: Teacher | None, alpha: float, rt: Runtime
 ) -> tuple[float, Tensor]:
     """Forward and backward over one step's micro-batches. The gradients left in the student are
     those of the mean loss over every counted token of every micro-batch on every rank.
@@ -439,21 +324,8 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
             f"alpha = {cfg.alpha} weighs a distillation term but there is no teacher: pass a teacher "
             "(a model or a TeacherCache), or alpha=0 for plain next-token training"
         )
-    if isinstance(teacher, Gemma2ForCausalLM) and teacher.config.vocab_size != V:
-        raise ValueError(
-            f"student vocab size {V} != teacher vocab size {teacher.config.vocab_size}: distillation "
-            "compares distributions over the same token ids; build the student with the teacher's "
-            f"vocab_size (load_student(..., vocab_size={teacher.config.vocab_size})) and its tokenizer"
-        )
-    if isinstance(teacher, TeacherCache):
-        if teacher.vocab_size != V:
-            raise ValueError(
-                f"student vocab size {V} != the teacher cache's {teacher.vocab_size}: build the student "
-                f"with vocab_size={teacher.vocab_size} and the tokenizer the cache was made with"
-            )
-        teacher.check_temperature(cfg.temperature)
-        if cfg.objective != "forward_kl":  # held-out KD uses the objective too, even at alpha = 0
-            raise ValueError(f"a top-k teacher cache supports only objective='forward_kl', got {cfg.objective!r}")
+    if teacher is not None:
+        check_teacher(teacher, V, cfg.temperature, cfg.objective)
     top = max(int(d.tokens.max()) for d in (data.train, data.heldout) if d is not None)
     if top >= V:
         raise ValueError(
@@ -464,16 +336,15 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
         raise ValueError("eval_every > 0 needs held-out data: set holdout_fraction > 0 (or eval paths), or eval_every=0")
     if cfg.tokenizer_file is not None and not Path(cfg.tokenizer_file).is_file():
         raise FileNotFoundError(f"tokenizer_file {cfg.tokenizer_file} does not exist; pass the tokenizer.model path")
-    tokenizer = Tokenizer(cfg.tokenizer_file) if cfg.tokenizer_file is not None else None
+    # A cache's vocabulary is the student's (check_teacher); a live teacher has its own config too.
     models = [("the student", student.config)]
     if isinstance(teacher, Gemma2ForCausalLM):
         models.append(("the teacher", teacher.config))
+    tokenizer = Tokenizer(cfg.tokenizer_file) if cfg.tokenizer_file is not None else None
     for what, config in models:
         check_seq_len(data.train.seq_len, config, what)
         if tokenizer is not None:
             check_tokenizer(tokenizer, config, what)
-    if isinstance(teacher, TeacherCache) and tokenizer is not None:
-        check_vocab(tokenizer.vocab_size, teacher.vocab_size, "the teacher cache", cfg.tokenizer_file)
 
 
 def train(
@@ -505,47 +376,31 @@ def train(
     every eval_every steps and at the end. Raises NonFiniteLossError if the loss or the gradient
     norm stops being finite.
     """
-    rt = _runtime(cfg)
+    rt = runtime(cfg.device)
     _check(cfg, student, teacher, data)
     with open_run(cfg, data, resume=resume, overwrite=overwrite, main=rt.is_main, world=rt.world) as run:
         return _train(cfg, student, data, teacher, rt, run, progress)
 
 
-def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher, rt: _Runtime, run: Run,
+def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher, rt: Runtime, run: Run,
            progress: bool) -> list[dict]:  # fmt: skip
     out, ckpt = run.out, run.checkpoint
     if ckpt is not None:
         # Loaded before sharding: fully_shard then cuts every rank's shard out of these tensors.
         student.load_state_dict(load_model(ckpt, config=student.config).state_dict(), strict=True)
 
-    # Prepare the student: device, activation checkpointing, sharding, optimizer.
-    dtype = _compute_dtype(cfg, rt.device)
-    student.to(rt.device).train()
-    if cfg.activation_checkpointing:
-        from torch.distributed._composable import checkpoint
-
-        for block in student.model.layers:
-            checkpoint(block)
-    loss_mod = _StudentLoss(student, cfg, dtype, autocast=dtype != torch.float32 and not rt.sharded)
-    if rt.sharded:
-        _shard(loss_mod, student, rt, param_dtype=None if dtype == torch.float32 else dtype)
+    loss_mod = _prepare_student(student, cfg, rt)
     optimizer = build_optimizer(student, cfg, rt.device)
     loader = BatchLoader(data.train, cfg.batch_size, seed=cfg.seed, rank=rt.rank, world_size=rt.world)
-    kd_teacher = _Teacher(teacher, data, rt) if teacher is not None else None
+    kd_teacher = Teacher(teacher, data, rt) if teacher is not None else None
     start_step = 0
     if ckpt is not None:
         state = load_training_state(ckpt, student, optimizer)
         loader.load_state_dict(state["data"])
         start_step = state["step"]
 
-    metrics: list[dict] = []
-    if rt.is_main:
-        run.restart_metrics(start_step)
-
-    def log(record: dict) -> None:
-        metrics.append(record)
-        if rt.is_main:
-            run.log(record)
+    metrics = _MetricsLog(out / METRICS_FILE, rt, resumed_at=start_step if ckpt is not None else None)
+    log = metrics.log
 
     def evaluate(step: int, first: bool) -> None:
         loss_mod.eval()
@@ -564,9 +419,7 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
             group["lr"] = lr
         micro = [next(loader) for _ in range(cfg.grad_accum)]
         n_counted, sums = _accumulate_gradients(loss_mod, micro, train_teacher, cfg.alpha, rt)
-        norm = nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
-            norm = norm.full_tensor()
+        norm = _clip_gradients(student, cfg.grad_clip)
         loss_sum, kd_sum, ce_sum, grad_norm = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()  # one sync
         loss_value = loss_sum / rt.world
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
@@ -591,4 +444,4 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
                 save_checkpoint(out, step + 1, student, optimizer, state, tokenizer_file=cfg.tokenizer_file,
                                 keep_last=cfg.keep_last)  # fmt: skip
     bar.close()
-    return metrics
+    return metrics.records

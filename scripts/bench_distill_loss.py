@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.distill import TeacherHead, chunked_distill_loss, kd_loss
 
 CAP = 30.0  # Gemma 2 final logit softcap, student and teacher
@@ -85,7 +86,7 @@ def worker(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = to_dtype(args.dtype)
     N, V, D, D_T = args.tokens, args.vocab, args.hidden, args.teacher_hidden
 
     def randn(*shape, std, grad=False):  # built in place: no transient copies raise the peak
@@ -109,7 +110,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=256000)
     p.add_argument("--hidden", type=int, default=2304, help="student hidden size (2B: 2304)")
     p.add_argument("--teacher-hidden", type=int, default=3584, help="teacher hidden size (9B: 3584)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="hidden states and weights")
+    p.add_argument("--dtype", type=dtype_argument, default="fp32", help="hidden states and weights: fp32 or bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--objective", default="forward_kl")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -28,7 +28,7 @@ CONFIG = Gemma2Config(vocab_size=32000, hidden_size=1024, intermediate_size=4096
 def measure(path: str, dtype: str) -> dict:
     """Run in a child process: peak RSS growth while loading."""
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    model = load_model(path, dtype=getattr(torch, dtype), config=CONFIG)
+    model = load_model(path, dtype=dtype, config=CONFIG)  # a name from gemma2.dtypes
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"weights_mb": weights / 2**20, "peak_growth_mb": (peak - base) / 2**20, "ratio": (peak - base) / weights}

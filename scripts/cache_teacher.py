@@ -19,10 +19,9 @@ from gemma2.checkpoint import load_model
 from gemma2.cli import run_cli
 from gemma2.compatibility import check_seq_len, check_tokenizer
 from gemma2.data import load_datasets
+from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.teacher_cache import write_teacher_cache
 from gemma2.tokenizer import Tokenizer
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def main() -> int:
@@ -39,14 +38,15 @@ def main() -> int:
     p.add_argument("--logprob-dtype", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of teacher logits")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16" if torch.cuda.is_available() else "fp32")
+    p.add_argument("--dtype", type=dtype_argument, default="bf16" if torch.cuda.is_available() else "fp32",
+                   help="teacher dtype: bf16 (bfloat16) or fp32 (float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
     args = p.parse_args()
 
     tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.teacher) / "tokenizer.model"
     tokenizer = Tokenizer(tok_path)
-    teacher = load_model(args.teacher, dtype=DTYPES[args.dtype], device=args.device)
+    teacher = load_model(args.teacher, dtype=to_dtype(args.dtype), device=args.device)
     check_tokenizer(tokenizer, teacher.config, "the teacher")
     check_seq_len(args.seq_len, teacher.config, "the teacher")
     data = load_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,

@@ -19,9 +19,8 @@ import torch
 from gemma2 import load_model, save_model
 from gemma2.checkpoint import save_official, stored_dtype
 from gemma2.cli import run_cli
+from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.files import atomic_file
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def check_output(source: Path, target: Path, dtype: torch.dtype, args: argparse.Namespace) -> None:
@@ -50,20 +49,20 @@ def main() -> int:
     parser.add_argument("--input", required=True, help="a .ckpt file, a directory of .bin shards, or an HF directory")
     parser.add_argument("--output", required=True, help="an HF directory, or a .ckpt path with --to-official")
     parser.add_argument("--config", help="preset (2b, 9b, 27b) or config.json path; needed for official inputs")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype written (default bfloat16)")
+    parser.add_argument("--dtype", type=dtype_argument, default="bf16", help="dtype written: bf16 (bfloat16, default) or fp32 (float32)")
     parser.add_argument("--to-official", action="store_true", help="write the official .ckpt instead")
     parser.add_argument("--max-shard-gb", type=float, default=4.0, help="HF shard size (default 4 GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args()
 
     source, target = Path(args.input), Path(args.output)
-    check_output(source, target, DTYPES[args.dtype], args)
+    check_output(source, target, to_dtype(args.dtype), args)
     config = args.config
     if config and config.endswith(".json"):
         from gemma2 import Gemma2Config
 
         config = Gemma2Config.from_json(config)
-    model = load_model(source, dtype=DTYPES[args.dtype], config=config, progress=True)
+    model = load_model(source, dtype=to_dtype(args.dtype), config=config, progress=True)
     if args.to_official:
         target.parent.mkdir(parents=True, exist_ok=True)
         save_official(model, target)

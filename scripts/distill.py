@@ -23,12 +23,14 @@ import torch
 from gemma2.checkpoint import load_model
 from gemma2.cli import device_arg, run_cli
 from gemma2.data import load_datasets
+from gemma2.distributed import close_distributed, init_distributed
+from gemma2.dtypes import compute_dtype_argument, dtype_argument, to_dtype
+from gemma2.teacher import teacher_vocab_size
 from gemma2.teacher_cache import TeacherCache
 from gemma2.tokenizer import Tokenizer
+from gemma2.student import load_student
 from gemma2.train_state import latest_checkpoint
-from gemma2.trainer import NonFiniteLossError, TrainConfig, init_distributed, load_student, train
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+from gemma2.trainer import NonFiniteLossError, TrainConfig, train
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,7 +39,8 @@ def parse_args() -> argparse.Namespace:
     teacher = p.add_mutually_exclusive_group()
     teacher.add_argument("--teacher", help="teacher checkpoint directory (Hugging Face layout)")
     teacher.add_argument("--teacher-cache", help="directory written by scripts/cache_teacher.py")
-    p.add_argument("--teacher-dtype", choices=DTYPES, default="bf16" if torch.cuda.is_available() else "fp32")
+    p.add_argument("--teacher-dtype", type=dtype_argument, default="bf16" if torch.cuda.is_available() else "fp32",
+                   help="bf16 (bfloat16) or fp32 (float32); default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--data", nargs="+", metavar="PATH",
                    help=".txt (one document each), .jsonl ('text' per line) or directories; default: built-in corpus")
     p.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out documents (default: split from --data)")
@@ -64,7 +67,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--keep-last", type=int, default=1, help="newest checkpoints to keep (0: all)")
     p.add_argument("--seed", type=int, default=0, help="data order, and a fresh student's weights")
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--dtype", type=compute_dtype_argument, default="auto",
+                   help="compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 (bfloat16) or fp32 (float32)")
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the loss")
     p.add_argument("--device", default=None)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -99,16 +103,11 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer(tok_path)
     teacher = None
     if args.teacher:
-        teacher = load_model(args.teacher, dtype=DTYPES[args.teacher_dtype])
+        teacher = load_model(args.teacher, dtype=to_dtype(args.teacher_dtype))
     elif args.teacher_cache:
         teacher = TeacherCache(args.teacher_cache)
     # A fresh student speaks the teacher's vocabulary (else the tokenizer's).
-    if isinstance(teacher, TeacherCache):
-        vocab = teacher.vocab_size
-    elif teacher is not None:
-        vocab = teacher.config.vocab_size
-    else:
-        vocab = tokenizer.vocab_size
+    vocab = teacher_vocab_size(teacher) if teacher is not None else tokenizer.vocab_size
     student = load_student(args.student, vocab_size=vocab, seed=args.seed)
     data = load_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,
                          eval_paths=args.eval_data)  # fmt: skip
@@ -137,8 +136,7 @@ def main(args: argparse.Namespace) -> int:
         evals = [m for m in metrics if "eval_ce" in m]
         if evals:
             print(f"final held-out: {evals[-1]}", file=sys.stderr)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    close_distributed()
     return 0
 
 

@@ -27,11 +27,10 @@ import torch
 from gemma2 import Gemma2ForCausalLM, load_model
 from gemma2.cli import device_arg, run_cli
 from gemma2.compatibility import check_tokenizer
+from gemma2.dtypes import to_dtype
 from gemma2.generation import Chat, left_pad, stream
 from gemma2.sampling import check_sampling_args
 from gemma2.tokenizer import StreamDecoder, Tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class UsageError(ValueError):
@@ -57,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", help="float32 (fp32) or bfloat16 (bf16) (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin (implies --chat)")
@@ -67,12 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, Tokenizer]:
     if args.dtype is None:
         args.dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
-    if args.dtype in ("float16", "half", "fp16"):
-        raise UsageError(
-            "--dtype float16 is refused: Gemma 2's activations overflow float16; use bfloat16 or float32"
-        )
-    if args.dtype not in DTYPES:
-        raise UsageError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPES)}")
+    try:
+        dtype = to_dtype(args.dtype)
+    except ValueError as e:
+        raise UsageError(f"--dtype {e}") from None
     checkpoint = Path(args.checkpoint)
     if not checkpoint.exists():
         raise UsageError(
@@ -87,7 +84,7 @@ def load(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, Tokenizer]:
             "or pass --tokenizer PATH"
         )
     tokenizer = Tokenizer(tokenizer_path)  # before the model: a bad tokenizer fails fast
-    model = load_model(checkpoint, dtype=DTYPES[args.dtype], device=args.device)
+    model = load_model(checkpoint, dtype=dtype, device=args.device)
     check_tokenizer(tokenizer, model.config)  # before generating: a mismatch would fail mid-stream
     return model, tokenizer
 

@@ -4,7 +4,7 @@
     python scripts/train_teacher.py --steps 20 --out runs/teacher-smoke   # a quick check
 
 Steps: build the built-in corpus (gemma2.corpus), train a 4096-piece SentencePiece tokenizer on
-its train split, train gemma2.demo.TEACHER_CONFIG with plain next-token loss (alpha = 0) using
+its train split, train gemma2.config.TINY_TEACHER with plain next-token loss (alpha = 0) using
 gemma2.trainer, then write the Hugging Face layout (config.json, model.safetensors,
 tokenizer.model) and a README.md recording how it was made. Trainer checkpoints and
 metrics.jsonl go to --work.
@@ -23,12 +23,13 @@ import torch
 
 from gemma2.checkpoint import save_model
 from gemma2.cli import run_cli
+from gemma2.config import TINY_TEACHER
 from gemma2.corpus import build_corpus, corpus_fingerprint, split_corpus
-from gemma2.data import load_datasets
-from gemma2.demo import TEACHER_CONFIG
+from gemma2.data import split_datasets
 from gemma2.model import Gemma2ForCausalLM
 from gemma2.tokenizer import Tokenizer, train_tokenizer
-from gemma2.trainer import TrainConfig, init_weights, train
+from gemma2.student import init_weights
+from gemma2.trainer import TrainConfig, train
 
 
 def main() -> None:
@@ -50,14 +51,14 @@ def main() -> None:
     t0 = time.perf_counter()
 
     docs = build_corpus()
-    train_docs, _ = split_corpus(docs)  # the same split load_datasets makes below
+    train_docs, _ = split_corpus(docs)  # the same split split_datasets makes below
     work = Path(args.work)
     if work.exists():  # the trainer refuses to overwrite checkpoints; this script always starts over
         shutil.rmtree(work)
     tok_path = train_tokenizer(train_docs, work / "tokenizer.model", args.vocab_size)
     tokenizer = Tokenizer(tok_path)
-    data = load_datasets(None, tokenizer, args.seq_len)
-    config = TEACHER_CONFIG.replace(vocab_size=tokenizer.vocab_size)
+    data = split_datasets(docs, tokenizer, args.seq_len, where="the built-in corpus")
+    config = TINY_TEACHER.replace(vocab_size=tokenizer.vocab_size)
     model = init_weights(Gemma2ForCausalLM(config), seed=args.seed)
     n_params = sum(q.numel() for q in model.parameters())
     print(f"teacher: {n_params:,} parameters; {len(data.train)} training sequences of {args.seq_len} tokens; "
@@ -89,7 +90,7 @@ def main() -> None:
 
 
 def readme(r: dict) -> str:
-    c = TEACHER_CONFIG
+    c = TINY_TEACHER
     return f"""# tiny-teacher
 
 The demo teacher (`python scripts/demo.py`): a {r['parameters'] / 1e6:.2f} M-parameter model with the

@@ -18,6 +18,17 @@ def tiny_config(**overrides) -> Gemma2Config:
     return Gemma2Config(**(values | overrides))
 
 
+def tiny_training_config(**overrides) -> Gemma2Config:
+    """A still smaller Gemma 2 for training tests (hundreds of steps in seconds): GQA, two layers
+    (one local, one global), a window below the context."""
+    values = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+        sliding_window=8, max_position_embeddings=64,
+    )  # fmt: skip
+    return Gemma2Config(**(values | overrides))
+
+
 def hf_config(cfg: Gemma2Config):
     """The oracle's config, written field by field (not through our own config.json writer)."""
     import transformers

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
+from gemma2.config import TINY_TEACHER
 from gemma2.corpus import help_topics
-from gemma2.demo import QUICK, TEACHER_CONFIG, TEACHER_DIR, greedy_sample, load_teacher, report, run, student_config
+from gemma2.demo import QUICK, TEACHER_DIR, greedy_sample, load_teacher, report, run, student_config
 from gemma2.model import Gemma2ForCausalLM
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -22,7 +29,7 @@ def teacher():
 
 def test_shipped_teacher_is_the_documented_config(teacher):
     model, tokenizer = teacher
-    assert model.config == TEACHER_CONFIG.replace(vocab_size=tokenizer.vocab_size)
+    assert model.config == TINY_TEACHER.replace(vocab_size=tokenizer.vocab_size)
     assert model.config.sliding_window < model.config.max_position_embeddings
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     size = sum(f.stat().st_size for f in TEACHER_DIR.iterdir())
@@ -31,10 +38,10 @@ def test_shipped_teacher_is_the_documented_config(teacher):
 
 def test_student_is_about_a_quarter_of_the_teacher():
     with torch.device("meta"):
-        n_t = sum(p.numel() for p in Gemma2ForCausalLM(TEACHER_CONFIG).parameters())
-        n_s = sum(p.numel() for p in Gemma2ForCausalLM(student_config(TEACHER_CONFIG)).parameters())
+        n_t = sum(p.numel() for p in Gemma2ForCausalLM(TINY_TEACHER).parameters())
+        n_s = sum(p.numel() for p in Gemma2ForCausalLM(student_config(TINY_TEACHER)).parameters())
     assert 0.2 <= n_s / n_t <= 0.3
-    assert student_config(TEACHER_CONFIG).vocab_size == TEACHER_CONFIG.vocab_size
+    assert student_config(TINY_TEACHER).vocab_size == TINY_TEACHER.vocab_size
 
 
 def test_shipped_teacher_generates(teacher):
@@ -86,3 +93,25 @@ def test_quick_demo_writes_results_and_curves(tmp_path):
     assert b"Matplotlib" in png  # the Software text chunk matplotlib writes
     text = report(results)
     assert "held-out ppl" in text and ("YES" in text or "NO" in text)
+
+
+def test_an_installed_package_finds_the_shipped_teacher(tmp_path):
+    """A regular install (the wheel) carries the teacher as package data and TEACHER_DIR finds it
+    there, away from any checkout; a checkout or `pip install -e .` uses checkpoints/ (above)."""
+    root = Path(__file__).parents[1]
+    src = tmp_path / "src"  # build from a copy: building in the work tree would leave build/ there
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src)
+    shutil.copytree(root / "gemma2", src / "gemma2", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(TEACHER_DIR, src / "checkpoints" / "tiny-teacher")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("gemma2-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # a pure-Python wheel installs by unpacking
+    probe = "import gemma2.demo as d; m, t = d.load_teacher(); print(d.TEACHER_DIR, m.config.vocab_size == t.vocab_size)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                         env=os.environ | {"PYTHONPATH": str(site)})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(site / "gemma2" / "tiny_teacher"), "True"]

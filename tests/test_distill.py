@@ -9,6 +9,7 @@ from gemma2.distill import (
     TeacherHead,
     TopK,
     chunked_distill_loss,
+    distill_sums,
     kd_loss,
     teacher_topk,
     topk_kd_loss,
@@ -255,6 +256,24 @@ def test_plain_cross_entropy_and_stats():
     torch.testing.assert_close(stats.kd_sum / stats.tokens, kd / T**2)
     torch.testing.assert_close(stats.ce_sum / stats.tokens, ce)
 
+
+
+@pytest.mark.parametrize("objective", ["forward_kl", "jsd"])
+def test_distill_sums_measure_what_the_textbook_says(objective):
+    """Evaluation's sums: CE always, KD only with a teacher, no loss weighting, no gradient."""
+    h, w, teacher, targets, mask = problem(seed=11)
+    h.requires_grad_(True)
+    T = 2.0
+    logits = softcap(h @ w.T, CAP)
+    t_logits = softcap(teacher.hidden @ teacher.weight.T, T_CAP)
+    stats = distill_sums(h, w, teacher, targets, mask, final_softcap=CAP, objective=objective, temperature=T,
+                         chunk_size=5)  # fmt: skip
+    assert stats.tokens == int(mask.sum()) and not stats.ce_sum.requires_grad
+    torch.testing.assert_close(stats.ce_sum / stats.tokens, F.cross_entropy(logits[mask], targets[mask]))
+    kd = kd_loss(logits, t_logits, mask, objective=objective, temperature=T)
+    torch.testing.assert_close(stats.kd_sum / stats.tokens, kd / T**2)
+    no_teacher = distill_sums(h, w, None, targets, mask, final_softcap=CAP, chunk_size=5)
+    assert no_teacher.kd_sum == 0 and torch.equal(no_teacher.ce_sum, stats.ce_sum)
 
 def test_softcap_is_applied():
     h, w, teacher, targets, mask = problem(seed=3)

@@ -19,19 +19,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import tiny_training_config
 from gemma2 import Gemma2Config, Gemma2ForCausalLM
 from gemma2.checkpoint import load_model
 from gemma2.data import Datasets, PackedSequences
-from gemma2.trainer import TrainConfig, init_weights, train
+from gemma2.student import init_weights
+from gemma2.trainer import TrainConfig, train
 
 WORLD = 2
 STEPS = 4
 
 
 def _config() -> Gemma2Config:
-    return Gemma2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
-                        sliding_window=4, max_position_embeddings=32)  # fmt: skip
+    return tiny_training_config(vocab_size=96, sliding_window=4, max_position_embeddings=32)
 
 
 def _data() -> Datasets:

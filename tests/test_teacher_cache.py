@@ -11,7 +11,8 @@ from gemma2 import Gemma2Config, Gemma2ForCausalLM
 from gemma2.data import Datasets, PackedSequences
 from gemma2.distill import chunked_distill_loss, teacher_topk
 from gemma2.teacher_cache import TeacherCache, bytes_per_token, write_teacher_cache
-from gemma2.trainer import TrainConfig, init_weights, train
+from gemma2.student import init_weights
+from gemma2.trainer import TrainConfig, train
 
 V, K = 64, 8
 

@@ -17,24 +17,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemma2 import Gemma2Config, Gemma2ForCausalLM
+from conftest import tiny_training_config
+from gemma2 import Gemma2ForCausalLM
 from gemma2 import train_state
 from gemma2 import trainer as T
 from gemma2.checkpoint import load_model
 from gemma2.data import IGNORE_INDEX, Batch, Datasets, PackedSequences
 from gemma2.distill import kd_loss
+from gemma2.distributed import runtime
+from gemma2.teacher import Teacher
 from gemma2.train_state import latest_checkpoint
-from gemma2.trainer import NonFiniteLossError, TrainConfig, init_weights, lr_at, train
+from gemma2.student import init_weights
+from gemma2.trainer import NonFiniteLossError, TrainConfig, lr_at, train
 
-V = 64
+V = tiny_training_config().vocab_size
 GOLDEN = Path(__file__).parent / "golden" / "trainer_tiny.json"
 
 
-def tiny(**overrides) -> Gemma2Config:
-    values = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
-                  max_position_embeddings=64)  # fmt: skip
-    return Gemma2Config(**(values | overrides))
+tiny = tiny_training_config  # vocabulary V
 
 
 def markov_data(n_tokens: int = 12_000, seq_len: int = 16, seed: int = 0) -> Datasets:
@@ -100,8 +100,8 @@ def _grads(model: Gemma2ForCausalLM) -> dict[str, torch.Tensor]:
 
 def test_gradient_accumulation_normalises_over_all_counted_tokens(tmp_path, data):
     cfg = config(tmp_path, chunk_size=7)
-    rt = T._runtime(cfg)
-    kd_teacher = T._Teacher(teacher(), data, rt)
+    rt = runtime(cfg.device)
+    kd_teacher = Teacher(teacher(), data, rt)
     batch = data.train.batch(range(4))
     targets = batch.targets.clone()
     targets[0, :3] = IGNORE_INDEX  # micro-batch 1 counts 29 tokens ...

@@ -1,0 +1,105 @@
+"""Distributed setup and FSDP2 wrapping: the one place that knows about process groups.
+
+Run the same code under torchrun: `init_distributed` joins the group torchrun describes (NCCL on
+GPUs, gloo on CPU), `runtime` says which rank, world and device this process has, and `shard`
+wraps a model with FSDP2 (`fully_shard`): every Block one all-gather unit, the root holding the
+embedding and the final norm. Outside torchrun everything here is a no-op on one process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .model import Gemma2ForCausalLM
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group that torchrun describes (WORLD_SIZE > 1): NCCL when this machine has
+    GPUs, gloo otherwise. Returns (rank, world_size); (0, 1) outside torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def close_distributed() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    """True when this process is one of several in a process group."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: its rank, the world size, its device, and whether it shards."""
+
+    rank: int
+    world: int
+    device: torch.device
+    sharded: bool  # FSDP2 across `world` processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.sharded:
+            dist.barrier()
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        if self.sharded:
+            dist.all_reduce(t)
+        return t
+
+
+def runtime(device: str | None = None) -> Runtime:
+    """This process's Runtime. In a process group the device follows the backend (the current
+    GPU for NCCL, the CPU for gloo); alone it is `device`, else cuda if available, else cpu."""
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            here = torch.device("cuda", torch.cuda.current_device())
+        else:
+            here = torch.device("cpu")
+        return Runtime(dist.get_rank(), dist.get_world_size(), here, True)
+    return Runtime(0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), False)
+
+
+def shard(root: nn.Module, model: Gemma2ForCausalLM, rt: Runtime, param_dtype: torch.dtype | None) -> None:
+    """FSDP2: each Block of `model` is one all-gather unit; `root` (which holds `model`) holds the
+    embedding and final norm. param_dtype: the dtype the unsharded parameters compute in (None:
+    their own); gradients are reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(rt.device.type, (rt.world,))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(root, mesh=mesh, mp_policy=mp)

@@ -1,0 +1,49 @@
+"""Students to train: fresh weights for a config (`init_weights`), or a model from a checkpoint,
+a config.json or a preset name (`load_student`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_model
+from .config import PRESETS, Gemma2Config
+from .model import Gemma2ForCausalLM
+
+
+@torch.no_grad()
+def init_weights(model: Gemma2ForCausalLM, seed: int = 0, std: float = 0.02) -> Gemma2ForCausalLM:
+    """Fresh weights: N(0, std) for the embedding and every projection (transformers' Gemma 2
+    initialiser), norm offsets 0 (scale 1). nn.Embedding's own N(0, 1) would make the tied head's
+    first logits ~sqrt(D) wide, far from the uniform guess a new model should start at."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.dim() == 1:  # RMSNorm offsets: the only vectors in the model
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def load_student(spec: str | os.PathLike, *, vocab_size: int | None = None, seed: int = 0) -> Gemma2ForCausalLM:
+    """A student from a checkpoint directory (its weights), a config.json or a preset name (fresh
+    weights from `init_weights(seed)`). `vocab_size` replaces a fresh student's vocabulary size, to
+    match the teacher's or the tokenizer's; a checkpoint keeps its own."""
+    path = Path(spec)
+    if path.is_dir():
+        return load_model(path)
+    if path.suffix == ".json":
+        config = Gemma2Config.from_json(path)
+    else:
+        try:
+            config = Gemma2Config.from_name(str(spec))
+        except ValueError:
+            raise ValueError(
+                f"student {str(spec)!r} is neither a checkpoint directory, a config.json nor a preset; "
+                f"pass one of those (presets: {', '.join(sorted(PRESETS))})"
+            ) from None
+    if vocab_size is not None:
+        config = config.replace(vocab_size=vocab_size)
+    return init_weights(Gemma2ForCausalLM(config), seed)

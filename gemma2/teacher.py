@@ -1,0 +1,107 @@
+"""The teacher of a distillation run: a live model or an offline top-k cache, behind one type.
+
+`Teacher(source, data, rt)` takes either a frozen Gemma2ForCausalLM (eval mode, no grad, its own
+dtype and device; sharded with FSDP2 under torchrun) or a gemma2.teacher_cache.TeacherCache, and
+gives the trainer what the loss reads for a batch: a TeacherHead (final hidden states and the tied
+head, logits made chunk by chunk) or TopK (the cached top-k log-probs). `check_teacher` says, before
+any work, whether a source fits a student and the run's objective.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .data import Batch, Datasets
+from .distill import TeacherHead, TopK
+from .distributed import Runtime, shard
+from .model import Gemma2ForCausalLM
+from .teacher_cache import TeacherCache
+
+
+def teacher_vocab_size(source: Gemma2ForCausalLM | TeacherCache) -> int:
+    """The vocabulary a student of this teacher must have."""
+    return source.vocab_size if isinstance(source, TeacherCache) else source.config.vocab_size
+
+
+def check_teacher(source: Gemma2ForCausalLM | TeacherCache, vocab_size: int, temperature: float, objective: str) -> None:
+    """ValueError naming the fix when `source` cannot teach a student of `vocab_size`."""
+    teacher_vocab = teacher_vocab_size(source)
+    if isinstance(source, Gemma2ForCausalLM) and teacher_vocab != vocab_size:
+        raise ValueError(
+            f"student vocab size {vocab_size} != teacher vocab size {teacher_vocab}: distillation "
+            "compares distributions over the same token ids; build the student with the teacher's "
+            f"vocab_size (load_student(..., vocab_size={teacher_vocab})) and its tokenizer"
+        )
+    if isinstance(source, TeacherCache):
+        if teacher_vocab != vocab_size:
+            raise ValueError(
+                f"student vocab size {vocab_size} != the teacher cache's {teacher_vocab}: build the student "
+                f"with vocab_size={teacher_vocab} and the tokenizer the cache was made with"
+            )
+        source.check_temperature(temperature)
+        if objective != "forward_kl":  # held-out KD uses the objective too, even at alpha = 0
+            raise ValueError(f"a top-k teacher cache supports only objective='forward_kl', got {objective!r}")
+
+
+class _TeacherHidden(nn.Module):
+    """The teacher's final hidden states as a module forward, so FSDP2 unshards its root."""
+
+    def __init__(self, teacher: Gemma2ForCausalLM) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.teacher.hidden_states(inputs)
+
+
+class Teacher:
+    """The teacher of a run as one type: gives the KD target of a batch, a TeacherHead from a live
+    model (sharded with the student under torchrun) or TopK from an offline cache."""
+
+    def __init__(self, teacher: Gemma2ForCausalLM | TeacherCache, data: Datasets, rt: Runtime) -> None:
+        self.rt = rt
+        self.model: Gemma2ForCausalLM | None = None
+        self.cache: TeacherCache | None = None
+        if isinstance(teacher, TeacherCache):
+            self.cache = teacher
+            teacher.split("train").check(data.train, "training")
+            self.heldout = None
+            if data.heldout is not None and "heldout" in teacher.splits:
+                self.heldout = teacher.split("heldout")
+                self.heldout.check(data.heldout, "held-out")
+            return
+        self.model = teacher.eval().requires_grad_(False)
+        self.heldout = None
+        self.root = _TeacherHidden(teacher)
+        if rt.sharded:
+            teacher.to(rt.device)
+            shard(self.root, teacher, rt, param_dtype=None)  # the teacher computes in its own dtype
+            self.device = rt.device
+            self._weight = None
+        else:
+            self.device = teacher.output_weight.device
+            # A teacher on another device: one copy of its frozen head next to the student.
+            self._weight = teacher.output_weight.detach().to(rt.device)
+
+    @property
+    def has_heldout(self) -> bool:
+        return self.model is not None or self.heldout is not None
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch, split: str) -> TeacherHead | TopK:
+        if self.cache is not None:
+            part = self.cache.split("train") if split == "train" else self.heldout
+            return part.topk(batch.indices, self.rt.device)
+        hidden = self.root(batch.inputs.to(self.device, non_blocking=True)).to(self.rt.device)
+        if self.rt.sharded:
+            self.root.unshard()  # the tied head lives in the root group: gather it for the loss
+            weight = self.model.output_weight
+        else:
+            weight = self._weight
+        return TeacherHead(hidden, weight, self.model.config.final_logit_softcapping)
+
+    def release(self) -> None:
+        """Free the gathered teacher head once the loss that reads it is done."""
+        if self.model is not None and self.rt.sharded:
+            self.root.reshard()
