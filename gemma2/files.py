@@ -14,6 +14,7 @@ never half of either; a failure removes the temporary and leaves the destination
   write did not produce is ever deleted.
 - `publish_directory(tmp, path)`: the same last step for a directory several processes filled.
 - `fsync(path)`: make a file's bytes, or a directory's entries, durable.
+- `process_alive(pid)`: whether a process exists (is a temporary's or a lock's writer still at work?).
 
 Temporary names start with `.tmp-` so that `remove_stale_temporaries` can clear what a killed
 process left behind, and nothing else. Files get the usual permissions (0666 less the umask),
@@ -181,13 +182,14 @@ def remove_stale_temporaries(directory: str | os.PathLike, name: str) -> list[Pa
     removed = []
     for p in Path(directory).glob(f"{TMP_PREFIX}*{name}-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             removed.append(p)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (ours, or anyone's)."""
     if pid == os.getpid():
         return True
     try:

@@ -39,7 +39,7 @@ import torch
 from safetensors import safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .files import TMP_PREFIX
+from .files import TMP_PREFIX, process_alive
 
 if TYPE_CHECKING:
     from .data import Datasets
@@ -67,16 +67,6 @@ def notice(message: str) -> None:
 # The lock
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def acquire_lock(out: Path) -> Path:
     """Create out/.lock holding "pid host"; refuse when a live process holds it, take it over (with
     a notice) when its process is gone. Returns the lock file."""
@@ -91,7 +81,7 @@ def acquire_lock(out: Path) -> Path:
                 pid = int(pid_text)
             except (OSError, ValueError):
                 pid, host = None, None  # torn by a kill between create and write: nobody holds it
-            if pid is not None and (host != socket.gethostname() or _alive(pid)):
+            if pid is not None and (host != socket.gethostname() or process_alive(pid)):
                 raise ValueError(
                     f"{out} is in use by process {pid} on {host} (lock file {lock}); wait for that run to "
                     f"end or choose another out_dir. If that process is gone, delete {lock}"
@@ -246,7 +236,7 @@ class Run:
             return (f"{head}. The student's weights were already NaN/inf when training started: load a "
                     "checkpoint with finite weights as the student")  # fmt: skip
         return (f"{head}. An update made the weights NaN/inf: lower lr, raise warmup or set grad_clip, "
-                "then resume from that checkpoint (delete the newer ones)")  # fmt: skip
+                "then resume from that checkpoint (move the newer ones away)")  # fmt: skip
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
