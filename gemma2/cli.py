@@ -1,20 +1,68 @@
 """What every command-line script shares: a user error is one line on stderr and exit status 2.
 
-User errors are the library's ValueError (CheckpointError included) and FileNotFoundError, whose
-messages name the fix; anything else is a bug and keeps its traceback.
+User errors are the library's ValueError (CheckpointError included) and every OSError a user can
+cause (a missing path, a read-only or full disk, a file where a directory should be): their
+messages name the fix, and no write in this project leaves a half-written file behind (see
+gemma2.files), which the full-disk message says. Ctrl-C ends a script with one line and exit status
+130 (the shell's code for SIGINT); `on_interrupt` may add what the user needs to know (where to
+resume). Anything else is a bug and keeps its traceback. `device_arg` checks a --device before
+any work.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+import torch
 
-def run_cli(main: Callable[[], int | None]) -> NoReturn:
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: what failed, on which path, and for a full disk that what was
+    there before is intact."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    what = e.strerror or str(e)
+    line = f"{where}: {what}" if where else what
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on device ({line}); nothing was half-written: the previous files and "
+                "checkpoints are intact. Free some space and run the command again")  # fmt: skip
+    if e.errno == errno.EROFS:
+        return f"{line}: the filesystem is read-only; write the output somewhere else"
+    return line
+
+
+def run_cli(main: Callable[[], int | None], on_interrupt: Callable[[], str] | None = None) -> NoReturn:
     try:
         code = main()
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        extra = on_interrupt() if on_interrupt is not None else ""
+        print(f"interrupted{'; ' + extra if extra else ''}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(code or 0)
+
+
+def device_arg(name: str) -> torch.device:
+    """A --device value as a torch.device, refused (ValueError) when this machine has no such device."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine has no CUDA device (or torch was built without CUDA); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return device

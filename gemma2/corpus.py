@@ -195,9 +195,12 @@ def read_documents(path: str | Path) -> list[str]:
             if not line.strip():
                 continue
             try:
-                docs.append(json.loads(line)["text"])
+                text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(
                     f'{path}:{lineno}: expected a JSON object with a "text" field per line ({e})'
                 ) from e
+            if not isinstance(text, str):
+                raise ValueError(f'{path}:{lineno}: "text" must be a string, got {type(text).__name__} {text!r:.40}')
+            docs.append(text)
     return docs

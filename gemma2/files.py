@@ -7,14 +7,18 @@ never half of either; a failure removes the temporary and leaves the destination
 
 - `atomic_file(path)`: yields a temporary path to write; on success it replaces `path`.
 - `write_text_atomic(path, text)`: the same for a string.
-- `atomic_directory(path)`: yields a temporary directory to fill; on success it replaces `path`
-  (an existing directory is swapped out in one step where the OS allows, see `_exchange`).
+- `atomic_directory(path, keep=...)`: yields a temporary directory to fill; on success it replaces
+  `path` (an existing directory is swapped out in one step where the OS allows, see `_exchange`).
+  The entries of the old directory named in `keep` (files the write does not own: a tokenizer, a
+  README, someone else's shards) are carried into the new one as hard links, so nothing that the
+  write did not produce is ever deleted.
 - `publish_directory(tmp, path)`: the same last step for a directory several processes filled.
 - `fsync(path)`: make a file's bytes, or a directory's entries, durable.
+- `process_alive(pid)`: whether a process exists (is a temporary's or a lock's writer still at work?).
 
 Temporary names start with `.tmp-` so that `remove_stale_temporaries` can clear what a killed
 process left behind, and nothing else. Files get the usual permissions (0666 less the umask),
-because the writer that fills the temporary path creates it.
+whatever mode the library that wrote them chose (safetensors creates its files 0600).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import ctypes
 import errno
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,11 +43,41 @@ def fsync(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def _default_mode() -> int:
+    """0666 less the process's umask: the mode `open()` gives a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _finish(path: Path, mode: int) -> None:
+    """Give a written file the usual permissions and make it durable."""
+    os.chmod(path, mode)
+    fsync(path)
+
+
+def _finish_tree(root: Path) -> None:
+    mode = _default_mode()
     for p in sorted(root.rglob("*"), reverse=True):  # children before their directory
-        if not p.is_symlink():
-            fsync(p)
+        if p.is_symlink():
+            continue
+        _finish(p, mode) if p.is_file() else fsync(p)
     fsync(root)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Put `src` at `dst` without copying bytes where the filesystem allows (hard links)."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b, follow_symlinks=False)
+        except OSError:  # no hard links here (some network and FUSE filesystems)
+            shutil.copy2(a, b, follow_symlinks=False)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    else:
+        link(str(src), str(dst))
 
 
 def _temporary(path: Path) -> Path:
@@ -59,7 +93,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp.unlink(missing_ok=True)
     try:
         yield tmp
-        fsync(tmp)
+        _finish(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -89,20 +123,30 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, keep: Iterable[str] = ()) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `path` for the caller to fill; then fsync it and
     put it in place of `path`. An existing `path` (a directory) is exchanged with the new one in a
     single rename where the OS supports it; elsewhere it is moved aside first, so a crash between
     the two renames leaves it, whole, under a `.tmp-` name. On an exception the temporary is
-    removed and `path` is untouched."""
+    removed and `path` is untouched.
+
+    keep: names of entries of the existing `path` to carry over (hard-linked after the caller has
+    written, so a name the caller wrote is the caller's new file, and the old file's bytes are
+    never written through the link)."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
     tmp = _temporary(path)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        publish_directory(tmp, path)
+        _finish_tree(tmp)
+        for name in keep:  # after _finish_tree: a kept file keeps its owner's mode
+            if not (tmp / name).exists() and os.path.lexists(path / name):
+                _link_or_copy(path / name, tmp / name)
+        _swap(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -112,8 +156,14 @@ def publish_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     """Fsync the filled directory `tmp` and put it in place of `path` in one step (the second
     half of `atomic_directory`, for a directory that several processes fill, such as a training
     checkpoint: they agree on `tmp`'s name, one process publishes it)."""
-    tmp, path = Path(tmp), Path(path)
-    _fsync_tree(tmp)
+    _finish_tree(Path(tmp))
+    _swap(Path(tmp), Path(path))
+
+
+def _swap(tmp: Path, path: Path) -> None:
+    """Put the finished directory `tmp` in place of `path`: exchanged in one rename where the OS
+    allows, else the old one moved aside first."""
+    fsync(tmp)
     if not path.exists():
         os.replace(tmp, path)
     elif _exchange(tmp, path):
@@ -132,13 +182,14 @@ def remove_stale_temporaries(directory: str | os.PathLike, name: str) -> list[Pa
     removed = []
     for p in Path(directory).glob(f"{TMP_PREFIX}*{name}-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             removed.append(p)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (ours, or anyone's)."""
     if pid == os.getpid():
         return True
     try:

@@ -88,6 +88,12 @@ class Session:
             got = f"{input_ids.dtype} {tuple(input_ids.shape)}"
             raise ValueError(f"input_ids must be a LongTensor [B, T], got {got}")
         B, T = input_ids.shape
+        if B == 0:
+            raise ValueError(f"input_ids is an empty batch (shape {tuple(input_ids.shape)}); pass at least one row")
+        V = self.model.config.vocab_size
+        if T and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < V:
+            raise ValueError(f"input_ids holds ids outside [0, {V}) (the model's vocabulary): "
+                             f"min {int(input_ids.min())}, max {int(input_ids.max())}; encode with the model's tokenizer")  # fmt: skip
         _check_max_new_tokens(max_new_tokens)
         check_sampling_args(temperature, top_k, top_p)
         total = self.length + T + max_new_tokens
@@ -109,6 +115,8 @@ class Session:
         if attention_mask is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=device)
         else:
+            if ((attention_mask != 0) & (attention_mask != 1)).any():
+                raise ValueError("attention_mask must hold only 1 (a token) and 0 (padding)")
             valid = attention_mask.bool()
             if valid.shape != input_ids.shape:
                 shapes = f"{tuple(valid.shape)} vs {tuple(input_ids.shape)}"
@@ -163,12 +171,20 @@ class Session:
             logits = model.logits(model.hidden_states(ids, valid, cache)[:, -1])  # [B, V]
             done = torch.zeros(B, dtype=torch.bool, device=ids.device)
             for step in range(max_new_tokens):
-                token = pick(logits).masked_fill_(done, pad_id)  # [B]; stopped rows only pad
+                bad = ~logits.isfinite().all(dim=-1)  # [B]; a row's NaN would otherwise sample pad ids
+                token = pick(logits.masked_fill(bad[:, None], 0.0)).masked_fill_(done, pad_id)  # [B]
                 done |= torch.isin(token, stop)
+                all_done, any_bad = torch.stack([done.all(), bad.any()]).tolist()  # the step's one host sync
+                if any_bad:
+                    raise ValueError(
+                        f"the model's logits are NaN or inf at new token {step + 1}: its weights are not finite "
+                        "or its activations overflowed; check the checkpoint (load_model refuses NaN/inf "
+                        "weights unless check_finite=False) or use float32"
+                    )
                 # The consumer may stop iterating here: the cache plus `pending` stay consistent.
                 self.pending = token[:, None]
                 yield token
-                if step == max_new_tokens - 1 or bool(done.all()):
+                if step == max_new_tokens - 1 or all_done:
                     return
                 self.pending = None
                 logits = model.logits(model.hidden_states(token[:, None], ones, cache)[:, -1])

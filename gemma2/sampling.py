@@ -15,6 +15,8 @@ from torch import Tensor
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError for settings that have no meaning, naming the accepted range."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
     if not temperature >= 0:  # also catches NaN
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -69,12 +71,17 @@ def sample(
     """One token id per row: logits `[B, V]` -> LongTensor `[B]`.
 
     temperature 0 is greedy (argmax, the lowest id among equal maxima) and consumes no randomness,
-    so top_k / top_p cannot change its result. The generator must be on the logits' device.
+    so top_k / top_p cannot change its result. So is any temperature below float32's smallest
+    normal number (~1.2e-38): there every token but the top one has probability 0 in float32 anyway,
+    and the temperature itself would round to 0. The generator must be on the logits' device.
     """
     check_sampling_args(temperature, top_k, top_p)
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).smallest_normal:
         return logits.argmax(dim=-1)
-    logits = apply_temperature(logits.float(), temperature)
+    logits = logits.float()
+    # Shifting each row by its maximum changes no probability and keeps any temperature finite: the
+    # top logit becomes 0 and an overflow can only reach -inf (probability 0), never inf - inf.
+    logits = apply_temperature(logits - logits.amax(dim=-1, keepdim=True), temperature)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:

@@ -12,6 +12,10 @@ Layout of a cache directory:
 Shards hold consecutive sequences of one split ("train", "heldout") of a `Datasets`; sequence j
 of the split is row j - start of its shard. The cache records each split's token fingerprint,
 so it cannot be read against other data, another tokenizer or another seq_len.
+
+The writer checks every argument before it touches the directory, builds the new cache beside it
+and swaps it in at once (gemma2.files.atomic_directory): a failed or killed write leaves the old
+cache whole, and an existing cache is replaced only when asked (`overwrite`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .data import PackedSequences
 from .distill import TopK, teacher_topk
+from .files import atomic_directory, remove_stale_temporaries
 from .model import Gemma2ForCausalLM
 
 INDEX = "cache.json"
@@ -55,6 +60,7 @@ def write_teacher_cache(
     logprob_dtype: torch.dtype = torch.float16,
     shard_bytes: int = 512 * 2**20,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Run `teacher` over every sequence of every split once; write shards and `cache.json`.
 
@@ -62,16 +68,45 @@ def write_teacher_cache(
     time from the hidden states, so a batch never holds [B, T, V]. The log-probs are at
     `temperature` (training must use the same one). The held-out split's teacher cross-entropy is
     recorded too, so the trainer can report the teacher's perplexity without the teacher.
-    Returns the index written to cache.json.
+    A non-empty `directory` (an earlier cache, say) is refused unless `overwrite`; then its cache
+    files are replaced and anything else in it kept. Returns the index written to cache.json.
     """
     if logprob_dtype not in (torch.float16, torch.float32):
         raise ValueError(f"logprob_dtype must be torch.float16 or torch.float32, got {logprob_dtype}")
     V = teacher.config.vocab_size
     if not 1 <= k <= V:
         raise ValueError(f"k must be in [1, vocab size {V}], got {k}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be > 0 (and the training temperature), got {temperature}")
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("shard_bytes", shard_bytes)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / INDEX).unlink(missing_ok=True)  # an interrupted rewrite must not look complete
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        what = "a complete teacher cache" if (directory / INDEX).is_file() else "files"
+        raise ValueError(f"{directory} already holds {what}; pass overwrite=True (--overwrite) to replace it")
+    remove_stale_temporaries(directory.parent, directory.name)
+    with atomic_directory(directory, keep=_foreign_entries(directory)) as tmp:
+        return _write(teacher, splits, tmp, k, temperature, batch_size, chunk_size, logprob_dtype, shard_bytes, progress)
+
+
+def _foreign_entries(directory: Path) -> list[str]:
+    """The entries of an existing directory that are not an earlier cache's (kept on overwrite)."""
+    if not directory.is_dir():
+        return []
+    ours = {INDEX}
+    try:
+        index = json.loads((directory / INDEX).read_text())
+        ours |= {shard["file"] for split in index["splits"].values() for shard in split["shards"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no readable index: it names no files of ours
+    return [p.name for p in directory.iterdir() if p.name not in ours]
+
+
+def _write(teacher: Gemma2ForCausalLM, splits: dict[str, PackedSequences], directory: Path, k: int,
+           temperature: float, batch_size: int, chunk_size: int, logprob_dtype: torch.dtype, shard_bytes: int,
+           progress: bool) -> dict:  # fmt: skip
+    V = teacher.config.vocab_size
     id_dtype = torch.int16 if V <= 2**15 else torch.int32
     device = teacher.output_weight.device
     teacher.eval()
@@ -105,18 +140,14 @@ def write_teacher_cache(
                 tail[rows] = torch.cat(out[2]).view(-1, T).cpu()
                 bar.update(len(batch.indices))
             file = f"{name}-{len(shards):05d}.safetensors"
-            tmp = directory / (file + ".tmp")
-            save_file({"ids": ids, "logprobs": lps, "tail": tail}, tmp)
-            tmp.replace(directory / file)
+            save_file({"ids": ids, "logprobs": lps, "tail": tail}, directory / file)
             shards.append({"file": file, "start": start, "count": stop - start})
         bar.close()
         index["splits"][name] = {
             "seq_len": T, "num_sequences": len(data), "fingerprint": data.fingerprint(),
             "teacher_ce": ce_sum.item() / (len(data) * T), "shards": shards,
         }  # fmt: skip
-    tmp = directory / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    tmp.replace(directory / INDEX)  # written last: its presence means every shard is complete
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")  # its presence: the cache is complete
     return index
 
 

@@ -42,19 +42,14 @@ from .checkpoint import save_model
 from .config import Gemma2Config
 from .files import publish_directory
 from .model import Gemma2ForCausalLM
-
-STATE_FILE = "trainer_state.json"
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.removeprefix("step-"))
+from .run_dir import STATE_FILE, latest_complete, rotate
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The newest complete out_dir/step-XXXXXX, or None (a crash mid-save leaves only a
-    .tmp-step-XXXXXX directory, which is ignored)."""
-    done = [p for p in Path(out_dir).glob("step-*") if (p / STATE_FILE).is_file()]
-    return max(done, key=_step_of, default=None)
+    .tmp-step-XXXXXX directory, which is ignored; see gemma2.run_dir.latest_complete)."""
+    found = latest_complete(out_dir)
+    return found[0] if found else None
 
 
 @contextmanager
@@ -131,9 +126,7 @@ def save_checkpoint(
     distributed.barrier()
     if rank == 0:
         publish_directory(tmp, final)  # whole or not at all; replaces the same step saved before a crash
-        if keep_last is not None:
-            for old in sorted(out.glob("step-*"), key=_step_of)[:-keep_last]:
-                shutil.rmtree(old)
+        rotate(out, (state.get("run") or {}).get("id"), keep_last)  # this run's checkpoints only
     distributed.barrier()
     return final
 

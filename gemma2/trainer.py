@@ -43,9 +43,7 @@ one process's memory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -56,17 +54,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model
+from .compatibility import check_seq_len, check_tokenizer
 from .data import IGNORE_INDEX, Batch, BatchLoader, Datasets, eval_batches
 from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss, distill_sums
 from .distributed import Runtime, runtime, shard
 from .dtypes import dtype_name, to_dtype
 from .files import write_text_atomic
 from .model import Gemma2ForCausalLM, RMSNorm
+from .run_dir import METRICS_FILE, Run, json_line, open_run, read_metrics
 from .teacher import Teacher, check_teacher
 from .teacher_cache import TeacherCache
-from .train_state import latest_checkpoint, load_training_state, save_checkpoint
-
-METRICS_FILE = "metrics.jsonl"
+from .tokenizer import Tokenizer
+from .train_state import load_training_state, save_checkpoint
 
 
 @dataclass
@@ -273,14 +272,14 @@ class _MetricsLog:
         self.records: list[dict] = []
         if rt.is_main:
             resumed = resumed_at is not None and path.exists()
-            old = [json.loads(line) for line in path.read_text().splitlines()] if resumed else []
-            write_text_atomic(path, "".join(json.dumps(m) + "\n" for m in old if m["step"] <= resumed_at))
+            old = read_metrics(path) if resumed else []  # a torn last line dropped, with a notice
+            write_text_atomic(path, "".join(json_line(m) for m in old if m["step"] <= resumed_at))
 
     def log(self, record: dict) -> None:
         self.records.append(record)
         if self.rt.is_main:
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_line(record))  # NaN and inf as null, flagged
 
 
 def _clip_gradients(student: Gemma2ForCausalLM, grad_clip: float) -> Tensor:
@@ -337,6 +336,15 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
         raise ValueError("eval_every > 0 needs held-out data: set holdout_fraction > 0 (or eval paths), or eval_every=0")
     if cfg.tokenizer_file is not None and not Path(cfg.tokenizer_file).is_file():
         raise FileNotFoundError(f"tokenizer_file {cfg.tokenizer_file} does not exist; pass the tokenizer.model path")
+    # A cache's vocabulary is the student's (check_teacher); a live teacher has its own config too.
+    models = [("the student", student.config)]
+    if isinstance(teacher, Gemma2ForCausalLM):
+        models.append(("the teacher", teacher.config))
+    tokenizer = Tokenizer(cfg.tokenizer_file) if cfg.tokenizer_file is not None else None
+    for what, config in models:
+        check_seq_len(data.train.seq_len, config, what)
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, config, what)
 
 
 def train(
@@ -346,6 +354,7 @@ def train(
     *,
     teacher: Gemma2ForCausalLM | TeacherCache | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> list[dict]:
     """Train `student` on `data` (gemma2.data.load_datasets), distilling from `teacher`.
@@ -353,8 +362,10 @@ def train(
     The student is prepared in place: moved to the device, wrapped for activation checkpointing
     and, under torchrun, sharded with FSDP2 (pass a fresh model to each call). With resume=True the
     newest checkpoint in cfg.out_dir is loaded into it (weights, optimizer, data position, RNG) and
-    training continues to cfg.steps; without one, training starts fresh. A fresh run refuses an
-    out_dir that already holds checkpoints.
+    training continues to cfg.steps, provided every setting that changes the run's meaning is the
+    checkpoint's (gemma2.run_dir); without one, training starts fresh (with a notice). A fresh run
+    refuses an out_dir that already holds checkpoints, and a non-empty one that holds no previous
+    run unless overwrite=True; a second process on one out_dir is refused (a lock file).
 
     Returns this call's metrics, also appended to out_dir/metrics.jsonl (one JSON object a line):
       training, every step:  step, lr, loss, ce (None if alpha = 1), kd (None if alpha = 0),
@@ -367,17 +378,13 @@ def train(
     """
     rt = runtime(cfg.device)
     _check(cfg, student, teacher, data)
-    out = Path(cfg.out_dir)
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None and not resume:
-        raise ValueError(
-            f"{out} already holds checkpoints ({ckpt.name}); pass resume=True (--resume) to "
-            "continue from the newest, or choose a new out_dir"
-        )
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".tmp-step-*"):  # left by a crash mid-save
-            shutil.rmtree(stale)
+    with open_run(cfg, data, resume=resume, overwrite=overwrite, main=rt.is_main, world=rt.world) as run:
+        return _train(cfg, student, data, teacher, rt, run, progress)
+
+
+def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher, rt: Runtime, run: Run,
+           progress: bool) -> list[dict]:  # fmt: skip
+    out, ckpt = run.out, run.checkpoint
     if ckpt is not None:
         # Loaded before sharding: fully_shard then cuts every rank's shard out of these tensors.
         student.load_state_dict(load_model(ckpt, config=student.config).state_dict(), strict=True)
@@ -402,7 +409,6 @@ def train(
 
     if cfg.eval_every and start_step == 0:
         evaluate(0, first=True)
-    last_ckpt = ckpt
     tokens_per_step = cfg.batch_size * data.train.seq_len * cfg.grad_accum * rt.world
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not progress or not rt.is_main)
     train_teacher = kd_teacher if cfg.alpha > 0 else None  # alpha = 0: the teacher only evaluates
@@ -417,11 +423,7 @@ def train(
         loss_sum, kd_sum, ce_sum, grad_norm = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()  # one sync
         loss_value = loss_sum / rt.world
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
-            raise NonFiniteLossError(
-                f"step {step + 1}: loss {loss_value}, gradient norm {grad_norm}; stopped before the update "
-                f"and {where}. Lower lr or raise warmup (or check the data), then resume from it"
-            )
+            raise NonFiniteLossError(run.nonfinite_message(step + 1, start_step + 1, loss_value, grad_norm, student))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
@@ -437,8 +439,9 @@ def train(
         if cfg.eval_every and (done or (step + 1) % cfg.eval_every == 0):
             evaluate(step + 1, first=False)
         if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            state = {"data": loader.state_dict(), "config": dataclasses.asdict(cfg)}
-            last_ckpt = save_checkpoint(out, step + 1, student, optimizer, state, tokenizer_file=cfg.tokenizer_file,
-                                        keep_last=cfg.keep_last)  # fmt: skip
+            state = {"data": loader.state_dict(), "config": dataclasses.asdict(cfg), "run": run.record}
+            with run.saving(student):
+                save_checkpoint(out, step + 1, student, optimizer, state, tokenizer_file=cfg.tokenizer_file,
+                                keep_last=cfg.keep_last)  # fmt: skip
     bar.close()
     return metrics.records

@@ -17,6 +17,7 @@ import torch
 
 from gemma2.checkpoint import load_model
 from gemma2.cli import run_cli
+from gemma2.compatibility import check_seq_len, check_tokenizer
 from gemma2.data import load_datasets
 from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.teacher_cache import write_teacher_cache
@@ -40,17 +41,21 @@ def main() -> int:
     p.add_argument("--dtype", type=dtype_argument, default="bf16" if torch.cuda.is_available() else "fp32",
                    help="teacher dtype: bf16 (bfloat16) or fp32 (float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
     args = p.parse_args()
 
     tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.teacher) / "tokenizer.model"
     tokenizer = Tokenizer(tok_path)
     teacher = load_model(args.teacher, dtype=to_dtype(args.dtype), device=args.device)
+    check_tokenizer(tokenizer, teacher.config, "the teacher")
+    check_seq_len(args.seq_len, teacher.config, "the teacher")
     data = load_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,
                          eval_paths=args.eval_data)  # fmt: skip
     splits = {"train": data.train} | ({"heldout": data.heldout} if data.heldout is not None else {})
     index = write_teacher_cache(
         teacher, splits, args.out, k=args.k, temperature=args.temperature, batch_size=args.batch_size,
         chunk_size=args.chunk_size, logprob_dtype=torch.float16 if args.logprob_dtype == "fp16" else torch.float32,
+        overwrite=args.overwrite,
     )  # fmt: skip
     tokens = sum(s["num_sequences"] * s["seq_len"] for s in index["splits"].values())
     print(f"wrote {args.out}: {tokens:,} tokens, {index['bytes_per_token']} bytes per token "

@@ -8,18 +8,50 @@
 An int8 output holds int8 weights and per-row `weight_scaler`s (gemma2.quantize); --dtype is then
 the dtype of the scales and of the remaining tensors (the norms).
 
-A tokenizer.model next to the input is copied next to the output.
+A tokenizer.model next to the input is copied next to the output. An existing output (a non-empty
+directory, or a .ckpt file) is replaced only with --overwrite, and converting a directory into
+itself only when the dtype stays the same (or with --overwrite); the output is written beside its
+place and swapped in at once, so a failure leaves what was there before.
 """
 
 import argparse
 import shutil
 from pathlib import Path
 
+import torch
+
 from gemma2 import load_model, save_model
-from gemma2.checkpoint import save_official
+from gemma2.checkpoint import save_official, stored_dtype
 from gemma2.cli import run_cli
 from gemma2.dtypes import dtype_argument, to_dtype
+from gemma2.files import atomic_file
 from gemma2.quantize import QUANTIZE_MODES
+
+
+def check_output(source: Path, target: Path, dtype: torch.dtype, args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output that would destroy something without --overwrite."""
+    if args.to_official:
+        if target.is_dir():
+            raise ValueError(f"--output {target} is a directory; --to-official writes a .ckpt file path")
+        exists = target.exists()
+    else:
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"--output {target} is a file; the Hugging Face layout is a directory")
+        exists = target.is_dir() and any(target.iterdir())
+    if target.resolve() == source.resolve():
+        old = stored_dtype(source)
+        if old != dtype and not args.overwrite:
+            raise ValueError(
+                f"--output is the input and would turn its {old} weights into {dtype} in place; pass "
+                f"--dtype {str(old).removeprefix('torch.')}, another --output, or --overwrite"
+            )
+        if args.quantize and not args.overwrite:
+            raise ValueError(
+                f"--output is the input and --quantize {args.quantize} would replace its weights in place; "
+                "pass another --output, or --overwrite"
+            )
+    elif exists and not args.overwrite:
+        raise ValueError(f"--output {target} already exists and is not empty; pass --overwrite to replace it")
 
 
 def main() -> int:
@@ -31,9 +63,11 @@ def main() -> int:
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8: write int8 weights + per-row scales")
     parser.add_argument("--to-official", action="store_true", help="write the official .ckpt instead")
     parser.add_argument("--max-shard-gb", type=float, default=4.0, help="HF shard size (default 4 GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args()
 
     source, target = Path(args.input), Path(args.output)
+    check_output(source, target, to_dtype(args.dtype), args)
     config = args.config
     if config and config.endswith(".json"):
         from gemma2 import Gemma2Config
@@ -49,7 +83,8 @@ def main() -> int:
         out_dir = target
     tokenizer = (source if source.is_dir() else source.parent) / "tokenizer.model"
     if tokenizer.exists() and not (out_dir / "tokenizer.model").exists():
-        shutil.copy(tokenizer, out_dir / "tokenizer.model")
+        with atomic_file(out_dir / "tokenizer.model") as tmp:
+            shutil.copyfile(tokenizer, tmp)
     print(f"wrote {target}")
     return 0
 

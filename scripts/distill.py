@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gemma2.checkpoint import load_model
-from gemma2.cli import run_cli
+from gemma2.cli import device_arg, run_cli
 from gemma2.data import load_datasets
 from gemma2.distributed import close_distributed, init_distributed
 from gemma2.dtypes import compute_dtype_argument, dtype_argument, to_dtype
@@ -29,6 +29,7 @@ from gemma2.teacher import teacher_vocab_size
 from gemma2.teacher_cache import TeacherCache
 from gemma2.tokenizer import Tokenizer
 from gemma2.student import load_student
+from gemma2.train_state import latest_checkpoint
 from gemma2.trainer import NonFiniteLossError, TrainConfig, train
 
 
@@ -71,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the loss")
     p.add_argument("--device", default=None)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start in a non-empty --out that holds no previous run (nothing in it is deleted)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args()
 
@@ -84,8 +87,17 @@ def tokenizer_path(args: argparse.Namespace) -> Path:
     raise ValueError("no tokenizer: pass --tokenizer PATH (or a --teacher / --student directory holding tokenizer.model)")
 
 
-def main() -> int:
-    args = parse_args()
+def interrupted(out: str) -> str:
+    """What Ctrl-C leaves: the newest checkpoint is whole (a save in progress is discarded)."""
+    ckpt = latest_checkpoint(out) if Path(out).is_dir() else None
+    if ckpt is None:
+        return "no checkpoint was saved yet"
+    return f"the latest complete checkpoint is {ckpt}; continue with the same command and --resume"
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.device is not None:
+        device_arg(args.device)
     rank, _ = init_distributed()
     tok_path = tokenizer_path(args)
     tokenizer = Tokenizer(tok_path)
@@ -115,7 +127,8 @@ def main() -> int:
         tokenizer_file=str(tok_path),
     )  # fmt: skip
     try:
-        metrics = train(cfg, student, data, teacher=teacher, resume=args.resume, progress=not args.no_progress)
+        metrics = train(cfg, student, data, teacher=teacher, resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.no_progress)  # fmt: skip
     except NonFiniteLossError as e:  # not a usage error: the run diverged (exit 1, message kept short)
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -128,4 +141,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    arguments = parse_args()
+    run_cli(lambda: main(arguments), on_interrupt=lambda: interrupted(arguments.out))

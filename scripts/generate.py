@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from gemma2 import CheckpointError, Gemma2ForCausalLM, load_model
+from gemma2 import Gemma2ForCausalLM, load_model
+from gemma2.cli import device_arg, run_cli
+from gemma2.compatibility import check_tokenizer
 from gemma2.dtypes import to_dtype
 from gemma2.generation import Chat, left_pad, stream
 from gemma2.quantize import QUANTIZE_MODES
@@ -32,8 +34,17 @@ from gemma2.sampling import check_sampling_args
 from gemma2.tokenizer import StreamDecoder, Tokenizer
 
 
-class UsageError(Exception):
-    """A bad command line: reported as one line, exit status 2."""
+class UsageError(ValueError):
+    """A bad command line: reported as one line, exit status 2 (gemma2.cli.run_cli)."""
+
+
+def utf8(text: str, where: str) -> str:
+    """`text` unless it holds bytes that were not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{where} is not valid UTF-8 text; pass prompts encoded as UTF-8") from None
+    return text
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,11 +87,7 @@ def load(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, Tokenizer]:
         )
     tokenizer = Tokenizer(tokenizer_path)  # before the model: a bad tokenizer fails fast
     model = load_model(checkpoint, dtype=dtype, device=args.device, quantize=args.quantize)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UsageError(
-            f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {model.config.vocab_size}; "
-            "pass the --tokenizer that came with this checkpoint"
-        )
+    check_tokenizer(tokenizer, model.config)  # before generating: a mismatch would fail mid-stream
     return model, tokenizer
 
 
@@ -149,7 +156,10 @@ def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generato
             text = first.pop()
         else:
             print("> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
+            try:
+                line = utf8(sys.stdin.readline(), "a line on stdin")
+            except UnicodeDecodeError:
+                raise UsageError("a line on stdin is not valid UTF-8 text; type or pipe UTF-8") from None
             text = line.strip()
             if not line or not text or text == "/exit":
                 return
@@ -168,25 +178,29 @@ def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generato
         meter.report()
 
 
+def generate_main(args: argparse.Namespace) -> None:
+    if args.interactive and len(args.prompt) > 1:
+        raise UsageError("--interactive takes at most one --prompt (the first turn)")
+    if not args.interactive and not args.prompt:
+        raise UsageError("pass --prompt TEXT (repeat it for a batch) or --interactive")
+    if args.interactive and (sys.stdin is None or sys.stdin.closed):
+        raise UsageError("--interactive reads the turns from stdin, which is closed; pass --prompt instead")
+    args.prompt = [utf8(p, "--prompt") for p in args.prompt]
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_sampling_args(args.temperature, args.top_k, args.top_p)  # before minutes of loading
+    device_arg(args.device)
+    model, tokenizer = load(args)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    if args.interactive:
+        run_interactive(args, model, tokenizer, generator)
+    else:
+        run_batch(args, model, tokenizer, generator)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        if args.interactive and len(args.prompt) > 1:
-            raise UsageError("--interactive takes at most one --prompt (the first turn)")
-        if not args.interactive and not args.prompt:
-            raise UsageError("pass --prompt TEXT (repeat it for a batch) or --interactive")
-        if args.max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        check_sampling_args(args.temperature, args.top_k, args.top_p)  # before minutes of loading
-        model, tokenizer = load(args)
-        generator = torch.Generator(device=args.device).manual_seed(args.seed)
-        if args.interactive:
-            run_interactive(args, model, tokenizer, generator)
-        else:
-            run_batch(args, model, tokenizer, generator)
-    except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(lambda: generate_main(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,375 @@
+"""A training run's output directory: who may write it, what in it is the run's, and what a resume
+must agree with.
+
+    out_dir/.lock              "pid host" of the process training into it (one at a time)
+    out_dir/metrics.jsonl      one JSON object a line (non-finite numbers as null, see `json_line`)
+    out_dir/step-XXXXXX/       checkpoints (gemma2.train_state); trainer_state.json names the run
+
+- One writer: `open_run` takes the lock file (created exclusively) and refuses a second process,
+  naming the holder; a lock whose process is gone (same host) is taken over with a notice.
+- Nothing that is not the run's is touched: a fresh run refuses a non-empty directory that holds
+  no previous run unless `overwrite`; rotation deletes only `step-\\d{6}` directories whose
+  trainer_state.json carries this run's id, never a user's `step-000000/` or `step-old/`.
+- A resume continues the same run: every TrainConfig field that changes the run's meaning, and the
+  training tokens (fingerprint: data, tokenizer, seq_len), must equal the checkpoint's; a
+  difference is refused with the list. `SAFE_TO_CHANGE` may differ (each change is printed).
+- Damaged files are read robustly: a torn last line of metrics.jsonl is dropped, a checkpoint whose
+  trainer_state.json does not parse is skipped for the one before it, each with a notice naming
+  the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from torch.distributed.checkpoint.api import CheckpointException
+
+from .files import TMP_PREFIX, process_alive
+
+if TYPE_CHECKING:
+    from .data import Datasets
+    from .trainer import TrainConfig
+
+LOCK_FILE = ".lock"
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "trainer_state.json"
+STEP_DIR = re.compile(r"step-(\d{6})")
+# Fields a resume may change: they decide when to save, evaluate and log, where, or how memory is
+# traded for time, not what the run computes. steps may only grow (the cosine schedule then ends
+# later); the data are compared through their fingerprint, which covers the tokenizer.
+SAFE_TO_CHANGE = ("steps", "save_every", "eval_every", "eval_sequences", "keep_last", "out_dir", "tokenizer_file",
+                  "activation_checkpointing", "device")  # fmt: skip
+# Only their product with the number of ranks, the global batch, changes the run: one step's
+# gradient is the mean over its sequences however they are split (gemma2.trainer).
+BATCH_SPLIT = ("batch_size", "grad_accum")
+
+
+def notice(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The lock
+
+
+def acquire_lock(out: Path) -> Path:
+    """Create out/.lock holding "pid host"; refuse when a live process holds it, take it over (with
+    a notice) when its process is gone. Returns the lock file."""
+    lock = out / LOCK_FILE
+    me = f"{os.getpid()} {socket.gethostname()}\n"
+    for _ in range(2):  # the second try follows the removal of a stale lock
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                pid_text, host = lock.read_text().split()
+                pid = int(pid_text)
+            except (OSError, ValueError):
+                pid, host = None, None  # torn by a kill between create and write: nobody holds it
+            if pid is not None and (host != socket.gethostname() or process_alive(pid)):
+                raise ValueError(
+                    f"{out} is in use by process {pid} on {host} (lock file {lock}); wait for that run to "
+                    f"end or choose another out_dir. If that process is gone, delete {lock}"
+                ) from None
+            notice(f"{lock} was left by process {pid} on {host}, which is gone; taking it over")
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return lock
+    raise ValueError(f"{lock}: another process took the lock at the same moment; retry")
+
+
+def release_lock(lock: Path) -> None:
+    try:
+        if lock.read_text() == f"{os.getpid()} {socket.gethostname()}\n":
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints and their state
+
+
+def read_state(ckpt: Path) -> dict | None:
+    """A checkpoint's trainer_state.json, or None (with a notice naming the file) when it is not
+    valid JSON."""
+    file = ckpt / STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+        if isinstance(state, dict) and isinstance(state.get("step"), int):
+            return state
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    notice(f"{file} is corrupt (not the JSON a checkpoint writes); skipping {ckpt.name}")
+    return None
+
+
+def step_dirs(out: str | os.PathLike) -> list[Path]:
+    """The out/step-XXXXXX directories (exactly six digits) with a trainer_state.json, oldest first."""
+    found = [p for p in Path(out).iterdir() if STEP_DIR.fullmatch(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_complete(out: str | os.PathLike) -> tuple[Path, dict] | None:
+    """The newest checkpoint whose trainer_state.json reads, with that state; None if none."""
+    if not Path(out).is_dir():
+        return None
+    for ckpt in reversed(step_dirs(out)):
+        state = read_state(ckpt)
+        if state is not None:
+            return ckpt, state
+    return None
+
+
+def _run_id(state: dict | None) -> str | None:
+    run = state.get("run") if state else None
+    return run.get("id") if isinstance(run, dict) else None
+
+
+def rotate(out: Path, run_id: str | None, keep_last: int | None) -> None:
+    """Delete run `run_id`'s checkpoints beyond its newest `keep_last`; nothing else (nothing at
+    all without a run id)."""
+    if keep_last is None or run_id is None:
+        return
+    ours = [p for p in step_dirs(out) if _run_id(read_state(p)) == run_id]
+    for old in ours[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def finite_weights(ckpt: Path) -> bool:
+    """Whether every tensor of a checkpoint's safetensors files is finite."""
+    for file in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            if not all(bool(f.get_tensor(name).isfinite().all()) for name in f.keys()):
+                return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def json_line(record: dict) -> str:
+    """One metrics line. JSON has no NaN or inf: such values are written as null and their keys
+    listed under "nonfinite", so every reader parses the file."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        record = {k: None if k in bad else v for k, v in record.items()} | {"nonfinite": bad}
+    return json.dumps(record, allow_nan=False) + "\n"
+
+
+def read_metrics(file: Path) -> list[dict]:
+    """The records of a metrics.jsonl; lines that do not parse (a torn last line after a kill) are
+    dropped with a notice naming the file and line."""
+    records = []
+    for lineno, line in enumerate(file.read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line)
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+                continue
+        except json.JSONDecodeError:
+            pass
+        notice(f"{file}:{lineno} is not a complete metrics record (a run killed mid-write?); dropped")
+    return records
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclasses.dataclass
+class Run:
+    """What train() needs to know about its output directory, from `open_run`."""
+
+    out: Path
+    id: str  # stored in every checkpoint: rotation deletes only this run's
+    checkpoint: Path | None  # where to resume from
+    fingerprint: str  # of the training tokens
+
+    @property
+    def record(self) -> dict:
+        """The run's entry in trainer_state.json."""
+        return {"id": self.id, "train_fingerprint": self.fingerprint}
+
+    @contextmanager
+    def saving(self, model: torch.nn.Module) -> Iterator[None]:
+        """Around a checkpoint save: torch's writers report a full disk as a RuntimeError
+        ("unexpected pos ...", wrapped by DCP in a CheckpointException); it becomes the OSError it
+        is when the filesystem has less room left than the model's weights, which every save writes."""
+        try:
+            yield
+        except (RuntimeError, CheckpointException) as e:
+            needed = sum(p.numel() * p.element_size() for p in model.parameters())
+            free = shutil.disk_usage(self.out).free
+            if free < needed:
+                raise OSError(errno.ENOSPC, f"No space left on device ({free:,} bytes free)", str(self.out)) from e
+            raise
+
+    def nonfinite_message(self, step: int, first_step: int, loss: float, grad_norm: float, model: torch.nn.Module) -> str:
+        """Why training stopped at `step`, the last checkpoint whose weights are finite, and the fix."""
+        weights_ok = all(bool(_local(p).isfinite().all()) for p in model.parameters())
+        good = next((p for p in reversed(step_dirs(self.out)) if _run_id(read_state(p)) == self.id
+                     and finite_weights(p)), None)  # fmt: skip
+        where = f"the last good checkpoint is {good} (its weights are finite)" if good else "no checkpoint has finite weights"
+        head = f"step {step}: loss {loss}, gradient norm {grad_norm}; stopped before the update, and {where}"
+        if weights_ok:
+            return f"{head}. The loss blew up: lower lr or raise warmup (or check the data), then resume from it"
+        if step == first_step:
+            return (f"{head}. The student's weights were already NaN/inf when training started: load a "
+                    "checkpoint with finite weights as the student")  # fmt: skip
+        return (f"{head}. An update made the weights NaN/inf: lower lr, raise warmup or set grad_clip, "
+                "then resume from that checkpoint (move the newer ones away)")  # fmt: skip
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p  # this rank's shard of an FSDP DTensor
+
+
+def _non_empty_foreign(out: Path) -> list[str]:
+    """The entries of `out` that show it is neither empty nor a previous run's directory."""
+    if not out.is_dir():
+        return []
+    names = [p.name for p in out.iterdir() if p.name != LOCK_FILE and not p.name.startswith(TMP_PREFIX)]
+    ours = METRICS_FILE in names or any(STEP_DIR.fullmatch(n) and (out / n / STATE_FILE).is_file() for n in names)
+    return [] if ours else sorted(names)
+
+
+def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, world: int = 1) -> None:
+    """Refuse a resume whose settings would change the run's meaning; print each safe change.
+    `world`: the number of ranks now (the checkpoint records its own)."""
+    stored = state.get("config") or {}
+    now = dataclasses.asdict(cfg)
+    differ, changed = [], []
+    global_batch = {
+        "checkpoint": stored.get("batch_size", 0) * stored.get("grad_accum", 1) * state.get("world_size", 1),
+        "now": cfg.batch_size * cfg.grad_accum * world,
+    }
+    for name, value in now.items():
+        if name not in stored:
+            continue
+        old = tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
+        if old == value:
+            continue
+        if name == "tokenizer_file" and value and _same_bytes(ckpt / "tokenizer.model", Path(value)):
+            continue  # the same tokenizer under another path
+        if name in BATCH_SPLIT and global_batch["checkpoint"] == global_batch["now"]:
+            changed.append(f"{name}: {old} -> {value} (the global batch stays {global_batch['now']})")
+        elif name in BATCH_SPLIT:
+            differ.append(f"{name} (checkpoint: {old!r}, now: {value!r}; the global batch, batch_size x "
+                          f"grad_accum x ranks, would go from {global_batch['checkpoint']} to {global_batch['now']})")  # fmt: skip
+        elif name in SAFE_TO_CHANGE and not (name == "steps" and value < state["step"]):
+            changed.append(f"{name}: {old} -> {value}")
+        else:
+            differ.append(f"{name} (checkpoint: {old!r}, now: {value!r})")
+    old_fp = (state.get("run") or {}).get("train_fingerprint")
+    if old_fp is not None and old_fp != fingerprint:
+        differ.append(f"the training tokens (data, tokenizer or seq_len; fingerprint {old_fp} -> {fingerprint})")
+    if differ:
+        raise ValueError(
+            f"cannot resume from {ckpt}: these settings differ from the run it continues: {'; '.join(differ)}. "
+            "Resume with the checkpoint's settings (its trainer_state.json lists them), or start a new run "
+            "in another out_dir"
+        )
+    for change in changed:
+        notice(f"resuming with a changed setting: {change}")
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
+
+
+@contextmanager
+def open_run(cfg: TrainConfig, data: Datasets, *, resume: bool, overwrite: bool, main: bool = True,
+             world: int = 1) -> Iterator[Run]:  # fmt: skip
+    """Check the output directory for a run and hold its lock while the run lasts (rank 0 only:
+    `main`; `world` ranks in all). Raises ValueError for a directory that is not this run's to write (see the module
+    docstring) and for a resume that does not continue the stored run."""
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out_dir {out} exists and is not a directory; choose a directory")
+    found = latest_complete(out)
+    fingerprint = data.train.fingerprint()
+    if found is not None and not resume:
+        raise ValueError(
+            f"{out} already holds checkpoints ({found[0].name}); pass resume=True (--resume) to continue "
+            "from the newest, or choose a new out_dir"
+        )
+    foreign = _non_empty_foreign(out)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{out} is not empty ({shown}) and holds no previous training run; choose a new out_dir, "
+            "or pass overwrite=True (--overwrite) to write into it (nothing in it is deleted)"
+        )
+    if found is not None:
+        ckpt, state = found
+        if not (ckpt / "optimizer").is_dir():
+            raise ValueError(
+                f"{ckpt} has no optimizer/ directory, so it cannot be resumed (it holds weights only); start a "
+                f"new run with it as the student, or delete it to resume from an earlier checkpoint"
+            )
+        if cfg.steps < state["step"]:
+            raise ValueError(
+                f"{ckpt} is at step {state['step']}, past steps = {cfg.steps}; pass steps > {state['step']} "
+                "to train further (a run cannot go back)"
+            )
+        check_resume(cfg, state, fingerprint, ckpt, world)
+        if main and cfg.steps == state["step"]:
+            notice(f"{ckpt} is already at step {cfg.steps}: nothing to train (pass a larger steps to continue)")
+    elif resume and main:
+        notice(f"{out} holds no checkpoint to resume from; starting a new run at step 0")
+    run = Run(out, (_run_id(found[1]) if found else None) or uuid.uuid4().hex, found[0] if found else None, fingerprint)
+    clash = _in_the_way(out, found[1]["step"] if found else 0, cfg.steps, run.id)
+    if clash:
+        raise ValueError(
+            f"{out} holds {', '.join(clash)}, which this run would overwrite but did not write; move them "
+            "away or choose another out_dir"
+        )
+    if not main:
+        yield run
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(out)
+    try:
+        _remove_temporaries(out)  # left by a failed save, or a process killed mid-write
+        yield run
+    finally:
+        release_lock(lock)
+
+
+def _in_the_way(out: Path, start: int, end: int, run_id: str) -> list[str]:
+    """The step directories this run would save into (steps start + 1 .. end) that are not its
+    own: no trainer_state.json (a user's), or another run's. A corrupt or id-less state is a
+    checkpoint of this directory's run, replaced like any unfinished one."""
+    clash = []
+    for p in sorted(out.iterdir()) if out.is_dir() else []:
+        m = STEP_DIR.fullmatch(p.name)
+        if m and start < int(m[1]) <= end:
+            if not (p / STATE_FILE).exists() or _run_id(read_state(p)) not in (None, run_id):
+                clash.append(p.name)
+    return clash
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Delete out/.tmp-*: only the lock holder writes temporaries there, so none is in use."""
+    for stale in out.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+

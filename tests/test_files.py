@@ -1,0 +1,86 @@
+"""gemma2.files: a failed write leaves the destination as it was; kept entries survive untouched."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gemma2.files import atomic_directory, atomic_file, remove_stale_temporaries, write_text_atomic
+
+
+def _mode(path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def _default_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def test_a_failed_file_write_keeps_the_old_content(tmp_path):
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new"
+
+
+def test_files_get_the_default_mode_whatever_the_writer_chose(tmp_path):
+    with atomic_file(tmp_path / "a") as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)  # as safetensors creates its files
+        os.close(fd)
+    with atomic_directory(tmp_path / "d") as tmp:
+        os.close(os.open(tmp / "b", os.O_WRONLY | os.O_CREAT, 0o600))
+    assert _mode(tmp_path / "a") == _mode(tmp_path / "d" / "b") == _default_mode()
+
+
+def test_a_directory_write_keeps_named_entries_and_never_writes_through_them(tmp_path):
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "keep.txt").write_text("user")
+    (target / "sub").mkdir()
+    (target / "sub" / "x").write_text("deep")
+    (target / "replace.txt").write_text("old")
+    (target / "drop.txt").write_text("previous save's")
+    outside = tmp_path / "link-to-old"
+    os.link(target / "replace.txt", outside)  # sees the old file's bytes, whatever happens
+    with atomic_directory(target, keep=["keep.txt", "sub", "replace.txt"]) as tmp:
+        (tmp / "replace.txt").write_text("new")  # the caller's file wins over a kept name
+    assert sorted(os.listdir(target)) == ["keep.txt", "replace.txt", "sub"]
+    assert (target / "keep.txt").read_text() == "user" and (target / "sub" / "x").read_text() == "deep"
+    assert (target / "replace.txt").read_text() == "new" and outside.read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["d", "link-to-old"]  # no temporaries left
+
+
+def test_a_failed_directory_write_leaves_the_directory(tmp_path):
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "a").write_text("old")
+    with pytest.raises(OSError), atomic_directory(target) as tmp:
+        (tmp / "a").write_text("new")
+        raise OSError(28, "No space left on device")
+    assert os.listdir(tmp_path) == ["d"] and (target / "a").read_text() == "old"
+
+
+def test_a_directory_write_onto_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError), atomic_directory(tmp_path / "f"):
+        pass
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_only_the_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".tmp-out-{dead.pid}").mkdir()
+    (tmp_path / f".tmp-out-{os.getpid()}").mkdir()
+    (tmp_path / "out").mkdir()
+    assert remove_stale_temporaries(tmp_path, "out") == [tmp_path / f".tmp-out-{dead.pid}"]
+    assert sorted(os.listdir(tmp_path)) == [f".tmp-out-{os.getpid()}", "out"]
