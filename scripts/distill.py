@@ -72,6 +72,8 @@ def parse_args() -> argparse.Namespace:
                    help="compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 (bfloat16) or fp32 (float32)")
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the loss")
     p.add_argument("--device", default=None)
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="peak FLOP/s of one device, for MFU (default: gemma2.throughput's table of common cards)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args()
@@ -114,7 +116,7 @@ def main() -> int:
         activation_checkpointing=args.activation_checkpointing,
         eval_every=args.eval_every if data.heldout is not None else 0, eval_sequences=args.eval_sequences,
         save_every=args.save_every, keep_last=args.keep_last or None, seed=args.seed, device=args.device,
-        tokenizer_file=str(tok_path),
+        tokenizer_file=str(tok_path), peak_flops=args.peak_flops,
     )  # fmt: skip
     try:
         metrics = train(cfg, student, data, teacher=teacher, resume=args.resume, progress=not args.no_progress)
