@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_model
 from .data import IGNORE_INDEX, Batch, BatchLoader, Datasets, eval_batches
 from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss, distill_sums
-from .distributed import Runtime, runtime, shard
+from .distributed import Runtime, move_to, runtime, shard
 from .dtypes import dtype_name, to_dtype
 from .files import write_text_atomic
 from .model import Gemma2ForCausalLM, RMSNorm
@@ -256,7 +256,8 @@ def _prepare_student(student: Gemma2ForCausalLM, cfg: TrainConfig, rt: Runtime) 
     """In place: the student on its device in train mode, each Block recomputed in backward if
     asked, and (under torchrun) sharded; returns the module whose forward is the loss."""
     dtype = _compute_dtype(cfg, rt.device)
-    student.to(rt.device).train()
+    move_to(student, rt.device)
+    student.train()
     if cfg.activation_checkpointing:
         from torch.distributed._composable import checkpoint
 
