@@ -3,7 +3,8 @@
 
 Writes a .jsonl corpus of --mb megabytes (the built-in corpus's documents, repeated with a
 numbered suffix so each is distinct), tokenizes it with gemma2.token_files.write_token_file, and
-reports tokens/s and the peak resident memory of the main process and of the largest worker.
+reports tokens/s and the peak resident memory of the main process and of the largest worker
+(an upper bound: a child's ru_maxrss starts from its parent's size when it was started).
 Run it at two sizes to see that memory does not grow with the corpus. Linux only (ru_maxrss in KiB).
 """
 
@@ -49,7 +50,7 @@ def main() -> None:
     worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"{args.mb} MB, {n_docs:,} documents, {tokens:,} tokens, {args.workers} workers: {dt:.1f} s, "
           f"{tokens / dt:,.0f} tokens/s; peak RSS main {main_peak:.0f} MB (before tokenizing {base / 1024:.0f} MB), "
-          f"largest worker {worker_peak:.0f} MB")  # fmt: skip
+          f"largest worker at most {worker_peak:.0f} MB")  # fmt: skip
 
 
 if __name__ == "__main__":
