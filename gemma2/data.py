@@ -1,9 +1,10 @@
 """Training data: documents -> one flat token array -> fixed-length packed sequences.
 
 - Sources: a `.txt` file is ONE document; a `.jsonl` file holds one document per line in its
-  `text` field (the unambiguous form: documents may contain blank lines); a directory gives the
-  `.txt` and `.jsonl` files below it in sorted path order (gemma2.corpus.read_documents). No
-  paths means the built-in corpus (gemma2.corpus.build_corpus: CPython's own documentation).
+  `text` field (the unambiguous form: documents may contain blank lines); a `.parquet` file one
+  per row of its `text` column; a directory gives those files below it in sorted path order
+  (gemma2.corpus.read_documents). No paths means the built-in corpus (gemma2.corpus.build_corpus:
+  CPython's own documentation). Big corpora: tokenize once into a token file (gemma2.token_files).
 - Held-out split: by whole document, from a hash of its text (gemma2.corpus.split_corpus), so it
   is the same in every process, for every training seed, and no document straddles the split.
 - Packing: every document becomes `bos ids eos`; documents are concatenated into one int32 array

@@ -161,3 +161,20 @@ def test_cli_errors_are_one_line(tmp_path, tok):
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
     assert not (tmp_path / "t.npy").exists()
+
+
+def test_distill_and_cache_teacher_scripts_read_a_token_file(tmp_path, tok):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(120)))
+    write_token_file([tmp_path / "a.jsonl"], tok, tmp_path / "t.npy", holdout_fraction=0.1, progress=False)
+    common = ["--tokenizer", str(tok.path), "--data", str(tmp_path / "t.npy"), "--seq-len", "16"]
+    distill = [sys.executable, str(ROOT / "scripts/distill.py"), "--student", "tiny", *common, "--batch-size", "2",
+               "--steps", "2", "--eval-every", "2", "--no-progress", "--alpha", "0"]  # fmt: skip
+    subprocess.run([*distill, "--out", str(tmp_path / "run")], check=True, capture_output=True)
+    record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[1])
+    assert record["step"] == 1 and record["tokens_per_s"] > 0 and "mfu" in record
+    cache = [sys.executable, str(ROOT / "scripts/cache_teacher.py"), "--teacher", str(tmp_path / "run/step-000002"),
+             "--out", str(tmp_path / "cache"), *common, "--k", "4"]  # fmt: skip
+    subprocess.run(cache, check=True, capture_output=True)
+    assert json.loads((tmp_path / "cache/cache.json").read_text())["splits"]["train"]["seq_len"] == 16
+    r = subprocess.run([*distill, "--out", str(tmp_path / "x"), "--holdout-fraction", "0.1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "without --eval-data or --holdout-fraction" in r.stderr
