@@ -40,6 +40,8 @@ from .distill import TopK
 from .distributed import Runtime
 from .dtypes import to_dtype
 from .model import Gemma2ForCausalLM
+from .teacher import Teacher
+from .trainer import TrainConfig, _clip_gradients, _prepare_student, build_optimizer
 
 GiB = 2**30
 CUDA_CONTEXT = 1 * GiB  # CUDA context, kernels and cuBLAS workspaces: not tensors, not traced
@@ -204,9 +206,6 @@ def plan_memory(
     from a top-k cache instead (the batch's TopK tensors). dtype: the compute dtype ("bf16" or
     "fp32"; master weights stay fp32). device_type: "cuda" picks the trainer's fused AdamW, "cpu"
     its foreach AdamW (which allocates temporaries the size of the parameters)."""
-    from .teacher import Teacher
-    from .trainer import TrainConfig, _clip_gradients, _prepare_student, build_optimizer
-
     if teacher is not None and teacher_cache_k is not None:
         raise ValueError("pass a live teacher's config or a cache's k, not both")
     alpha = 0.0 if teacher is None and teacher_cache_k is None else 1.0
