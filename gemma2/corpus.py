@@ -24,7 +24,7 @@ import json
 import sysconfig
 import warnings
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 MIN_CHARS = 40  # shorter docstrings ("Return self.") are noise, not prose
 # Directory names that hold tests rather than library code (test, tests, idlelib/idle_test ...),
@@ -97,10 +97,25 @@ def _dedup(docs: Iterable[str]) -> list[str]:
     return out
 
 
-def _doc_key(doc: str, seed: int) -> bytes:
+def document_key(doc: str, seed: int = 0) -> bytes:
+    """The sha256 that ranks `doc` for the held-out split (split_corpus)."""
     # sha256 rather than hash(): Python salts str hashes per process, which would reshuffle the
     # split on every run.
     return hashlib.sha256(f"{seed}\0{doc}".encode()).digest()
+
+
+def heldout_count(n_docs: int, holdout_fraction: float) -> int:
+    """How many of `n_docs` documents split_corpus holds out: the fraction, rounded, at least one
+    when it is positive; ValueError when that leaves nothing to train on."""
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    n_held = 0 if holdout_fraction == 0 else max(1, round(n_docs * holdout_fraction))
+    if n_held >= n_docs and n_held > 0:
+        raise ValueError(
+            f"cannot hold out {n_held} of {n_docs} documents and still train; "
+            "pass more documents or a smaller holdout_fraction"
+        )
+    return n_held
 
 
 def split_corpus(
@@ -110,15 +125,8 @@ def split_corpus(
     the lowest `holdout_fraction` (at least one document when the fraction is positive), so the
     split is the same in every process and a document's side barely depends on the others. Both
     halves keep the input order."""
-    if not 0.0 <= holdout_fraction < 1.0:
-        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
-    n_held = 0 if holdout_fraction == 0 else max(1, round(len(docs) * holdout_fraction))
-    if n_held >= len(docs) and n_held > 0:
-        raise ValueError(
-            f"cannot hold out {n_held} of {len(docs)} documents and still train; "
-            "pass more documents or a smaller holdout_fraction"
-        )
-    ranked = sorted(range(len(docs)), key=lambda i: _doc_key(docs[i], seed))
+    n_held = heldout_count(len(docs), holdout_fraction)
+    ranked = sorted(range(len(docs)), key=lambda i: document_key(docs[i], seed))
     held = set(ranked[:n_held])
     train = [d for i, d in enumerate(docs) if i not in held]
     heldout = [d for i, d in enumerate(docs) if i in held]
@@ -175,32 +183,64 @@ def write_corpus(
     )
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """Documents from a file or a directory: a `.jsonl` file gives one document per line (its
-    `text` field), any other file is one document, a directory gives the `.txt` and `.jsonl` files
-    below it in sorted order."""
+DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def iter_documents(path: str | Path, *, text_column: str = "text") -> Iterator[str]:
+    """Documents from a file or a directory, one at a time (a file is never read whole unless it
+    is one `.txt` document): a `.jsonl` file gives one document per line (its `text` field), a
+    `.parquet` file one per row of its `text_column` (needs pyarrow: pip install -e '.[data]'),
+    any other file is one document, a directory gives the files below it with those suffixes in
+    sorted path order."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.suffix in DOCUMENT_SUFFIXES and p.is_file())
         if not files:
-            raise ValueError(f"{path} holds no .txt or .jsonl files")
-        return [d for f in files for d in read_documents(f)]
+            raise ValueError(f"{path} holds no {', '.join(DOCUMENT_SUFFIXES)} files")
+        for f in files:
+            yield from iter_documents(f, text_column=text_column)
+        return
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
-    if path.suffix != ".jsonl":
-        return [path.read_text(encoding="utf-8")]
-    docs = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(
-                    f'{path}:{lineno}: expected a JSON object with a "text" field per line ({e})'
-                ) from e
-            if not isinstance(text, str):
-                raise ValueError(f'{path}:{lineno}: "text" must be a string, got {type(text).__name__} {text!r:.40}')
-            docs.append(text)
-    return docs
+    if path.suffix == ".parquet":
+        yield from _parquet_documents(path, text_column)
+    elif path.suffix != ".jsonl":
+        yield path.read_text(encoding="utf-8")
+    else:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(
+                        f'{path}:{lineno}: expected a JSON object with a "text" field per line ({e})'
+                    ) from e
+                if not isinstance(text, str):
+                    raise ValueError(
+                        f'{path}:{lineno}: "text" must be a string, got {type(text).__name__} {text!r:.40}'
+                    )
+                yield text
+
+
+def _parquet_documents(path: Path, column: str, rows_per_batch: int = 1024) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet needs pyarrow; pip install -e '.[data]'") from None
+    file = pq.ParquetFile(path)
+    if column not in file.schema_arrow.names:
+        raise ValueError(
+            f"{path} has no column {column!r} (columns: {', '.join(file.schema_arrow.names)}); "
+            "name the text column with --text-column"
+        )
+    for batch in file.iter_batches(batch_size=rows_per_batch, columns=[column]):
+        for text in batch.column(0).to_pylist():
+            if text is not None:  # a null row is no document
+                yield text
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """All documents of `iter_documents(path)` as a list."""
+    return list(iter_documents(path))

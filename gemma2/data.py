@@ -1,9 +1,10 @@
 """Training data: documents -> one flat token array -> fixed-length packed sequences.
 
 - Sources: a `.txt` file is ONE document; a `.jsonl` file holds one document per line in its
-  `text` field (the unambiguous form: documents may contain blank lines); a directory gives the
-  `.txt` and `.jsonl` files below it in sorted path order (gemma2.corpus.read_documents). No
-  paths means the built-in corpus (gemma2.corpus.build_corpus: CPython's own documentation).
+  `text` field (the unambiguous form: documents may contain blank lines); a `.parquet` file one
+  per row of its `text` column; a directory gives those files below it in sorted path order
+  (gemma2.corpus.read_documents). No paths means the built-in corpus (gemma2.corpus.build_corpus:
+  CPython's own documentation). Big corpora: tokenize once into a token file (gemma2.token_files).
 - Held-out split: by whole document, from a hash of its text (gemma2.corpus.split_corpus), so it
   is the same in every process, for every training seed, and no document straddles the split.
 - Packing: every document becomes `bos ids eos`; documents are concatenated into one int32 array
@@ -176,15 +177,23 @@ def split_datasets(
         train_docs, held_docs = docs, heldout_docs
     else:
         train_docs, held_docs = split_corpus(docs, holdout_fraction=holdout_fraction)
-    train = PackedSequences(tokenize(train_docs, tokenizer), seq_len)
+    held_tokens = tokenize(held_docs, tokenizer) if held_docs else None
+    return pack_datasets(tokenize(train_docs, tokenizer), held_tokens, seq_len, where=where)
+
+
+def pack_datasets(train_tokens: np.ndarray, heldout_tokens: np.ndarray | None, seq_len: int, *,
+                  where: str = "the documents") -> Datasets:  # fmt: skip
+    """Datasets over token arrays already made (None or empty: nothing held out); ValueError
+    when a split is too short to make one sequence."""
+    train = PackedSequences(train_tokens, seq_len)
     if len(train) == 0:
         raise ValueError(
             f"{where}: {len(train.tokens)} training tokens make no sequence of seq_len + 1 = "
             f"{seq_len + 1} tokens; lower seq_len or add text"
         )
     heldout = None
-    if held_docs:
-        heldout = PackedSequences(tokenize(held_docs, tokenizer), seq_len)
+    if heldout_tokens is not None and len(heldout_tokens):
+        heldout = PackedSequences(heldout_tokens, seq_len)
         if len(heldout) == 0:
             raise ValueError(
                 f"{where}: the held-out documents hold {len(heldout.tokens)} tokens, fewer than "

@@ -91,6 +91,13 @@ def runtime(device: str | None = None) -> Runtime:
     return Runtime(0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), False)
 
 
+def move_to(module: nn.Module, device: torch.device) -> None:
+    """module.to(device), skipped when every parameter is already there: then it would change
+    nothing, and the fake tensors that gemma2.memory_plan traces with cannot be moved."""
+    if any(p.device != device for p in module.parameters()):
+        module.to(device)
+
+
 def shard(root: nn.Module, model: Gemma2ForCausalLM, rt: Runtime, param_dtype: torch.dtype | None) -> None:
     """FSDP2: each Block of `model` is one all-gather unit; `root` (which holds `model`) holds the
     embedding and final norm. param_dtype: the dtype the unsharded parameters compute in (None:
@@ -98,7 +105,10 @@ def shard(root: nn.Module, model: Gemma2ForCausalLM, rt: Runtime, param_dtype: t
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(rt.device.type, (rt.world,))
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # the mesh reads real rank lists, even while gemma2.memory_plan traces
+        mesh = init_device_mesh(rt.device.type, (rt.world,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)

@@ -1,5 +1,5 @@
 """Students to train: fresh weights for a config (`init_weights`), or a model from a checkpoint,
-a config.json or a preset name (`load_student`)."""
+a config.json or a preset name (`load_student`; `model_config` for the config alone)."""
 
 from __future__ import annotations
 
@@ -27,23 +27,30 @@ def init_weights(model: Gemma2ForCausalLM, seed: int = 0, std: float = 0.02) -> 
     return model
 
 
+def model_config(spec: str | os.PathLike, role: str = "student") -> Gemma2Config:
+    """The config that `spec` names: a checkpoint directory's config.json, a config.json file or
+    a preset name (`role` names the model in the error)."""
+    path = Path(spec)
+    if path.is_dir():
+        return Gemma2Config.from_json(path / "config.json")
+    if path.suffix == ".json":
+        return Gemma2Config.from_json(path)
+    try:
+        return Gemma2Config.from_name(str(spec))
+    except ValueError:
+        raise ValueError(
+            f"{role} {str(spec)!r} is neither a checkpoint directory, a config.json nor a preset; "
+            f"pass one of those (presets: {', '.join(sorted(PRESETS))})"
+        ) from None
+
+
 def load_student(spec: str | os.PathLike, *, vocab_size: int | None = None, seed: int = 0) -> Gemma2ForCausalLM:
     """A student from a checkpoint directory (its weights), a config.json or a preset name (fresh
     weights from `init_weights(seed)`). `vocab_size` replaces a fresh student's vocabulary size, to
     match the teacher's or the tokenizer's; a checkpoint keeps its own."""
-    path = Path(spec)
-    if path.is_dir():
-        return load_model(path)
-    if path.suffix == ".json":
-        config = Gemma2Config.from_json(path)
-    else:
-        try:
-            config = Gemma2Config.from_name(str(spec))
-        except ValueError:
-            raise ValueError(
-                f"student {str(spec)!r} is neither a checkpoint directory, a config.json nor a preset; "
-                f"pass one of those (presets: {', '.join(sorted(PRESETS))})"
-            ) from None
+    if Path(spec).is_dir():
+        return load_model(spec)
+    config = model_config(spec)
     if vocab_size is not None:
         config = config.replace(vocab_size=vocab_size)
     return init_weights(Gemma2ForCausalLM(config), seed)

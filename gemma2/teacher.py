@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .data import Batch, Datasets
 from .distill import TeacherHead, TopK
-from .distributed import Runtime, shard
+from .distributed import Runtime, move_to, shard
 from .model import Gemma2ForCausalLM
 from .teacher_cache import TeacherCache
 
@@ -81,7 +81,7 @@ class Teacher:
         self.heldout = None
         self.root = _TeacherHidden(teacher)
         if rt.sharded:
-            teacher.to(rt.device)
+            move_to(teacher, rt.device)
             shard(self.root, teacher, rt, param_dtype=None)  # the teacher computes in its own dtype
             self.device = rt.device
             self._weight = None

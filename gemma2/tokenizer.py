@@ -18,6 +18,7 @@ Three rules worth knowing:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from pathlib import Path
@@ -93,6 +94,10 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
+
+    def fingerprint(self) -> str:
+        """A short sha256 of the model: token ids mean the same text only under the same one."""
+        return hashlib.sha256(self.sp.serialized_model_proto()).hexdigest()[:16]
 
     @property
     def pad_id(self) -> int:

@@ -57,13 +57,14 @@ from .checkpoint import load_model
 from .compatibility import check_seq_len, check_tokenizer
 from .data import IGNORE_INDEX, Batch, BatchLoader, Datasets, eval_batches
 from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss, distill_sums
-from .distributed import Runtime, runtime, shard
+from .distributed import Runtime, move_to, runtime, shard
 from .dtypes import dtype_name, to_dtype
 from .files import write_text_atomic
 from .model import Gemma2ForCausalLM, RMSNorm
 from .run_dir import METRICS_FILE, Run, json_line, open_run, read_metrics
 from .teacher import Teacher, check_teacher
 from .teacher_cache import TeacherCache
+from .throughput import mfu, peak_flops, training_flops_per_token
 from .tokenizer import Tokenizer
 from .train_state import load_training_state, save_checkpoint
 
@@ -94,6 +95,7 @@ class TrainConfig:
     seed: int = 0  # data order
     device: str | None = None  # None: cuda if available, else cpu (under torchrun: the local GPU)
     tokenizer_file: str | None = None  # copied into every checkpoint, making it a model directory
+    peak_flops: float | None = None  # per device, for MFU; None = gemma2.throughput's table (no MFU if unknown)
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "chunk_size")
@@ -124,6 +126,8 @@ class TrainConfig:
                 self.dtype = dtype_name(self.dtype)
             except ValueError as e:
                 raise ValueError(f"dtype must be 'auto' or a name from gemma2.dtypes: {e}") from None
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise ValueError(f"peak_flops must be > 0 (FLOP/s of one device) or None, got {self.peak_flops}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), got {self.keep_last}")
         self.betas = tuple(self.betas)  # JSON gives a list back
@@ -251,7 +255,8 @@ def _prepare_student(student: Gemma2ForCausalLM, cfg: TrainConfig, rt: Runtime) 
     """In place: the student on its device in train mode, each Block recomputed in backward if
     asked, and (under torchrun) sharded; returns the module whose forward is the loss."""
     dtype = _compute_dtype(cfg, rt.device)
-    student.to(rt.device).train()
+    move_to(student, rt.device)
+    student.train()
     if cfg.activation_checkpointing:
         from torch.distributed._composable import checkpoint
 
@@ -369,7 +374,8 @@ def train(
 
     Returns this call's metrics, also appended to out_dir/metrics.jsonl (one JSON object a line):
       training, every step:  step, lr, loss, ce (None if alpha = 1), kd (None if alpha = 0),
-                             grad_norm, tokens, tokens_per_s
+                             grad_norm, tokens, tokens_per_s (all devices), tokens_per_s_per_device,
+                             mfu (model FLOPs utilisation, gemma2.throughput; None if the peak is unknown)
       evaluation:            step, eval_ce, eval_ppl, eval_kd (with a teacher),
                              teacher_eval_ce and teacher_eval_ppl (at step 0 only)
     `step` counts optimizer updates done; evaluation runs at step 0 (with the teacher's numbers),
@@ -412,6 +418,9 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     tokens_per_step = cfg.batch_size * data.train.seq_len * cfg.grad_accum * rt.world
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not progress or not rt.is_main)
     train_teacher = kd_teacher if cfg.alpha > 0 else None  # alpha = 0: the teacher only evaluates
+    live_teacher = train_teacher.model.config if train_teacher is not None and train_teacher.model is not None else None
+    flops_per_token = training_flops_per_token(student.config, data.train.seq_len, live_teacher)
+    peak = cfg.peak_flops or peak_flops(rt.device, loss_mod.dtype)
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
@@ -427,14 +436,17 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
+        per_device = tokens_per_step / dt / rt.world
         log({
             "step": step + 1, "lr": lr, "loss": loss_value,
             "ce": ce_sum / n_counted if cfg.alpha < 1 else None,
             "kd": kd_sum / n_counted * cfg.temperature**2 if cfg.alpha > 0 else None,
             "grad_norm": grad_norm, "tokens": tokens_per_step, "tokens_per_s": tokens_per_step / dt,
+            "tokens_per_s_per_device": per_device, "mfu": mfu(flops_per_token, per_device, peak),
         })  # fmt: skip
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+        util = "" if peak is None else f", mfu={mfu(flops_per_token, per_device, peak):.1%}"
+        bar.set_postfix_str(f"loss={loss_value:.4f}, tok/s/device={per_device:,.0f}{util}", refresh=False)
         done = step + 1 == cfg.steps
         if cfg.eval_every and (done or (step + 1) % cfg.eval_every == 0):
             evaluate(step + 1, first=False)

@@ -18,9 +18,9 @@ import torch
 from gemma2.checkpoint import load_model
 from gemma2.cli import run_cli
 from gemma2.compatibility import check_seq_len, check_tokenizer
-from gemma2.data import load_datasets
 from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.teacher_cache import write_teacher_cache
+from gemma2.token_files import open_datasets
 from gemma2.tokenizer import Tokenizer
 
 
@@ -30,7 +30,8 @@ def main() -> int:
     p.add_argument("--out", required=True, help="cache directory to write")
     p.add_argument("--data", nargs="+", metavar="PATH", help="as for scripts/distill.py; default: built-in corpus")
     p.add_argument("--eval-data", nargs="+", metavar="PATH")
-    p.add_argument("--holdout-fraction", type=float, default=0.02)
+    p.add_argument("--holdout-fraction", type=float, default=None,
+                   help="documents held out by hash (default 0.02; a token file carries its own split)")
     p.add_argument("--tokenizer", help="default: the teacher's tokenizer.model")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--k", type=int, default=32, help="teacher log-probs kept per token")
@@ -49,7 +50,7 @@ def main() -> int:
     teacher = load_model(args.teacher, dtype=to_dtype(args.dtype), device=args.device)
     check_tokenizer(tokenizer, teacher.config, "the teacher")
     check_seq_len(args.seq_len, teacher.config, "the teacher")
-    data = load_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,
+    data = open_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,
                          eval_paths=args.eval_data)  # fmt: skip
     splits = {"train": data.train} | ({"heldout": data.heldout} if data.heldout is not None else {})
     index = write_teacher_cache(

@@ -22,11 +22,11 @@ import torch
 
 from gemma2.checkpoint import load_model
 from gemma2.cli import device_arg, run_cli
-from gemma2.data import load_datasets
 from gemma2.distributed import close_distributed, init_distributed
 from gemma2.dtypes import compute_dtype_argument, dtype_argument, to_dtype
 from gemma2.teacher import teacher_vocab_size
 from gemma2.teacher_cache import TeacherCache
+from gemma2.token_files import open_datasets
 from gemma2.tokenizer import Tokenizer
 from gemma2.student import load_student
 from gemma2.train_state import latest_checkpoint
@@ -42,9 +42,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--teacher-dtype", type=dtype_argument, default="bf16" if torch.cuda.is_available() else "fp32",
                    help="bf16 (bfloat16) or fp32 (float32); default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--data", nargs="+", metavar="PATH",
-                   help=".txt (one document each), .jsonl ('text' per line) or directories; default: built-in corpus")
+                   help=".txt (one document each), .jsonl ('text' per line), directories, or one token file NAME.npy "
+                        "from scripts/tokenize_data.py (memory-mapped); default: built-in corpus")
     p.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out documents (default: split from --data)")
-    p.add_argument("--holdout-fraction", type=float, default=0.02)
+    p.add_argument("--holdout-fraction", type=float, default=None,
+                   help="documents held out by hash (default 0.02; a token file carries its own split)")
     p.add_argument("--tokenizer", help="SentencePiece .model (default: the teacher's or the student's tokenizer.model)")
     p.add_argument("--out", required=True, help="output directory for checkpoints and metrics.jsonl")
     p.add_argument("--steps", type=int, default=1000)
@@ -71,6 +73,8 @@ def parse_args() -> argparse.Namespace:
                    help="compute dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 (bfloat16) or fp32 (float32)")
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the loss")
     p.add_argument("--device", default=None)
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="peak FLOP/s of one device, for MFU (default: gemma2.throughput's table of common cards)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="start in a non-empty --out that holds no previous run (nothing in it is deleted)")
@@ -109,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
     # A fresh student speaks the teacher's vocabulary (else the tokenizer's).
     vocab = teacher_vocab_size(teacher) if teacher is not None else tokenizer.vocab_size
     student = load_student(args.student, vocab_size=vocab, seed=args.seed)
-    data = load_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,
+    data = open_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,
                          eval_paths=args.eval_data)  # fmt: skip
     if rank == 0:
         n = sum(p.numel() for p in student.parameters())
@@ -124,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
         activation_checkpointing=args.activation_checkpointing,
         eval_every=args.eval_every if data.heldout is not None else 0, eval_sequences=args.eval_sequences,
         save_every=args.save_every, keep_last=args.keep_last or None, seed=args.seed, device=args.device,
-        tokenizer_file=str(tok_path),
+        tokenizer_file=str(tok_path), peak_flops=args.peak_flops,
     )  # fmt: skip
     try:
         metrics = train(cfg, student, data, teacher=teacher, resume=args.resume, overwrite=args.overwrite,

@@ -74,7 +74,7 @@ def test_two_ranks_match_one_process(tmp_path):
     for a, b in zip(sharded, single):
         assert a.keys() == b.keys()
         for key in a:
-            if key not in ("tokens_per_s",) and a[key] is not None:
+            if key not in ("tokens_per_s", "tokens_per_s_per_device", "mfu") and a[key] is not None:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
     # The gathered Hugging Face files hold the same weights as the single process's. Adam divides

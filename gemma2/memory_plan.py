@@ -1,0 +1,283 @@
+"""Will a training run fit? Trace one step of the trainer on fake tensors and account every byte.
+
+`plan_memory` builds the student (and the teacher) as FakeTensors, which have shapes, dtypes and
+storage sizes but no data, under a fake process group of the run's world size, and runs one
+optimizer step through the trainer's own pieces: `_prepare_student` (activation checkpointing,
+FSDP2 sharding, mixed precision), the teacher's `Teacher` wrapper, `_StudentLoss` (the forward and
+the chunked loss), backward, gradient clipping and `build_optimizer`'s AdamW. A dispatch mode sees
+every tensor each operation creates and every storage as it is freed, so the peak it records is the
+peak of live tensor bytes on one rank for that code, not a formula that could drift from it.
+
+The peak is broken down by what the live bytes were at that moment: the student's parameters,
+gradients and optimizer state, the teacher's weights (all as this rank's shards), and the rest:
+activations saved for backward and transients (unsharded FSDP blocks, the gathered embeddings,
+loss chunks, optimizer temporaries). The largest single allocation of the step is reported too.
+
+Not counted: the CUDA context and the caching allocator's rounding and fragmentation (the margin
+in `MemoryPlan.fits` is for those), NCCL buffers, and the data loader. One process (world 1)
+traces the unsharded path with autocast on the CPU's autocast lists, close to but not exactly
+CUDA's. The fake process group is torch's testing backend (torch.testing._internal), the only way
+to trace collectives without peers.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .config import Gemma2Config
+from .data import Batch
+from .distill import TopK
+from .distributed import Runtime
+from .dtypes import to_dtype
+from .model import Gemma2ForCausalLM
+from .teacher import Teacher
+from .trainer import TrainConfig, _clip_gradients, _prepare_student, build_optimizer
+
+GiB = 2**30
+CUDA_CONTEXT = 1 * GiB  # CUDA context, kernels and cuBLAS workspaces: not tensors, not traced
+MARGIN = 0.10  # of the device's memory, for the caching allocator's rounding and fragmentation
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the live storages that operations created, their peak, and a snapshot of what was
+    alive then. Each storage gets a serial number (ids of freed objects are reused) and is dropped
+    through a weak reference when freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.serial: dict[int, int] = {}  # id(storage) -> serial, while it lives
+        self.live: dict[int, int] = {}  # serial -> bytes
+        self._refs: dict[int, weakref.ref] = {}
+        self._next = 0
+        self.now = 0
+        self.peak = 0
+        self.at_peak: dict[int, int] = {}
+        self.largest = 0
+
+    def add(self, t: Tensor) -> None:
+        st = t.untyped_storage()
+        if id(st) in self.serial:
+            return
+        n, key = st.nbytes(), self._next
+        self._next += 1
+        self.serial[id(st)], self.live[key] = key, n
+        self._refs[key] = weakref.ref(st, lambda _, key=key, ident=id(st): self._drop(key, ident))
+        self.now += n
+        self.largest = max(self.largest, n)
+
+    def _drop(self, key: int, ident: int) -> None:
+        self.now -= self.live.pop(key)
+        del self._refs[key], self.serial[ident]
+
+    def _resized(self, st: torch.UntypedStorage) -> None:
+        key = self.serial.get(id(st))
+        if key is not None:
+            self.now += st.nbytes() - self.live[key]
+            self.live[key] = st.nbytes()
+            self.largest = max(self.largest, st.nbytes())
+            if self.now > self.peak:
+                self.reset_peak()
+
+    def __enter__(self):
+        # FSDP2 frees and reallocates unsharded parameters by resizing their storage, which no
+        # dispatch mode sees: watch it here.
+        self._resize = resize = torch.UntypedStorage.resize_
+
+        def resize_(st: torch.UntypedStorage, size: int):
+            out = resize(st, size)
+            self._resized(st)
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
+
+    def serials(self, tensors) -> set[int]:
+        """The serial numbers of the storages of `tensors` (DTensors: their local shards)."""
+        out = set()
+        for t in tensors:
+            ident = id((t.to_local() if hasattr(t, "to_local") else t).untyped_storage())
+            if ident in self.serial:
+                out.add(self.serial[ident])
+        return out
+
+    def reset_peak(self) -> None:
+        self.peak, self.at_peak = self.now, dict(self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.nonzero.default and isinstance(args[0], FakeTensor):
+            # A fake tensor has no values: the plan assumes every token counts (the most memory),
+            # so the indices of the counted rows are all of them.
+            (mask,) = args
+            out = torch.empty((mask.numel(), mask.dim()), dtype=torch.long, device=mask.device)
+        else:
+            out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            # Only fake tensors hold (fake) memory; a DTensor is a wrapper around a local one.
+            if isinstance(t, FakeTensor):
+                self.add(t)
+        if self.now > self.peak:
+            self.reset_peak()
+        return out
+
+
+@contextmanager
+def _fake_world(world: int) -> Iterator[None]:
+    """A fake process group of `world` ranks (this process is rank 0): collectives return at once."""
+    if world == 1:
+        yield
+        return
+    if dist.is_initialized():
+        raise ValueError("plan_memory runs in a process outside any process group; call it before init_distributed")
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@dataclass
+class MemoryPlan:
+    """One rank's memory over a traced training step."""
+
+    at_peak: dict[str, int]  # category -> bytes alive at the step's peak (they sum to `peak`)
+    held: dict[str, int]  # category -> bytes held once the step is done (before zero_grad)
+    peak: int  # the most tensor bytes alive at once on one rank
+    largest_allocation: int  # the largest single tensor the step created
+    world: int
+
+    def required(self) -> int:
+        """What a device needs: the traced peak plus the CUDA context."""
+        return self.peak + CUDA_CONTEXT
+
+    def fits(self, device_bytes: float) -> bool:
+        """True when the peak plus the CUDA context leaves MARGIN of the device free."""
+        return self.required() <= (1 - MARGIN) * device_bytes
+
+    def table(self, device_bytes: float | None = None) -> str:
+        """The plan as a text table (GiB per rank), with a verdict when `device_bytes` is given."""
+        lines = [f"{'GiB per rank, ' + str(self.world) + ' rank(s)':<30} {'at peak':>8} {'after step':>11}"]
+        for name, b in self.at_peak.items():
+            after = f"{self.held[name] / GiB:11.2f}" if name in self.held else f"{'-':>11}"
+            lines.append(f"{name:<30} {b / GiB:8.2f} {after}")
+        lines += [f"{'peak (traced tensors)':<30} {self.peak / GiB:8.2f}",
+                  f"{'  largest single tensor':<30} {self.largest_allocation / GiB:8.2f}",
+                  f"{'+ CUDA context':<30} {CUDA_CONTEXT / GiB:8.2f}",
+                  f"{'= needed':<30} {self.required() / GiB:8.2f}"]  # fmt: skip
+        if device_bytes is not None:
+            verdict = "fits" if self.fits(device_bytes) else "does NOT fit"
+            lines.append(f"{verdict} in {device_bytes / GiB:.1f} GiB per device (keeping {MARGIN:.0%} free)")
+        return "\n".join(lines)
+
+
+def plan_memory(
+    student: Gemma2Config,
+    *,
+    seq_len: int,
+    batch_size: int,
+    world: int = 1,
+    teacher: Gemma2Config | None = None,
+    teacher_cache_k: int | None = None,
+    dtype: str = "bf16",
+    teacher_dtype: str = "bf16",
+    activation_checkpointing: bool = False,
+    chunk_size: int = 1024,
+    device_type: str = "cuda",
+) -> MemoryPlan:
+    """Trace one training step (one micro-batch, forward, backward, clip, AdamW) of the trainer on
+    fake tensors on rank 0 of `world` and return its peak memory per rank.
+
+    teacher: a live teacher's config (its weights in `teacher_dtype`); teacher_cache_k: distil
+    from a top-k cache instead (the batch's TopK tensors). dtype: the compute dtype ("bf16" or
+    "fp32"; master weights stay fp32). device_type: "cuda" picks the trainer's fused AdamW, "cpu"
+    its foreach AdamW (which allocates temporaries the size of the parameters)."""
+    if teacher is not None and teacher_cache_k is not None:
+        raise ValueError("pass a live teacher's config or a cache's k, not both")
+    alpha = 0.0 if teacher is None and teacher_cache_k is None else 1.0
+    cfg = TrainConfig(out_dir="", batch_size=batch_size, alpha=alpha, dtype=dtype, chunk_size=chunk_size,
+                      activation_checkpointing=activation_checkpointing)  # fmt: skip
+    cpu = torch.device("cpu")
+    rt = Runtime(0, world, cpu, world > 1)
+    tracker = _LiveBytes()
+    T = seq_len
+    inputs = torch.zeros(batch_size, T, dtype=torch.long)  # real: the trainer's batches come from the host
+    batch = Batch(torch.arange(batch_size), inputs, inputs.clone())
+    # Built on meta (no memory), given fake storage inside the trace: fake tensors cannot be cast.
+    with torch.device("meta"):
+        model = Gemma2ForCausalLM(student)
+        t_model = Gemma2ForCausalLM(teacher).to(to_dtype(teacher_dtype)) if teacher is not None else None
+    with _fake_world(world), FakeTensorMode(allow_non_fake_inputs=True), tracker:
+        model.to_empty(device=cpu)
+        loss_mod = _prepare_student(model, cfg, rt)
+        source = None
+        if t_model is not None:
+            source = Teacher(t_model.to_empty(device=cpu), None, rt)
+        optimizer = build_optimizer(model, cfg, torch.device(device_type))
+        # The step's peak, not the set-up's (each rank builds the full models before sharding).
+        tracker.reset_peak()
+
+        src = None
+        if source is not None:
+            src = source(batch, "train")
+        elif teacher_cache_k is not None:  # what TeacherCache.topk hands the loss
+            k = teacher_cache_k
+            src = TopK(torch.zeros(batch_size, T, k, dtype=torch.int64), torch.zeros(batch_size, T, k),
+                       torch.zeros(batch_size, T))  # fmt: skip
+        loss, _ = loss_mod(batch.inputs, batch.targets, src, float(batch_size * T), alpha)
+        if source is not None:
+            source.release()
+        loss.backward()
+        del loss, src
+        _clip_gradients(model, cfg.grad_clip)
+        optimizer.step()
+
+        states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
+        groups = {
+            "student parameters": tracker.serials(model.parameters()),
+            "student gradients": tracker.serials(p.grad for p in model.parameters() if p.grad is not None),
+            "optimizer state": tracker.serials(states),
+            "teacher weights": tracker.serials(t_model.parameters()) if t_model is not None else set(),
+        }
+        held = {name: sum(tracker.live[k] for k in ids) for name, ids in groups.items()}
+    at_peak = {name: sum(b for key, b in tracker.at_peak.items() if key in ids) for name, ids in groups.items()}
+    at_peak["activations and transients"] = tracker.peak - sum(at_peak.values())
+    return MemoryPlan(at_peak, held, tracker.peak, tracker.largest, world)
+
+
+def suggestions(device_bytes: float, **run) -> list[str]:
+    """For a run (plan_memory's keyword arguments) that does not fit `device_bytes`: the single
+    changes that make it fit, each checked with its own plan. Of each kind the mildest is named:
+    activation checkpointing, the largest smaller loss chunk, a teacher cache instead of a live
+    teacher, the fewest devices (powers of two up to 64)."""
+    kinds: list[list[tuple[str, dict]]] = []
+    if not run.get("activation_checkpointing"):
+        kinds.append([("--activation-checkpointing", {"activation_checkpointing": True})])
+    chunks = [c for c in (512, 256, 128) if c < run.get("chunk_size", 1024)]
+    kinds.append([(f"--chunk-size {c}", {"chunk_size": c}) for c in chunks])
+    if run.get("teacher") is not None:
+        kinds.append([("a teacher cache (scripts/cache_teacher.py --k 32) instead of the live teacher",
+                       {"teacher": None, "teacher_cache_k": 32})])  # fmt: skip
+    worlds = [w for w in (2, 4, 8, 16, 32, 64) if w > run.get("world", 1)]
+    kinds.append([(f"{w} devices", {"world": w}) for w in worlds])
+    found = []
+    for options in kinds:
+        for label, change in options:
+            if plan_memory(**(run | change)).fits(device_bytes):
+                found.append(label)
+                break
+    return found

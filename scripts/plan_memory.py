@@ -1,0 +1,55 @@
+"""Will a distillation run fit? One rank's memory, traced from the trainer's own code.
+
+    python scripts/plan_memory.py --student 2b --teacher 9b --seq-len 8192 --batch-size 1 --gpus 8 --gpu-memory 80
+    python scripts/plan_memory.py --student 9b --teacher-cache-k 32 --seq-len 8192 --gpus 8 --gpu-memory 80 --activation-checkpointing
+
+--student and --teacher are presets, config.json files or checkpoint directories. Traces one step
+(forward, chunked loss, backward, clipping, AdamW) on fake tensors under a fake process group of
+--gpus ranks and prints a per-GPU table; when the run does not fit, the single changes that would
+make it fit. Library: gemma2.memory_plan.plan_memory.
+"""
+
+import argparse
+import sys
+
+from gemma2.cli import run_cli
+from gemma2.dtypes import dtype_argument
+from gemma2.memory_plan import plan_memory, suggestions
+from gemma2.student import model_config
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", required=True, help="preset (2b, 9b, 27b, tiny), config.json or checkpoint directory")
+    teacher = p.add_mutually_exclusive_group()
+    teacher.add_argument("--teacher", help="a live teacher: preset, config.json or checkpoint directory")
+    teacher.add_argument("--teacher-cache-k", type=int, help="distil from a top-k teacher cache with this k instead")
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per GPU")
+    p.add_argument("--gpus", type=int, default=1, help="ranks the run shards over (FSDP2 when > 1)")
+    p.add_argument("--gpu-memory", type=float, required=True, help="memory of one GPU in GB (10^9 bytes)")
+    p.add_argument("--dtype", type=dtype_argument, default="bf16", help="compute dtype: bf16 or fp32")
+    p.add_argument("--teacher-dtype", type=dtype_argument, default="bf16")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the loss")
+    args = p.parse_args()
+
+    if args.gpus < 1 or args.gpu_memory <= 0:
+        raise ValueError(f"--gpus must be >= 1 and --gpu-memory > 0, got {args.gpus} and {args.gpu_memory}")
+    run = dict(student=model_config(args.student), teacher=model_config(args.teacher, "teacher") if args.teacher else None,
+               teacher_cache_k=args.teacher_cache_k, seq_len=args.seq_len, batch_size=args.batch_size,
+               world=args.gpus, dtype=args.dtype, teacher_dtype=args.teacher_dtype,
+               activation_checkpointing=args.activation_checkpointing, chunk_size=args.chunk_size)  # fmt: skip
+    device_bytes = args.gpu_memory * 1e9
+    plan = plan_memory(**run)
+    print(plan.table(device_bytes))
+    if not plan.fits(device_bytes):
+        found = suggestions(device_bytes, **run)
+        print("would fit with: " + ("; ".join(found) if found else "none of checkpointing, a smaller chunk, "
+                                    "a teacher cache or up to 64 GPUs alone: combine them"), file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

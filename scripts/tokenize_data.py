@@ -1,0 +1,48 @@
+"""Tokenize a corpus once into a token file that every training rank memory-maps.
+
+    python scripts/tokenize_data.py --tokenizer checkpoints/gemma-2-9b/tokenizer.model \
+        --data corpus/ --out data/corpus.npy --workers 8
+    torchrun --nproc-per-node 8 scripts/distill.py --data data/corpus.npy ...
+
+--data takes .txt files (one document each), .jsonl ('text' per line), Parquet files (the column
+--text-column; needs pip install -e '.[data]') or directories of them. Writes OUT (int32 tokens,
+training documents then held-out ones) and its sidecar OUT with .json (tokenizer fingerprint,
+counts, split). A killed run leaves nothing that scripts/distill.py accepts. Library:
+gemma2.token_files.write_token_file.
+"""
+
+import argparse
+import sys
+
+from gemma2.cli import run_cli
+from gemma2.token_files import sidecar_path, write_token_file
+from gemma2.tokenizer import Tokenizer
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="SentencePiece .model (the one training will use)")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=".txt, .jsonl, .parquet files or directories")
+    p.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out documents (default: split from --data)")
+    p.add_argument("--holdout-fraction", type=float, default=0.02, help="documents held out by hash (default 0.02)")
+    p.add_argument("--text-column", default="text", help="Parquet column holding the text (default: text)")
+    p.add_argument("--out", required=True, help="token file to write, NAME.npy (sidecar: NAME.json)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing token file")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args()
+
+    info = write_token_file(
+        args.data, Tokenizer(args.tokenizer), args.out, holdout_fraction=args.holdout_fraction,
+        eval_paths=args.eval_data, text_column=args.text_column, workers=args.workers, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    docs, tokens = info["documents"], info["tokens"]
+    print(f"wrote {args.out} and {sidecar_path(args.out)}: {tokens['train']:,} training tokens "
+          f"({docs['train']:,} documents), {tokens['heldout']:,} held-out tokens ({docs['heldout']:,} documents)",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,180 @@
+"""Token files: the streamed, multi-process tokenizer gives exactly the tokens and split of the
+in-memory path (gemma2.data.load_datasets), refuses another tokenizer, and a killed run leaves
+nothing a trainer accepts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gemma2.data import load_datasets
+from gemma2.token_files import load_token_file, open_datasets, sidecar_path, write_token_file
+from gemma2.tokenizer import Tokenizer, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ = 16
+
+
+def _docs(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "the", "fox", "jumps", "over", "lazy", "dog", "é", "日本"]
+    return [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) + f" {i}" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    path = tmp_path_factory.mktemp("tok") / "tok.model"
+    return Tokenizer(train_tokenizer(_docs(200, seed=1), path, vocab_size=300))
+
+
+def _corpus(root: Path, docs: list[str]) -> list[Path]:
+    """The documents as three text files, one .jsonl with a blank and an empty document, and
+    (if pyarrow is here) a Parquet file; returns the paths in the order to read them."""
+    root.mkdir()
+    paths = []
+    for i, d in enumerate(docs[:3]):
+        paths.append(root / f"doc{i}.txt")
+        paths[-1].write_text(d, encoding="utf-8")
+    paths.append(root / "more.jsonl")
+    lines = [json.dumps({"text": d}, ensure_ascii=False) for d in docs[3:60]]
+    lines.insert(5, "")  # blank line: skipped
+    lines.insert(9, json.dumps({"text": "   "}))  # empty document: dropped, as read_texts drops it
+    paths[-1].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return paths
+
+
+def _same(a, b) -> None:
+    np.testing.assert_array_equal(np.asarray(a.train.tokens), np.asarray(b.train.tokens))
+    assert (a.heldout is None) == (b.heldout is None)
+    if a.heldout is not None:
+        np.testing.assert_array_equal(np.asarray(a.heldout.tokens), np.asarray(b.heldout.tokens))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_token_file_equals_the_in_memory_path(tmp_path, tok, workers):
+    docs = _docs(120) + _docs(5)[:2]  # duplicate documents too: both land on the same side
+    paths = _corpus(tmp_path / "c", docs[:60])
+    (tmp_path / "rest.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[60:]))
+    paths.append(tmp_path / "rest.jsonl")
+    info = write_token_file(paths, tok, tmp_path / "t.npy", holdout_fraction=0.1, workers=workers, progress=False)
+    got = load_token_file(tmp_path / "t.npy", tok, SEQ)
+    _same(got, load_datasets(paths, tok, SEQ, holdout_fraction=0.1))
+    assert isinstance(got.train.tokens, np.memmap)
+    # 122 documents (the blank line and the empty document make none), 12 of them held out.
+    assert info["documents"] == {"train": 110, "heldout": 12}
+    assert info["tokens"] == {"train": len(got.train.tokens), "heldout": len(got.heldout.tokens)}
+    assert sidecar_path(tmp_path / "t.npy").is_file()
+
+
+def test_parquet_gives_the_tokens_of_the_same_documents_as_jsonl(tmp_path, tok):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    docs = _docs(90)
+    pq.write_table(pa.table({"id": list(range(90)), "body": docs}), tmp_path / "d.parquet", row_group_size=7)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    write_token_file([tmp_path / "d.parquet"], tok, tmp_path / "t.npy", text_column="body", workers=2, progress=False)
+    _same(load_token_file(tmp_path / "t.npy", tok, SEQ), load_datasets([tmp_path / "d.jsonl"], tok, SEQ))
+    with pytest.raises(ValueError, match="no column 'text'"):
+        write_token_file([tmp_path / "d.parquet"], tok, tmp_path / "u.npy", progress=False)
+    assert not (tmp_path / "u.npy").exists() and not sidecar_path(tmp_path / "u.npy").exists()
+
+
+def test_eval_paths_are_the_heldout_split(tmp_path, tok):
+    docs = _docs(80)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:70]))
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[70:]))
+    write_token_file([tmp_path / "train.jsonl"], tok, tmp_path / "t.npy", eval_paths=[tmp_path / "held.jsonl"],
+                     progress=False)  # fmt: skip
+    expected = load_datasets([tmp_path / "train.jsonl"], tok, SEQ, eval_paths=[tmp_path / "held.jsonl"])
+    _same(open_datasets([tmp_path / "t.npy"], tok, SEQ), expected)
+
+
+def test_no_holdout_and_refusals(tmp_path, tok):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(50)))
+    write_token_file([tmp_path / "a.jsonl"], tok, tmp_path / "t.npy", holdout_fraction=0, progress=False)
+    data = load_token_file(tmp_path / "t.npy", tok, SEQ)
+    assert data.heldout is None
+    _same(data, load_datasets([tmp_path / "a.jsonl"], tok, SEQ, holdout_fraction=0))
+    with pytest.raises(ValueError, match="already exists; pass --overwrite"):
+        write_token_file([tmp_path / "a.jsonl"], tok, tmp_path / "t.npy", progress=False)
+    with pytest.raises(ValueError, match="without --eval-data or --holdout-fraction"):
+        open_datasets([tmp_path / "t.npy"], tok, SEQ, holdout_fraction=0.1)
+    other = Tokenizer(train_tokenizer(_docs(100, seed=7), tmp_path / "other.model", vocab_size=320))
+    with pytest.raises(ValueError, match="tokenized with another tokenizer"):
+        load_token_file(tmp_path / "t.npy", other, SEQ)
+    # A .npy without its sidecar is not a token file (np.save writes one of the right shape).
+    np.save(tmp_path / "bare.npy", np.asarray(data.train.tokens))
+    with pytest.raises(ValueError, match="no sidecar"):
+        load_token_file(tmp_path / "bare.npy", tok, SEQ)
+
+
+def test_overwrite_replaces_the_pair(tmp_path, tok):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(50)))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(70, seed=3)))
+    write_token_file([tmp_path / "a.jsonl"], tok, tmp_path / "t.npy", progress=False)
+    write_token_file([tmp_path / "b.jsonl"], tok, tmp_path / "t.npy", overwrite=True, progress=False)
+    _same(load_token_file(tmp_path / "t.npy", tok, 4), load_datasets([tmp_path / "b.jsonl"], tok, 4))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_a_killed_run_leaves_nothing_a_trainer_accepts(tmp_path, tok):
+    """SIGKILL mid-tokenize: neither the .npy nor its sidecar appears; the next run cleans up."""
+    big = tmp_path / "big.jsonl"
+    with big.open("w") as f:
+        for d in _docs(20000):
+            f.write(json.dumps({"text": d * 4}) + "\n")
+    out = tmp_path / "t.npy"
+    cmd = [sys.executable, str(ROOT / "scripts/tokenize_data.py"), "--tokenizer", str(tok.path), "--data", str(big),
+           "--out", str(out), "--workers", "2", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    deadline = time.time() + 120
+    # Wait until pass 2 has written tokens into the temporary .npy, then kill the whole group.
+    while time.time() < deadline and proc.poll() is None:
+        tmps = list(tmp_path.glob(".tmp-t.npy-*"))
+        if tmps and tmps[0].stat().st_size > 4096:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed: make the corpus bigger"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and not sidecar_path(out).exists()
+    with pytest.raises(FileNotFoundError):
+        open_datasets([out], tok, SEQ)
+    # The next run clears the killed run's temporaries and writes the file.
+    subprocess.run(cmd, check=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+    assert load_token_file(out, tok, SEQ).train.tokens[0] == tok.bos_id
+
+
+def test_cli_errors_are_one_line(tmp_path, tok):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/tokenize_data.py"), "--tokenizer", str(tok.path),
+                        "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "t.npy")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "t.npy").exists()
+
+
+def test_distill_and_cache_teacher_scripts_read_a_token_file(tmp_path, tok):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(120)))
+    write_token_file([tmp_path / "a.jsonl"], tok, tmp_path / "t.npy", holdout_fraction=0.1, progress=False)
+    common = ["--tokenizer", str(tok.path), "--data", str(tmp_path / "t.npy"), "--seq-len", "16"]
+    distill = [sys.executable, str(ROOT / "scripts/distill.py"), "--student", "tiny", *common, "--batch-size", "2",
+               "--steps", "2", "--eval-every", "2", "--no-progress", "--alpha", "0"]  # fmt: skip
+    subprocess.run([*distill, "--out", str(tmp_path / "run")], check=True, capture_output=True)
+    record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[1])
+    assert record["step"] == 1 and record["tokens_per_s"] > 0 and "mfu" in record
+    cache = [sys.executable, str(ROOT / "scripts/cache_teacher.py"), "--teacher", str(tmp_path / "run/step-000002"),
+             "--out", str(tmp_path / "cache"), *common, "--k", "4"]  # fmt: skip
+    subprocess.run(cache, check=True, capture_output=True)
+    assert json.loads((tmp_path / "cache/cache.json").read_text())["splits"]["train"]["seq_len"] == 16
+    r = subprocess.run([*distill, "--out", str(tmp_path / "x"), "--holdout-fraction", "0.1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "without --eval-data or --holdout-fraction" in r.stderr
