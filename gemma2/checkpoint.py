@@ -33,18 +33,16 @@ from tqdm import tqdm
 
 from .config import Gemma2Config
 from .dtypes import to_dtype
+from .errors import CheckpointError
 from .files import atomic_directory, atomic_file
 from .model import Gemma2ForCausalLM
+from .quantize import Int8Loading
 
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
 OFFICIAL_INDEX = "pytorch_model.bin.index.json"
 EMBED = "model.embed_tokens.weight"
 SKIPPED = ("freqs_cis",)  # the official reference stores its RoPE table; we recompute it
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as the model it claims to be."""
 
 
 # Official <-> Hugging Face names: pure functions over an explicit map.
@@ -201,8 +199,6 @@ def load_model(
     with torch.device("meta"):
         model = Gemma2ForCausalLM(config)
     expected = {name: p.shape for name, p in model.state_dict().items()}
-    from .quantize import Int8Loading  # not at the top: it imports CheckpointError from here
-
     placing = Int8Loading(model, quantize, expected, dtype, device)  # casts, or quantises, each tensor
     state: dict[str, Tensor] = {}
     bar = tqdm(total=len(expected), desc="loading", unit="tensor", disable=not progress)

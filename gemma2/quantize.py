@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 
 QUANTIZE_MODES = ("int8",)
 SCALER = "weight_scaler"

@@ -8,6 +8,9 @@ import torch
 from gemma2 import Gemma2Config, Gemma2ForCausalLM
 
 
+TIMINGS = ("tokens_per_s", "tokens_per_s_per_device", "mfu")  # metrics that measure the clock
+
+
 def tiny_config(**overrides) -> Gemma2Config:
     """A tiny Gemma 2: GQA (4 / 2 heads), H * head_dim != D, window well below the context."""
     values = dict(

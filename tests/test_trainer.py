@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_training_config
+from conftest import TIMINGS, tiny_training_config
 from gemma2 import Gemma2ForCausalLM
 from gemma2 import train_state
 from gemma2 import trainer as T
@@ -37,7 +37,6 @@ GOLDEN = Path(__file__).parent / "golden" / "trainer_tiny.json"
 tiny = tiny_training_config  # vocabulary V
 
 
-TIMINGS = ("tokens_per_s", "tokens_per_s_per_device", "mfu")  # metrics that measure the clock
 
 
 def markov_data(n_tokens: int = 12_000, seq_len: int = 16, seed: int = 0) -> Datasets:
