@@ -49,11 +49,12 @@ LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"step-(\d{6})")
-# Fields a resume may change: they decide when to save, evaluate and log, where, or how memory is
-# traded for time, not what the run computes. steps may only grow (the cosine schedule then ends
-# later); the data are compared through their fingerprint, which covers the tokenizer.
+# Fields a resume may change: they decide when to save, evaluate and log (peak_flops only scales
+# the logged MFU), where, or how memory is traded for time, not what the run computes. steps may
+# only grow (the cosine schedule then ends later); the data are compared through their
+# fingerprint, which covers the tokenizer.
 SAFE_TO_CHANGE = ("steps", "save_every", "eval_every", "eval_sequences", "keep_last", "out_dir", "tokenizer_file",
-                  "activation_checkpointing", "device")  # fmt: skip
+                  "activation_checkpointing", "device", "peak_flops")  # fmt: skip
 # Only their product with the number of ranks, the global batch, changes the run: one step's
 # gradient is the mean over its sequences however they are split (gemma2.trainer).
 BATCH_SPLIT = ("batch_size", "grad_accum")
