@@ -11,9 +11,29 @@ A local (sliding-window) query at column q sees keys q - W + 1 .. q: exactly W k
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+
+class Columns(NamedTuple):
+    """What one forward's masks and RoPE need: the queries' and each layer kind's keys' columns."""
+
+    q_cols: Tensor  # [T] the new tokens' columns
+    global_cols: Tensor  # [S] keys of the global layers
+    global_valid: Tensor  # [B, S] bool, False for padding
+    local_cols: Tensor  # [S'] keys of the local layers (negative: an empty ring slot)
+    local_valid: Tensor  # [B, S'] bool
+    positions: Tensor  # [B, T] RoPE positions, counted from each row's first real token
+    self_attending: bool  # every layer's keys are exactly the queries' columns (no cache before)
+
+
+def own_columns(valid: Tensor) -> Columns:
+    """The columns of a sequence attending to itself (no cache). valid: `[B, T]` bool, left-padded."""
+    cols = torch.arange(valid.shape[1], device=valid.device)
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    return Columns(cols, cols, valid, cols, valid, positions, True)
 
 
 def keep(q: Tensor, k: Tensor, window: int | None) -> Tensor:
@@ -58,3 +78,11 @@ def flex_mask_mod(q_cols: Tensor, k_cols: Tensor, window: int | None, key_valid:
         return keep(q_cols[q_idx], k_cols[kv_idx], window) & key_valid[b, kv_idx]
 
     return mask_mod
+
+
+def flex_block_mask(q_cols: Tensor, k_cols: Tensor, window: int | None, key_valid: Tensor):
+    """The FlexAttention BlockMask of `flex_mask_mod`: blocks with no allowed key are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mod = flex_mask_mod(q_cols, k_cols, window, key_valid)
+    return create_block_mask(mod, key_valid.shape[0], None, len(q_cols), len(k_cols), device=q_cols.device)
