@@ -6,8 +6,9 @@ scores scaled, soft-capped (cap * tanh(s / cap)) and masked before a softmax in 
 - `eager`: the readable reference. Every score of the `[T, S]` matrix, an explicit boolean mask.
 - `flex`: FlexAttention, the softcap as a `score_mod` and the mask as a block mask, so blocks
   outside the causal window are skipped. Compiled (`compiled=True`) it is a fused kernel that never
-  holds the score matrix; compiled once per process and per shape (torch.compile caches the
-  kernel; `dynamic=False`, so a new sequence length compiles once more and is then cached too).
+  holds the score matrix. Compiled once per process and length bucket: lengths are padded to
+  powers of two (`gemma2.masks.flex_block_mask`) and the kernel compiled with static shapes
+  (`dynamic=True` fails to lower on CPU in torch 2.13), so 128 .. 8192 tokens compile at most 7 times.
   Forward and backward on CUDA; forward only on CPU (torch has no CPU FlexAttention backward).
 - `banded`: sliding-window attention without a compiler, with autograd on any device. Queries go in
   blocks of C = W columns; each block scores only its C + W - 1 candidate keys, so memory is
@@ -93,12 +94,17 @@ def _compiled_flex() -> Callable:
 
 
 def flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, cap: float, *, compiled: bool) -> Tensor:
-    """FlexAttention with the softcap as a score_mod; block_mask from `gemma2.masks.flex_block_mask`."""
+    """FlexAttention with the softcap as a score_mod; block_mask from `gemma2.masks.flex_block_mask`,
+    whose bucketed lengths q, k and v are padded to (the padding is masked, then sliced off)."""
     if compiled:
         kernel = _compiled_flex()
     else:
         from torch.nn.attention.flex_attention import flex_attention as kernel
-    return kernel(q, k, v, score_mod=_capped(cap), block_mask=block_mask, scale=scale, enable_gqa=True)
+    T, S = q.shape[2], k.shape[2]
+    Tq, Tk = block_mask.seq_lengths
+    q, k, v = F.pad(q, (0, 0, 0, Tq - T)), F.pad(k, (0, 0, 0, Tk - S)), F.pad(v, (0, 0, 0, Tk - S))
+    out = kernel(q, k, v, score_mod=_capped(cap), block_mask=block_mask, scale=scale, enable_gqa=True)
+    return out[:, :, :T]
 
 
 def recompute(kernel: Callable, *args) -> Tensor:

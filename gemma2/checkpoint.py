@@ -152,18 +152,22 @@ def load_model(
     device: torch.device | str = "cpu",
     config: Gemma2Config | str | None = None,
     progress: bool = False,
+    attention: str = "auto",
+    compile_attention: bool | None = None,
 ) -> Gemma2ForCausalLM:
     """Load a Gemma 2 checkpoint (Hugging Face directory, official `.ckpt`, or `.bin` shards).
 
     config: the model's shape when the checkpoint has no config.json (a Gemma2Config or a preset
     name); it overrides config.json when given. progress: show a bar over the tensors.
+    attention, compile_attention: as in Gemma2ForCausalLM (default: the fastest measured path for
+    the device and call; "eager" is the reference; compile_attention=False never compiles).
     """
     dtype = to_dtype(dtype)  # bfloat16 or float32, by dtype or by name (gemma2.dtypes)
     path = Path(path)
     files = _shards(path)
     config = _resolve_config(path, config)
     with torch.device("meta"):
-        model = Gemma2ForCausalLM(config)
+        model = Gemma2ForCausalLM(config, attention, compile_attention)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     state: dict[str, Tensor] = {}
     bar = tqdm(total=len(expected), desc="loading", unit="tensor", disable=not progress)

@@ -130,12 +130,14 @@ class Gemma2Model(nn.Module):
 
 
 class Gemma2ForCausalLM(nn.Module):
-    def __init__(self, config: Gemma2Config, attention: str = "eager", compile_attention: bool = True) -> None:
+    def __init__(self, config: Gemma2Config, attention: str = "eager", compile_attention: bool | None = None) -> None:
         super().__init__()
         self.config = config
         self.model = Gemma2Model(config)
         self.attention = attention  # one of ATTENTION_IMPLS; may be changed at any time
-        self.compile_attention = compile_attention  # False: FlexAttention runs unfused, never compiles
+        # Compile FlexAttention: True, False (unfused, never compiles), None: on CUDA only (on CPU a
+        # compilation, 7-20 s per length bucket, outweighs what one prompt saves; README "Figures").
+        self.compile_attention = compile_attention
 
     @property
     def attention(self) -> str:
@@ -187,19 +189,26 @@ class Gemma2ForCausalLM(nn.Module):
         """The kernel this call runs: "eager", "flex" or "banded" (see the module docstring).
 
         "auto" is what measured fastest (scripts/benchmark.py, README "Figures"): eager for one-token
-        decoding (one row of scores; nothing to skip); compiled FlexAttention for prompts, except
-        under autograd on CPU (no FlexAttention backward there), where "banded" saves both time and
-        memory. Without compilation, unfused FlexAttention is slower than "banded" everywhere.
+        decoding (one row of scores; nothing to skip) and chunked prefills (short chat turns);
+        compiled FlexAttention for prompts, except under autograd on CPU (no FlexAttention backward
+        there); otherwise "banded" once the sequence is longer than two windows (below that it
+        computes as many scores as eager, in smaller matmuls).
         """
         impl = self.attention
         if impl == "auto":
-            if T == 1:
+            if T == 1 or not self_attending:
                 return "eager"
             cpu_training = device.type == "cpu" and torch.is_grad_enabled()
-            impl = "flex" if self.compile_attention and not cpu_training else "banded"
+            if self.compiles(device) and not cpu_training:
+                return "flex"
+            return "banded" if T > 2 * self.config.sliding_window or torch.is_grad_enabled() else "eager"
         if impl == "flex" and T == 1 or impl == "banded" and not self_attending:
             return "eager"  # banded needs keys at the queries' own columns (not a chunked prefill)
         return impl
+
+    def compiles(self, device: torch.device) -> bool:
+        """Whether FlexAttention is compiled on this device (`compile_attention`, None: CUDA only)."""
+        return device.type == "cuda" if self.compile_attention is None else self.compile_attention
 
     def kernels(self, view: Columns) -> dict[bool, Callable]:
         """The global (False) and local (True) attention kernels `(q, k, v) -> out`, their masks
@@ -212,7 +221,7 @@ class Gemma2ForCausalLM(nn.Module):
         if impl == "flex":
             return {
                 local: partial(kernels.flex, block_mask=flex_block_mask(view.q_cols, cols, w, valid),
-                               compiled=self.compile_attention, **caps)
+                               compiled=self.compiles(view.q_cols.device), **caps)
                 for local, (cols, valid, w) in keys.items()
             }  # fmt: skip
         attends = {
