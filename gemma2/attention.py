@@ -41,7 +41,9 @@ def eager(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, cap: floa
     KV = k.shape[1]
     # Group the query heads that share a KV head instead of repeating K and V.
     qg = q.reshape(B, KV, H // KV * T, hd)  # [B, KV, G*T, hd]
-    scores = (qg @ k.transpose(-1, -2)).float() * scale  # [B, KV, G*T, S]
+    # K @ Q^T, transposed: the same products, but CPU bmm copies a cache slice (k[:, :, :S] of a
+    # longer buffer) when it is the transposed operand: 3.2 ms against 0.7 ms at S = 4096, bf16.
+    scores = (k @ qg.transpose(-1, -2)).transpose(-1, -2).float() * scale  # [B, KV, G*T, S]
     scores = softcap(scores, cap).view(B, KV, H // KV, T, -1)
     scores = scores.masked_fill(~mask[:, None, None], torch.finfo(torch.float32).min)
     probs = scores.softmax(dim=-1).to(v.dtype).view(B, KV, -1, k.shape[2])
