@@ -104,7 +104,8 @@ def flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, cap: float, 
         from torch.nn.attention.flex_attention import flex_attention as kernel
     T, S = q.shape[2], k.shape[2]
     Tq, Tk = block_mask.seq_lengths
-    q, k, v = F.pad(q, (0, 0, 0, Tq - T)), F.pad(k, (0, 0, 0, Tk - S)), F.pad(v, (0, 0, 0, Tk - S))
+    if (Tq, Tk) != (T, S):  # a length between buckets
+        q, k, v = F.pad(q, (0, 0, 0, Tq - T)), F.pad(k, (0, 0, 0, Tk - S)), F.pad(v, (0, 0, 0, Tk - S))
     out = kernel(q, k, v, score_mod=_capped(cap), block_mask=block_mask, scale=scale, enable_gqa=True)
     return out[:, :, :T]
 

@@ -160,7 +160,10 @@ class Gemma2ForCausalLM(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final hidden states `[..., D]` -> soft-capped logits `[..., V]` in fp32."""
-        return softcap((hidden @ self.output_weight.T).float(), self.config.final_logit_softcapping)
+        logits, cap = (hidden @ self.output_weight.T).float(), self.config.final_logit_softcapping
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return softcap(logits, cap)
+        return logits.div_(cap).tanh_().mul_(cap)  # softcap in place: no [T, V] fp32 temporaries
 
     def hidden_states(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None
