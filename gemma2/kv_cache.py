@@ -77,7 +77,8 @@ class KVCache:
         else:  # chunked prefill: the ring as it was, then the new keys
             local_cols = torch.cat([ring_columns(start, self.ring, device), q_cols])
         local_valid = self.valid[:, local_cols.clamp(min=0)] & (local_cols >= 0)
-        return Columns(q_cols, global_cols, self.valid[:, : start + T], local_cols, local_valid, positions, start == 0)
+        self_attending = start == 0 and T > 1  # a decode step's local keys are the whole ring
+        return Columns(q_cols, global_cols, self.valid[:, : start + T], local_cols, local_valid, positions, self_attending)
 
     def advance(self, T: int) -> None:
         """The T columns given to `begin` are written in every layer."""
