@@ -180,6 +180,8 @@ def load_model(
     progress: bool = False,
     quantize: str | None = None,
     check_finite: bool = True,
+    attention: str = "auto",
+    compile_attention: bool | None = None,
 ) -> Gemma2ForCausalLM:
     """Load a Gemma 2 checkpoint (Hugging Face directory, official `.ckpt`, or `.bin` shards).
 
@@ -191,13 +193,15 @@ def load_model(
     weight once more (a sum per tensor on the target device: 0.03 s per GiB of fp32 on one CPU
     thread from the page cache; a memory-mapped file is then read from disk at load, not later);
     False skips that pass and trusts the file.
+    attention, compile_attention: as in Gemma2ForCausalLM (default: the fastest measured path for
+    the device and call; "eager" is the reference; compile_attention=False never compiles).
     """
     dtype = to_dtype(dtype)  # bfloat16 or float32, by dtype or by name (gemma2.dtypes)
     path = Path(path)
     files = _shards(path)
     config = _resolve_config(path, config)
     with torch.device("meta"):
-        model = Gemma2ForCausalLM(config)
+        model = Gemma2ForCausalLM(config, attention, compile_attention)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     placing = Int8Loading(model, quantize, expected, dtype, device)  # casts, or quantises, each tensor
     state: dict[str, Tensor] = {}

@@ -166,7 +166,7 @@ def run(
         echo(f"\n== {name} student: " + (f"forward KL to the teacher (alpha {alpha}, temperature {cfg.temperature})"
                                           if alpha else "next-token cross-entropy (alpha 0), no teacher")
              + f", peak lr {lr}")  # fmt: skip
-        student = init_weights(Gemma2ForCausalLM(s_config), seed=cfg.seed)  # identical twins
+        student = init_weights(Gemma2ForCausalLM(s_config, attention="auto"), seed=cfg.seed)  # identical twins
         t0 = time.perf_counter()
         metrics = train(train_config(name, alpha, lr), student, data, teacher=teacher if alpha else None,
                         progress=progress)  # fmt: skip

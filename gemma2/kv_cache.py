@@ -4,8 +4,9 @@ Global layers keep every column up to `max_len`. Local layers only ever look W k
 keep the last W columns in a ring buffer (column c lives in slot c % W). For the 2B preset at 8192
 tokens that is 0.61 GiB in bf16 instead of 0.81 GiB.
 
-The model drives the cache in three calls per forward: `begin(valid)` before the layers,
-`update(layer, k, v)` inside each attention layer, `length += T` after.
+The model drives the cache in three calls per forward: `begin(valid)` before the layers (it records
+the padding and returns the forward's `Columns`), `update(layer, k, v)` inside each attention layer,
+`advance(T)` after. The cache owns its position (`length`) and each row's count of real tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .config import Gemma2Config
-from .masks import ring_columns
+from .masks import Columns, ring_columns
 
 
 class KVCache:
@@ -44,6 +45,7 @@ class KVCache:
             self.values.append(torch.zeros(batch_size, kv, slots, hd, dtype=dtype, device=device))
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # real tokens
         self.length = 0  # columns written so far
+        self.seen = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # real tokens per row
 
     @staticmethod
     def nbytes(config: Gemma2Config, batch_size: int, max_len: int, dtype: torch.dtype) -> int:
@@ -53,17 +55,19 @@ class KVCache:
         per_slot = 2 * batch_size * config.num_key_value_heads * config.head_dim * dtype.itemsize
         return slots * per_slot
 
-    def begin(self, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Record the new columns' padding; return what the masks need for this step.
+    def begin(self, valid: Tensor) -> Columns:
+        """Record the new columns' padding; return what the masks and RoPE need for this forward.
 
         valid: `[B, T]` bool, False for left padding.
-        Returns (q_cols, global k_cols, global key_valid, local k_cols, local key_valid).
         """
         start, T = self.length, valid.shape[1]
         if start + T > self.max_len:
             raise ValueError(f"the cache holds {self.max_len} tokens; {start} + {T} do not fit")
         device = valid.device
         self.valid[:, start : start + T] = valid
+        counts = self.seen + valid.long().cumsum(-1)  # [B, T] real tokens up to each new column
+        positions = (counts - 1).clamp(min=0)
+        self.seen = counts[:, -1:]
         q_cols = torch.arange(start, start + T, device=device)
         global_cols = torch.arange(start + T, device=device)
         if T == 1:  # decoding: write first, then the ring holds exactly the keys to attend to
@@ -73,7 +77,12 @@ class KVCache:
         else:  # chunked prefill: the ring as it was, then the new keys
             local_cols = torch.cat([ring_columns(start, self.ring, device), q_cols])
         local_valid = self.valid[:, local_cols.clamp(min=0)] & (local_cols >= 0)
-        return q_cols, global_cols, self.valid[:, : start + T], local_cols, local_valid
+        self_attending = start == 0 and T > 1  # a decode step's local keys are the whole ring
+        return Columns(q_cols, global_cols, self.valid[:, : start + T], local_cols, local_valid, positions, self_attending)
+
+    def advance(self, T: int) -> None:
+        """The T columns given to `begin` are written in every layer."""
+        self.length += T
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's keys/values `[B, KV, T, hd]`; return the keys/values to attend over."""

@@ -11,12 +11,33 @@ A local (sliding-window) query at column q sees keys q - W + 1 .. q: exactly W k
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
-def keep(q: Tensor, k: Tensor, window: int | None) -> Tensor:
+class Columns(NamedTuple):
+    """What one forward's masks and RoPE need: the queries' and each layer kind's keys' columns."""
+
+    q_cols: Tensor  # [T] the new tokens' columns
+    global_cols: Tensor  # [S] keys of the global layers
+    global_valid: Tensor  # [B, S] bool, False for padding
+    local_cols: Tensor  # [S'] keys of the local layers (negative: an empty ring slot)
+    local_valid: Tensor  # [B, S'] bool
+    positions: Tensor  # [B, T] RoPE positions, counted from each row's first real token
+    self_attending: bool  # every layer's keys are exactly the queries' columns (no cache before)
+
+
+def own_columns(valid: Tensor) -> Columns:
+    """The columns of a sequence attending to itself (no cache). valid: `[B, T]` bool, left-padded."""
+    cols = torch.arange(valid.shape[1], device=valid.device)
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    return Columns(cols, cols, valid, cols, valid, positions, True)
+
+
+def keep(q: Tensor, k: Tensor, window: int | Tensor | None) -> Tensor:
     """The rule itself, elementwise over broadcastable query and key columns."""
     allowed = (k <= q) & (k >= 0)  # causal; a negative column is an empty cache slot
     if window is not None:
@@ -51,10 +72,34 @@ def ring_columns(next_col: int, size: int, device: torch.device | str | None = N
     return last - torch.remainder(last - slots, size)  # [size]
 
 
-def flex_mask_mod(q_cols: Tensor, k_cols: Tensor, window: int | None, key_valid: Tensor) -> Callable:
+def flex_mask_mod(q_cols: Tensor, k_cols: Tensor, window: int | Tensor | None, key_valid: Tensor) -> Callable:
     """`may_attend` as a FlexAttention `mask_mod`: the same columns, the same rule."""
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return keep(q_cols[q_idx], k_cols[kv_idx], window) & key_valid[b, kv_idx]
 
     return mask_mod
+
+
+def flex_block_mask(q_cols: Tensor, k_cols: Tensor, window: int | None, key_valid: Tensor):
+    """The FlexAttention BlockMask of `may_attend` (blocks with no allowed key are skipped), for
+    query and key lengths rounded up to powers of two (at least 128).
+
+    Rounding bounds the shapes a compiled kernel sees (one compilation per bucket, 128 .. 8192 is 7);
+    the extra keys are masked out and the extra query rows are sliced off by `gemma2.attention.flex`.
+    The window is a tensor (a global layer's spans every column), so local and global layers share
+    one compiled kernel.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    Tq, Tk = _bucket(len(q_cols)), _bucket(len(k_cols))
+    q_cols = F.pad(q_cols, (0, Tq - len(q_cols)), value=-1)  # a negative query column sees nothing
+    k_cols = F.pad(k_cols, (0, Tk - len(k_cols)), value=-1)
+    key_valid = F.pad(key_valid, (0, Tk - key_valid.shape[1]), value=False)
+    span = torch.tensor(Tq + Tk + 1 if window is None else window, device=q_cols.device)
+    mod = flex_mask_mod(q_cols, k_cols, span, key_valid)
+    return create_block_mask(mod, key_valid.shape[0], None, Tq, Tk, device=q_cols.device)
+
+
+def _bucket(n: int) -> int:
+    return max(128, 1 << (n - 1).bit_length())

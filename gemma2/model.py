@@ -1,6 +1,7 @@
 """The Gemma 2 decoder.
 
-Features, each as the reference implementation computes it (see shared GEMMA2_FACTS.md):
+Features, each as the Gemma 2 report (arXiv 2408.00118) and the official reference implementation
+(google/gemma_pytorch) compute them:
 - interleaved attention: even layers local (sliding window of W keys), odd layers global;
 - grouped-query attention, scores scaled by query_pre_attn_scalar ** -0.5;
 - attention logits soft-capped (50 * tanh(s / 50)) before the mask, softmax in fp32;
@@ -11,24 +12,31 @@ Features, each as the reference implementation computes it (see shared GEMMA2_FA
 Dtype policy: weights and activations in the model dtype (fp32 or bf16); norms, RoPE angles,
 softcaps, softmax and logits in fp32.
 
-Two attention implementations give the same result: "eager" (the readable reference: full score
-matrix, explicit mask) and "flex" (FlexAttention: the softcap as a score_mod and a block mask that
-skips blocks outside the window; compile it for speed).
+`attention` picks the kernels (gemma2.attention), all tested equal to "eager":
+- "eager": the readable reference (full score matrix, explicit mask) in every layer;
+- "flex": FlexAttention for prompts (compiled unless `compile_attention` is False), eager for decoding;
+- "banded": local layers in query blocks that see only their window (O(T * W) memory, autograd on
+  any device), global layers eager; under autograd both recompute their scores in backward;
+- "auto": the fastest measured path for the call (see `Gemma2ForCausalLM.kernel_for`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import attention as kernels
+from .attention import softcap
 from .config import Gemma2Config
 from .kv_cache import KVCache
-from .masks import flex_mask_mod, may_attend
+from .masks import Columns, flex_block_mask, may_attend, own_columns
 
-ATTENTION_IMPLS = ("eager", "flex")
+ATTENTION_IMPLS = ("eager", "flex", "banded", "auto")
 
 
 class RMSNorm(nn.Module):
@@ -59,25 +67,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def softcap(x: Tensor, cap: float) -> Tensor:
-    return cap * torch.tanh(x / cap)
-
-
 class Attention(nn.Module):
     def __init__(self, config: Gemma2Config, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.scale = config.query_pre_attn_scalar**-0.5
-        self.cap = config.attn_logit_softcapping
-        self.window = config.sliding_window if config.is_local(layer) else None
         D = config.hidden_size
         self.q_proj = nn.Linear(D, self.n_heads * self.hd, bias=False)
         self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=False)
         self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask, impl: str, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], attend: Callable, cache: KVCache | None) -> Tensor:
+        """attend: the kernel with this forward's mask bound, `(q, k, v) -> out` (Gemma2ForCausalLM.kernels)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, KV, T, hd]
@@ -85,32 +87,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, KV, S, hd]
-        if impl == "flex" and T > 1:
-            out = self._flex(q, k, v, mask)
-        else:
-            out = self._eager(q, k, v, mask)
+        out = attend(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
-
-    def _eager(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """The reference: every score computed, capped, masked; softmax in fp32."""
-        B, H, T, hd = q.shape
-        # Group the query heads that share a KV head instead of repeating K and V.
-        qg = q.reshape(B, self.n_kv, H // self.n_kv * T, hd)  # [B, KV, G*T, hd]
-        scores = (qg @ k.transpose(-1, -2)).float() * self.scale  # [B, KV, G*T, S]
-        scores = softcap(scores, self.cap).view(B, self.n_kv, H // self.n_kv, T, -1)
-        scores = scores.masked_fill(~mask[:, None, None], torch.finfo(torch.float32).min)
-        probs = scores.softmax(dim=-1).to(v.dtype).view(B, self.n_kv, -1, k.shape[2])
-        return (probs @ v).view(B, H, T, hd)
-
-    def _flex(self, q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        cap = self.cap
-
-        def capped(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return cap * torch.tanh(score / cap)
-
-        return flex_attention(q, k, v, score_mod=capped, block_mask=block_mask, scale=self.scale, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -136,8 +114,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.post_feedforward_layernorm = RMSNorm(D, eps)
 
-    def forward(self, x: Tensor, rope, mask, impl: str, cache: KVCache | None) -> Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, impl, cache))
+    def forward(self, x: Tensor, rope, attend: Callable, cache: KVCache | None) -> Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, attend, cache))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -159,11 +137,14 @@ class Gemma2Model(nn.Module):
 
 
 class Gemma2ForCausalLM(nn.Module):
-    def __init__(self, config: Gemma2Config, attention: str = "eager") -> None:
+    def __init__(self, config: Gemma2Config, attention: str = "eager", compile_attention: bool | None = None) -> None:
         super().__init__()
         self.config = config
         self.model = Gemma2Model(config)
-        self.attention = attention  # "eager" or "flex"; may be changed at any time
+        self.attention = attention  # one of ATTENTION_IMPLS; may be changed at any time
+        # Compile FlexAttention: True, False (unfused, never compiles), None: on CUDA only (on CPU a
+        # compilation, 7-20 s per length bucket, outweighs what one prompt saves; README "Figures").
+        self.compile_attention = compile_attention
 
     @property
     def attention(self) -> str:
@@ -191,7 +172,10 @@ class Gemma2ForCausalLM(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final hidden states `[..., D]` -> soft-capped logits `[..., V]` in fp32."""
-        return softcap(self.model.embed_tokens.attend(hidden).float(), self.config.final_logit_softcapping)
+        logits, cap = self.model.embed_tokens.attend(hidden).float(), self.config.final_logit_softcapping
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return softcap(logits, cap)
+        return logits.div_(cap).tanh_().mul_(cap)  # softcap in place: no [T, V] fp32 temporaries
 
     def hidden_states(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None
@@ -205,38 +189,62 @@ class Gemma2ForCausalLM(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         valid = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-        if cache is None:
-            cols = torch.arange(T, device=device)
-            masks = self._masks(cols, cols, valid, cols, valid, T)
-            # RoPE positions count from each row's first real token.
-            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        else:
-            q_cols, g_cols, g_valid, l_cols, l_valid = cache.begin(valid)
-            masks = self._masks(q_cols, g_cols, g_valid, l_cols, l_valid, T)
-            seen = cache.valid[:, : cache.length + T].long().cumsum(-1)[:, cache.length :]
-            positions = (seen - 1).clamp(min=0)
-        rope = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+        view = own_columns(valid) if cache is None else cache.begin(valid)
+        attends = self.kernels(view)
+        rope = rope_angles(view.positions, cfg.head_dim, cfg.rope_theta)
         x = self.model.embed_tokens(input_ids)
         x = x * torch.tensor(math.sqrt(cfg.hidden_size), dtype=x.dtype)  # rounded to the activation dtype
-        impl = self.attention
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope, masks[cfg.is_local(i)], impl, cache)
+            x = layer(x, rope, attends[cfg.is_local(i)], cache)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self.model.norm(x)
 
-    def _masks(self, q_cols, g_cols, g_valid, l_cols, l_valid, T: int) -> dict[bool, object]:
-        """The global and local masks, built once per forward and shared by the layers."""
-        window = self.config.sliding_window
-        if self.attention == "flex" and T > 1:
-            from torch.nn.attention.flex_attention import create_block_mask
+    def kernel_for(self, T: int, self_attending: bool, device: torch.device) -> str:
+        """The kernel this call runs: "eager", "flex" or "banded" (see the module docstring).
 
-            def block(k_cols: Tensor, key_valid: Tensor, w: int | None):
-                mod = flex_mask_mod(q_cols, k_cols, w, key_valid)
-                return create_block_mask(mod, key_valid.shape[0], None, T, len(k_cols), device=q_cols.device)
+        "auto" is what measured fastest (scripts/benchmark.py, README "Figures"): eager for one-token
+        decoding (one row of scores; nothing to skip) and chunked prefills (short chat turns);
+        compiled FlexAttention for prompts, except under autograd on CPU (no FlexAttention backward
+        there); otherwise "banded" once the sequence is longer than two windows (below that it
+        computes as many scores as eager, in smaller matmuls).
+        """
+        impl = self.attention
+        if impl == "auto":
+            if T == 1 or not self_attending:
+                return "eager"
+            cpu_training = device.type == "cpu" and torch.is_grad_enabled()
+            if self.compiles(device) and not cpu_training:
+                return "flex"
+            return "banded" if T > 2 * self.config.sliding_window or torch.is_grad_enabled() else "eager"
+        if impl == "flex" and T == 1 or impl == "banded" and not self_attending:
+            return "eager"  # banded needs keys at the queries' own columns (not a chunked prefill)
+        return impl
 
-            return {False: block(g_cols, g_valid, None), True: block(l_cols, l_valid, window)}
-        return {
-            False: may_attend(q_cols, g_cols, key_valid=g_valid),
-            True: may_attend(q_cols, l_cols, window=window, key_valid=l_valid),
+    def compiles(self, device: torch.device) -> bool:
+        """Whether FlexAttention is compiled on this device (`compile_attention`, None: CUDA only)."""
+        return device.type == "cuda" if self.compile_attention is None else self.compile_attention
+
+    def kernels(self, view: Columns) -> dict[bool, Callable]:
+        """The global (False) and local (True) attention kernels `(q, k, v) -> out`, their masks
+        built once per forward and shared by the layers."""
+        cfg = self.config
+        W, T = cfg.sliding_window, len(view.q_cols)
+        impl = self.kernel_for(T, view.self_attending, view.q_cols.device)
+        keys = {False: (view.global_cols, view.global_valid, None), True: (view.local_cols, view.local_valid, W)}
+        caps = dict(scale=cfg.query_pre_attn_scalar**-0.5, cap=cfg.attn_logit_softcapping)
+        if impl == "flex":
+            return {
+                local: partial(kernels.flex, block_mask=flex_block_mask(view.q_cols, cols, w, valid),
+                               compiled=self.compiles(view.q_cols.device), **caps)
+                for local, (cols, valid, w) in keys.items()
+            }  # fmt: skip
+        attends = {
+            local: partial(kernels.banded, key_valid=valid, window=W, **caps)
+            if impl == "banded" and local
+            else partial(kernels.eager, mask=may_attend(view.q_cols, cols, window=w, key_valid=valid), **caps)
+            for local, (cols, valid, w) in keys.items()
         }
+        if impl == "banded" and torch.is_grad_enabled():
+            attends = {local: partial(kernels.recompute, kernel) for local, kernel in attends.items()}
+        return attends

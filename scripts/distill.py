@@ -113,6 +113,7 @@ def main(args: argparse.Namespace) -> int:
     # A fresh student speaks the teacher's vocabulary (else the tokenizer's).
     vocab = teacher_vocab_size(teacher) if teacher is not None else tokenizer.vocab_size
     student = load_student(args.student, vocab_size=vocab, seed=args.seed)
+    student.attention = "auto"  # the fastest measured path for the device (gemma2.model)
     data = open_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,
                          eval_paths=args.eval_data)  # fmt: skip
     if rank == 0:

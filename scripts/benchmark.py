@@ -1,0 +1,208 @@
+"""Speed and memory of our model against transformers' Gemma 2 (eager), the same random weights.
+
+    python scripts/benchmark.py --json bench.json          # ~10 min on 2 CPU cores
+    python scripts/benchmark.py --quick                    # fewer repetitions and steps
+
+Fixed config: hidden 1024, 8 layers, 8 heads / 4 KV heads, head_dim 128, MLP 4096, vocab 32768,
+window 512, bf16, batch 1 (decode also batch 8). Ours runs `attention="auto"` with compilation on
+(the first call's compile time is reported beside each compiled figure); transformers its eager
+attention (its SDPA path cannot softcap). Repetitions alternate between the two after a warm-up
+each; figures are medians. Peak memory: RSS growth on CPU (sampled), max_memory_allocated on CUDA.
+The training step (forward + backward of a token loss, seq 2048) compares ours with our own eager
+reference. Limits, measured in the same run: bf16 GEMV bandwidth (decode reads every weight once per
+step: the roofline is bandwidth / weight bytes) and bf16 matmul rate (prefill limit: 2 * params * T
+flops, attention not counted). Needs transformers (a test-only dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+from gemma2 import Gemma2Config, Gemma2ForCausalLM, KVCache
+
+CONFIG = Gemma2Config(vocab_size=32768, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=128, query_pre_attn_scalar=128,
+                      sliding_window=512, max_position_embeddings=8192)  # fmt: skip
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+class PeakMemory:
+    """Peak memory growth during a `with` block: CUDA allocator peak, or sampled RSS on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss() - self.base)
+            time.sleep(0.002)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base, self._stop = self._rss(), threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def alternate(runs: dict, reps: int, device) -> dict:
+    """Per run: (median seconds, first call's seconds, peak memory growth of the last call), after
+    one warm-up call each (the first: compilation included), the repetitions interleaved."""
+    first = {name: timed(fn, device) for name, fn in runs.items()}
+    times = {name: [] for name in runs}
+    peaks = {}
+    for rep in range(reps):
+        for name, fn in runs.items():
+            with PeakMemory(device) as memory:
+                times[name].append(timed(fn, device))
+            peaks[name] = memory.peak
+    return {name: (statistics.median(t), first[name], peaks[name]) for name, t in times.items()}
+
+
+def limits(device, dtype, reps: int) -> dict:
+    n = 8192
+    w = torch.randn(n, n, device=device, dtype=dtype)
+    x = torch.randn(1, n, device=device, dtype=dtype)
+    a = torch.randn(1024, 4096, device=device, dtype=dtype)
+    b = torch.randn(4096, 4096, device=device, dtype=dtype)
+    gemv = alternate({"gemv": lambda: [x @ w.T for _ in range(5)]}, reps, device)["gemv"][0] / 5
+    mm = alternate({"mm": lambda: a @ b}, reps, device)["mm"][0]
+    return {"gemv_gbps": w.numel() * w.itemsize / gemv / 1e9, "matmul_gflops": 2 * a.shape[0] * a.shape[1] * b.shape[1] / mm / 1e9}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 repetition, fewer decode steps (under 3 min)")
+    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = p.parse_args()
+    try:
+        import transformers
+    except ImportError:
+        sys.exit("benchmark.py needs transformers (pip install transformers): it is the reference")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), torch.bfloat16
+    reps, steps = (1, 4) if args.quick else (3, 16)  # repetitions after the warm-up; decode steps per call
+    torch.manual_seed(0)
+    cfg = CONFIG
+    hf = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        query_pre_attn_scalar=cfg.query_pre_attn_scalar, sliding_window=cfg.sliding_window,
+        max_position_embeddings=cfg.max_position_embeddings, attn_implementation="eager",
+    )).to(device, dtype).eval()  # fmt: skip
+    ours = Gemma2ForCausalLM(cfg, attention="auto", compile_attention=True).to(device, dtype).eval()
+    ours.load_state_dict({k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}, strict=True)
+    lim = limits(device, dtype, reps)
+    weight_bytes = sum(t.numel() * t.itemsize for t in ours.parameters())
+    linear_params = sum(t.numel() for n, t in ours.named_parameters() if "norm" not in n)  # embed = head
+    figures, compile_s = {}, {}
+
+    def put(name, ours_v, theirs_v, limit_fraction=None):
+        print(f"{name}: ours {ours_v:.4g}, theirs {theirs_v:.4g}", file=sys.stderr, flush=True)
+        figures[name] = {"ours": ours_v, "transformers": theirs_v, "ratio": ours_v / theirs_v,
+                         "limit_fraction": limit_fraction}  # fmt: skip
+
+    with torch.inference_mode():
+        for T in (1024, 4096):
+            ids = torch.randint(3, cfg.vocab_size, (1, T), device=device)
+            t = alternate({"ours": lambda: ours(ids), "hf": lambda: hf(input_ids=ids).logits}, reps, device)
+            compile_s[f"prefill_{T}"] = t["ours"][1] - t["ours"][0]
+            put(f"prefill_{T}", T / t["ours"][0], T / t["hf"][0], 2 * linear_params * T / t["ours"][0] / 1e9 / lim["matmul_gflops"])
+            if T == 4096:
+                put("peak_mem_prefill_4096", t["ours"][2], t["hf"][2])
+        for P, B in ((1024, 1), (4096, 1), (1024, 8)):
+            ids = torch.randint(3, cfg.vocab_size, (B, P), device=device)
+            cache = KVCache(cfg, B, P + (reps + 1) * steps, dtype=dtype, device=device)
+            ones = torch.ones(B, 1, dtype=torch.bool, device=device)
+            tok = ours.logits(ours.hidden_states(ids, None, cache)[:, -1]).argmax(-1)[:, None]
+            out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
+            past, hf_tok = out.cache, out.logits[:, -1].argmax(-1)[:, None]
+
+            def ours_steps():
+                nonlocal tok
+                for _ in range(steps):
+                    tok = ours.logits(ours.hidden_states(tok, ones, cache)[:, -1]).argmax(-1)[:, None]
+
+            def hf_steps():
+                nonlocal hf_tok
+                for _ in range(steps):
+                    o = hf(input_ids=hf_tok, cache=past, use_cache=True)
+                    hf_tok = o.logits[:, -1].argmax(-1)[:, None]
+
+            t = alternate({"ours": ours_steps, "hf": hf_steps}, reps, device)
+            name = f"decode_{P}" + ("" if B == 1 else f"_b{B}")
+            roofline = lim["gemv_gbps"] * 1e9 / weight_bytes  # steps/s when every weight is read once
+            put(name, B * steps / t["ours"][0], B * steps / t["hf"][0], steps / t["ours"][0] / roofline)
+            del cache, past
+
+    ids = torch.randint(3, cfg.vocab_size, (1, 2048), device=device)
+    ours.train()
+
+    def train_step(impl):
+        def step():
+            ours.attention = impl
+            ours.zero_grad(set_to_none=True)
+            logits = ours(ids[:, :-1])
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[0, 1:]).backward()
+        return step
+
+    t = alternate({"ours": train_step("auto"), "eager": train_step("eager")}, reps, device)
+    put("train_2048", 2047 / t["ours"][0], 2047 / t["eager"][0])
+    put("peak_mem_train_2048", t["ours"][2], t["eager"][2])
+
+    print(f"device {device} ({torch.get_num_threads()} threads), bf16; GEMV {lim['gemv_gbps']:.1f} GB/s, "
+          f"matmul {lim['matmul_gflops']:.1f} GFLOP/s; train_2048 compares ours with our eager reference\n")  # fmt: skip
+    print("| figure | ours | transformers | ratio | limit fraction | compile s |\n|---|---|---|---|---|---|")
+    for name, f in figures.items():
+        frac = "" if f["limit_fraction"] is None else f"{f['limit_fraction']:.2f}"
+        comp = f"{compile_s[name]:.1f}" if name in compile_s else ""
+        print(f"| {name} | {f['ours']:.4g} | {f['transformers']:.4g} | {f['ratio']:.2f} | {frac} | {comp} |")
+    if args.json:
+        from gemma2.files import write_text_atomic
+
+        result = {"device": str(device), "limits": lim, "figures": figures, "compile_s": compile_s}
+        write_text_atomic(args.json, json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
