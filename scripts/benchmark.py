@@ -9,7 +9,8 @@ window 512, bf16, batch 1 (decode also batch 8). Ours runs `attention="auto"` wi
 attention (its SDPA path cannot softcap). Repetitions alternate between the two after a warm-up
 each; figures are medians. Peak memory: RSS growth on CPU (sampled), max_memory_allocated on CUDA.
 The training step (forward + backward of a token loss, seq 2048) compares ours with our own eager
-reference. Limits, measured in the same run: bf16 GEMV bandwidth (decode reads every weight once per
+reference, and `decode_1024_int8` our weight-only int8 model (gemma2.quantize) with our bf16 one
+(the "transformers" column of that row is ours in bf16). Limits, measured in the same run: bf16 GEMV bandwidth (decode reads every weight once per
 step: the roofline is bandwidth / weight bytes) and bf16 matmul rate (prefill limit: 2 * params * T
 flops, attention not counted). Needs transformers (a test-only dependency).
 """
@@ -17,6 +18,7 @@ flops, attention not counted). Needs transformers (a test-only dependency).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -27,6 +29,8 @@ import time
 import torch
 
 from gemma2 import Gemma2Config, Gemma2ForCausalLM, KVCache
+from gemma2.quantize import quantize_model
+from gemma2.quantize import weight_bytes as quantized_weight_bytes
 
 CONFIG = Gemma2Config(vocab_size=32768, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=128, query_pre_attn_scalar=128,
@@ -150,18 +154,24 @@ def main() -> None:
             put(f"prefill_{T}", T / t["ours"][0], T / t["hf"][0], 2 * linear_params * T / t["ours"][0] / 1e9 / lim["matmul_gflops"])
             if T == 4096:
                 put("peak_mem_prefill_4096", t["ours"][2], t["hf"][2])
-        for P, B in ((1024, 1), (4096, 1), (1024, 8)):
-            ids = torch.randint(3, cfg.vocab_size, (B, P), device=device)
+        def decoder(model, ids):
+            """`steps` greedy decode steps of our `model` after prefilling `ids`, as a callable."""
+            B, P = ids.shape
             cache = KVCache(cfg, B, P + (reps + 1) * steps, dtype=dtype, device=device)
             ones = torch.ones(B, 1, dtype=torch.bool, device=device)
-            tok = ours.logits(ours.hidden_states(ids, None, cache)[:, -1]).argmax(-1)[:, None]
-            out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
-            past, hf_tok = out.cache, out.logits[:, -1].argmax(-1)[:, None]
+            tok = model.logits(model.hidden_states(ids, None, cache)[:, -1]).argmax(-1)[:, None]
 
-            def ours_steps():
+            def run():
                 nonlocal tok
                 for _ in range(steps):
-                    tok = ours.logits(ours.hidden_states(tok, ones, cache)[:, -1]).argmax(-1)[:, None]
+                    tok = model.logits(model.hidden_states(tok, ones, cache)[:, -1]).argmax(-1)[:, None]
+            return run
+
+        for P, B in ((1024, 1), (4096, 1), (1024, 8)):
+            ids = torch.randint(3, cfg.vocab_size, (B, P), device=device)
+            ours_steps = decoder(ours, ids)
+            out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
+            past, hf_tok = out.cache, out.logits[:, -1].argmax(-1)[:, None]
 
             def hf_steps():
                 nonlocal hf_tok
@@ -173,7 +183,16 @@ def main() -> None:
             name = f"decode_{P}" + ("" if B == 1 else f"_b{B}")
             roofline = lim["gemv_gbps"] * 1e9 / weight_bytes  # steps/s when every weight is read once
             put(name, B * steps / t["ours"][0], B * steps / t["hf"][0], steps / t["ours"][0] / roofline)
-            del cache, past
+            del ours_steps, past
+        # Weight-only int8 (gemma2.quantize) against our own bf16 decode: this row's reference is ours.
+        int8 = quantize_model(copy.deepcopy(ours))
+        ids = torch.randint(3, cfg.vocab_size, (1, 1024), device=device)
+        t = alternate({"int8": decoder(int8, ids), "bf16": decoder(ours, ids)}, reps, device)
+        roofline = lim["gemv_gbps"] * 1e9 / quantized_weight_bytes(int8)
+        put("decode_1024_int8", steps / t["int8"][0], steps / t["bf16"][0], steps / t["int8"][0] / roofline)
+        print(f"resident weights: int8 {quantized_weight_bytes(int8) / 2**20:.1f} MiB, bf16 {weight_bytes / 2**20:.1f} MiB",
+              file=sys.stderr)  # fmt: skip
+        del int8
 
     ids = torch.randint(3, cfg.vocab_size, (1, 2048), device=device)
     ours.train()
