@@ -24,7 +24,7 @@ import json
 import sysconfig
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator
 
 MIN_CHARS = 40  # shorter docstrings ("Return self.") are noise, not prose
 # Directory names that hold tests rather than library code (test, tests, idlelib/idle_test ...),
@@ -146,41 +146,6 @@ def corpus_fingerprint(docs: list[str]) -> str:
 def corpus_bytes(docs: Iterable[str]) -> int:
     """Total UTF-8 size of the documents."""
     return sum(len(d.encode()) for d in docs)
-
-
-def write_jsonl(docs: Iterable[str], path: str | Path) -> Path:
-    """Write one `{"text": doc}` object per line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
-    return path
-
-
-class CorpusFiles(NamedTuple):
-    train: Path  # train.jsonl
-    heldout: Path  # heldout.jsonl
-    fingerprint: str  # corpus_fingerprint of the whole corpus
-    train_docs: int
-    heldout_docs: int
-
-
-def write_corpus(
-    directory: str | Path, *, holdout_fraction: float = 0.02, seed: int = 0
-) -> CorpusFiles:
-    """Build the default corpus, split it and write `train.jsonl` and `heldout.jsonl` into
-    `directory`."""
-    docs = build_corpus()
-    train, heldout = split_corpus(docs, holdout_fraction=holdout_fraction, seed=seed)
-    directory = Path(directory)
-    return CorpusFiles(
-        train=write_jsonl(train, directory / "train.jsonl"),
-        heldout=write_jsonl(heldout, directory / "heldout.jsonl"),
-        fingerprint=corpus_fingerprint(docs),
-        train_docs=len(train),
-        heldout_docs=len(heldout),
-    )
 
 
 DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".parquet")

@@ -94,11 +94,13 @@ def test_fingerprint_sees_order_and_boundaries():
 def test_write_and_read_documents(tmp_path, monkeypatch):
     small = [f"Doc {i}.\n\nIt has a blank line, “quotes” and é." for i in range(60)]
     monkeypatch.setattr(C, "build_corpus", lambda: small)
-    files = C.write_corpus(tmp_path / "corpus")
-    assert (files.train.name, files.heldout.name) == ("train.jsonl", "heldout.jsonl")
-    assert (files.train_docs, files.heldout_docs) == (59, 1)
-    assert files.fingerprint == C.corpus_fingerprint(small)
-    written = C.read_documents(files.train) + C.read_documents(files.heldout)
+    train, heldout = C.split_corpus(small, holdout_fraction=0.02)
+    assert (len(train), len(heldout)) == (59, 1)
+    (tmp_path / "corpus").mkdir()
+    for name, docs in (("train.jsonl", train), ("heldout.jsonl", heldout)):
+        lines = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+        (tmp_path / "corpus" / name).write_text(lines, encoding="utf-8")
+    written = [d for name in ("train.jsonl", "heldout.jsonl") for d in C.read_documents(tmp_path / "corpus" / name)]
     assert sorted(written) == sorted(small)  # blank lines inside documents survive JSONL
     assert sorted(C.read_documents(tmp_path / "corpus")) == sorted(small)  # a directory
     (tmp_path / "plain.txt").write_text("one document\n\nin a text file\n")
