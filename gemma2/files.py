@@ -17,8 +17,10 @@ never half of either; a failure removes the temporary and leaves the destination
 - `fsync(path)`: make a file's bytes, or a directory's entries, durable.
 - `process_alive(pid)`: whether a process exists (is a temporary's or a lock's writer still at work?).
 
-Temporary names start with `.tmp-` so that `remove_stale_temporaries` can clear what a killed
-process left behind, and nothing else. Files get the usual permissions (0666 less the umask),
+Temporary names are `.tmp-[old-]NAME-PID-N`, each created exclusively by the call that uses it
+(never a name that already exists), so a cleanup only ever removes what this module made:
+`remove_stale_temporaries` clears what a killed process left behind, and puts back a directory's
+previous version if the process died between the two renames of a swap. Files get the usual permissions (0666 less the umask),
 whatever mode the library that wrote them chose (safetensors creates its files 0600).
 """
 
@@ -26,13 +28,16 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
+_TEMPORARY = re.compile(r"\.tmp-(?P<old>old-)?(?P<name>.+)-(?P<pid>\d+)-\d+")
 
 
 def fsync(path: str | os.PathLike) -> None:
@@ -81,8 +86,20 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         link(str(src), str(dst))
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+def _claim(path: Path, *, directory: bool, old: bool = False) -> Path:
+    """A sibling of `path` named `.tmp-[old-]NAME-PID-N` that did not exist, created here (an empty
+    file or directory, exclusively): whatever this module later removes is its own."""
+    for n in itertools.count():
+        tmp = path.with_name(f"{TMP_PREFIX}{'old-' if old else ''}{path.name}-{os.getpid()}-{n}")
+        try:
+            if directory:
+                tmp.mkdir()
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return tmp
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 @contextmanager
@@ -90,8 +107,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path` for the caller to write; then fsync it and rename it
     over `path`. On an exception the temporary is removed and `path` keeps its old content."""
     path = Path(path)
-    tmp = _temporary(path)
-    tmp.unlink(missing_ok=True)
+    tmp = _claim(path, directory=False)
     try:
         yield tmp
         _finish(tmp, _default_mode())
@@ -106,8 +122,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 def scratch_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path` for intermediate data (nothing is ever renamed to
     `path`); it is removed when the block ends, however it ends."""
-    tmp = _temporary(Path(path))
-    tmp.unlink(missing_ok=True)
+    tmp = _claim(Path(path), directory=False)
     try:
         yield tmp
     finally:
@@ -149,10 +164,8 @@ def atomic_directory(path: str | os.PathLike, keep: Iterable[str] = ()) -> Itera
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
-    tmp = _temporary(path)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _claim(path, directory=True)
     try:
         yield tmp
         _finish_tree(tmp)
@@ -182,22 +195,29 @@ def _swap(tmp: Path, path: Path) -> None:
     elif _exchange(tmp, path):
         shutil.rmtree(tmp)  # now the old directory
     else:
-        old = path.with_name(f"{TMP_PREFIX}old-{path.name}-{os.getpid()}")
-        os.replace(path, old)
+        old = _claim(path, directory=True, old=True)
+        os.replace(path, old)  # onto the empty directory claimed for it
         os.replace(tmp, path)
         shutil.rmtree(old)
     fsync(path.parent)
 
 
-def remove_stale_temporaries(directory: str | os.PathLike, name: str) -> list[Path]:
-    """Remove the temporaries that writes of `directory/name` left behind when killed (their
-    process is gone); return what was removed."""
-    removed = []
-    for p in Path(directory).glob(f"{TMP_PREFIX}*{name}-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            removed.append(p)
+def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Clear what writes of `directory/name` (of any name, if None) left when their process was
+    killed: an unfinished new version is removed; a previous version that a swap had moved aside is
+    put back if its place is empty (killed between the two renames), else removed. Only names this
+    module makes are touched, and only those whose process is gone. Returns what was removed."""
+    directory, removed = Path(directory), []
+    for p in sorted(directory.glob(f"{TMP_PREFIX}*")):
+        m = _TEMPORARY.fullmatch(p.name)
+        if not m or (name is not None and m["name"] != name) or process_alive(int(m["pid"])):
+            continue
+        original = directory / m["name"]
+        if m["old"] and not os.path.lexists(original):
+            os.replace(p, original)  # the only whole copy: put it back
+            continue
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        removed.append(p)
     return removed
 
 

@@ -39,7 +39,7 @@ import torch
 from safetensors import safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .files import TMP_PREFIX, process_alive
+from .files import TMP_PREFIX, process_alive, remove_stale_temporaries
 
 if TYPE_CHECKING:
     from .data import Datasets
@@ -370,7 +370,11 @@ def _in_the_way(out: Path, start: int, end: int, run_id: str) -> list[str]:
 
 
 def _remove_temporaries(out: Path) -> None:
-    """Delete out/.tmp-*: only the lock holder writes temporaries there, so none is in use."""
-    for stale in out.glob(TMP_PREFIX + "*"):
-        shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+    """Clear what a killed run left in out (we hold the lock, so nothing else writes there): the
+    temporaries of gemma2.files, and unfinished checkpoints (train_state's `.tmp-step-XXXXXX`).
+    Anything else, a user's `.tmp-notes` included, stays."""
+    remove_stale_temporaries(out)
+    for stale in out.glob(TMP_PREFIX + "step-*"):
+        if STEP_DIR.fullmatch(stale.name.removeprefix(TMP_PREFIX)) and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
 

@@ -79,8 +79,42 @@ def test_a_directory_write_onto_a_file_is_refused(tmp_path):
 def test_only_the_temporaries_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / f".tmp-out-{dead.pid}").mkdir()
-    (tmp_path / f".tmp-out-{os.getpid()}").mkdir()
+    (tmp_path / f".tmp-out-{dead.pid}-0").mkdir()
+    (tmp_path / f".tmp-out-{os.getpid()}-0").mkdir()
+    (tmp_path / ".tmp-notes").write_text("a user's file with our prefix")
     (tmp_path / "out").mkdir()
-    assert remove_stale_temporaries(tmp_path, "out") == [tmp_path / f".tmp-out-{dead.pid}"]
-    assert sorted(os.listdir(tmp_path)) == [f".tmp-out-{os.getpid()}", "out"]
+    assert remove_stale_temporaries(tmp_path, "out") == [tmp_path / f".tmp-out-{dead.pid}-0"]
+    assert remove_stale_temporaries(tmp_path) == []
+    assert sorted(os.listdir(tmp_path)) == [".tmp-notes", f".tmp-out-{os.getpid()}-0", "out"]
+
+
+def test_a_directory_moved_aside_by_a_killed_swap_is_put_back(tmp_path):
+    """Killed between the two renames of a swap: the previous version is the only whole copy."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    aside = tmp_path / f".tmp-old-ckpt-{dead.pid}-0"
+    aside.mkdir()
+    (aside / "weights").write_text("the only copy")
+    (tmp_path / f".tmp-ckpt-{dead.pid}-0").mkdir()  # the new version, never put in place
+    assert remove_stale_temporaries(tmp_path, "ckpt") == [tmp_path / f".tmp-ckpt-{dead.pid}-0"]
+    assert os.listdir(tmp_path) == ["ckpt"] and (tmp_path / "ckpt" / "weights").read_text() == "the only copy"
+
+
+def test_a_write_never_touches_a_file_already_at_its_temporary_name(tmp_path):
+    """The temporary names are claimed exclusively: one that exists (another writer's, a user's)
+    is skipped, never truncated or removed."""
+    for n in range(2):
+        (tmp_path / f".tmp-f.txt-{os.getpid()}-{n}").write_text(f"not ours {n}")
+    (tmp_path / f".tmp-f.txt-{os.getpid()}").write_text("not ours")  # the names before claiming
+    (tmp_path / f".tmp-d-{os.getpid()}-0").mkdir()
+    (tmp_path / f".tmp-d-{os.getpid()}-0" / "x").write_text("not ours")
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "f.txt") as tmp:
+        raise RuntimeError("failed")
+    write_text_atomic(tmp_path / "f.txt", "new")
+    with atomic_directory(tmp_path / "d") as tmp:
+        (tmp / "y").write_text("new")
+    for n in range(2):
+        assert (tmp_path / f".tmp-f.txt-{os.getpid()}-{n}").read_text() == f"not ours {n}"
+    assert (tmp_path / f".tmp-f.txt-{os.getpid()}").read_text() == "not ours"
+    assert (tmp_path / f".tmp-d-{os.getpid()}-0" / "x").read_text() == "not ours"
+    assert (tmp_path / "f.txt").read_text() == "new" and os.listdir(tmp_path / "d") == ["y"]
