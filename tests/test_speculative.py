@@ -252,3 +252,17 @@ def test_draft_tokens_without_a_draft_is_refused(pair):
     target, _ = pair
     with pytest.raises(ValueError, match="draft_tokens needs a draft_model"):
         generate(target, torch.ones(1, 3, dtype=torch.long), max_new_tokens=4, draft_tokens=3)
+
+
+@pytest.mark.cuda
+def test_on_cuda_greedy_is_the_targets_own_and_sampling_runs(pair):
+    target, draft = (copy.deepcopy(m).cuda() for m in pair)
+    for ids in prompts(3, seed=21):
+        ids = ids.cuda()
+        want = generate(target, ids, max_new_tokens=NEW, stop_token_ids=())
+        got, _ = speculative_generate(target, draft, ids, draft_tokens=4, max_new_tokens=NEW, stop_token_ids=())
+        assert torch.equal(got, want)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out, stats = speculative_generate(target, draft, ids, max_new_tokens=NEW, temperature=1.0, top_p=0.9, generator=g,
+                                      stop_token_ids=())  # fmt: skip
+    assert out.device.type == "cuda" and stats.new_tokens == NEW
