@@ -88,7 +88,7 @@ class KVCache:
         self.seen = counts[:, -1:]
         q_cols = torch.arange(start, start + T, device=device)
         global_cols = torch.arange(start + T, device=device)
-        if T == 1:  # decoding: write first, then the ring holds the keys to attend to (and the mask)
+        if T == 1:  # decoding: write first; the ring then holds the W keys to attend to (older: masked)
             local_cols = ring_columns(start + 1, self.ring, device)
         elif start == 0:  # a first prefill attends to its own keys only
             local_cols = q_cols
