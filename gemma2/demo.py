@@ -12,6 +12,10 @@ best for it (see DemoConfig). The only difference is the target: the teacher's n
 one token that actually came next. The report's finding is that the richer target is worth most
 when a student's data or steps are few compared with what the teacher has learned, which is the
 regime a few CPU minutes puts us in.
+
+A student that agrees with its teacher also makes a good draft for speculative decoding (DistillSpec,
+Zhou et al. 2023): the demo measures each student's acceptance rate as the teacher's draft
+(gemma2.speculative, greedy, on held-out prompts).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from .corpus import build_corpus, corpus_fingerprint
 from .data import split_datasets
 from .generation import generate
 from .model import Gemma2ForCausalLM
+from .speculative import speculative_generate
 from .tokenizer import Tokenizer
 from .student import init_weights
 from .trainer import TrainConfig, train
@@ -85,6 +90,10 @@ class DemoConfig:
     seed: int = 0  # initial weights and data order, shared by both students
     prompt: str = "The with statement is used to"
     sample_tokens: int = 40  # greedy continuation length
+    draft_tokens: int = 4  # proposals per teacher forward when measuring acceptance
+    draft_prompts: int = 8  # held-out prompts for the acceptance rate (the first tokens of the first sequences)
+    draft_prompt_len: int = 32
+    draft_new_tokens: int = 32  # greedy tokens generated per prompt
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -96,7 +105,8 @@ class DemoConfig:
 
 
 # A reduced run for tests and CI: seconds, not a meaningful comparison.
-QUICK = DemoConfig(steps=2, batch_size=1, warmup=1, evals=1, eval_sequences=1, sample_tokens=8)
+QUICK = DemoConfig(steps=2, batch_size=1, warmup=1, evals=1, eval_sequences=1, sample_tokens=8, draft_prompts=1,
+                   draft_new_tokens=8)  # fmt: skip
 
 
 def load_teacher(directory: str | Path = TEACHER_DIR) -> tuple[Gemma2ForCausalLM, Tokenizer]:
@@ -122,6 +132,18 @@ def greedy_sample(model: Gemma2ForCausalLM, tokenizer: Tokenizer, prompt: str, m
             new = new[:i]
             break
     return tokenizer.decode(new)
+
+
+def acceptance_rate(teacher: Gemma2ForCausalLM, draft: Gemma2ForCausalLM, prompts: torch.Tensor, new_tokens: int,
+                    draft_tokens: int) -> float:  # fmt: skip
+    """The share of `draft`'s proposals the teacher keeps in greedy speculative decoding, pooled over
+    prompts `[n, P]` (each run for `new_tokens` tokens, stop tokens ignored)."""
+    proposed = accepted = 0
+    for row in prompts:
+        _, stats = speculative_generate(teacher, draft, row[None], draft_tokens=draft_tokens,
+                                        max_new_tokens=new_tokens, stop_token_ids=())  # fmt: skip
+        proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
+    return accepted / proposed
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -176,6 +198,14 @@ def run(
         runs[name] = {"seconds": time.perf_counter() - t0, "evals": evals}
         students[name] = student.eval()
 
+    t0 = time.perf_counter()
+    prompts = data.heldout.batch(range(min(cfg.draft_prompts, len(data.heldout)))).inputs[:, : cfg.draft_prompt_len]
+    acceptance = {
+        name: acceptance_rate(teacher, student, prompts, cfg.draft_new_tokens, cfg.draft_tokens)
+        for name, student in students.items()
+    }  # fmt: skip
+    acceptance_seconds = time.perf_counter() - t0
+
     # The teacher's held-out CE comes from the distilled run's first evaluation: same sequences.
     teacher_ce = runs["distilled"]["evals"][0]["teacher_eval_ce"]
     results = {
@@ -192,6 +222,9 @@ def run(
         "distilled_seconds": runs["distilled"]["seconds"],
         "scratch_seconds": runs["scratch"]["seconds"],
         "teacher_ce": teacher_ce,
+        "distilled_acceptance": acceptance["distilled"],
+        "scratch_acceptance": acceptance["scratch"],
+        "acceptance_seconds": acceptance_seconds,
         "curves": {
             name: {"step": [e["step"] for e in r["evals"]], "eval_ce": [e["eval_ce"] for e in r["evals"]]}
             for name, r in runs.items()
@@ -248,14 +281,14 @@ def report(results: dict) -> str:
     r = results
     c = r["config"]
     rows = [
-        ("teacher (shipped)", r["teacher_params"], r["teacher_ppl"], "-", "-"),
+        ("teacher (shipped)", r["teacher_params"], r["teacher_ppl"], "-", "-", "-"),
         ("distilled student", r["student_params"], r["distilled_ppl"], f"{r['distilled_seconds']:.0f} s",
-         f"{c['lr_distilled']:g}"),
+         f"{c['lr_distilled']:g}", f"{r['distilled_acceptance']:.1%}"),
         ("scratch student", r["student_params"], r["scratch_ppl"], f"{r['scratch_seconds']:.0f} s",
-         f"{c['lr_scratch']:g}"),
+         f"{c['lr_scratch']:g}", f"{r['scratch_acceptance']:.1%}"),
     ]  # fmt: skip
-    lines = [f"{'model':<20}{'parameters':>12}{'held-out ppl':>15}{'train time':>12}{'peak lr':>10}"]
-    lines += [f"{name:<20}{n / 1e6:>10.2f} M{ppl:>15.2f}{t:>12}{lr:>10}" for name, n, ppl, t, lr in rows]
+    lines = [f"{'model':<20}{'parameters':>12}{'held-out ppl':>15}{'train time':>12}{'peak lr':>10}{'accepted':>10}"]
+    lines += [f"{name:<20}{n / 1e6:>10.2f} M{ppl:>15.2f}{t:>12}{lr:>10}{a:>10}" for name, n, ppl, t, lr, a in rows]
     gain = 1 - r["distilled_ppl"] / r["scratch_ppl"]
     if r["distilled_beats_scratch"]:
         verdict = (f"YES: the distilled student beats the one trained from scratch "
@@ -264,7 +297,10 @@ def report(results: dict) -> str:
         verdict = (f"NO: the distilled student does not beat the one trained from scratch "
                    f"(perplexity {r['distilled_ppl']:.2f} vs {r['scratch_ppl']:.2f})")  # fmt: skip
     lines += ["", f"{r['steps']} steps, {r['tokens_per_student']:,} tokens per student; "
-              f"total wall time {r['seconds']:.0f} s", verdict, "", f"greedy samples for {r['prompt']!r}:"]  # fmt: skip
+              f"total wall time {r['seconds']:.0f} s", verdict,
+              f"accepted: each student's greedy proposals kept by the teacher as its speculative draft "
+              f"(k = {c['draft_tokens']}, {c['draft_prompts']} held-out prompts x {c['draft_new_tokens']} tokens, "
+              f"{r['acceptance_seconds']:.0f} s)", "", f"greedy samples for {r['prompt']!r}:"]  # fmt: skip
     for name in ("teacher", "distilled", "scratch"):
         lines.append(f"  {name:<10} {r['prompt'] + r['samples'][name]!r}")
     return "\n".join(lines)

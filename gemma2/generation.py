@@ -233,6 +233,8 @@ def generate(
     stop_token_ids: Sequence[int] = (1,),
     generator: torch.Generator | None = None,
     pad_id: int = 0,
+    draft_model: Gemma2ForCausalLM | None = None,
+    draft_tokens: int | None = None,
 ) -> Tensor:
     """The prompt followed by the new tokens: LongTensor `[B, T + max_new_tokens]`.
 
@@ -241,7 +243,21 @@ def generate(
     A row that samples one of stop_token_ids keeps it and is pad_id afterwards; when every row
     has stopped, generation ends and the remaining columns are pad_id.
     Raises ValueError, before any work, when T + max_new_tokens exceeds the model's context.
+    draft_model: a model with the same vocabulary that proposes draft_tokens tokens (default 4) per
+    forward of `model` (speculative decoding, batch 1; gemma2.speculative, whose
+    `speculative_generate` also returns the acceptance statistics): the same tokens when greedy,
+    the same distribution when sampling.
     """
+    if draft_model is not None:
+        from .speculative import DRAFT_TOKENS, speculative_generate  # (it builds on this module)
+
+        return speculative_generate(
+            model, draft_model, input_ids, draft_tokens=DRAFT_TOKENS if draft_tokens is None else draft_tokens,
+            attention_mask=attention_mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, stop_token_ids=stop_token_ids, generator=generator, pad_id=pad_id,
+        )[0]  # fmt: skip
+    if draft_tokens is not None:
+        raise ValueError("draft_tokens needs a draft_model to propose them; pass draft_model= or drop draft_tokens")
     steps = stream(
         model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, stop_token_ids=stop_token_ids, generator=generator, pad_id=pad_id,

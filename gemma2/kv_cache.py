@@ -7,6 +7,14 @@ tokens that is 0.61 GiB in bf16 instead of 0.81 GiB.
 The model drives the cache in three calls per forward: `begin(valid)` before the layers (it records
 the padding and returns the forward's `Columns`), `update(layer, k, v)` inside each attention layer,
 `advance(T)` after. The cache owns its position (`length`) and each row's count of real tokens.
+
+`truncate(length)` drops the last columns again (speculative decoding's rejected draft tokens). A
+forward may have overwritten ring slots that the kept columns' window still needs, so a cache built
+with `rollback=k` keeps W + k - 1 slots per local layer instead of saving what is overwritten:
+dropping d <= k columns then leaves the W - 1 columns before the new end intact (a forward ending at
+column E overwrites only columns before E - ring), and the local mask still restricts each query to
+its W keys, so the extra slots change no result. Extra slots cost (k - 1) / W more local-layer memory
+and keys per decode step; saving the overwritten slots would cost a copy per layer per forward.
 """
 
 from __future__ import annotations
@@ -27,15 +35,19 @@ class KVCache:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        rollback: int = 0,
     ) -> None:
+        """rollback: the most columns one `truncate` may drop (0: the cache is never truncated)."""
         if max_len > config.max_position_embeddings:
             raise ValueError(
                 f"a cache of {max_len} tokens exceeds the model's context of "
                 f"{config.max_position_embeddings}; shorten the prompt or max_new_tokens"
             )
+        if isinstance(rollback, bool) or not isinstance(rollback, int) or rollback < 0:
+            raise ValueError(f"rollback must be an integer >= 0 (the most columns truncate may drop), got {rollback!r}")
         self.config = config
         self.max_len = max_len
-        self.ring = min(config.sliding_window, max_len)  # slots of a local layer's buffer
+        self.ring = self.ring_slots(config, max_len, rollback)  # slots of a local layer's buffer
         kv, hd = config.num_key_value_heads, config.head_dim
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
@@ -46,11 +58,17 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # real tokens
         self.length = 0  # columns written so far
         self.seen = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # real tokens per row
+        self.intact = 0  # the rings hold columns intact..length-1 (a truncate may leave older ones lost)
 
     @staticmethod
-    def nbytes(config: Gemma2Config, batch_size: int, max_len: int, dtype: torch.dtype) -> int:
+    def ring_slots(config: Gemma2Config, max_len: int, rollback: int = 0) -> int:
+        """Slots of a local layer's ring: W, plus rollback - 1 so that a truncate keeps the window."""
+        return min(config.sliding_window + max(rollback - 1, 0), max_len)
+
+    @staticmethod
+    def nbytes(config: Gemma2Config, batch_size: int, max_len: int, dtype: torch.dtype, rollback: int = 0) -> int:
         """Bytes the key/value buffers take, computed without allocating them."""
-        ring = min(config.sliding_window, max_len)
+        ring = KVCache.ring_slots(config, max_len, rollback)
         slots = sum(ring if config.is_local(i) else max_len for i in range(config.num_hidden_layers))
         per_slot = 2 * batch_size * config.num_key_value_heads * config.head_dim * dtype.itemsize
         return slots * per_slot
@@ -70,7 +88,7 @@ class KVCache:
         self.seen = counts[:, -1:]
         q_cols = torch.arange(start, start + T, device=device)
         global_cols = torch.arange(start + T, device=device)
-        if T == 1:  # decoding: write first, then the ring holds exactly the keys to attend to
+        if T == 1:  # decoding: write first; the ring then holds the W keys to attend to (older: masked)
             local_cols = ring_columns(start + 1, self.ring, device)
         elif start == 0:  # a first prefill attends to its own keys only
             local_cols = q_cols
@@ -83,6 +101,26 @@ class KVCache:
     def advance(self, T: int) -> None:
         """The T columns given to `begin` are written in every layer."""
         self.length += T
+        # Writing column c overwrote slot c % ring, which held column c - ring.
+        self.intact = max(self.intact, self.length - self.ring)
+
+    def truncate(self, length: int) -> None:
+        """Drop the columns from `length` on, as if they had never been written.
+
+        The global layers' columns past `length` are simply overwritten later. A local layer's
+        next query (at column `length`) needs columns length - W + 1 .. length - 1 from its ring:
+        a cache built with `rollback` >= the columns dropped still holds them.
+        """
+        if not 0 <= length <= self.length:
+            raise ValueError(f"truncate keeps 0 .. {self.length} columns (those written), got {length}")
+        if max(length - self.config.sliding_window + 1, 0) < self.intact:
+            raise ValueError(
+                f"truncating {self.length} columns to {length} loses the sliding window: the rings of "
+                f"{self.ring} slots were overwritten; build the cache with rollback >= {self.length - length}"
+            )
+        self.valid[:, length:] = False
+        self.seen = self.valid[:, :length].sum(-1, keepdim=True)
+        self.length = length
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's keys/values `[B, KV, T, hd]`; return the keys/values to attend over."""

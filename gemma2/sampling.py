@@ -60,24 +60,22 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(dropped, float("-inf"))
 
 
-def sample(
-    logits: Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """One token id per row: logits `[B, V]` -> LongTensor `[B]`.
+def is_greedy(temperature: float) -> bool:
+    """Temperature 0, or one below float32's smallest normal number (~1.2e-38): there every token but
+    the top one has probability 0 in float32 anyway, and the temperature itself would round to 0."""
+    return temperature < torch.finfo(torch.float32).smallest_normal
 
-    temperature 0 is greedy (argmax, the lowest id among equal maxima) and consumes no randomness,
-    so top_k / top_p cannot change its result. So is any temperature below float32's smallest
-    normal number (~1.2e-38): there every token but the top one has probability 0 in float32 anyway,
-    and the temperature itself would round to 0. The generator must be on the logits' device.
+
+def probabilities(
+    logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> Tensor:
+    """The distribution `sample` draws from, after temperature, top-k and top-p: fp32 `[..., V]`.
+
+    Greedy temperatures give the point mass on the argmax (the lowest id among equal maxima).
     """
     check_sampling_args(temperature, top_k, top_p)
-    if temperature < torch.finfo(torch.float32).smallest_normal:
-        return logits.argmax(dim=-1)
+    if is_greedy(temperature):
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits.float()
     # Shifting each row by its maximum changes no probability and keeps any temperature finite: the
     # top logit becomes 0 and an overflow can only reach -inf (probability 0), never inf - inf.
@@ -86,5 +84,25 @@ def sample(
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
         logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(dim=-1)
+
+
+def sample(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One token id per row: logits `[B, V]` -> LongTensor `[B]`, drawn from `probabilities`.
+
+    Greedy temperatures (`is_greedy`) take the argmax (the lowest id among equal maxima) and consume
+    no randomness, so top_k / top_p cannot change their result. The generator must be on the
+    logits' device.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if is_greedy(temperature):
+        return logits.argmax(dim=-1)
+    probs = probabilities(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

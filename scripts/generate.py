@@ -3,6 +3,7 @@
     python scripts/generate.py --checkpoint checkpoints/gemma-2-2b-it --chat --prompt "Why is the sky blue?"
     python scripts/generate.py --checkpoint DIR --prompt "Once upon" --prompt "The capital of" --max-new-tokens 40
     python scripts/generate.py --checkpoint DIR --interactive          # a multi-turn chat on stdin
+    python scripts/generate.py --checkpoint BIG --draft SMALL --draft-tokens 4 --prompt "Once upon"
 
 Output: stdout holds only generated text. One prompt streams as it is produced; several prompts
 run as one left-padded batch and each row is printed when all are done, as "[i] text". A line of
@@ -13,6 +14,12 @@ generation, so the text can be piped on its own.
 user turn per stdin line and keeps the KV cache between turns (sized for the model's whole
 context); an empty line, "/exit" or end of input ends it. Defaults: greedy decoding, float32 on
 CPU (bfloat16 with --quantize int8) and bfloat16 on CUDA.
+
+--draft DIR: speculative decoding (gemma2.speculative) with a smaller model of the same vocabulary
+(e.g. a student distilled from the checkpoint), loaded like the checkpoint: it proposes
+--draft-tokens tokens per forward of the checkpoint, which keeps its own greedy tokens (or, when
+sampling, its own distribution). One prompt at a time; the figures line adds the share of proposals
+accepted and the tokens per forward of the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ from pathlib import Path
 
 import torch
 
-from gemma2 import Gemma2ForCausalLM, load_model
+from gemma2 import Gemma2Config, Gemma2ForCausalLM, load_model
 from gemma2.cli import device_arg, run_cli
 from gemma2.compatibility import check_tokenizer
 from gemma2.dtypes import to_dtype
 from gemma2.generation import Chat, left_pad, stream
 from gemma2.quantize import QUANTIZE_MODES
 from gemma2.sampling import check_sampling_args
+from gemma2.speculative import DRAFT_TOKENS, SpeculativeStats, check_draft, check_vocab_sizes, speculative_stream
 from gemma2.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -62,7 +70,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin (implies --chat)")
+    p.add_argument("--draft", help="a draft model directory with the checkpoint's vocabulary: speculative decoding")
+    p.add_argument("--draft-tokens", type=int,
+                   help=f"tokens the draft proposes per forward of the checkpoint (default {DRAFT_TOKENS})")  # fmt: skip
     return p.parse_args(argv)
+
+
+def stored_config(path: Path) -> Gemma2Config | None:
+    """The config.json beside a checkpoint, or None (an official .ckpt: checked once loaded)."""
+    file = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        return Gemma2Config.from_json(file) if file.is_file() else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # load_model reports what is wrong with it
+
+
+def check_draft_args(args: argparse.Namespace) -> None:
+    """--draft's conditions, before any model is loaded."""
+    if args.interactive or len(args.prompt) != 1:
+        raise UsageError("--draft decodes one sequence: pass exactly one --prompt (no batch, no --interactive)")
+    args.draft_tokens = DRAFT_TOKENS if args.draft_tokens is None else args.draft_tokens
+    if args.draft_tokens < 1:
+        raise UsageError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+    draft = Path(args.draft)
+    if not draft.exists():
+        raise UsageError(f"draft model {draft} not found; pass --draft a directory with config.json and *.safetensors")
+    configs = stored_config(Path(args.checkpoint)), stored_config(draft)
+    if None not in configs:
+        check_vocab_sizes(configs[0].vocab_size, configs[1].vocab_size)
 
 
 def load(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, Tokenizer]:
@@ -106,16 +141,20 @@ class Meter:
             self.t_first, self.first_tokens = time.perf_counter(), n
         self.new_tokens += n
 
-    def report(self) -> None:
+    def report(self, drafting: SpeculativeStats | None = None) -> None:
         t_end, t_first = time.perf_counter(), self.t_first or time.perf_counter()
         prefill = self.prompt_tokens / max(t_first - self.t0, 1e-9)
         decoded = self.new_tokens - self.first_tokens
         decode = f"{decoded / max(t_end - t_first, 1e-9):.1f}" if decoded else "n/a"
+        extra = "" if drafting is None else (
+            f" | accepted: {drafting.acceptance_rate:.1%} of {drafting.proposed} proposed"
+            f" | tokens per target forward: {drafting.tokens_per_forward:.2f}"
+        )  # fmt: skip
         print(f"prompt tokens: {self.prompt_tokens} | new tokens: {self.new_tokens} | "
-              f"prefill: {prefill:.1f} tokens/s | decode: {decode} tokens/s", file=sys.stderr, flush=True)  # fmt: skip
+              f"prefill: {prefill:.1f} tokens/s | decode: {decode} tokens/s{extra}", file=sys.stderr, flush=True)  # fmt: skip
 
 
-def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator) -> None:
+def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator, draft: Gemma2ForCausalLM | None) -> None:
     if args.chat:
         rows = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in args.prompt]
         stop = tokenizer.stop_ids
@@ -124,11 +163,12 @@ def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator) -> 
         stop = (tokenizer.eos_id,)
     ids, mask = left_pad(rows, tokenizer.pad_id)
     meter = Meter(sum(len(r) for r in rows))
-    steps = stream(
-        model, ids.to(args.device), attention_mask=mask.to(args.device), max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_token_ids=stop,
-        generator=generator, pad_id=tokenizer.pad_id,
-    )  # fmt: skip
+    kwargs = dict(attention_mask=mask.to(args.device), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, stop_token_ids=stop, generator=generator, pad_id=tokenizer.pad_id)  # fmt: skip
+    if draft is None:
+        steps, drafting = stream(model, ids.to(args.device), **kwargs), None
+    else:
+        steps, drafting = speculative_stream(model, draft, ids.to(args.device), draft_tokens=args.draft_tokens, **kwargs)
     new: list[list[int]] = [[] for _ in rows]  # each row's tokens up to and including its stop id
     decoder = StreamDecoder(tokenizer)
     for token in steps:
@@ -145,7 +185,7 @@ def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator) -> 
     else:
         for i, row in enumerate(new):
             print(f"[{i}] {tokenizer.decode(row)}")
-    meter.report()
+    meter.report(drafting)
 
 
 def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generator) -> None:
@@ -189,13 +229,21 @@ def generate_main(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     check_sampling_args(args.temperature, args.top_k, args.top_p)  # before minutes of loading
+    if args.draft:
+        check_draft_args(args)
+    elif args.draft_tokens is not None:
+        raise UsageError("--draft-tokens needs --draft (the model that proposes them)")
     device_arg(args.device)
     model, tokenizer = load(args)
+    draft = None
+    if args.draft:
+        draft = load_model(args.draft, dtype=model.dtype, device=args.device, quantize=args.quantize)
+        check_draft(model, draft, args.draft_tokens)  # also for checkpoints without a config.json
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     if args.interactive:
         run_interactive(args, model, tokenizer, generator)
     else:
-        run_batch(args, model, tokenizer, generator)
+        run_batch(args, model, tokenizer, generator, draft)
 
 
 def main(argv: list[str] | None = None) -> None:

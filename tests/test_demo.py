@@ -78,8 +78,10 @@ def test_quick_demo_writes_results_and_curves(tmp_path):
     pytest.importorskip("matplotlib")
     results = run(QUICK, tmp_path, progress=False, echo=lambda line: None)
     saved = json.loads((tmp_path / "results.json").read_text())
-    for key in ("teacher_ppl", "distilled_ppl", "scratch_ppl", "seconds"):
+    for key in ("teacher_ppl", "distilled_ppl", "scratch_ppl", "seconds", "acceptance_seconds"):
         assert isinstance(saved[key], float) and math.isfinite(saved[key]) and saved[key] > 0, key
+    for key in ("distilled_acceptance", "scratch_acceptance"):
+        assert 0.0 <= saved[key] <= 1.0, key
     assert saved["steps"] == QUICK.steps
     assert saved["teacher_params"] > saved["student_params"] > 0
     assert set(saved["samples"]) == {"teacher", "distilled", "scratch"}
@@ -93,6 +95,7 @@ def test_quick_demo_writes_results_and_curves(tmp_path):
     assert b"Matplotlib" in png  # the Software text chunk matplotlib writes
     text = report(results)
     assert "held-out ppl" in text and ("YES" in text or "NO" in text)
+    assert f"{saved['distilled_acceptance']:.1%}" in text and "k = 4" in text
 
 
 def test_an_installed_package_finds_the_shipped_teacher(tmp_path):

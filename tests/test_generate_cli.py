@@ -114,3 +114,52 @@ def test_user_errors_are_one_line_with_status_2(checkpoint, tmp_path, capsys, ar
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
+
+
+@pytest.fixture(scope="module")
+def drafts(checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """A draft close to the checkpoint's model (same vocabulary) and one with another vocabulary."""
+    model = load_model(checkpoint)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    close = tmp_path_factory.mktemp("draft")
+    save_model(model, close)
+    other = tmp_path_factory.mktemp("other_vocab")
+    save_model(Gemma2ForCausalLM(tiny_config(vocab_size=model.config.vocab_size + 5)), other)
+    return {"close": close, "other": other}
+
+
+def test_a_draft_gives_the_checkpoints_own_greedy_text(checkpoint, drafts):
+    result = run_cli("--checkpoint", str(checkpoint), "--draft", str(drafts["close"]), "--draft-tokens", "3",
+                     "--prompt", "The quick", "--max-new-tokens", "24")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    tok = Tokenizer(checkpoint / "tokenizer.model")
+    [text] = expected_texts(checkpoint, [tok.encode("The quick")], (tok.eos_id,), 24)
+    assert result.stdout == text + "\n"
+    figures = re.fullmatch(FIGURES.pattern + r" \| accepted: ([\d.]+)% of (\d+) proposed \| tokens per target forward: ([\d.]+)",
+                           result.stderr.strip())  # fmt: skip
+    assert figures, result.stderr
+    accepted, proposed, per_forward = float(figures[2]), int(figures[3]), float(figures[4])
+    assert 0 <= accepted <= 100 and proposed > 0 and 1 <= per_forward <= 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "Hi", "--prompt", "Ho", "--draft", "{close}"], "--draft decodes one sequence"),
+        (["--interactive", "--draft", "{close}"], "--draft decodes one sequence"),
+        (["--prompt", "Hi", "--draft", "{close}", "--draft-tokens", "0"], "--draft-tokens must be >= 1"),
+        (["--prompt", "Hi", "--draft-tokens", "3"], "--draft-tokens needs --draft"),
+        (["--prompt", "Hi", "--draft", "{tmp}/missing"], "draft model .*missing not found"),
+        (["--prompt", "Hi", "--draft", "{other}"], r"vocabulary has \d+ tokens but the target's has \d+"),
+    ],
+)
+def test_draft_errors_are_one_line_with_status_2(checkpoint, drafts, tmp_path, capsys, args, message):
+    script = load_script()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--checkpoint", str(checkpoint)] + [a.format(tmp=tmp_path, **drafts) for a in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err

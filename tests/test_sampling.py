@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gemma2.sampling import apply_temperature, sample, top_k_filter, top_p_filter
+from gemma2.sampling import apply_temperature, probabilities, sample, top_k_filter, top_p_filter
 
 N = 4000  # draws per distribution: rows of one batched call
 
@@ -76,6 +76,19 @@ def test_samples_follow_the_renormalised_distribution():
     assert freq[[0, 4]].sum() == 0
     # Binomial standard error at N = 4000 is <= 0.008: 5 sigma.
     assert (freq[[1, 2, 3]] - want).abs().max() < 0.04
+
+
+def test_probabilities_are_the_filtered_renormalised_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, -1.0], [0.5, 0.0, 0.0, 0.0, 0.0]])
+    got = probabilities(logits, temperature=0.5, top_k=3, top_p=0.8)
+    # Row 0 at temperature 0.5: top-3 keeps e^2, e^4, e^6, renormalised 0.016, 0.117, 0.867; the
+    # smallest set reaching 0.8 is token 3 alone.
+    assert torch.equal(got[0], torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]))
+    # Row 1: 0.5 / 0.5 = 1 against four zeros; top-3 keeps ids 0, 1, 2 (ties by id): e, 1, 1,
+    # renormalised 0.58, 0.21, 0.21, and top-p needs all three to reach 0.8.
+    e = math.e
+    assert torch.allclose(got[1], torch.tensor([e / (e + 2), 1 / (e + 2), 1 / (e + 2), 0.0, 0.0]))
+    assert torch.equal(probabilities(logits, temperature=0.0), torch.eye(5)[[3, 0]])  # greedy: the argmax
 
 
 def test_temperature_scales_and_approaches_greedy():

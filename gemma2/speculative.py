@@ -1,0 +1,239 @@
+"""Speculative decoding: a small draft model proposes k tokens, the target checks them in one forward.
+
+Each round the draft proposes k tokens one at a time over its own KV cache; the target runs the last
+token and the k proposals as one chunked prefill, which gives its distribution p_i at every proposed
+position and p_{k+1} after the last. Greedy: a proposal is kept while it is the target's argmax, and
+the target's argmax follows the kept ones, so the output is token for token the target's own greedy
+output. Sampling (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative
+Decoding"; Chen et al. 2023): proposal d_i, drawn from the draft's q_i, is kept with probability
+min(1, p_i(d_i) / q_i(d_i)), in order; the first rejected one is replaced by a draw from the residual
+max(0, p_i - q_i), normalised, and when all k are kept p_{k+1} gives one more token. Each emitted
+token then follows the target's distribution exactly, with p and q both taken after the same
+temperature / top-k / top-p filters (`gemma2.sampling.probabilities`).
+
+After each round both caches drop the rejected columns (`KVCache.truncate`; built with `rollback=k`,
+so their sliding-window rings keep the window behind every kept column). One sequence at a time: rows
+would accept different counts, and a cache holds one position for all its rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from .generation import stream
+from .kv_cache import KVCache
+from .model import Gemma2ForCausalLM
+from .sampling import is_greedy, probabilities
+
+DRAFT_TOKENS = 4  # proposals per round unless told
+
+
+@dataclass
+class SpeculativeStats:
+    """What one speculative generation did; updated as its tokens are produced."""
+
+    proposed: int = 0  # draft tokens the target checked
+    accepted: int = 0  # of which it kept
+    target_forwards: int = 0  # target forward passes (the first one also runs the prompt)
+    new_tokens: int = 0  # tokens emitted
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Kept proposals / proposals (NaN when none was proposed)."""
+        return self.accepted / self.proposed if self.proposed else math.nan
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Emitted tokens per target forward: 1 is plain decoding, k + 1 the most a round gives."""
+        return self.new_tokens / self.target_forwards if self.target_forwards else math.nan
+
+
+def check_draft(target: Gemma2ForCausalLM, draft: Gemma2ForCausalLM, draft_tokens: int) -> None:
+    """Raise ValueError unless `draft` can propose `draft_tokens` tokens per round for `target`."""
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
+        raise ValueError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
+    check_vocab_sizes(target.config.vocab_size, draft.config.vocab_size)
+    there, here = draft.output_weight.device, target.output_weight.device
+    if there != here:
+        raise ValueError(f"the draft model is on {there} but the target is on {here}; move it with .to()")
+
+
+def check_vocab_sizes(target: int, draft: int) -> None:
+    """Raise ValueError unless a draft's vocabulary is the target's (ids must mean the same pieces)."""
+    if target != draft:
+        raise ValueError(
+            f"the draft model's vocabulary has {draft} tokens but the target's has {target}; "
+            "a draft must share the target's tokenizer (e.g. a student distilled from it)"
+        )
+
+
+def speculative_stream(
+    target: Gemma2ForCausalLM,
+    draft: Gemma2ForCausalLM,
+    input_ids: Tensor,
+    *,
+    draft_tokens: int = DRAFT_TOKENS,
+    attention_mask: Tensor | None = None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_token_ids: Sequence[int] = (1,),
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+) -> tuple[Iterator[Tensor], SpeculativeStats]:
+    """The new tokens `[1]` one by one, as `gemma2.generation.stream` yields them, and the statistics
+    that fill in as they are produced. Arguments as in `speculative_generate`, checked now."""
+    # generate's own checks, in one place: stream checks every argument and does no work until iterated.
+    stream(
+        target, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, stop_token_ids=stop_token_ids, generator=generator, pad_id=pad_id,
+    )  # fmt: skip
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"speculative decoding runs one sequence (batch 1), got a batch of {input_ids.shape[0]}; "
+            "generate each prompt on its own"
+        )
+    check_draft(target, draft, draft_tokens)
+    total, context = input_ids.shape[1] + max_new_tokens, draft.config.max_position_embeddings
+    if total > context:
+        raise ValueError(
+            f"the prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens "
+            f"exceed the draft model's context of {context}; shorten the prompt or lower max_new_tokens"
+        )
+    prompt = input_ids[0] if attention_mask is None else input_ids[0, attention_mask[0].bool()]  # no padding
+    pick = partial(probabilities, temperature=temperature, top_k=top_k, top_p=top_p)
+    stats = SpeculativeStats()
+    steps = _rounds(target, draft, prompt, draft_tokens, max_new_tokens, pick, is_greedy(temperature),
+                    set(stop_token_ids), generator, stats)  # fmt: skip
+    return steps, stats
+
+
+def speculative_generate(
+    target: Gemma2ForCausalLM,
+    draft: Gemma2ForCausalLM,
+    input_ids: Tensor,
+    *,
+    draft_tokens: int = DRAFT_TOKENS,
+    attention_mask: Tensor | None = None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_token_ids: Sequence[int] = (1,),
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+) -> tuple[Tensor, SpeculativeStats]:
+    """`gemma2.generation.generate`'s output for one prompt `[1, T]`, with `draft` proposing
+    `draft_tokens` tokens per target forward; and what the drafting achieved.
+
+    Greedy (temperature 0): the tokens of `generate(target, ...)`. Sampling: the same distribution
+    (not the same draws: the generator also drives the draft and the accept/reject tests).
+    The draft must share the target's vocabulary; its context must hold T + max_new_tokens.
+    """
+    steps, stats = speculative_stream(
+        target, draft, input_ids, draft_tokens=draft_tokens, attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        stop_token_ids=stop_token_ids, generator=generator, pad_id=pad_id,
+    )  # fmt: skip
+    T = input_ids.shape[1]
+    out = input_ids.new_full((1, T + max_new_tokens), pad_id)
+    out[:, :T] = input_ids
+    for i, token in enumerate(steps):
+        out[:, T + i] = token
+    return out, stats
+
+
+def accept_reject(p: Tensor, q: Tensor, drafts: Tensor, generator: torch.Generator | None) -> tuple[int, Tensor]:
+    """Speculative sampling's check: how many of the proposals to keep, and the token after them.
+
+    p: `[k + 1, V]` the target's distributions at each proposal and after the last; q: `[k, V]` the
+    draft's distributions the proposals `[k]` were drawn from (so q(d) > 0).
+    """
+    k = drafts.shape[0]
+    rows = torch.arange(k, device=drafts.device)
+    u = torch.rand(k, generator=generator, device=p.device)
+    kept = u * q[rows, drafts] < p[rows, drafts]  # probability min(1, p(d) / q(d))
+    n = int(kept.long().cumprod(0).sum())  # the proposals before the first rejection
+    if n == k:
+        dist = p[k]
+    else:
+        dist = (p[n] - q[n]).clamp(min=0)
+        if not dist.sum() > 0:  # p <= q everywhere only by rounding (else nothing is rejected)
+            dist = p[n]
+    return n, torch.multinomial(dist, 1, generator=generator)[0]
+
+
+def _forward(model: Gemma2ForCausalLM, cache: KVCache, ids: Tensor, last: int) -> Tensor:
+    """Feed `ids` `[t]` (the columns after the cache's); soft-capped logits `[last, V]` of the last ones."""
+    logits = model.logits(model.hidden_states(ids[None], None, cache)[0, -last:])
+    if not logits.isfinite().all():
+        raise ValueError(
+            "a model's logits are NaN or inf: its weights are not finite or its activations overflowed; "
+            "check the checkpoints or use float32"
+        )
+    return logits
+
+
+@torch.inference_mode()
+def _rounds(
+    target: Gemma2ForCausalLM,
+    draft: Gemma2ForCausalLM,
+    prompt: Tensor,  # [P] the real tokens
+    k: int,
+    max_new_tokens: int,
+    pick,  # logits [..., V] -> the filtered distributions (gemma2.sampling.probabilities)
+    greedy: bool,
+    stop: set[int],
+    generator: torch.Generator | None,
+    stats: SpeculativeStats,
+) -> Iterator[Tensor]:
+    P, device = len(prompt), prompt.device
+    tcache, dcache = (
+        KVCache(m.config, 1, P + max_new_tokens, dtype=m.dtype, device=device, rollback=k) for m in (target, draft)
+    )  # fmt: skip
+    seq = torch.cat([prompt, prompt.new_zeros(max_new_tokens)])  # the sequence so far: seq[:n]
+    n = P  # the caches hold at most seq[: n - 1]: the last token is fed with the next proposals
+    modes = [(m, m.training) for m in (target, draft)]
+    try:
+        for m, _ in modes:
+            m.eval()
+        while n < P + max_new_tokens:
+            r = min(k, P + max_new_tokens - n - 1)  # proposals this round (the last token is the target's)
+            q = torch.empty(r, target.config.vocab_size, device=device)  # the draft's distributions (sampling)
+            for i in range(r):  # the draft first catches up with the sequence (the prompt, or 1-2 tokens)
+                logits = _forward(draft, dcache, seq[dcache.length : n + i], 1)[0]
+                if greedy:
+                    seq[n + i] = logits.argmax()
+                else:
+                    q[i] = pick(logits)
+                    seq[n + i] = torch.multinomial(q[i], 1, generator=generator)[0]
+            logits = _forward(target, tcache, seq[tcache.length : n + r], r + 1)  # [r + 1, V]
+            if greedy:
+                best = logits.argmax(-1)
+                kept = int((best[:r] == seq[n : n + r]).long().cumprod(0).sum())
+                after = best[kept]
+            else:
+                kept, after = accept_reject(pick(logits), q, seq[n : n + r], generator)
+            seq[n + kept] = after
+            stats.target_forwards += 1
+            stats.proposed += r
+            stats.accepted += kept
+            for token in seq[n : n + kept + 1]:
+                stats.new_tokens += 1
+                yield token[None]
+                if int(token) in stop:
+                    return
+            n += kept + 1
+            # Drop the rejected proposals: both caches keep seq[: n - 1].
+            tcache.truncate(n - 1)
+            dcache.truncate(min(dcache.length, n - 1))
+    finally:
+        for m, mode in modes:
+            m.train(mode)
