@@ -317,7 +317,7 @@ def _accumulate_gradients(
     """Forward and backward over one step's micro-batches. The gradients left in the student are
     those of the mean loss over every counted token of every micro-batch on every rank.
     Returns (counted tokens, [loss, kd_sum, ce_sum] summed over micro-batches and ranks)."""
-    # Count all micro-batches' tokens first (targets are still on the host: no device sync).
+    # Count all micro-batches' tokens first (data targets are still on the host: no device sync).
     counted = torch.tensor(float(sum(int((b.targets != IGNORE_INDEX).sum()) for b in micro)), device=rt.device)
     n_counted = rt.all_reduce(counted).item()
     if n_counted == 0:

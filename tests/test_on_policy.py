@@ -285,3 +285,14 @@ def test_script_flags_reach_the_trainer(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert run_script(monkeypatch, *common, "--seq-kd", "--prompt-len", "13", "--out", str(tmp_path / "x")) == 2
     assert "error: prompt_len 13 + max_new_tokens 4 = 17 tokens exceed seq_len = 16" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_on_policy_training_on_cuda_in_bf16(tmp_path, data):
+    """The sampling generators live on the model's device; the student samples in its fp32 master
+    weights while training runs under bf16 autocast."""
+    cfg = config(tmp_path, steps=2, eval_every=0, lmbda=1.0, max_new_tokens=5, gen_temperature=1.0, device="cuda",
+                 dtype="bf16")  # fmt: skip
+    metrics = train(cfg, student(eos_token_id=STOPS), data, teacher=teacher().cuda(), progress=False)
+    assert all(m["on_policy_fraction"] == 1.0 and 1 <= m["completion_len"] <= 5 for m in metrics)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
