@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
 from .data import IGNORE_INDEX, Batch
