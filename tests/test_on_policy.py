@@ -187,8 +187,8 @@ def _gkd_worker(rank: int, tmp: str) -> None:
 
         on_policy.sample_completions = recording
         student, teacher = _gkd_models()
-        metrics = train(fsdp_train_config(Path(tmp) / "fsdp", 2, **GKD), student, fsdp_data(), teacher=teacher,
-                        progress=False)  # fmt: skip
+        metrics = train(fsdp_train_config(Path(tmp) / "fsdp", 2, activation_checkpointing=True, **GKD), student,
+                        fsdp_data(), teacher=teacher, progress=False)  # fmt: skip
         (Path(tmp) / f"lengths-{rank}.json").write_text(json.dumps(lengths))
         if rank == 0:
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
