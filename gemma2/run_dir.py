@@ -10,9 +10,10 @@ must agree with.
 - Nothing that is not the run's is touched: a fresh run refuses a non-empty directory that holds
   no previous run unless `overwrite`; rotation deletes only `step-\\d{6}` directories whose
   trainer_state.json carries this run's id, never a user's `step-000000/` or `step-old/`.
-- A resume continues the same run: every TrainConfig field that changes the run's meaning, and the
-  training tokens (fingerprint: data, tokenizer, seq_len), must equal the checkpoint's; a
-  difference is refused with the list. `SAFE_TO_CHANGE` may differ (each change is printed).
+- A resume continues the same run: every TrainConfig field that changes the run's meaning (the
+  on-policy settings too), and the training tokens (fingerprint: data, tokenizer, seq_len), must
+  equal the checkpoint's (a field the checkpoint predates, its default); a difference is refused
+  with the list. `SAFE_TO_CHANGE` may differ (each change is printed).
 - Damaged files are read robustly: a torn last line of metrics.jsonl is dropped, a checkpoint whose
   trainer_state.json does not parse is skipped for the one before it, each with a notice naming
   the file.
@@ -263,10 +264,13 @@ def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, wo
         "checkpoint": stored.get("batch_size", 0) * stored.get("grad_accum", 1) * state.get("world_size", 1),
         "now": cfg.batch_size * cfg.grad_accum * world,
     }
+    # A checkpoint older than a field ran with that field's default (e.g. lmbda = 0: no on-policy steps).
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
     for name, value in now.items():
-        if name not in stored:
+        if name not in stored and name not in defaults:
             continue
-        old = tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
+        old = stored.get(name, defaults.get(name))
+        old = tuple(old) if isinstance(old, list) else old
         if old == value:
             continue
         if name == "tokenizer_file" and value and _same_bytes(ckpt / "tokenizer.model", Path(value)):

@@ -9,6 +9,9 @@ chunk by chunk from the student's final hidden states and the tied embedding, ne
 logits. The teacher (gemma2.teacher) is a frozen Gemma2ForCausalLM (eval mode, no grad, its own
 dtype and device) or an offline top-k cache (gemma2.teacher_cache). alpha = 0 without a teacher is plain
 next-token training; alpha = 0 WITH a teacher trains on CE and still reports the held-out KD.
+On-policy distillation (GKD, gemma2.on_policy): with probability lmbda a step's rows keep only their
+prompts and the student samples the completions, on which alone the loss then runs (seq_kd: the
+teacher samples the other steps' completions).
 
 Choices, and why:
 - Gradient accumulation: the loss of every micro-batch is its SUM over counted tokens divided by
@@ -61,6 +64,7 @@ from .distributed import Runtime, move_to, runtime, shard
 from .dtypes import dtype_name, to_dtype
 from .files import write_text_atomic
 from .model import Gemma2ForCausalLM, RMSNorm
+from .on_policy import Rollouts, check_on_policy
 from .run_dir import METRICS_FILE, Run, json_line, open_run, read_metrics
 from .teacher import Teacher, check_teacher
 from .teacher_cache import TeacherCache
@@ -96,6 +100,12 @@ class TrainConfig:
     device: str | None = None  # None: cuda if available, else cpu (under torchrun: the local GPU)
     tokenizer_file: str | None = None  # copied into every checkpoint, making it a model directory
     peak_flops: float | None = None  # per device, for MFU; None = gemma2.throughput's table (no MFU if unknown)
+    # On-policy distillation (gemma2.on_policy; the names are TRL GKDTrainer's):
+    lmbda: float = 0.0  # probability that a step trains on completions the student samples; 0 = never
+    seq_kd: bool = False  # the other steps train on completions the teacher samples, not on the data
+    max_new_tokens: int = 128  # tokens sampled per completion
+    gen_temperature: float = 0.9  # sampling temperature of the completions; 0 = greedy
+    prompt_len: int | None = None  # each row's first tokens kept as the prompt; None = seq_len - max_new_tokens
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "chunk_size")
@@ -130,6 +140,14 @@ class TrainConfig:
             raise ValueError(f"peak_flops must be > 0 (FLOP/s of one device) or None, got {self.peak_flops}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), got {self.keep_last}")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"lmbda must be in [0, 1] (the fraction of on-policy steps), got {self.lmbda}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.gen_temperature < math.inf:
+            raise ValueError(f"gen_temperature must be a finite number >= 0 (0 = greedy), got {self.gen_temperature}")
+        if self.prompt_len is not None and self.prompt_len < 1:
+            raise ValueError(f"prompt_len must be >= 1 or None (seq_len - max_new_tokens), got {self.prompt_len}")
         self.betas = tuple(self.betas)  # JSON gives a list back
 
 
@@ -299,7 +317,7 @@ def _accumulate_gradients(
     """Forward and backward over one step's micro-batches. The gradients left in the student are
     those of the mean loss over every counted token of every micro-batch on every rank.
     Returns (counted tokens, [loss, kd_sum, ce_sum] summed over micro-batches and ranks)."""
-    # Count all micro-batches' tokens first (targets are still on the host: no device sync).
+    # Count all micro-batches' tokens first (data targets are still on the host: no device sync).
     counted = torch.tensor(float(sum(int((b.targets != IGNORE_INDEX).sum()) for b in micro)), device=rt.device)
     n_counted = rt.all_reduce(counted).item()
     if n_counted == 0:
@@ -337,6 +355,7 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
             f"the data holds token id {top} but the student's vocabulary has {V} entries: tokenize "
             "with the tokenizer the model was built for, or build the student with a larger vocab_size"
         )
+    check_on_policy(cfg, data.train.seq_len, teacher)
     if cfg.eval_every and data.heldout is None:
         raise ValueError("eval_every > 0 needs held-out data: set holdout_fraction > 0 (or eval paths), or eval_every=0")
     if cfg.tokenizer_file is not None and not Path(cfg.tokenizer_file).is_file():
@@ -376,6 +395,8 @@ def train(
       training, every step:  step, lr, loss, ce (None if alpha = 1), kd (None if alpha = 0),
                              grad_norm, tokens, tokens_per_s (all devices), tokens_per_s_per_device,
                              mfu (model FLOPs utilisation, gemma2.throughput; None if the peak is unknown)
+      with lmbda > 0 or seq_kd, every step also: on_policy_fraction (of the steps so far),
+                             completion_len (mean sampled tokens per row; None on a step of data)
       evaluation:            step, eval_ce, eval_ppl, eval_kd (with a teacher),
                              teacher_eval_ce and teacher_eval_ppl (at step 0 only)
     `step` counts optimizer updates done; evaluation runs at step 0 (with the teacher's numbers),
@@ -421,12 +442,13 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     live_teacher = train_teacher.model.config if train_teacher is not None and train_teacher.model is not None else None
     flops_per_token = training_flops_per_token(student.config, data.train.seq_len, live_teacher)
     peak = cfg.peak_flops or peak_flops(rt.device, loss_mod.dtype)
+    rollouts = Rollouts(cfg, student, loss_mod, kd_teacher, data.train.seq_len, rt, start_step)
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro = [next(loader) for _ in range(cfg.grad_accum)]
+        micro = rollouts([next(loader) for _ in range(cfg.grad_accum)], step)
         n_counted, sums = _accumulate_gradients(loss_mod, micro, train_teacher, cfg.alpha, rt)
         norm = _clip_gradients(student, cfg.grad_clip)
         loss_sum, kd_sum, ce_sum, grad_norm = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()  # one sync
@@ -443,9 +465,10 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
             "kd": kd_sum / n_counted * cfg.temperature**2 if cfg.alpha > 0 else None,
             "grad_norm": grad_norm, "tokens": tokens_per_step, "tokens_per_s": tokens_per_step / dt,
             "tokens_per_s_per_device": per_device, "mfu": mfu(flops_per_token, per_device, peak),
-        })  # fmt: skip
+        } | rollouts.metrics(step, n_counted))  # fmt: skip
         bar.update(1)
         util = "" if peak is None else f", mfu={mfu(flops_per_token, per_device, peak):.1%}"
+        util += rollouts.postfix(metrics.records[-1])
         bar.set_postfix_str(f"loss={loss_value:.4f}, tok/s/device={per_device:,.0f}{util}", refresh=False)
         done = step + 1 == cfg.steps
         if cfg.eval_every and (done or (step + 1) % cfg.eval_every == 0):

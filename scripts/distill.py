@@ -6,6 +6,8 @@
     python scripts/distill.py --student tiny --teacher runs/teacher/step-001000 --out runs/student
     # ... or from an offline top-k cache written by scripts/cache_teacher.py
     python scripts/distill.py --student tiny --teacher-cache runs/cache --tokenizer tok.model --out runs/s2
+    # on-policy distillation (GKD): half the steps train on completions the student samples
+    python scripts/distill.py --student tiny --teacher runs/teacher/step-001000 --lmbda 0.5 --max-new-tokens 64 --out runs/gkd
     # many processes: FSDP2 over every rank (NCCL on GPUs, gloo on CPU)
     torchrun --nproc-per-node 8 scripts/distill.py --student 2b --teacher checkpoints/gemma-2-9b ...
 
@@ -63,6 +65,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--objective", choices=("forward_kl", "reverse_kl", "jsd"), default="forward_kl")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight")
+    gkd = p.add_argument_group("on-policy distillation (GKD; TRL GKDTrainer's names; gemma2/on_policy.py)")
+    gkd.add_argument("--lmbda", type=float, default=0.0,
+                     help="probability that a step trains on completions the student samples (default 0: never)")
+    gkd.add_argument("--seq-kd", action="store_true",
+                     help="the other steps train on completions the teacher samples instead of on the data")
+    gkd.add_argument("--max-new-tokens", type=int, default=128, help="tokens sampled per completion")
+    gkd.add_argument("--gen-temperature", type=float, default=0.9, help="sampling temperature (0: greedy)")
+    gkd.add_argument("--prompt-len", type=int, default=None,
+                     help="each training row's first tokens kept as the prompt (default: seq-len - max-new-tokens)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-sequences", type=int, default=None, help="cap on held-out sequences per evaluation")
     p.add_argument("--save-every", type=int, default=0, help="0: only at the end")
@@ -129,7 +140,8 @@ def main(args: argparse.Namespace) -> int:
         activation_checkpointing=args.activation_checkpointing,
         eval_every=args.eval_every if data.heldout is not None else 0, eval_sequences=args.eval_sequences,
         save_every=args.save_every, keep_last=args.keep_last or None, seed=args.seed, device=args.device,
-        tokenizer_file=str(tok_path), peak_flops=args.peak_flops,
+        tokenizer_file=str(tok_path), peak_flops=args.peak_flops, lmbda=args.lmbda, seq_kd=args.seq_kd,
+        max_new_tokens=args.max_new_tokens, gen_temperature=args.gen_temperature, prompt_len=args.prompt_len,
     )  # fmt: skip
     try:
         metrics = train(cfg, student, data, teacher=teacher, resume=args.resume, overwrite=args.overwrite,

@@ -1,0 +1,208 @@
+"""On-policy distillation (GKD; Agarwal et al. 2024, "On-Policy Distillation of Language Models"):
+training rows whose completions a model samples itself, scored token by token by the teacher.
+
+The settings are TrainConfig's and carry the names of TRL's GKDTrainer:
+- lmbda: the probability that a step trains on-policy: each row keeps its prompt and the current
+  student samples the completion (KV-cached generation from gemma2.generation, eval mode, no grad).
+- seq_kd: the steps that are not on-policy train on completions the teacher samples instead of on
+  the data (sequence-level KD, Kim & Rush 2016). Without it they train on the data as it is, so
+  lmbda = 0 is plain distillation, unchanged.
+- max_new_tokens and gen_temperature (0 = greedy) shape the sampling; beta (the JSD mixture) and
+  the objective are the trainer's (gemma2.distill).
+
+Prompts come from the packed training rows: each row's first prompt_len tokens (None: seq_len -
+max_new_tokens, so a generated row is as long as a data row). The new row is the prompt followed by
+max_new_tokens sampled tokens; its loss mask, written into the targets (`targets != IGNORE_INDEX`,
+the mask the trainer's loss already reads), covers exactly the completion up to and including its
+first stop token (the generating model's eos ids); later columns are padding. The teacher then
+scores the whole row, so the KD (and, when alpha < 1, CE against the sampled tokens) runs on the
+completion only.
+
+Randomness without state: whether step s is on-policy is a pure function of (seed, s), the same on
+every rank and for any world size, and the sampling generator of micro-batch i of step s on rank r
+is seeded from (seed, s, r, i). A resumed run replays exactly what the uninterrupted run drew,
+and the checkpoint needs no generator state for it. (With gen_temperature > 0 the samples depend
+on how the global batch is split into ranks and micro-batches; with greedy sampling they do not.)
+
+FSDP2: every rank samples its own rows. A forward of a sharded model is a collective, so every
+rank must run the same number of them: generation never stops on its own (stop tokens are applied
+here), and after each new token the ranks agree, with one all-reduce, whether every row on every
+rank has stopped. Generation is a registered FSDP forward of the model's root, so the root's
+parameters are gathered for it as for any forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+from .data import IGNORE_INDEX, Batch
+from .distributed import Runtime
+from .generation import stream
+from .model import Gemma2ForCausalLM
+from .teacher_cache import TeacherCache
+
+if TYPE_CHECKING:
+    from .teacher import Teacher
+    from .trainer import TrainConfig
+
+# Tags that keep these streams apart from each other (and from the data order's [seed, epoch]).
+_COIN, _SAMPLING = 1, 2
+
+
+def is_on_policy(seed: int, step: int, lmbda: float) -> bool:
+    """Whether optimizer step `step` (0-based) trains on the student's own samples."""
+    return lmbda > 0 and np.random.default_rng([seed, _COIN, step]).random() < lmbda
+
+
+def sampling_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """The seed of the generator that samples micro-batch `micro` of step `step` on rank `rank`."""
+    return int(np.random.SeedSequence([seed, _SAMPLING, step, rank, micro]).generate_state(1, np.uint64)[0])
+
+
+def prompt_length(cfg: TrainConfig, seq_len: int) -> int:
+    """Tokens of each training row kept as the prompt."""
+    return seq_len - cfg.max_new_tokens if cfg.prompt_len is None else cfg.prompt_len
+
+
+def check_on_policy(cfg: TrainConfig, seq_len: int, teacher: Gemma2ForCausalLM | TeacherCache | None) -> None:
+    """ValueError naming the fix for settings that cannot work together, before any work."""
+    if cfg.lmbda == 0 and not cfg.seq_kd:
+        return
+    what = f"on-policy distillation (lmbda = {cfg.lmbda})" if cfg.lmbda > 0 else "seq_kd"
+    if teacher is None:
+        raise ValueError(f"{what} needs a live teacher to score the sampled completions: pass a teacher model "
+                         "(--teacher), or lmbda=0 without seq_kd")  # fmt: skip
+    if isinstance(teacher, TeacherCache):
+        raise ValueError(
+            f"{what} needs a live teacher: a teacher cache holds its outputs for the data's tokens only, not "
+            "for completions sampled during training; pass the teacher model (--teacher instead of "
+            "--teacher-cache), or lmbda=0 without seq_kd"
+        )
+    if cfg.lmbda > 0 and cfg.alpha == 0:
+        raise ValueError(
+            f"lmbda = {cfg.lmbda} with alpha = 0 would train the student on cross-entropy against its own "
+            "samples, which teaches it nothing: set alpha > 0 (1 = pure distillation, as GKD), or lmbda=0"
+        )
+    P, N = prompt_length(cfg, seq_len), cfg.max_new_tokens
+    if P < 1:
+        raise ValueError(
+            f"max_new_tokens = {N} leaves no prompt in a training row of seq_len = {seq_len} tokens: lower "
+            f"max_new_tokens below {seq_len}, raise seq_len, or pass prompt_len"
+        )
+    if P + N > seq_len:
+        raise ValueError(
+            f"prompt_len {P} + max_new_tokens {N} = {P + N} tokens exceed seq_len = {seq_len}: a generated "
+            "row must fit in a training row; lower prompt_len or max_new_tokens (or raise seq_len)"
+        )
+
+
+@torch.no_grad()
+def sample_completions(
+    model: Gemma2ForCausalLM,
+    batch: Batch,
+    prompt_len: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    rt: Runtime,
+) -> Batch:
+    """The rows of `batch` cut to their first `prompt_len` tokens, each followed by `max_new_tokens`
+    tokens sampled from `model` (at `temperature`, 0 = greedy, with a generator seeded with `seed`
+    on the model's device); targets count exactly the completion (see the module docstring).
+    Returns a Batch on the model's device: inputs and targets `[B, prompt_len + max_new_tokens - 1]`."""
+    cfg = model.config
+    device = model.output_weight.device
+    generator = torch.Generator(device).manual_seed(seed)
+    stop = torch.tensor(cfg.eos_token_id, device=device).reshape(-1)
+    prompts = batch.inputs[:, :prompt_len].to(device)  # [B, P]
+    B, P, N = prompts.shape[0], prompt_len, max_new_tokens
+    window = prompts.new_full((B, P + N), cfg.pad_token_id)
+    window[:, :P] = prompts
+    counted = torch.zeros(B, P + N, dtype=torch.bool, device=device)  # the completion's columns
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    # stop_token_ids=(): generation must not end early on one rank only (see the module docstring).
+    steps = stream(model, prompts, max_new_tokens=N, temperature=temperature, stop_token_ids=(),
+                   generator=generator, pad_id=cfg.pad_token_id)  # fmt: skip
+    for i, token in enumerate(steps):
+        counted[:, P + i] = ~done
+        window[:, P + i] = token.masked_fill(done, cfg.pad_token_id)
+        done |= torch.isin(token, stop)
+        if i + 1 < N and rt.all_reduce((~done).sum()).item() == 0:
+            break  # every row on every rank has stopped: all ranks leave at this same step
+    targets = window[:, 1:].masked_fill(~counted[:, 1:], IGNORE_INDEX)
+    return Batch(batch.indices, window[:, :-1], targets)
+
+
+def _as_forward(root: nn.Module, fn: Callable) -> Callable:
+    """`fn` run as a forward of the FSDP2 root `root` (its parameters gathered around it); `fn`
+    itself without FSDP.
+
+    generation.py decodes under torch.inference_mode, and FSDP2 keeps the tensor that a parameter
+    is first gathered into: gathered there first, it would be an inference tensor that the next
+    training forward may not write. So every unit is gathered once here, outside inference mode."""
+    if not isinstance(root, FSDPModule):
+        return fn
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            module.reshard()
+    root._sample_completions = fn  # the method FSDP2 wraps with its pre- and post-forward
+    register_fsdp_forward_method(root, "_sample_completions")
+    return root._sample_completions
+
+
+class Rollouts:
+    """The trainer's entry point: each step's micro-batches, replaced by sampled ones when the step
+    is on-policy (or, with seq_kd, by the teacher's samples), and the metrics of that."""
+
+    def __init__(self, cfg: TrainConfig, student: Gemma2ForCausalLM, student_root: nn.Module,
+                 teacher: Teacher | None, seq_len: int, rt: Runtime, start_step: int) -> None:  # fmt: skip
+        self.cfg, self.rt = cfg, rt
+        self.active = cfg.lmbda > 0 or cfg.seq_kd
+        if not self.active:
+            return
+        self.prompt_len = prompt_length(cfg, seq_len)
+        self.rows = cfg.batch_size * cfg.grad_accum * rt.world  # per step, all ranks
+        self.student = _as_forward(student_root, partial(sample_completions, student)) if cfg.lmbda > 0 else None
+        self.teacher = _as_forward(teacher.root, partial(sample_completions, teacher.model)) if cfg.seq_kd else None
+        self.on_policy_steps = sum(is_on_policy(cfg.seed, s, cfg.lmbda) for s in range(start_step))
+        self.generated = False  # whether this step's rows were sampled
+
+    def __call__(self, micro: list[Batch], step: int) -> list[Batch]:
+        """This step's micro-batches to train on: `micro` itself unless its rows are sampled."""
+        if not self.active:
+            return micro
+        cfg = self.cfg
+        on_policy = is_on_policy(cfg.seed, step, cfg.lmbda)
+        self.on_policy_steps += on_policy
+        sample = self.student if on_policy else self.teacher
+        self.generated = sample is not None
+        if sample is None:
+            return micro
+        return [sample(batch, self.prompt_len, cfg.max_new_tokens, cfg.gen_temperature,
+                       sampling_seed(cfg.seed, step, self.rt.rank, i), self.rt) for i, batch in enumerate(micro)]
+
+    def metrics(self, step: int, counted_tokens: float) -> dict:
+        """For step `step` (0-based), whose rows counted `counted_tokens` tokens on all ranks:
+        on_policy_fraction (of the steps so far) and completion_len (mean tokens per sampled
+        completion, None when the step trained on the data); nothing when neither lmbda nor seq_kd
+        is set."""
+        if not self.active:
+            return {}
+        return {"on_policy_fraction": self.on_policy_steps / (step + 1),
+                "completion_len": counted_tokens / self.rows if self.generated else None}  # fmt: skip
+
+    @staticmethod
+    def postfix(record: dict) -> str:
+        """The progress bar's part for a step's metrics record ("" without on-policy metrics)."""
+        if "on_policy_fraction" not in record:
+            return ""
+        length = record["completion_len"]
+        return f", on-policy={record['on_policy_fraction']:.0%}" + ("" if length is None else f", completion={length:.1f}")
