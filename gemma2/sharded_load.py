@@ -74,9 +74,9 @@ class _Entry:
 
 @dataclass
 class _FromCheckpoint:
-    path: Path
+    """Fills a sharded model with its rows of each checked checkpoint tensor."""
+
     entries: list[_Entry]
-    dtype: torch.dtype
     check_finite: bool
 
     def fill(self, model: nn.Module) -> None:
@@ -85,17 +85,19 @@ class _FromCheckpoint:
             try:
                 local, start = _owned(params[entry.name])
                 if local.numel():
-                    rows = entry.rows.read(start, start + local.shape[0]).to(self.dtype)
-                    if self.check_finite:
-                        check_finite_values(entry.file, entry.raw_name, rows)
-                    local.copy_(rows)
-                    del rows  # the file's pages go with it
+                    # Cast by the copy itself: no converted copy of the rows in transit, and the
+                    # file's mapped pages are released when the rows go.
+                    local.copy_(entry.rows.read(start, start + local.shape[0]))
+                    if self.check_finite:  # in the target dtype, as load_model checks
+                        check_finite_values(entry.file, entry.raw_name, local)
             except CheckpointError as e:
                 raise _AtPosition(entry.position, str(e)) from e
 
 
 @dataclass
 class _Fresh:
+    """Fills a sharded model with its rows of each full fresh value."""
+
     values: InitialValues
 
     def fill(self, model: nn.Module) -> None:
@@ -169,7 +171,7 @@ def load_sharded(
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in Gemma2ForCausalLM(config).state_dict().items()}
     entries = _checked_entries(path, files, config, shapes)
-    return _meta_model(config, dtype, attention, compile_attention, _FromCheckpoint(path, entries, dtype, check_finite))
+    return _meta_model(config, dtype, attention, compile_attention, _FromCheckpoint(entries, check_finite))
 
 
 def init_sharded(config: Gemma2Config, values: InitialValues, *, dtype: torch.dtype = torch.float32) -> Gemma2ForCausalLM:
