@@ -237,7 +237,9 @@ class LazyRows:
                     return f.get_slice(self.name)[a:b]
             return _load_pickle(self.file)[self.name][a:b]  # mmap: only these rows are read
         except Exception as e:
-            raise CheckpointError(f"{self.file}: cannot read tensor {self.name!r} ({e}); is it truncated or corrupt?") from e
+            raise CheckpointError(
+                f"{self.file}: cannot read tensor {self.name!r} ({e}); is it truncated or corrupt?"
+            ) from e
 
 
 def lazy_tensors(file: Path) -> Iterator[tuple[str, LazyRows]]:

@@ -3,7 +3,8 @@
 Run the same code under torchrun: `init_distributed` joins the group torchrun describes (NCCL on
 GPUs, gloo on CPU), `runtime` says which rank, world and device this process has, and `shard`
 wraps a model with FSDP2 (`fully_shard`): every Block one all-gather unit, the root holding the
-embedding and the final norm (a model built on `meta` by gemma2.sharded_load is filled there). Outside torchrun everything here is a no-op on one process.
+embedding and the final norm (a model built on `meta` by gemma2.sharded_load is filled there).
+Outside torchrun everything here is a no-op on one process.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ from .model import Gemma2ForCausalLM
 from .sharded_load import materialize
 
 
+def launched_world() -> int:
+    """How many processes torchrun started (WORLD_SIZE); 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group that torchrun describes (WORLD_SIZE > 1): NCCL when this machine has
     GPUs, gloo otherwise. Returns (rank, world_size); (0, 1) outside torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or dist.is_initialized():
+    if launched_world() == 1 or dist.is_initialized():
         return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -20,10 +20,10 @@ allocates only this rank's shard of every parameter (`to_empty`) and fills it:
 
 Every check of `load_model` holds, with its messages (the code is gemma2.checkpoint's): names,
 shapes, duplicates and missing tensors from the files' headers as soon as the model is asked for
-(every rank finds the same problem); NaN and inf in the rows each rank reads, agreed across ranks
-before anyone goes on, so every rank raises the error the single-process load would have raised
-first and none waits forever. int8 checkpoints (gemma2.quantize) are refused: training and
-FSDP2 shard float weights.
+(every rank finds the same problem, before any value is read); NaN and inf in the rows each rank
+reads, agreed across ranks before anyone goes on: every rank raises the error of the first such
+tensor in the files' order (the one load_model names) and none waits forever. int8 checkpoints
+(gemma2.quantize) are refused: training and FSDP2 shard float weights.
 """
 
 from __future__ import annotations
@@ -107,9 +107,11 @@ class _Fresh:
 
 
 class _AtPosition(Exception):
+    """A CheckpointError of one rank, with the position of its tensor (to agree on the first)."""
+
     def __init__(self, position: int, message: str) -> None:
         super().__init__(message)
-        self.position, self.message = position, message
+        self.position = position
 
 
 def _meta_model(config: Gemma2Config, dtype: torch.dtype, attention: str, compile_attention: bool | None,
@@ -174,7 +176,9 @@ def load_sharded(
     return _meta_model(config, dtype, attention, compile_attention, _FromCheckpoint(entries, check_finite))
 
 
-def init_sharded(config: Gemma2Config, values: InitialValues, *, dtype: torch.dtype = torch.float32) -> Gemma2ForCausalLM:
+def init_sharded(
+    config: Gemma2Config, values: InitialValues, *, dtype: torch.dtype = torch.float32
+) -> Gemma2ForCausalLM:
     """A model on `meta` whose weights will be `values(model)` (full tensors, gemma2.student's
     initial_values), each rank keeping its rows when it is sharded. Under torchrun only."""
     _require_distributed("init_sharded")
@@ -204,6 +208,7 @@ def materialize(root: nn.Module, device: torch.device) -> None:
     models = [m for m in root.modules() if pending(m)]
     if not models:
         return
+    assert all(p.is_meta for p in root.parameters()), "to_empty would discard the root's other weights"
     root.to_empty(device=device)  # through the root: FSDP2 re-registers each group's new shards
     error: tuple[int, str] | None = None
     for model in models:
@@ -212,13 +217,13 @@ def materialize(root: nn.Module, device: torch.device) -> None:
         try:
             source.fill(model)
         except _AtPosition as e:
-            error = (e.position, e.message)
+            error = (e.position, str(e))
             break
     errors: list[tuple[int, str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     found = [e for e in errors if e is not None]
     if found:
-        raise CheckpointError(min(found)[1])  # the one load_model would raise: first in file order
+        raise CheckpointError(min(found)[1])  # the first tensor in file order: load_model's error
 
 
 def _owned(param: nn.Parameter) -> tuple[Tensor, int]:

@@ -84,7 +84,8 @@ def compare_ranks(world: int, checkpoints: list[tuple[str, Path]], warm: bool) -
             print(f"{name:15s} bf16 on disk -> {dtype:8s}, {world} ranks: model {full[dtype] / 2**20:7.1f} MB; "
                   f"peak growth per rank (worst) today {growth[False] / 2**20:7.1f} MB "
                   f"({growth[False] / full[dtype]:.2f}x the model), sharded {growth[True] / 2**20:7.1f} MB "
-                  f"({growth[True] / full[dtype]:.2f}x): sharded / today {growth[True] / growth[False]:.2f}")  # fmt: skip
+                  f"({growth[True] / full[dtype]:.2f}x): sharded / today "
+                  f"{growth[True] / growth[False]:.2f}")  # fmt: skip
 
 
 def main() -> None:

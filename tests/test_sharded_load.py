@@ -9,7 +9,10 @@ path must match today's FSDP path (full models sharded after loading) loss for l
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
-from torch import nn
 
 from conftest import TIMINGS, tiny_training_config
 from gemma2 import CheckpointError, Gemma2ForCausalLM, load_model, save_model
@@ -35,14 +37,6 @@ WORLD = 2
 CFG = tiny_training_config(vocab_size=97, hidden_size=33, max_position_embeddings=32, sliding_window=4)
 
 
-class _Root(nn.Module):
-    """The smallest FSDP2 root around a model (the trainer's and the teacher's add a forward)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-
 def _spawn(worker, tmp: Path, *args) -> list[dict]:
     mp.spawn(worker, args=(str(tmp), *args), nprocs=WORLD, join=True)
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
@@ -54,8 +48,7 @@ def _join(rank: int, tmp: str) -> None:
 
 
 def _shards_of(model: Gemma2ForCausalLM) -> dict[str, torch.Tensor]:
-    rt = runtime()
-    shard(_Root(model), model, rt, param_dtype=None)
+    shard(model, model, runtime(), param_dtype=None)  # the model is its own FSDP2 root here
     return {name: p.to_local().clone() for name, p in model.named_parameters()}
 
 
@@ -219,3 +212,12 @@ def test_training_on_the_sharded_path_matches_todays_and_resumes(tmp_path):
 def test_sharded_loading_outside_torchrun_says_what_to_use(tmp_path):
     with pytest.raises(ValueError, match="is for torchrun"):
         load_student("tiny", sharded=True)
+
+
+def test_cache_teacher_under_torchrun_is_refused_in_one_line(tmp_path):
+    env = os.environ | {"WORLD_SIZE": "2"}
+    run = subprocess.run([sys.executable, "scripts/cache_teacher.py", "--teacher", str(tmp_path), "--out",
+                          str(tmp_path / "cache")], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parents[1])  # fmt: skip
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "not under torchrun" in run.stderr and not (tmp_path / "cache").exists()
