@@ -13,7 +13,10 @@ allocates only this rank's shard of every parameter (`to_empty`) and fills it:
   `torch.load(mmap=True)` makes (the fused qkv is split into q, k and v as row ranges first). The
   file is mapped for one tensor at a time, so the pages read are released with it: host memory
   per rank is its shards plus one tensor's rows in transit. No rank sends anything to another
-  (ranks need one shared filesystem, as the trainer's checkpoints already do).
+  (ranks need one shared filesystem, as the trainer's checkpoints already do). Chosen over rank 0
+  reading each tensor whole and broadcasting it: on 2 gloo ranks (scripts/bench_load.py's 150M
+  model, bf16 on disk) that peaked at 163-183 MB per rank into bf16 and 326-358 MB into fp32,
+  against 160 and 311 MB here, in about twice the time.
 - fresh: each full tensor is generated on the CPU once, in the order and from the generator of
   the single-process initialiser (gemma2.student.initial_values), and the owned rows are kept:
   exactly the values one process gets for the same seed, one tensor in transit.

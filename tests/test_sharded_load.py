@@ -160,7 +160,7 @@ def _data() -> Datasets:
 
 def _train_config(out: Path, **kw) -> TrainConfig:
     values = dict(out_dir=str(out), steps=STEPS, batch_size=2, grad_accum=2, lr=1e-2, warmup=1, alpha=0.5,
-                  eval_every=2, save_every=2, keep_last=None, chunk_size=40)  # fmt: skip
+                  eval_every=2, save_every=2, keep_last=None, chunk_size=40, activation_checkpointing=True)  # fmt: skip
     return TrainConfig(**(values | kw))
 
 
