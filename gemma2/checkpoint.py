@@ -88,6 +88,8 @@ def hf_to_official(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def resolve_config(path: Path, config: Gemma2Config | str | None) -> Gemma2Config:
+    """The config of the checkpoint at `path`: `config` when given (or the preset it names), else
+    the config.json beside it."""
     if isinstance(config, Gemma2Config):
         return config
     if isinstance(config, str):
@@ -245,17 +247,15 @@ class LazyRows:
 def lazy_tensors(file: Path) -> Iterator[tuple[str, LazyRows]]:
     """The tensors of one checkpoint file, from its header alone: each read later, by rows, on demand.
     A `.ckpt`/`.bin` is memory-mapped, so only the rows read leave the disk, as with safetensors."""
-    try:
-        if file.suffix == ".safetensors":
+    if file.suffix == ".safetensors":
+        try:
             with safe_open(file, framework="pt") as f:
                 headers = [(name, f.get_slice(name)) for name in f.keys()]
                 listed = [(name, torch.Size(h.get_shape()), h.get_dtype() == "I8") for name, h in headers]
-        else:
-            listed = [(name, t.shape, t.dtype == torch.int8) for name, t in _load_pickle(file).items()]
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from e
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from e
+    else:
+        listed = [(name, t.shape, t.dtype == torch.int8) for name, t in _load_pickle(file).items()]
     for name, shape, int8 in listed:
         yield name, LazyRows(file, name, shape, int8)
 
