@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 
 import torch
@@ -87,7 +87,9 @@ def hf_to_official(state: dict[str, Tensor]) -> dict[str, Tensor]:
 # Reading.
 
 
-def _resolve_config(path: Path, config: Gemma2Config | str | None) -> Gemma2Config:
+def resolve_config(path: Path, config: Gemma2Config | str | None) -> Gemma2Config:
+    """The config of the checkpoint at `path`: `config` when given (or the preset it names), else
+    the config.json beside it."""
     if isinstance(config, Gemma2Config):
         return config
     if isinstance(config, str):
@@ -113,7 +115,7 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
         raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from e
 
 
-def _read_pickle(file: Path) -> Iterator[tuple[str, Tensor]]:
+def _load_pickle(file: Path) -> dict[str, Tensor]:
     try:
         # weights_only: never unpickle arbitrary objects; mmap: never hold two copies.
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -122,10 +124,14 @@ def _read_pickle(file: Path) -> Iterator[tuple[str, Tensor]]:
     state = obj.get("model_state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: expected a dict of tensors (optionally under 'model_state_dict')")
-    yield from state.items()
+    return state
 
 
-def _shards(path: Path) -> list[Path]:
+def _read_pickle(file: Path) -> Iterator[tuple[str, Tensor]]:
+    yield from _load_pickle(file).items()
+
+
+def checkpoint_files(path: Path) -> list[Path]:
     """The files that hold the tensors, in a stable order."""
     if path.is_file():
         return [path]
@@ -164,11 +170,94 @@ def _finite(t: Tensor) -> bool:
 
 def stored_dtype(path: str | os.PathLike) -> torch.dtype:
     """The dtype a checkpoint's tensors are stored in (that of its first tensor)."""
-    file = _shards(Path(path))[0]
+    file = checkpoint_files(Path(path))[0]
     reader = _read_safetensors if file.suffix == ".safetensors" else _read_pickle
     for _, tensor in reader(file):
         return tensor.dtype
     raise CheckpointError(f"{file}: holds no tensors")
+
+
+def skipped(raw_name: str, expected: dict[str, torch.Size]) -> bool:
+    """Whether a checkpoint tensor is not loaded: the RoPE table, or a copy of the tied head
+    (some exporters write lm_head.weight anyway)."""
+    return raw_name in SKIPPED or raw_name == "lm_head.weight" and EMBED in expected
+
+
+def check_tensor(file: Path, raw_name: str, name: str, shape: torch.Size, expected: dict[str, torch.Size],
+                 seen: Container[str]) -> None:  # fmt: skip
+    """A CheckpointError unless `name` is a tensor of the model, not yet seen, of the expected shape."""
+    if name not in expected:
+        raise CheckpointError(f"{file}: unexpected tensor {raw_name!r}; is this a Gemma 2 checkpoint?")
+    if name in seen:
+        raise CheckpointError(f"{file}: tensor {raw_name!r} appears twice in the checkpoint")
+    if shape != expected[name]:
+        raise CheckpointError(
+            f"{file}: tensor {raw_name!r} has shape {tuple(shape)} but the config expects "
+            f"{tuple(expected[name])}: the config does not match this checkpoint"
+        )
+
+
+def check_finite_values(file: Path, raw_name: str, tensor: Tensor) -> None:
+    """A CheckpointError naming the tensor when it (or the part of it read) holds NaN or inf."""
+    if not _finite(tensor):
+        raise CheckpointError(
+            f"{file}: tensor {raw_name!r} holds NaN or inf values; this checkpoint is "
+            "corrupt (or was saved from a diverged run): load an earlier one"
+        )
+
+
+def check_complete(path: Path, expected: Container[str], seen: Container[str]) -> None:
+    """A CheckpointError listing the model's tensors that the checkpoint did not hold."""
+    missing = sorted(set(expected) - set(seen))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: missing tensors {shown}")
+
+
+class LazyRows:
+    """A checkpoint tensor whose rows are read only when asked for: `read(start, stop)` maps the
+    file, copies nothing but those rows' pages in, and lets the mapping go with the result.
+    `split` cuts it into row ranges (the official fused qkv) without reading anything."""
+
+    def __init__(self, file: Path, name: str, shape: torch.Size, int8: bool, offset: int = 0) -> None:
+        self.file, self.name, self.shape, self.offset = file, name, shape, offset
+        self.int8 = int8  # an int8 checkpoint's weight (gemma2.quantize)
+
+    def split(self, sizes: list[int]) -> list[LazyRows]:
+        parts, start = [], self.offset
+        for rows in sizes:
+            parts.append(LazyRows(self.file, self.name, torch.Size([rows, *self.shape[1:]]), self.int8, start))
+            start += rows
+        return parts
+
+    def read(self, start: int, stop: int) -> Tensor:
+        """Rows start:stop, memory-mapped (valid after the file is closed; pages load on first touch)."""
+        a, b = self.offset + start, self.offset + stop
+        try:
+            if self.file.suffix == ".safetensors":
+                with safe_open(self.file, framework="pt") as f:
+                    return f.get_slice(self.name)[a:b]
+            return _load_pickle(self.file)[self.name][a:b]  # mmap: only these rows are read
+        except Exception as e:
+            raise CheckpointError(
+                f"{self.file}: cannot read tensor {self.name!r} ({e}); is it truncated or corrupt?"
+            ) from e
+
+
+def lazy_tensors(file: Path) -> Iterator[tuple[str, LazyRows]]:
+    """The tensors of one checkpoint file, from its header alone: each read later, by rows, on demand.
+    A `.ckpt`/`.bin` is memory-mapped, so only the rows read leave the disk, as with safetensors."""
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="pt") as f:
+                headers = [(name, f.get_slice(name)) for name in f.keys()]
+                listed = [(name, torch.Size(h.get_shape()), h.get_dtype() == "I8") for name, h in headers]
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from e
+    else:
+        listed = [(name, t.shape, t.dtype == torch.int8) for name, t in _load_pickle(file).items()]
+    for name, shape, int8 in listed:
+        yield name, LazyRows(file, name, shape, int8)
 
 
 def load_model(
@@ -198,8 +287,8 @@ def load_model(
     """
     dtype = to_dtype(dtype)  # bfloat16 or float32, by dtype or by name (gemma2.dtypes)
     path = Path(path)
-    files = _shards(path)
-    config = _resolve_config(path, config)
+    files = checkpoint_files(path)
+    config = resolve_config(path, config)
     with torch.device("meta"):
         model = Gemma2ForCausalLM(config, attention, compile_attention)
     expected = {name: p.shape for name, p in model.state_dict().items()}
@@ -209,32 +298,17 @@ def load_model(
     for file in files:
         reader = _read_safetensors if file.suffix == ".safetensors" else _read_pickle
         for raw_name, raw in reader(file):
-            if raw_name in SKIPPED or raw_name == "lm_head.weight" and EMBED in expected:
-                # lm_head is tied to the embedding; some exporters write the copy anyway.
+            if skipped(raw_name, expected):
                 continue
             for name, tensor in placing.place_all(official_to_hf(raw_name, raw, config)):
-                if name not in expected:
-                    raise CheckpointError(f"{file}: unexpected tensor {raw_name!r}; is this a Gemma 2 checkpoint?")
-                if name in state:
-                    raise CheckpointError(f"{file}: tensor {raw_name!r} appears twice in the checkpoint")
-                if tensor.shape != expected[name]:
-                    raise CheckpointError(
-                        f"{file}: tensor {raw_name!r} has shape {tuple(tensor.shape)} but the config expects "
-                        f"{tuple(expected[name])}: the config does not match this checkpoint"
-                    )
+                check_tensor(file, raw_name, name, tensor.shape, expected, state)
                 state[name] = tensor  # cast (or quantised) by `placing`
-                if check_finite and not _finite(state[name]):
-                    raise CheckpointError(
-                        f"{file}: tensor {raw_name!r} holds NaN or inf values; this checkpoint is "
-                        "corrupt (or was saved from a diverged run): load an earlier one"
-                    )
+                if check_finite:
+                    check_finite_values(file, raw_name, state[name])
                 bar.update()
     bar.close()
     placing.check()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{path}: missing tensors {shown}")
+    check_complete(path, expected, state)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -3,7 +3,8 @@
 Run the same code under torchrun: `init_distributed` joins the group torchrun describes (NCCL on
 GPUs, gloo on CPU), `runtime` says which rank, world and device this process has, and `shard`
 wraps a model with FSDP2 (`fully_shard`): every Block one all-gather unit, the root holding the
-embedding and the final norm. Outside torchrun everything here is a no-op on one process.
+embedding and the final norm (a model built on `meta` by gemma2.sharded_load is filled there).
+Outside torchrun everything here is a no-op on one process.
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .model import Gemma2ForCausalLM
+from .sharded_load import materialize
+
+
+def launched_world() -> int:
+    """How many processes torchrun started (WORLD_SIZE); 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_distributed() -> tuple[int, int]:
     """Join the process group that torchrun describes (WORLD_SIZE > 1): NCCL when this machine has
     GPUs, gloo otherwise. Returns (rank, world_size); (0, 1) outside torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or dist.is_initialized():
+    if launched_world() == 1 or dist.is_initialized():
         return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -93,15 +99,17 @@ def runtime(device: str | None = None) -> Runtime:
 
 def move_to(module: nn.Module, device: torch.device) -> None:
     """module.to(device), skipped when every parameter is already there: then it would change
-    nothing, and the fake tensors that gemma2.memory_plan traces with cannot be moved."""
-    if any(p.device != device for p in module.parameters()):
+    nothing, and the fake tensors that gemma2.memory_plan traces with cannot be moved. A model on
+    `meta` (gemma2.sharded_load) stays there: it gets its shards on the device when sharded."""
+    if any(p.device != device and not p.is_meta for p in module.parameters()):
         module.to(device)
 
 
 def shard(root: nn.Module, model: Gemma2ForCausalLM, rt: Runtime, param_dtype: torch.dtype | None) -> None:
     """FSDP2: each Block of `model` is one all-gather unit; `root` (which holds `model`) holds the
     embedding and final norm. param_dtype: the dtype the unsharded parameters compute in (None:
-    their own); gradients are reduced in fp32."""
+    their own); gradients are reduced in fp32. A model still on `meta` (gemma2.sharded_load) then
+    gets this rank's shards on the device, filled from its checkpoint or fresh values."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -113,3 +121,4 @@ def shard(root: nn.Module, model: Gemma2ForCausalLM, rt: Runtime, param_dtype: t
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(root, mesh=mesh, mp_policy=mp)
+    materialize(root, rt.device)

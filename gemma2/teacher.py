@@ -1,7 +1,8 @@
 """The teacher of a distillation run: a live model or an offline top-k cache, behind one type.
 
 `Teacher(source, data, rt)` takes either a frozen Gemma2ForCausalLM (eval mode, no grad, its own
-dtype and device; sharded with FSDP2 under torchrun) or a gemma2.teacher_cache.TeacherCache, and
+dtype and device; sharded with FSDP2 under torchrun, and then filled if it comes from
+gemma2.sharded_load.load_sharded) or a gemma2.teacher_cache.TeacherCache, and
 gives the trainer what the loss reads for a batch: a TeacherHead (final hidden states and the tied
 head, logits made chunk by chunk) or TopK (the cached top-k log-probs). `check_teacher` says, before
 any work, whether a source fits a student and the run's objective.

@@ -38,9 +38,9 @@ unsharded only inside the root's forward, so the student's forward AND its chunk
 module (`_StudentLoss`): the head's gradient and the embedding lookup's gradient meet in the
 unsharded parameter before the reduce-scatter. The teacher's root is unsharded explicitly around
 the loss that reads its head. Checkpoints gather the full student to rank 0 for the Hugging Face
-files; the optimizer state is saved sharded with DCP (so it reloads on another world size). Each
-rank still builds (or loads) the full models before sharding them: fine while one model fits in
-one process's memory.
+files; the optimizer state is saved sharded with DCP (so it reloads on another world size). Models
+from gemma2.sharded_load (scripts/distill.py under torchrun) wait on `meta` and each rank reads
+only its shards when they are sharded; others are whole on every rank until then.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_model
 from .compatibility import check_seq_len, check_tokenizer
 from .data import IGNORE_INDEX, Batch, BatchLoader, Datasets, eval_batches
 from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss, distill_sums
@@ -66,6 +65,7 @@ from .files import write_text_atomic
 from .model import Gemma2ForCausalLM, RMSNorm
 from .on_policy import Rollouts, check_on_policy
 from .run_dir import METRICS_FILE, Run, json_line, open_run, read_metrics
+from .sharded_load import load_weights
 from .teacher import Teacher, check_teacher
 from .teacher_cache import TeacherCache
 from .throughput import mfu, peak_flops, training_flops_per_token
@@ -413,8 +413,9 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
            progress: bool) -> list[dict]:  # fmt: skip
     out, ckpt = run.out, run.checkpoint
     if ckpt is not None:
-        # Loaded before sharding: fully_shard then cuts every rank's shard out of these tensors.
-        student.load_state_dict(load_model(ckpt, config=student.config).state_dict(), strict=True)
+        # Before sharding: fully_shard cuts every rank's shard out of these tensors, or a sharded
+        # student (gemma2.sharded_load) reads its rows of them.
+        load_weights(student, ckpt)
 
     loss_mod = _prepare_student(student, cfg, rt)
     optimizer = build_optimizer(student, cfg, rt.device)

@@ -18,6 +18,7 @@ import torch
 from gemma2.checkpoint import load_model
 from gemma2.cli import run_cli
 from gemma2.compatibility import check_seq_len, check_tokenizer
+from gemma2.distributed import launched_world
 from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.teacher_cache import write_teacher_cache
 from gemma2.token_files import open_datasets
@@ -44,6 +45,11 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
     args = p.parse_args()
+    if launched_world() > 1:  # every rank would run the whole teacher over every sequence, into one --out
+        raise ValueError(
+            "cache_teacher.py runs in one process, not under torchrun (its work is not split across ranks); "
+            "run it with python (a teacher larger than one GPU runs on the host with --device cpu)"
+        )
 
     tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.teacher) / "tokenizer.model"
     tokenizer = Tokenizer(tok_path)

@@ -26,6 +26,7 @@ from gemma2.checkpoint import load_model
 from gemma2.cli import device_arg, run_cli
 from gemma2.distributed import close_distributed, init_distributed
 from gemma2.dtypes import compute_dtype_argument, dtype_argument, to_dtype
+from gemma2.sharded_load import load_sharded
 from gemma2.teacher import teacher_vocab_size
 from gemma2.teacher_cache import TeacherCache
 from gemma2.token_files import open_datasets
@@ -113,17 +114,18 @@ def interrupted(out: str) -> str:
 def main(args: argparse.Namespace) -> int:
     if args.device is not None:
         device_arg(args.device)
-    rank, _ = init_distributed()
+    rank, world = init_distributed()
     tok_path = tokenizer_path(args)
     tokenizer = Tokenizer(tok_path)
     teacher = None
     if args.teacher:
-        teacher = load_model(args.teacher, dtype=to_dtype(args.teacher_dtype))
+        # Under torchrun each rank reads only its shards of the models (gemma2.sharded_load).
+        teacher = (load_sharded if world > 1 else load_model)(args.teacher, dtype=to_dtype(args.teacher_dtype))
     elif args.teacher_cache:
         teacher = TeacherCache(args.teacher_cache)
     # A fresh student speaks the teacher's vocabulary (else the tokenizer's).
     vocab = teacher_vocab_size(teacher) if teacher is not None else tokenizer.vocab_size
-    student = load_student(args.student, vocab_size=vocab, seed=args.seed)
+    student = load_student(args.student, vocab_size=vocab, seed=args.seed, sharded=world > 1)
     student.attention = "auto"  # the fastest measured path for the device (gemma2.model)
     data = open_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,
                          eval_paths=args.eval_data)  # fmt: skip
