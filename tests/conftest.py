@@ -11,6 +11,18 @@ from gemma2 import Gemma2Config, Gemma2ForCausalLM
 TIMINGS = ("tokens_per_s", "tokens_per_s_per_device", "mfu")  # metrics that measure the clock
 
 
+def assert_same_metrics(got: list[dict], expected: list[dict], rel: float, abs: float) -> None:
+    """Two runs' metrics records agree: the same steps and keys, every value but the clock's close."""
+    assert [m["step"] for m in got] == [m["step"] for m in expected]
+    for a, b in zip(got, expected):
+        assert a.keys() == b.keys(), a["step"]
+        for key in a.keys() - set(TIMINGS):
+            if b[key] is None:
+                assert a[key] is None, (a["step"], key)
+            else:
+                assert a[key] == pytest.approx(b[key], rel=rel, abs=abs), (a["step"], key)
+
+
 def tiny_config(**overrides) -> Gemma2Config:
     """A tiny Gemma 2: GQA (4 / 2 heads), H * head_dim != D, window well below the context."""
     values = dict(

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import TIMINGS, tiny_training_config
+from conftest import assert_same_metrics, tiny_training_config
 from gemma2 import Gemma2Config, Gemma2ForCausalLM
 from gemma2.checkpoint import load_model
 from gemma2.data import Datasets, PackedSequences
@@ -70,12 +70,7 @@ def test_two_ranks_match_one_process(tmp_path):
 
     student, teacher = _models()
     single = train(_train_config(tmp_path / "single", 2 * WORLD), student, _data(), teacher=teacher, progress=False)
-    assert len(sharded) == len(single)
-    for a, b in zip(sharded, single):
-        assert a.keys() == b.keys()
-        for key in a:
-            if key not in TIMINGS and a[key] is not None:
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert_same_metrics(sharded, single, rel=1e-5, abs=1e-6)
 
     # The gathered Hugging Face files hold the same weights as the single process's. Adam divides
     # each gradient by its own running RMS, so where a gradient is ~0 the rounding noise of a

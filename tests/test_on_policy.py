@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import TIMINGS, tiny_training_config
+from conftest import TIMINGS, assert_same_metrics, tiny_training_config
 from gemma2 import Gemma2ForCausalLM
 from gemma2 import on_policy
 from gemma2 import trainer as T
@@ -212,12 +212,7 @@ def test_two_ranks_sample_in_step_and_train_like_one_process(tmp_path):
     single = train(fsdp_train_config(tmp_path / "single", 2 * WORLD, **GKD), student, fsdp_data(), teacher=teacher,
                    progress=False)  # fmt: skip
     assert any(m.get("completion_len") for m in single) and any(m.get("completion_len") is None for m in single if "loss" in m)
-    assert len(sharded) == len(single)
-    for a, b in zip(sharded, single):
-        assert a.keys() == b.keys()
-        for key in a:
-            if key not in TIMINGS and a[key] is not None:
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert_same_metrics(sharded, single, rel=1e-5, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
