@@ -5,7 +5,8 @@
 
 Fixed config: hidden 1024, 8 layers, 8 heads / 4 KV heads, head_dim 128, MLP 4096, vocab 32768,
 window 512, bf16, batch 1 (decode also batch 8). Ours runs `attention="auto"` with compilation on
-(the first call's compile time is reported beside each compiled figure); transformers its eager
+(compiled FlexAttention on CUDA, whose first call's compile time is reported beside each compiled
+figure; on CPU auto runs `banded`, faster there than compiled FlexAttention); transformers its eager
 attention (its SDPA path cannot softcap). Repetitions alternate between the two after a warm-up
 each; figures are medians. Peak memory: RSS growth on CPU (sampled), max_memory_allocated on CUDA.
 The training step (forward + backward of a token loss, seq 2048) compares ours with our own eager
