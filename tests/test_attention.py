@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import hf_twin, left_padded, tiny_config
-from gemma2.attention import banded, eager, flex
+from gemma2 import attention
+from gemma2.attention import banded, capped_softmax, eager, flex, softcap, softcap_
 from gemma2.masks import flex_block_mask, may_attend
 
 CONFIG = tiny_config(sliding_window=7)  # odd window; sequences below are > 2W
@@ -45,9 +46,11 @@ def test_training_paths_match_eager_in_outputs_and_gradients(impl):
         assert (g - want_grads[name]).abs().max() <= 1e-5 * max(1.0, want_grads[name].abs().max()), name
 
 
-@pytest.mark.parametrize("window", [1, 3, 8, 40])  # 40: one block holds the whole sequence
-def test_banded_kernel_matches_eager(window):
-    g = torch.Generator().manual_seed(window)
+@pytest.mark.parametrize("block", [4, 128])  # 4: many blocks of both kinds; 128: one block
+@pytest.mark.parametrize("window", [1, 3, 8, 40, None])  # 40: one block holds the whole sequence
+def test_banded_kernel_matches_eager(window, block, monkeypatch):
+    monkeypatch.setattr(attention, "BLOCK", block)
+    g = torch.Generator().manual_seed(window or 0)
     B, H, KV, T, hd = 2, 4, 2, 29, 8
     q, k, v = (torch.randn(B, n, T, hd, generator=g, requires_grad=True) for n in (H, KV, KV))
     valid = torch.ones(B, T, dtype=torch.bool)
@@ -59,17 +62,54 @@ def test_banded_kernel_matches_eager(window):
     assert ((got - want) * real).abs().max() <= 1e-5
     for a, b in zip(torch.autograd.grad((want * real).sum(), (q, k, v)), torch.autograd.grad((got * real).sum(), (q, k, v))):
         assert (a - b).abs().max() <= 1e-5
+    with torch.inference_mode():  # the in-place path
+        assert ((banded(q, k, v, valid, window, 0.35, 2.0) - want) * real).abs().max() <= 1e-5
+
+
+def test_in_place_softcap_is_the_softcap():
+    """Within 4 fp32 roundings of the cap of the textbook formula in fp64 (measured: 2.0; the
+    tanh formula itself in fp32: 0.9)."""
+    x = torch.linspace(-400, 400, 100_001)  # both tails saturate, and zero is on the grid
+    eps = torch.finfo(torch.float32).eps
+    for cap, scale in ((50.0, 0.3), (30.0, 1.0)):
+        want = softcap(x.double() * scale, cap)
+        assert (softcap_(x.clone(), cap, scale).double() - want).abs().max() <= 4 * eps * cap
+
+
+def test_capped_softmax_in_place_equals_the_autograd_path():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 5, 9, generator=g) * 40
+    mask = torch.rand(2, 1, 5, 9, generator=g) > 0.3
+    mask[..., 0] = True
+    want = capped_softmax(scores.requires_grad_(), mask, 0.35, 50.0)
+    with torch.no_grad():
+        got = capped_softmax(scores.clone(), mask, 0.35, 50.0)  # it overwrites fp32 scores
+    assert (got - want).abs().max() <= 1e-5  # the kernels' tolerance
+    assert (want - softcap(scores * 0.35, 50.0).masked_fill(~mask, -torch.inf).softmax(-1)).abs().max() <= 1e-6
+
+
+def saved_by_banded(T: int, window: int | None) -> list[int]:
+    """The sizes of the tensors autograd keeps for one banded call (head_dim 8)."""
+    q, k, v = (torch.randn(1, 1, T, 8, requires_grad=True) for _ in range(3))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        banded(q, k, v, torch.ones(1, T, dtype=torch.bool), window, 1.0, 50.0)
+    return saved
 
 
 def test_banded_memory_is_linear_in_t():
     """Regression guard for O(T * W): no [T, T] score matrix in a local layer's graph."""
     T, W = 64, 4
-    q, k, v = (torch.randn(1, 1, T, 8, requires_grad=True) for _ in range(3))
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        banded(q, k, v, torch.ones(1, T, dtype=torch.bool), W, 1.0, 50.0)
-    assert max(saved) <= T * (2 * W - 1) * 8  # k unfolded into blocks [T / W, 2W - 1, hd]: linear in T
-    assert max(saved) < T * T // 2  # eager keeps T * T scores
+    saved = saved_by_banded(T, W)
+    assert max(saved) <= (2 * W - 1) * 8  # a block's keys [2W - 1, hd]; its scores [W, 2W - 1] are less
+    a, b, c = (sum(saved_by_banded(n, W)) for n in (T, 2 * T, 3 * T))
+    assert c - b == b - a  # every T more queries keep the same: linear in T (eager's grow as T^2)
+
+
+def test_banded_global_layer_keeps_no_full_score_matrix(monkeypatch):
+    monkeypatch.setattr(attention, "BLOCK", 16)
+    T = 64
+    assert max(saved_by_banded(T, None)) <= 16 * T  # one block's scores [16, <= T]
 
 
 def test_auto_picks_per_call():
@@ -79,11 +119,11 @@ def test_auto_picks_per_call():
     with torch.no_grad():
         assert model.kernel_for(1, False, cpu) == "eager"  # one-token decode
         assert model.kernel_for(64, False, cpu) == "eager"  # chunked prefill: keys are not the queries'
-        assert model.kernel_for(14, True, cpu) == "eager"  # within two windows banded saves nothing
+        assert model.kernel_for(14, True, cpu) == "banded"  # within two windows it still skips the causal half
         assert model.kernel_for(15, True, cpu) == "banded"  # CPU compiles only when asked
         assert model.kernel_for(15, True, cuda) == "flex"
         model.compile_attention = True
-        assert model.kernel_for(64, True, cpu) == "flex"
+        assert model.kernel_for(64, True, cpu) == "banded"  # faster on CPU than compiled flex
     assert model.kernel_for(64, True, cpu) == "banded"  # no FlexAttention backward on CPU
     assert model.kernel_for(64, True, cuda) == "flex"
     model.compile_attention = False

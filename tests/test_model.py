@@ -154,3 +154,23 @@ def test_local_layers_keep_only_w_positions():
 def test_cache_longer_than_context_is_refused():
     with pytest.raises(ValueError, match="context"):
         KVCache(CONFIGS["base"], batch_size=1, max_len=129)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_the_formula(dtype):
+    """RMSNorm (F.rms_norm inside) against x * rsqrt(mean(x^2) + eps) * (1 + w) in fp32, cast after."""
+    from gemma2.model import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=g))
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 5, 48, generator=g) * 7).to(dtype)
+    x32 = x.float()
+    want = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + norm.weight.float())).to(dtype)
+    got = norm(x)
+    assert got.dtype == dtype
+    # fp32: summation order; bf16: at most one rounding of the final cast apart
+    ulps = 1e-6 if dtype == torch.float32 else 2**-8
+    assert ((got.float() - want.float()).abs() <= ulps * want.float().abs().clamp(min=1)).all()
