@@ -26,10 +26,13 @@ import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from gemma2 import Gemma2Config, Gemma2ForCausalLM, KVCache
+from gemma2.cli import run_cli
+from gemma2.files import write_text_atomic
 from gemma2.quantize import quantize_model
 from gemma2.quantize import weight_bytes as quantized_weight_bytes
 
@@ -157,10 +160,17 @@ def speculative_decode(put, device: torch.device, reps: int, student_dir: str = 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 repetition, fewer decode steps (under 3 min)")
-    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--json", help="write the figures here (a new file unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = p.parse_args()
+    if args.json:  # checked before minutes of work
+        out = Path(args.json)
+        if out.exists() and not args.overwrite:
+            raise ValueError(f"{out} exists; pass --overwrite to replace it, or another --json path")
+        if not out.parent.is_dir():
+            raise ValueError(f"--json {out}: the directory {out.parent} does not exist")
     try:
         import transformers
     except ImportError:
@@ -263,11 +273,9 @@ def main() -> None:
         comp = f"{compile_s[name]:.1f}" if name in compile_s else ""
         print(f"| {name} | {f['ours']:.4g} | {f['transformers']:.4g} | {f['ratio']:.2f} | {frac} | {comp} |")
     if args.json:
-        from gemma2.files import write_text_atomic
-
         result = {"device": str(device), "limits": lim, "figures": figures, "compile_s": compile_s}
         write_text_atomic(args.json, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

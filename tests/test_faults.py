@@ -163,6 +163,16 @@ def test_convert_in_place_refuses_a_dtype_change_and_keeps_the_weights(fp32_chec
     assert (fp32_checkpoint / "README.md").is_file() and (fp32_checkpoint / "tokenizer.model").is_file()
 
 
+def test_benchmark_refuses_an_existing_json_before_any_work(tmp_path):
+    out = tmp_path / "bench.json"
+    out.write_text("mine")
+    done = script("benchmark.py", "--json", out)
+    assert "exists; pass --overwrite" in one_line_error(done)
+    assert out.read_text() == "mine"
+    done = script("benchmark.py", "--json", tmp_path / "missing" / "bench.json")
+    assert "does not exist" in one_line_error(done)
+
+
 def test_convert_refuses_an_existing_output_without_overwrite(fp32_checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
