@@ -197,7 +197,11 @@ def _swap(tmp: Path, path: Path) -> None:
     else:
         old = _claim(path, directory=True, old=True)
         os.replace(path, old)  # onto the empty directory claimed for it
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)  # the previous version, whole, back in its place
+            raise
         shutil.rmtree(old)
     fsync(path.parent)
 

@@ -10,8 +10,8 @@ allocates only this rank's shard of every parameter (`to_empty`) and fills it:
 - from a checkpoint, each rank reads the rows it owns straight from the file (FSDP2 shards every
   parameter along dim 0, so they are one contiguous range of a row-major tensor): safetensors
   through `safe_open(...).get_slice`, the official `.ckpt`/`.bin` through the memory map that
-  `torch.load(mmap=True)` makes (the fused qkv is split into q, k and v as row ranges first). The
-  file is mapped for one tensor at a time, so the pages read are released with it: host memory
+  `torch.load(weights_only=True, mmap=True)` makes (the fused qkv is split into q, k and v as row
+  ranges first). The file is mapped for one tensor at a time, so the pages read are released with it: host memory
   per rank is its shards plus one tensor's rows in transit. No rank sends anything to another
   (ranks need one shared filesystem, as the trainer's checkpoints already do). Chosen over rank 0
   reading each tensor whole and broadcasting it: on 2 gloo ranks (scripts/bench_load.py's 150M

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from gemma2 import files
 from gemma2.files import atomic_directory, atomic_file, remove_stale_temporaries, write_text_atomic
 
 
@@ -118,3 +119,32 @@ def test_a_write_never_touches_a_file_already_at_its_temporary_name(tmp_path):
     assert (tmp_path / f".tmp-f.txt-{os.getpid()}").read_text() == "not ours"
     assert (tmp_path / f".tmp-d-{os.getpid()}-0" / "x").read_text() == "not ours"
     assert (tmp_path / "f.txt").read_text() == "new" and os.listdir(tmp_path / "d") == ["y"]
+
+
+def test_a_swap_without_rename_exchange_replaces_the_directory(tmp_path, monkeypatch):
+    """Filesystems without renameat2's exchange: the old version is moved aside, then removed."""
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "weights").write_text("old")
+    with atomic_directory(tmp_path / "ckpt") as tmp:
+        (tmp / "weights").write_text("new")
+    assert os.listdir(tmp_path) == ["ckpt"] and (tmp_path / "ckpt" / "weights").read_text() == "new"
+
+
+def test_a_swap_that_fails_after_moving_the_old_version_aside_puts_it_back(tmp_path, monkeypatch):
+    """The second rename of the fallback swap fails: the previous version, the only whole copy, is
+    back under its own name at once (not left for a later cleanup)."""
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(src).startswith(".tmp-ckpt-"):  # the new version going into place
+            raise OSError(5, "Input/output error", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "weights").write_text("the only copy")
+    with pytest.raises(OSError, match="Input/output"), atomic_directory(tmp_path / "ckpt") as tmp:
+        (tmp / "weights").write_text("new")
+    assert os.listdir(tmp_path) == ["ckpt"] and (tmp_path / "ckpt" / "weights").read_text() == "the only copy"
