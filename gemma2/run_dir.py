@@ -74,14 +74,18 @@ def acquire_lock(out: Path) -> Path:
     a notice) when its process is gone. Returns the lock file."""
     lock = out / LOCK_FILE
     me = f"{os.getpid()} {socket.gethostname()}\n"
-    for _ in range(2):  # the second try follows the removal of a stale lock
+    for _ in range(3):  # later tries follow the removal of a stale lock
         try:
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             try:
-                pid_text, host = lock.read_text().split()
+                held = lock.read_text()
+            except FileNotFoundError:
+                continue  # released meanwhile
+            try:
+                pid_text, host = held.split()
                 pid = int(pid_text)
-            except (OSError, ValueError):
+            except ValueError:
                 pid, host = None, None  # torn by a kill between create and write: nobody holds it
             if pid is not None and (host != socket.gethostname() or process_alive(pid)):
                 raise ValueError(
@@ -89,12 +93,28 @@ def acquire_lock(out: Path) -> Path:
                     f"end or choose another out_dir. If that process is gone, delete {lock}"
                 ) from None
             notice(f"{lock} was left by process {pid} on {host}, which is gone; taking it over")
-            lock.unlink(missing_ok=True)
+            _remove_stale_lock(lock, held)
             continue
         with os.fdopen(fd, "w") as f:
             f.write(me)
         return lock
     raise ValueError(f"{lock}: another process took the lock at the same moment; retry")
+
+
+def _remove_stale_lock(lock: Path, stale: str) -> None:
+    """Remove `lock` if it still holds `stale`. Of several processes taking over one stale lock, one
+    moves it aside (a rename); a lock that another process took in the meantime is given back."""
+    aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return  # another process moved it first; the next try meets that process's lock
+    if aside.read_text() != stale:  # a live process's new lock, taken since we read it
+        try:
+            os.link(aside, lock)  # back in place, unless yet another lock is there now
+        except FileExistsError:
+            pass
+    aside.unlink()
 
 
 def release_lock(lock: Path) -> None:

@@ -37,6 +37,27 @@ def test_the_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, caps
     R.release_lock(lock)
 
 
+def test_taking_over_a_stale_lock_never_removes_one_a_live_process_took_meanwhile(tmp_path, monkeypatch):
+    """Two processes find the same stale lock; the other one removes it and takes the lock just
+    before this one acts: this one must give that live lock back and refuse, not delete it."""
+    lock = tmp_path / ".lock"
+    lock.write_text(f"{_dead_pid()} {HOST}\n")
+    live = f"{os.getppid()} {HOST}\n"  # the parent (pytest's launcher): alive
+    real_rename = os.rename
+
+    def rename(src, dst):
+        os.remove(src)  # the other process took it over first ...
+        with open(src, "x") as f:
+            f.write(live)  # ... and holds it now
+        real_rename(src, dst)
+
+    monkeypatch.setattr(R.os, "rename", rename)
+    with pytest.raises(ValueError, match=f"in use by process {os.getppid()}"):
+        R.acquire_lock(tmp_path)
+    monkeypatch.undo()
+    assert lock.read_text() == live and os.listdir(tmp_path) == [".lock"]
+
+
 def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
     (tmp_path / ".lock").write_text(f"{_dead_pid()} elsewhere\n")
     with pytest.raises(ValueError, match="on elsewhere"):
