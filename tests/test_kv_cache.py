@@ -76,3 +76,26 @@ def test_a_cache_that_never_wrapped_truncates_anywhere(model):
         model(torch.randint(3, CFG.vocab_size, (1, 7)), cache=cache)
     cache.truncate(2)  # the ring (8 slots) still holds every column
     assert cache.length == 2 and cache.seen.item() == 2
+
+
+def test_decode_steps_over_the_whole_buffer_equal_a_full_forward(model):
+    """A global layer's decode step attends over every slot of its buffer once 2/3 of them are
+    written (the rest masked, and after a truncate they hold the dropped columns' stale keys), over
+    the written prefix before that: both must give a full forward's logits (the reference)."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, CFG.vocab_size, (1, 30), generator=g)
+    cache = KVCache(CFG, 1, 30, rollback=4)
+    spans = []
+    with torch.no_grad():
+        model(ids[:, :4], cache=cache)
+        for t in range(4, 30):
+            got = model(ids[:, t : t + 1], cache=cache)[0, -1]
+            spans.append(cache.span)
+            assert (got - model(ids[:, : t + 1])[0, -1]).abs().max().item() <= 1e-4
+            if t == 25:  # drop 3 columns: they stay in the buffer, past the cache's length
+                cache.truncate(23)
+                for s in range(23, 26):
+                    got = model(ids[:, s : s + 1], cache=cache)[0, -1]
+                    assert cache.span == 30  # the stale slots are inside the span: masked
+                    assert (got - model(ids[:, : s + 1])[0, -1]).abs().max().item() <= 1e-4
+    assert spans[0] == 5 and spans[-1] == 30 and 19 in spans and 20 not in spans  # both regimes ran
