@@ -89,7 +89,7 @@ class KVCache:
         self.valid[:, start : start + T] = valid
         counts = self.seen + valid.long().cumsum(-1)  # [B, T] real tokens up to each new column
         positions = (counts - 1).clamp(min=0)
-        self.seen = counts[:, -1:]
+        self.seen.copy_(counts[:, -1:])  # in place: its address never changes (gemma2.static_decode)
         q_cols = torch.arange(start, start + T, device=device)
         self.span = self.decode_span(start + 1) if T == 1 else start + T  # global layers' keys
         global_cols = torch.arange(self.span, device=device)
@@ -136,7 +136,7 @@ class KVCache:
                 f"{self.ring} slots were overwritten; build the cache with rollback >= {self.length - length}"
             )
         self.valid[:, length:] = False
-        self.seen = self.valid[:, :length].sum(-1, keepdim=True)
+        self.seen.copy_(self.valid[:, :length].sum(-1, keepdim=True))
         self.length = length
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

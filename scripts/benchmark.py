@@ -35,6 +35,7 @@ from gemma2.cli import run_cli
 from gemma2.files import write_text_atomic
 from gemma2.quantize import quantize_model
 from gemma2.quantize import weight_bytes as quantized_weight_bytes
+from gemma2.static_decode import StaticDecoder
 
 CONFIG = Gemma2Config(vocab_size=32768, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=128, query_pre_attn_scalar=128,
@@ -209,22 +210,25 @@ def main() -> None:
             put(f"prefill_{T}", T / t["ours"][0], T / t["hf"][0], 2 * linear_params * T / t["ours"][0] / 1e9 / lim["matmul_gflops"])
             if T == 4096:
                 put("peak_mem_prefill_4096", t["ours"][2], t["hf"][2])
-        def decoder(model, ids):
-            """`steps` greedy decode steps of our `model` after prefilling `ids`, as a callable."""
+        def decoder(model, ids, compiled=False):
+            """`steps` greedy decode steps of our `model` after prefilling `ids`, as a callable;
+            compiled: through gemma2.static_decode (torch.compile of the whole step)."""
             B, P = ids.shape
             cache = KVCache(cfg, B, P + (reps + 1) * steps, dtype=dtype, device=device)
             ones = torch.ones(B, 1, dtype=torch.bool, device=device)
             tok = model.logits(model.hidden_states(ids, None, cache)[:, -1]).argmax(-1)[:, None]
+            step = StaticDecoder(model, cache) if compiled else lambda t: model.logits(model.hidden_states(t, ones, cache)[:, -1])
 
             def run():
                 nonlocal tok
                 for _ in range(steps):
-                    tok = model.logits(model.hidden_states(tok, ones, cache)[:, -1]).argmax(-1)[:, None]
+                    tok = step(tok).argmax(-1)[:, None]
             return run
 
-        for P, B in ((1024, 1), (4096, 1), (1024, 8)):
+        for name, P, B, compiled in (("decode_1024", 1024, 1, False), ("decode_4096", 4096, 1, False),
+                                     ("decode_1024_b8", 1024, 8, False), ("decode_1024_compiled", 1024, 1, True)):  # fmt: skip
             ids = torch.randint(3, cfg.vocab_size, (B, P), device=device)
-            ours_steps = decoder(ours, ids)
+            ours_steps = decoder(ours, ids, compiled)
             out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
             past, hf_tok = out.cache, out.logits[:, -1].argmax(-1)[:, None]
 
@@ -235,7 +239,8 @@ def main() -> None:
                     hf_tok = o.logits[:, -1].argmax(-1)[:, None]
 
             t = alternate({"ours": ours_steps, "hf": hf_steps}, reps, device)
-            name = f"decode_{P}" + ("" if B == 1 else f"_b{B}")
+            if compiled:
+                compile_s[name] = t["ours"][1] - t["ours"][0]
             roofline = lim["gemv_gbps"] * 1e9 / weight_bytes  # steps/s when every weight is read once
             put(name, B * steps / t["ours"][0], B * steps / t["hf"][0], steps / t["ours"][0] / roofline)
             del ours_steps, past

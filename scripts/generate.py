@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin (implies --chat)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (CUDA graphs on GPU; on CPU ~8%% faster a step after seconds of "
+                        "compiling: worth it for long generations; not with --draft)")
     p.add_argument("--draft", help="a draft model directory with the checkpoint's vocabulary: speculative decoding")
     p.add_argument("--draft-tokens", type=int,
                    help=f"tokens the draft proposes per forward of the checkpoint (default {DRAFT_TOKENS})")  # fmt: skip
@@ -166,7 +169,7 @@ def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator, dra
     kwargs = dict(attention_mask=mask.to(args.device), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, stop_token_ids=stop, generator=generator, pad_id=tokenizer.pad_id)  # fmt: skip
     if draft is None:
-        steps, drafting = stream(model, ids.to(args.device), **kwargs), None
+        steps, drafting = stream(model, ids.to(args.device), compiled=args.compile, **kwargs), None
     else:
         steps, drafting = speculative_stream(model, draft, ids.to(args.device), draft_tokens=args.draft_tokens, **kwargs)
     new: list[list[int]] = [[] for _ in rows]  # each row's tokens up to and including its stop id
@@ -189,7 +192,7 @@ def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator, dra
 
 
 def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generator) -> None:
-    chat = Chat(model, tokenizer)
+    chat = Chat(model, tokenizer, compiled=args.compile)
     first = list(args.prompt)
     while True:
         if first:
@@ -231,6 +234,8 @@ def generate_main(args: argparse.Namespace) -> None:
     check_sampling_args(args.temperature, args.top_k, args.top_p)  # before minutes of loading
     if args.draft:
         check_draft_args(args)
+        if args.compile:
+            raise UsageError("--compile is not available with --draft (speculative decoding runs eagerly); drop one")
     elif args.draft_tokens is not None:
         raise UsageError("--draft-tokens needs --draft (the model that proposes them)")
     device_arg(args.device)

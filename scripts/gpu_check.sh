@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA checks, a few minutes on one GPU: the CUDA tests (bf16 parity, compiled FlexAttention
-# forward/backward against eager), scripts/benchmark.py on the GPU (batch sizes as on CPU), then the
-# 2B preset with random weights: prefill and decode tokens/s, and one distillation step's peak
-# memory at seq 4096 (student forward + chunked loss + backward, bf16, no teacher logits held).
+# forward/backward against eager, CUDA-graph decoding against eager tokens), scripts/benchmark.py on
+# the GPU (batch sizes as on CPU), then the 2B preset with random weights: prefill and decode
+# tokens/s (decode eager and as a CUDA graph), and one distillation step's peak memory at seq 4096
+# (student forward + chunked loss + backward, bf16, no teacher logits held).
 #
 #     bash scripts/gpu_check.sh [OUT_DIR]        # writes OUT_DIR/benchmark.json and 2b.json
 set -euo pipefail
@@ -19,6 +20,7 @@ import torch
 from gemma2 import Gemma2ForCausalLM, KVCache
 from gemma2.config import PRESETS
 from gemma2.distill import chunked_distill_loss
+from gemma2.static_decode import StaticDecoder
 
 cfg, dev, dt = PRESETS["2b"], torch.device("cuda"), torch.bfloat16
 model = Gemma2ForCausalLM(cfg, attention="auto").to(dev, dt)
@@ -40,6 +42,16 @@ with torch.inference_mode():
         for _ in range(64):
             tok = model.logits(model.hidden_states(tok, ones, cache)[:, -1]).argmax(-1)[:, None]
     res["decode_4096_tok_s"] = 64 / timed(steps)
+    # The same steps as a CUDA graph (gemma2.static_decode), on a fresh cache of the same size.
+    cache = KVCache(cfg, 1, 4096 + 65, dtype=dt, device=dev)
+    tok = model.logits(model.hidden_states(ids, None, cache)[:, -1]).argmax(-1)[:, None]
+    decoder = StaticDecoder(model, cache)
+    res["decode_compiled_first_call_s"] = timed(lambda: decoder(tok))
+    def graph_steps():
+        global tok
+        for _ in range(63):
+            tok = decoder(tok).argmax(-1)[:, None]
+    res["decode_4096_compiled_tok_s"] = 63 / timed(graph_steps)
 model.train()
 torch.cuda.reset_peak_memory_stats()
 hidden = model.hidden_states(ids[:, :-1])
