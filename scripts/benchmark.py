@@ -11,7 +11,9 @@ attention (its SDPA path cannot softcap). Repetitions alternate between the two 
 each; figures are medians. Peak memory: RSS growth on CPU (sampled), max_memory_allocated on CUDA.
 The training step (forward + backward of a token loss, seq 2048) compares ours with our own eager
 reference, and `decode_1024_int8` our weight-only int8 model (gemma2.quantize) with our bf16 one
-(the "transformers" column of that row is ours in bf16). Limits, measured in the same run: bf16 GEMV bandwidth (decode reads every weight once per
+(the "transformers" column of that row is ours in bf16). `_compiled` rows decode through
+gemma2.static_decode (the whole step compiled; first-call time in the compile column), the int8 one
+against our bf16 compiled the same way. Limits, measured in the same run: bf16 GEMV bandwidth (decode reads every weight once per
 step: the roofline is bandwidth / weight bytes) and bf16 matmul rate (prefill limit: 2 * params * T
 flops, attention not counted). Needs transformers (a test-only dependency).
 """
@@ -247,9 +249,12 @@ def main() -> None:
         # Weight-only int8 (gemma2.quantize) against our own bf16 decode: this row's reference is ours.
         int8 = quantize_model(copy.deepcopy(ours))
         ids = torch.randint(3, cfg.vocab_size, (1, 1024), device=device)
-        t = alternate({"int8": decoder(int8, ids), "bf16": decoder(ours, ids)}, reps, device)
         roofline = lim["gemv_gbps"] * 1e9 / quantized_weight_bytes(int8)
-        put("decode_1024_int8", steps / t["int8"][0], steps / t["bf16"][0], steps / t["int8"][0] / roofline)
+        for name, compiled in (("decode_1024_int8", False), ("decode_1024_int8_compiled", True)):  # like for like
+            t = alternate({"int8": decoder(int8, ids, compiled), "bf16": decoder(ours, ids, compiled)}, reps, device)
+            if compiled:
+                compile_s[name] = t["int8"][1] - t["int8"][0]
+            put(name, steps / t["int8"][0], steps / t["bf16"][0], steps / t["int8"][0] / roofline)
         print(f"resident weights: int8 {quantized_weight_bytes(int8) / 2**20:.1f} MiB, bf16 {weight_bytes / 2**20:.1f} MiB",
               file=sys.stderr)  # fmt: skip
         del int8
