@@ -61,6 +61,17 @@ def test_a_batch_of_two_prompts(checkpoint):
     assert FIGURES.fullmatch(result.stderr.strip())
 
 
+def test_compile_gives_the_same_text(checkpoint):
+    """--compile: the decode steps through torch.compile (gemma2.static_decode), the same greedy text."""
+    prompts = ["--prompt", "The quick", "--prompt", "Hello there! How"]
+    result = run_cli("--checkpoint", str(checkpoint), *prompts, "--max-new-tokens", "12", "--compile")
+    assert result.returncode == 0, result.stderr
+    tok = Tokenizer(checkpoint / "tokenizer.model")
+    texts = expected_texts(checkpoint, [tok.encode("The quick"), tok.encode("Hello there! How")], (tok.eos_id,), 12)
+    assert result.stdout == f"[0] {texts[0]}\n[1] {texts[1]}\n"
+    assert FIGURES.fullmatch(result.stderr.strip())
+
+
 def test_one_chat_prompt_streams_the_reply(checkpoint):
     result = run_cli("--checkpoint", str(checkpoint), "--chat", "--prompt", "How are you?", "--max-new-tokens", "10")
     assert result.returncode == 0, result.stderr
@@ -152,6 +163,7 @@ def test_a_draft_gives_the_checkpoints_own_greedy_text(checkpoint, drafts):
         (["--interactive", "--draft", "{close}"], "--draft decodes one sequence"),
         (["--prompt", "Hi", "--draft", "{close}", "--draft-tokens", "0"], "--draft-tokens must be >= 1"),
         (["--prompt", "Hi", "--draft-tokens", "3"], "--draft-tokens needs --draft"),
+        (["--prompt", "Hi", "--draft", "{close}", "--compile"], "--compile is not available with --draft"),
         (["--prompt", "Hi", "--draft", "{tmp}/missing"], "draft model .*missing not found"),
         (["--prompt", "Hi", "--draft", "{other}"], r"vocabulary has \d+ tokens but the target's has \d+"),
     ],
