@@ -39,8 +39,10 @@ def init_distributed() -> tuple[int, int]:
 
 
 def close_distributed() -> None:
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one, once every rank is here: no rank
+    tears the group down while a peer's last collective may still be in flight."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

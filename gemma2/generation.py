@@ -50,7 +50,7 @@ class Session:
 
     def __init__(self, model: Gemma2ForCausalLM, max_len: int | None = None, *, compiled: bool = False) -> None:
         """compiled: run the decode steps through torch.compile (gemma2.static_decode: CUDA graphs on
-        GPU; on CPU ~8% faster a step on the benchmark config after a compilation of seconds)."""
+        GPU; on CPU 5-8% faster a step on the benchmark config after a compilation of seconds)."""
         context = model.config.max_position_embeddings
         max_len = context if max_len is None else max_len
         if not 1 <= max_len <= context:

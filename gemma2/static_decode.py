@@ -11,11 +11,12 @@ addresses of the one before. torch.compile then traces it once per batch size an
 on CUDA with CUDA graphs (`mode="reduce-overhead"`, every buffer marked static), on CPU with
 inductor, which fuses the element-wise work between the matmuls.
 
-Measured (README "Figures", `scripts/benchmark.py`, row `decode_1024_compiled`) on 2 CPU threads:
-about 8% faster than the eager step on the benchmark config, after a compilation of ~14 s in a
-fresh machine and ~3 s once inductor's on-disk cache holds the kernels; at 2B scale a step is
-bound by reading 5 GB of weights, so the gain there is ~2%. That is why it is opt-in on CPU
-(`Session(..., compiled=True)`, `scripts/generate.py --compile`). CUDA has not run here.
+Measured on 2 CPU threads, the benchmark config (150M parameters, bf16, ~1050 positions), one
+process, interleaved rounds: 15.1 against 16.4 ms a step eager (8%), and 18.8 against 19.8 (5%)
+when the machine's memory bandwidth was lower; int8 (gemma2.quantize) 7.2 against 8.5 ms. The first
+call compiles: 8-14 s, ~3 s once inductor's on-disk cache holds the kernels. A 2B step reads 5 GB
+of weights, so there the gain is a few percent at most. Hence opt-in on CPU (`Session(...,
+compiled=True)`, `scripts/generate.py --compile`). CUDA has not run here.
 """
 
 from __future__ import annotations

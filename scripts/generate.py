@@ -22,7 +22,7 @@ sampling, its own distribution). One prompt at a time; the figures line adds the
 accepted and the tokens per forward of the checkpoint.
 
 --compile decodes through torch.compile (gemma2.static_decode): the whole step traced once, as a CUDA
-graph on GPU. On CPU it saves about 8% of a step on a 150M-parameter model, after seconds of
+graph on GPU. On CPU it saves 5-8% of a step on a 150M-parameter model, after seconds of
 compiling, and less on bigger models (their steps are reading weights): worth it for long outputs.
 Its global layers read every slot of the cache each step, so it suits --prompt runs (the cache is
 sized to the request) better than --interactive (the cache holds the model's whole context).
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin (implies --chat)")
     p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile (CUDA graphs on GPU; on CPU ~8%% faster a step after seconds of "
+                   help="decode through torch.compile (CUDA graphs on GPU; on CPU 5-8%% faster a step after seconds of "
                         "compiling: worth it for long generations; not with --draft)")
     p.add_argument("--draft", help="a draft model directory with the checkpoint's vocabulary: speculative decoding")
     p.add_argument("--draft-tokens", type=int,

@@ -62,6 +62,7 @@ def _load_worker(rank: int, tmp: str) -> None:
         out["fresh"] = _shards_of(load_student(str(Path(tmp) / "student.json"), vocab_size=97, seed=5, sharded=True))
         torch.save(out, Path(tmp) / f"shards{rank}.pt")
         (Path(tmp) / f"rank{rank}.json").write_text("{}")
+        dist.barrier()  # no rank tears the group down while a peer's last collective may be in flight
     finally:
         dist.destroy_process_group()
 
@@ -106,6 +107,7 @@ def _error_worker(rank: int, tmp: str) -> None:
             except CheckpointError as e:
                 messages[case] = str(e)
         (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(messages))
+        dist.barrier()  # (one run in about seven aborted in gloo's teardown without it)
     finally:
         dist.destroy_process_group()
 
