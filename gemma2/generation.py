@@ -175,7 +175,7 @@ class Session:
         try:
             # Prefill in one call; only the last position goes through the output head, so a long
             # prompt never materialises [B, T, V] logits.
-            logits = model.logits(model.hidden_states(ids, valid, cache)[:, -1])  # [B, V]
+            logits = model.last_logits(ids, valid, cache)  # [B, V]
             done = torch.zeros(B, dtype=torch.bool, device=ids.device)
             for step in range(max_new_tokens):
                 # [B]; a row's NaN would otherwise sample pad ids. Softcapped logits (|x| <= cap) sum
@@ -200,7 +200,7 @@ class Session:
                 if self.decoder is not None:
                     logits = self.decoder(token[:, None])
                 else:
-                    logits = model.logits(model.hidden_states(token[:, None], ones, cache)[:, -1])
+                    logits = model.last_logits(token[:, None], ones, cache)
         finally:
             model.train(was_training)
 

@@ -8,8 +8,9 @@ The model drives the cache in three calls per forward: `begin(valid)` before the
 the padding and returns the forward's `Columns`), `update(layer, k, v)` inside each attention layer,
 `advance(T)` after. The cache owns its position (`length`) and each row's count of real tokens.
 
-A decode step's global layers attend over the whole buffer once it is 2/3 written (`decode_span`):
-a contiguous operand, which CPU bf16 matmuls take without the copy they make of a prefix.
+On CPU a decode step's global layers attend over the whole buffer once it is 2/3 written
+(`decode_span`): a contiguous operand, which CPU bf16 matmuls take without the copy they make of a
+prefix.
 
 `truncate(length)` drops the last columns again (speculative decoding's rejected draft tokens). A
 forward may have overwritten ring slots that the kept columns' window still needs, so a cache built
@@ -104,16 +105,16 @@ class KVCache:
         return Columns(q_cols, global_cols, self.valid[:, : self.span], local_cols, local_valid, positions, self_attending)
 
     def decode_span(self, n: int) -> int:
-        """Columns a global layer's decode step attends over when n are written: all `max_len` once
-        n >= 2/3 of them (the columns past n are masked), else the first n.
+        """Columns a global layer's decode step attends over when n are written: on CPU all
+        `max_len` once n >= 2/3 of them (the columns past n are masked), else the first n.
 
         The whole buffer is contiguous; a prefix of it is not (each head's rows are `max_len` apart),
         and CPU bf16 `bmm` (oneDNN) copies such an operand before multiplying, keys and values, every
-        layer, every step. Reading up to 1.5x the keys costs less than that copy: one process, the
+        layer, every step (CUDA's batched matmuls take the strides as they are). Reading up to 1.5x the keys costs less than that copy: one process, the
         benchmark config at ~1050 columns, 10 interleaved rounds of 12 steps, medians: 16.8 against
         18.3 ms a step for a buffer of 1200, even at 1600, and 17.6 against 16.5 ms at 2100.
         """
-        return self.max_len if 3 * n >= 2 * self.max_len else n
+        return self.max_len if self.valid.device.type == "cpu" and 3 * n >= 2 * self.max_len else n
 
     def advance(self, T: int) -> None:
         """The T columns given to `begin` are written in every layer."""

@@ -61,8 +61,9 @@ def may_attend(
     return mask
 
 
-def ring_columns(next_col: int, size: int, device: torch.device | str | None = None) -> Tensor:
-    """Columns held by a ring buffer of `size` slots once columns 0 .. next_col - 1 were written.
+def ring_columns(next_col: int | Tensor, size: int, device: torch.device | str | None = None) -> Tensor:
+    """Columns held by a ring buffer of `size` slots once columns 0 .. next_col - 1 were written
+    (next_col an int, or a 0-dim tensor: gemma2.static_decode).
 
     Slot s holds the latest column c < next_col with c % size == s, or a negative column (empty)
     if there is none yet.

@@ -172,6 +172,11 @@ class Gemma2ForCausalLM(nn.Module):
         """Soft-capped logits `[B, T, V]` in fp32."""
         return self.logits(self.hidden_states(input_ids, attention_mask, cache))
 
+    def last_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """Soft-capped fp32 logits `[B, V]` of each row's last position (a prefill or decode step):
+        the output head runs on that position only, never on `[B, T, V]`."""
+        return self.logits(self.hidden_states(input_ids, attention_mask, cache)[:, -1])
+
     def logits(self, hidden: Tensor) -> Tensor:
         """Final hidden states `[..., D]` -> soft-capped logits `[..., V]` in fp32."""
         logits, cap = self.model.embed_tokens.attend(hidden).float(), self.config.final_logit_softcapping
@@ -196,7 +201,9 @@ class Gemma2ForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         # Angles in fp32, cast once to the activation dtype, not twice per layer.
         rope = tuple(a.to(x.dtype) for a in rope_angles(view.positions, cfg.head_dim, cfg.rope_theta))
-        x = x * torch.tensor(math.sqrt(cfg.hidden_size), dtype=x.dtype)  # rounded to the activation dtype
+        # sqrt(D) rounded to the activation dtype, then multiplied as a Python number (the same
+        # product as a 0-dim tensor's, but no CPU tensor inside a compiled or CUDA-graph step).
+        x = x * torch.tensor(math.sqrt(cfg.hidden_size), dtype=x.dtype).item()
         for i, layer in enumerate(self.model.layers):
             x = layer(x, rope, attends[cfg.is_local(i)], cache)
         if cache is not None:

@@ -6,15 +6,20 @@ the kernel arguments it recorded) could not be replayed at the next one. `Static
 model's own forward over the same buffers through `StaticColumns`, a view whose every changing
 quantity is a tensor updated in place: the column written (`pos`), each row's count of real tokens,
 the padding mask. Its global layers attend over the whole buffer (the columns not yet written are
-masked, as `KVCache.decode_span` does once 2/3 are written), so each step has the shapes and the
-addresses of the one before. torch.compile then traces it once per batch size and cache length:
-on CUDA with CUDA graphs (`mode="reduce-overhead"`, every buffer marked static), on CPU with
-inductor, which fuses the element-wise work between the matmuls.
+masked, as `KVCache.decode_span` does on CPU once 2/3 are written), so each step has the shapes
+and the addresses of the one before, and torch.compile traces it without a position in it: on CUDA
+with CUDA graphs (`mode="reduce-overhead"`, every buffer marked static), on CPU with inductor,
+which fuses the element-wise work between the matmuls. Dynamo traces the first request's shapes as
+they are; another batch size or cache length traces once more with them symbolic (once for
+batch 1, once for larger batches): three traces for the test's requests of five shapes. On CUDA each new cache
+is recorded as a new graph (its buffers are new addresses); a long-running server should keep its
+sessions rather than open one per request.
 
 Measured on 2 CPU threads, the benchmark config (150M parameters, bf16, ~1050 positions), one
 process, interleaved rounds: 15.1 against 16.4 ms a step eager (8%), and 18.8 against 19.8 (5%)
-when the machine's memory bandwidth was lower; int8 (gemma2.quantize) 7.2 against 8.5 ms. The first
-call compiles: 8-14 s, ~3 s once inductor's on-disk cache holds the kernels. A 2B step reads 5 GB
+when the machine's memory bandwidth was lower; int8 (gemma2.quantize) 7.2 against 8.5 ms; the
+symbolic-shape trace as fast as the first (14.6 against 14.6, eager 15.8). Each trace compiles on
+its first call: 8-14 s, ~3 s once inductor's on-disk cache holds the kernels. A 2B step reads 5 GB
 of weights, so there the gain is a few percent at most. Hence opt-in on CPU (`Session(...,
 compiled=True)`, `scripts/generate.py --compile`). CUDA has not run here.
 """
@@ -25,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .kv_cache import KVCache
-from .masks import Columns
+from .masks import Columns, ring_columns
 
 
 class StaticColumns:
@@ -37,14 +42,13 @@ class StaticColumns:
         device = pos.device
         self.cache, self.pos = cache, pos
         self.columns = torch.arange(cache.max_len, device=device)  # a global layer's keys: every slot
-        self.slots = torch.arange(cache.ring, device=device)
 
     def begin(self, valid: Tensor) -> Columns:
         cache, pos = self.cache, self.pos
         cache.valid.index_copy_(1, pos.view(1), valid)
         positions = cache.seen.clone()  # the row's real tokens before this one
         cache.seen.add_(valid.long())
-        local_cols = pos - torch.remainder(pos - self.slots, cache.ring)  # `ring_columns(pos + 1)`
+        local_cols = ring_columns(pos + 1, cache.ring, pos.device)
         local_valid = cache.valid[:, local_cols.clamp(min=0)] & (local_cols >= 0)
         return Columns(pos.view(1), self.columns, cache.valid, local_cols, local_valid, positions, False)
 
@@ -60,7 +64,7 @@ class StaticColumns:
 
 
 def _step(model, token: Tensor, view: StaticColumns) -> Tensor:
-    return model.logits(model.hidden_states(token, None, view)[:, -1])
+    return model.last_logits(token, None, view)
 
 
 _compiled: dict[str, object] = {}  # one compiled step per device type: dynamo keeps its traces
@@ -85,7 +89,7 @@ class StaticDecoder:
         self.view = StaticColumns(cache, self.pos)
         # Their addresses never change (KVCache updates `seen` in place), so CUDA graphs read them
         # where they are instead of copying them in at each replay.
-        for t in (*cache.keys, *cache.values, cache.valid, cache.seen, self.pos, self.view.columns, self.view.slots):
+        for t in (*cache.keys, *cache.values, cache.valid, cache.seen, self.pos, self.view.columns):
             torch._dynamo.mark_static_address(t)
         self.step = _compiled_step(device) if compiled else _step
 

@@ -218,8 +218,8 @@ def main() -> None:
             B, P = ids.shape
             cache = KVCache(cfg, B, P + (reps + 1) * steps, dtype=dtype, device=device)
             ones = torch.ones(B, 1, dtype=torch.bool, device=device)
-            tok = model.logits(model.hidden_states(ids, None, cache)[:, -1]).argmax(-1)[:, None]
-            step = StaticDecoder(model, cache) if compiled else lambda t: model.logits(model.hidden_states(t, ones, cache)[:, -1])
+            tok = model.last_logits(ids, None, cache).argmax(-1)[:, None]
+            step = StaticDecoder(model, cache) if compiled else lambda t: model.last_logits(t, ones, cache)
 
             def run():
                 nonlocal tok

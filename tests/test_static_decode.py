@@ -41,8 +41,8 @@ def test_static_steps_equal_a_forward_without_cache(model):
 
 
 def test_compiled_generation_equals_eager_and_traces_once(model):
-    """Greedy tokens of compiled decoding equal eager ones; 3 requests of one shape, 40 steps each
-    (every ring slot rewritten 5 times), and a second turn of a session, all run one trace."""
+    """Greedy tokens of compiled decoding equal eager ones: 3 requests of one shape, 40 steps each
+    (every ring slot rewritten 5 times), a two-turn session, then other batch sizes and lengths; three traces in all."""
     torch._dynamo.reset()
     counters.clear()
     ids, mask = left_padded([11, 6], CFG.vocab_size, seed=3)
@@ -59,8 +59,14 @@ def test_compiled_generation_equals_eager_and_traces_once(model):
             want = torch.stack(list(eager.stream(turn, max_new_tokens=12, stop_token_ids=())))
             got = torch.stack(list(compiled.stream(turn, max_new_tokens=12, stop_token_ids=())))
             assert torch.equal(got, want)
-    # One graph for the generate calls, one more for the session's batch of 1 and its length.
-    assert counters["stats"]["unique_graphs"] == 2
+        for lengths in ([7, 9, 3], [4, 17], [13], [2, 5, 8, 6]):  # other batch sizes and lengths
+            ids, mask = left_padded(lengths, CFG.vocab_size, seed=len(lengths))
+            want = generate(model, ids, attention_mask=mask, max_new_tokens=25, stop_token_ids=())
+            got = generate(model, ids, attention_mask=mask, max_new_tokens=25, stop_token_ids=(), compiled=True)
+            assert torch.equal(got, want)
+    # Dynamo traces the first shape as it is; a new length traces again with lengths symbolic, once
+    # for batch 1 and once for larger batches (dynamo never makes a size of 1 symbolic): 3 traces.
+    assert counters["stats"]["unique_graphs"] == 3
 
 
 def test_compiled_decoding_refuses_a_draft_model(model):
@@ -70,15 +76,19 @@ def test_compiled_decoding_refuses_a_draft_model(model):
 
 @pytest.mark.cuda
 def test_cuda_graph_decoding_equals_eager_tokens():
-    """On CUDA the compiled step runs as a CUDA graph (mode="reduce-overhead"): bf16 greedy tokens
-    equal eager decoding's over 3 requests of one shape."""
+    """On CUDA the compiled step runs as a CUDA graph (mode="reduce-overhead"): no step skips the
+    graph (inductor would otherwise fall back silently), and the greedy tokens equal eager
+    decoding's over 3 requests of one shape (fp32, so no bf16 near-tie can flip a token)."""
     m = Gemma2ForCausalLM(CFG).eval()
     randomize_(m, seed=7)
-    m = m.to("cuda", torch.bfloat16)
+    m = m.cuda()
     ids, mask = left_padded([11, 6], CFG.vocab_size, seed=3)
     ids, mask = ids.cuda(), mask.cuda()
+    torch._dynamo.reset()
+    counters.clear()
     with torch.no_grad():
         for _ in range(3):
             want = generate(m, ids, attention_mask=mask, max_new_tokens=40, stop_token_ids=())
             got = generate(m, ids, attention_mask=mask, max_new_tokens=40, stop_token_ids=(), compiled=True)
             assert torch.equal(got, want)
+    assert counters["inductor"]["cudagraph_skips"] == 0
