@@ -19,8 +19,10 @@ Measured on 2 CPU threads, the benchmark config (150M parameters, bf16, ~1050 po
 process, interleaved rounds: 15.1 against 16.4 ms a step eager (8%), and 18.8 against 19.8 (5%)
 when the machine's memory bandwidth was lower; int8 (gemma2.quantize) 7.2 against 8.5 ms; the
 symbolic-shape trace as fast as the first (14.6 against 14.6, eager 15.8). Each trace compiles on
-its first call: 8-14 s, ~3 s once inductor's on-disk cache holds the kernels. A 2B step reads 5 GB
-of weights, so there the gain is a few percent at most. Hence opt-in on CPU (`Session(...,
+its first call: 8-14 s, ~3 s once inductor's on-disk cache holds the kernels. The smaller the model,
+the larger the share of a step that is per-op overhead: the shipped tiny teacher (5.8M parameters,
+bf16) decodes 599 against 271 tokens/s (2.2x; `scripts/generate.py`, 200 tokens, medians of 3),
+while a 2B step reads 5 GB of weights, so there the gain is a few percent at most. Hence opt-in on CPU (`Session(...,
 compiled=True)`, `scripts/generate.py --compile`). CUDA has not run here.
 
 In fp32 the compiled tokens are eager's (tested). In bf16 they can part ways after a near-tie,
