@@ -263,17 +263,15 @@ def generate(
     forward of `model` (speculative decoding, batch 1; gemma2.speculative, whose
     `speculative_generate` also returns the acceptance statistics): the same tokens when greedy,
     the same distribution when sampling.
-    compiled: decode through torch.compile (see `Session`; not with a draft model).
+    compiled: decode through torch.compile (see `Session`; with a draft model, the draft's steps).
     """
     if draft_model is not None:
-        if compiled:
-            raise ValueError("compiled decoding is not available with a draft_model; drop one of them")
         from .speculative import DRAFT_TOKENS, speculative_generate  # (it builds on this module)
 
         return speculative_generate(
             model, draft_model, input_ids, draft_tokens=DRAFT_TOKENS if draft_tokens is None else draft_tokens,
             attention_mask=attention_mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, stop_token_ids=stop_token_ids, generator=generator, pad_id=pad_id,
+            top_p=top_p, stop_token_ids=stop_token_ids, generator=generator, pad_id=pad_id, compiled=compiled,
         )[0]  # fmt: skip
     if draft_tokens is not None:
         raise ValueError("draft_tokens needs a draft_model to propose them; pass draft_model= or drop draft_tokens")

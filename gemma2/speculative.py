@@ -30,6 +30,7 @@ from .generation import stream
 from .kv_cache import KVCache
 from .model import Gemma2ForCausalLM
 from .sampling import is_greedy, probabilities
+from .static_decode import StaticDecoder
 
 DRAFT_TOKENS = 4  # proposals per round unless told
 
@@ -87,6 +88,7 @@ def speculative_stream(
     stop_token_ids: Sequence[int] = (1,),
     generator: torch.Generator | None = None,
     pad_id: int = 0,
+    compiled: bool = False,
 ) -> tuple[Iterator[Tensor], SpeculativeStats]:
     """The new tokens `[1]` one by one, as `gemma2.generation.stream` yields them, and the statistics
     that fill in as they are produced. Arguments as in `speculative_generate`, checked now."""
@@ -111,7 +113,7 @@ def speculative_stream(
     pick = partial(probabilities, temperature=temperature, top_k=top_k, top_p=top_p)
     stats = SpeculativeStats()
     steps = _rounds(target, draft, prompt, draft_tokens, max_new_tokens, pick, is_greedy(temperature),
-                    set(stop_token_ids), generator, stats)  # fmt: skip
+                    set(stop_token_ids), generator, stats, compiled)  # fmt: skip
     return steps, stats
 
 
@@ -129,6 +131,7 @@ def speculative_generate(
     stop_token_ids: Sequence[int] = (1,),
     generator: torch.Generator | None = None,
     pad_id: int = 0,
+    compiled: bool = False,
 ) -> tuple[Tensor, SpeculativeStats]:
     """`gemma2.generation.generate`'s output for one prompt `[1, T]`, with `draft` proposing
     `draft_tokens` tokens per target forward; and what the drafting achieved.
@@ -136,11 +139,13 @@ def speculative_generate(
     Greedy (temperature 0): the tokens of `generate(target, ...)`. Sampling: the same distribution
     (not the same draws: the generator also drives the draft and the accept/reject tests).
     The draft must share the target's vocabulary; its context must hold T + max_new_tokens.
+    compiled: the draft's one-token steps run through torch.compile (gemma2.static_decode); a small
+    draft's step is mostly per-op overhead, which compiling removes.
     """
     steps, stats = speculative_stream(
         target, draft, input_ids, draft_tokens=draft_tokens, attention_mask=attention_mask,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        stop_token_ids=stop_token_ids, generator=generator, pad_id=pad_id,
+        stop_token_ids=stop_token_ids, generator=generator, pad_id=pad_id, compiled=compiled,
     )  # fmt: skip
     T = input_ids.shape[1]
     out = input_ids.new_full((1, T + max_new_tokens), pad_id)
@@ -170,9 +175,15 @@ def accept_reject(p: Tensor, q: Tensor, drafts: Tensor, generator: torch.Generat
     return n, torch.multinomial(dist, 1, generator=generator)[0]
 
 
-def _forward(model: Gemma2ForCausalLM, cache: KVCache, ids: Tensor, last: int) -> Tensor:
-    """Feed `ids` `[t]` (the columns after the cache's); soft-capped logits `[last, V]` of the last ones."""
-    logits = model.logits(model.hidden_states(ids[None], None, cache)[0, -last:])
+def _forward(
+    model: Gemma2ForCausalLM, cache: KVCache, ids: Tensor, last: int, decoder: StaticDecoder | None = None
+) -> Tensor:
+    """Feed `ids` `[t]` (the columns after the cache's); soft-capped logits `[last, V]` of the last ones.
+    decoder: the cache's compiled steps, which take a single token."""
+    if decoder is not None and len(ids) == 1:
+        logits = decoder(ids[None])
+    else:
+        logits = model.logits(model.hidden_states(ids[None], None, cache)[0, -last:])
     if not logits.isfinite().all():
         raise ValueError(
             "a model's logits are NaN or inf: its weights are not finite or its activations overflowed; "
@@ -193,11 +204,13 @@ def _rounds(
     stop: set[int],
     generator: torch.Generator | None,
     stats: SpeculativeStats,
+    compiled: bool,
 ) -> Iterator[Tensor]:
     P, device = len(prompt), prompt.device
     tcache, dcache = (
         KVCache(m.config, 1, P + max_new_tokens, dtype=m.dtype, device=device, rollback=k) for m in (target, draft)
     )  # fmt: skip
+    decoder = StaticDecoder(draft, dcache) if compiled else None
     seq = torch.cat([prompt, prompt.new_zeros(max_new_tokens)])  # the sequence so far: seq[:n]
     n = P  # the caches hold at most seq[: n - 1]: the last token is fed with the next proposals
     modes = [(m, m.training) for m in (target, draft)]
@@ -208,7 +221,7 @@ def _rounds(
             r = min(k, P + max_new_tokens - n - 1)  # proposals this round (the last token is the target's)
             q = torch.empty(r, target.config.vocab_size, device=device)  # the draft's distributions (sampling)
             for i in range(r):  # the draft first catches up with the sequence (the prompt, or 1-2 tokens)
-                logits = _forward(draft, dcache, seq[dcache.length : n + i], 1)[0]
+                logits = _forward(draft, dcache, seq[dcache.length : n + i], 1, decoder)[0]
                 if greedy:
                     seq[n + i] = logits.argmax()
                 else:

@@ -26,7 +26,8 @@ graph on GPU. On CPU it makes a 5.8M-parameter model decode 2.2x faster and a 15
 seconds of compiling (given apart on the figures line), and bigger models gain less (their steps
 are reading weights): worth it for long outputs.
 Its global layers read every slot of the cache each step, so it suits --prompt runs (the cache is
-sized to the request) better than --interactive (the cache holds the model's whole context).
+sized to the request) better than --interactive (the cache holds the model's whole context). With
+--draft it compiles the draft's one-token steps (the checkpoint checks several tokens a forward).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin (implies --chat)")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile (CUDA graphs on GPU; on CPU up to 2x faster for small models, "
-                        "after seconds of compiling: worth it for long generations; not with --draft)")
+                        "after seconds of compiling: worth it for long generations; with --draft, the draft's steps)")
     p.add_argument("--draft", help="a draft model directory with the checkpoint's vocabulary: speculative decoding")
     p.add_argument("--draft-tokens", type=int,
                    help=f"tokens the draft proposes per forward of the checkpoint (default {DRAFT_TOKENS})")  # fmt: skip
@@ -140,7 +141,8 @@ class Meter:
     """Times one generation: prefill ends when the first new tokens reach the host.
 
     compiling: the first decode step compiles (--compile, the first time in this process): its time
-    is reported on its own and the decode rate counts the steps after it.
+    is reported on its own and the decode rate counts the steps after it. (With --draft the draft's
+    step compiles before the first tokens: `report(..., compiled_draft=True)` says so.)
     """
 
     def __init__(self, prompt_tokens: int, compiling: bool = False) -> None:
@@ -155,7 +157,7 @@ class Meter:
         self.times.append(time.perf_counter())
         self.counts.append(n)
 
-    def report(self, drafting: SpeculativeStats | None = None) -> None:
+    def report(self, drafting: SpeculativeStats | None = None, compiled_draft: bool = False) -> None:
         t_end = time.perf_counter()
         times = self.times or [t_end]
         prefill = self.prompt_tokens / max(times[0] - self.t0, 1e-9)
@@ -163,6 +165,7 @@ class Meter:
         decoded = sum(self.counts[start:])
         decode = f"{decoded / max(t_end - times[start - 1], 1e-9):.1f}" if decoded else "n/a"
         extra = f" | first decode step (compiling): {times[1] - times[0]:.1f} s" if start == 2 else ""
+        extra += " | the prefill includes compiling the draft's step" if compiled_draft else ""
         extra += "" if drafting is None else (
             f" | accepted: {drafting.acceptance_rate:.1%} of {drafting.proposed} proposed"
             f" | tokens per target forward: {drafting.tokens_per_forward:.2f}"
@@ -179,13 +182,14 @@ def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator, dra
         rows = [tokenizer.encode(p) for p in args.prompt]
         stop = (tokenizer.eos_id,)
     ids, mask = left_pad(rows, tokenizer.pad_id)
-    meter = Meter(sum(len(r) for r in rows), compiling=args.compile)
+    meter = Meter(sum(len(r) for r in rows), compiling=args.compile and draft is None)
     kwargs = dict(attention_mask=mask.to(args.device), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, stop_token_ids=stop, generator=generator, pad_id=tokenizer.pad_id)  # fmt: skip
     if draft is None:
         steps, drafting = stream(model, ids.to(args.device), compiled=args.compile, **kwargs), None
     else:
-        steps, drafting = speculative_stream(model, draft, ids.to(args.device), draft_tokens=args.draft_tokens, **kwargs)
+        steps, drafting = speculative_stream(model, draft, ids.to(args.device), draft_tokens=args.draft_tokens,
+                                             compiled=args.compile, **kwargs)  # fmt: skip
     new: list[list[int]] = [[] for _ in rows]  # each row's tokens up to and including its stop id
     decoder = StreamDecoder(tokenizer)
     for token in steps:
@@ -202,7 +206,7 @@ def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator, dra
     else:
         for i, row in enumerate(new):
             print(f"[{i}] {tokenizer.decode(row)}")
-    meter.report(drafting)
+    meter.report(drafting, compiled_draft=args.compile and draft is not None)
 
 
 def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generator) -> None:
@@ -248,8 +252,6 @@ def generate_main(args: argparse.Namespace) -> None:
     check_sampling_args(args.temperature, args.top_k, args.top_p)  # before minutes of loading
     if args.draft:
         check_draft_args(args)
-        if args.compile:
-            raise UsageError("--compile is not available with --draft (speculative decoding runs eagerly); drop one")
     elif args.draft_tokens is not None:
         raise UsageError("--draft-tokens needs --draft (the model that proposes them)")
     device_arg(args.device)

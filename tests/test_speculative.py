@@ -63,6 +63,23 @@ def test_greedy_is_the_targets_own_output(pair, k):
     assert 0 < accepted < proposed  # proposals were kept and rejected: both paths ran, rollbacks included
 
 
+def test_compiled_draft_steps_change_nothing(pair):
+    """The draft's one-token steps through torch.compile (gemma2.static_decode, fp32): the target's
+    own greedy tokens, and the very proposals and acceptances of eager draft steps, one-token
+    prompts included (the draft's first step is then compiled too)."""
+    target, draft = pair
+    proposed = accepted = 0
+    for ids in prompts(4, seed=11) + [torch.tensor([[7]])]:
+        eager, eager_stats = speculative_generate(target, draft, ids, draft_tokens=3, max_new_tokens=NEW,
+                                                  stop_token_ids=())  # fmt: skip
+        got, stats = speculative_generate(target, draft, ids, draft_tokens=3, max_new_tokens=NEW, stop_token_ids=(),
+                                          compiled=True)  # fmt: skip
+        assert torch.equal(got, generate(target, ids, max_new_tokens=NEW, stop_token_ids=()))
+        assert torch.equal(got, eager) and stats == eager_stats
+        proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
+    assert 0 < accepted < proposed  # rejections, so truncated caches fed the compiled steps
+
+
 @pytest.mark.parametrize("k", [1, 4])
 def test_a_draft_equal_to_the_target_is_always_right(pair, k):
     target, _ = pair

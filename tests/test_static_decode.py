@@ -72,11 +72,6 @@ def test_compiled_generation_equals_eager_and_traces_once(model):
     assert counters["stats"]["unique_graphs"] == 3
 
 
-def test_compiled_decoding_refuses_a_draft_model(model):
-    with pytest.raises(ValueError, match="draft_model"):
-        generate(model, torch.tensor([[5, 6]]), max_new_tokens=2, draft_model=model, compiled=True)
-
-
 @pytest.mark.cuda
 def test_cuda_graph_decoding_equals_eager_tokens():
     """On CUDA the compiled step runs as a CUDA graph (mode="reduce-overhead"): no step skips the
