@@ -71,8 +71,16 @@ def prompt_length(cfg: TrainConfig, seq_len: int) -> int:
     return seq_len - cfg.max_new_tokens if cfg.prompt_len is None else cfg.prompt_len
 
 
-def check_on_policy(cfg: TrainConfig, seq_len: int, teacher: Gemma2ForCausalLM | TeacherCache | None) -> None:
-    """ValueError naming the fix for settings that cannot work together, before any work."""
+def check_on_policy(
+    cfg: TrainConfig, seq_len: int, teacher: Gemma2ForCausalLM | TeacherCache | None, sharded: bool = False
+) -> None:
+    """ValueError naming the fix for settings that cannot work together, before any work.
+    sharded: the models are FSDP2-sharded across processes (torchrun)."""
+    if cfg.compile_sampling and sharded:
+        raise ValueError(
+            "compile_sampling runs in one process: FSDP2's gathering hooks cannot run inside a compiled "
+            "decode step; drop compile_sampling (--compile-sampling) under torchrun"
+        )
     if cfg.lmbda == 0 and not cfg.seq_kd:
         return
     what = f"on-policy distillation (lmbda = {cfg.lmbda})" if cfg.lmbda > 0 else "seq_kd"
@@ -112,11 +120,15 @@ def sample_completions(
     temperature: float,
     seed: int,
     rt: Runtime,
+    *,
+    compiled: bool = False,
 ) -> Batch:
     """The rows of `batch` cut to their first `prompt_len` tokens, each followed by `max_new_tokens`
     tokens sampled from `model` (at `temperature`, 0 = greedy, with a generator seeded with `seed`
     on the model's device); targets count exactly the completion (see the module docstring).
-    Returns a Batch on the model's device: inputs and targets `[B, prompt_len + max_new_tokens - 1]`."""
+    Returns a Batch on the model's device: inputs and targets `[B, prompt_len + max_new_tokens - 1]`.
+    compiled: decode through torch.compile (gemma2.static_decode: CUDA graphs on GPU; on CPU about
+    2x for a few-million-parameter student), with the first call's seconds of compiling."""
     cfg = model.config
     device = model.output_weight.device
     generator = torch.Generator(device).manual_seed(seed)
@@ -129,7 +141,7 @@ def sample_completions(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     # stop_token_ids=(): generation must not end early on one rank only (see the module docstring).
     steps = stream(model, prompts, max_new_tokens=N, temperature=temperature, stop_token_ids=(),
-                   generator=generator, pad_id=cfg.pad_token_id)  # fmt: skip
+                   generator=generator, pad_id=cfg.pad_token_id, compiled=compiled)  # fmt: skip
     for i, token in enumerate(steps):
         counted[:, P + i] = ~done
         window[:, P + i] = token.masked_fill(done, cfg.pad_token_id)
@@ -170,8 +182,9 @@ class Rollouts:
             return
         self.prompt_len = prompt_length(cfg, seq_len)
         self.rows = cfg.batch_size * cfg.grad_accum * rt.world  # per step, all ranks
-        self.student = _as_forward(student_root, partial(sample_completions, student)) if cfg.lmbda > 0 else None
-        self.teacher = _as_forward(teacher.root, partial(sample_completions, teacher.model)) if cfg.seq_kd else None
+        sample = partial(sample_completions, compiled=cfg.compile_sampling)
+        self.student = _as_forward(student_root, partial(sample, student)) if cfg.lmbda > 0 else None
+        self.teacher = _as_forward(teacher.root, partial(sample, teacher.model)) if cfg.seq_kd else None
         self.on_policy_steps = sum(is_on_policy(cfg.seed, s, cfg.lmbda) for s in range(start_step))
         self.generated = False  # whether this step's rows were sampled
 

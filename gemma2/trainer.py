@@ -106,6 +106,7 @@ class TrainConfig:
     max_new_tokens: int = 128  # tokens sampled per completion
     gen_temperature: float = 0.9  # sampling temperature of the completions; 0 = greedy
     prompt_len: int | None = None  # each row's first tokens kept as the prompt; None = seq_len - max_new_tokens
+    compile_sampling: bool = False  # completions decode through torch.compile (gemma2.static_decode); one process
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "chunk_size")
@@ -340,7 +341,7 @@ def _accumulate_gradients(
     return n_counted, rt.all_reduce(sums)
 
 
-def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets) -> None:
+def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets, sharded: bool) -> None:
     V = student.config.vocab_size
     if teacher is None and cfg.alpha > 0:
         raise ValueError(
@@ -355,7 +356,7 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
             f"the data holds token id {top} but the student's vocabulary has {V} entries: tokenize "
             "with the tokenizer the model was built for, or build the student with a larger vocab_size"
         )
-    check_on_policy(cfg, data.train.seq_len, teacher)
+    check_on_policy(cfg, data.train.seq_len, teacher, sharded)
     if cfg.eval_every and data.heldout is None:
         raise ValueError("eval_every > 0 needs held-out data: set holdout_fraction > 0 (or eval paths), or eval_every=0")
     if cfg.tokenizer_file is not None and not Path(cfg.tokenizer_file).is_file():
@@ -404,7 +405,7 @@ def train(
     norm stops being finite.
     """
     rt = runtime(cfg.device)
-    _check(cfg, student, teacher, data)
+    _check(cfg, student, teacher, data, rt.sharded)
     with open_run(cfg, data, resume=resume, overwrite=overwrite, main=rt.is_main, world=rt.world) as run:
         return _train(cfg, student, data, teacher, rt, run, progress)
 

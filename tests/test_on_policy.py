@@ -21,6 +21,7 @@ from gemma2 import trainer as T
 from gemma2.data import IGNORE_INDEX, BatchLoader, Datasets
 from gemma2.on_policy import is_on_policy, sampling_seed
 from gemma2.run_dir import check_resume
+from gemma2.static_decode import StaticDecoder
 from gemma2.student import init_weights
 from gemma2.teacher_cache import TeacherCache, write_teacher_cache
 from gemma2.trainer import TrainConfig, train
@@ -127,6 +128,25 @@ def test_seq_kd_trains_on_the_teachers_greedy_completions(tmp_path, data, monkey
     rows, mask = reference_rollout(teacher(), batch.inputs[:, :P], N, 0.0, None)
     assert torch.equal(targets_seen[0], expected_batch(rows, mask, P)[1])
     assert metrics[0]["on_policy_fraction"] == 0.0 and metrics[0]["completion_len"] > 0
+
+
+def test_compiled_sampling_trains_on_the_same_greedy_completions(tmp_path, data, monkeypatch):
+    """compile_sampling (gemma2.static_decode): greedy student and teacher completions (lmbda 0.5
+    with seq_kd, 4 steps: both samplers run) give the same rows to train on, so the same numbers."""
+    run = dict(steps=4, eval_every=0, lmbda=0.5, seq_kd=True, max_new_tokens=5, prompt_len=6, gen_temperature=0.0,
+               seed=1)  # steps 0 and 3 on-policy, 1 and 2 sampled by the teacher
+    targets_seen = spy_loss_targets(monkeypatch)
+    eager = train(config(tmp_path / "a", **run), student(eos_token_id=STOPS), data, teacher=teacher(), progress=False)
+    eager_targets = list(targets_seen)
+    targets_seen.clear()
+    steps, real_call = [], StaticDecoder.__call__
+    monkeypatch.setattr(StaticDecoder, "__call__", lambda self, token: steps.append(1) or real_call(self, token))
+    compiled = train(config(tmp_path / "b", **run, compile_sampling=True), student(eos_token_id=STOPS), data,
+                     teacher=teacher(), progress=False)  # fmt: skip
+    assert len(eager_targets) == 4 and all(torch.equal(a, b) for a, b in zip(eager_targets, targets_seen, strict=True))
+    assert strip(compiled) == strip(eager)
+    assert steps  # the completions did go through the compiled decode step
+    assert [r["on_policy_fraction"] for r in compiled] == [1.0, 0.5, 1 / 3, 0.5]  # steps of both kinds ran
 
 
 def test_lmbda_zero_is_todays_run_bit_for_bit(tmp_path, data):
@@ -238,6 +258,8 @@ def test_settings_that_cannot_work_are_refused_before_any_work(tmp_path, data):
         with pytest.raises(ValueError, match=match):
             train(config(out, **settings), student(), data, teacher=source, progress=False)
     assert not out.exists()  # nothing written
+    with pytest.raises(ValueError, match="compile_sampling runs in one process.*under torchrun"):
+        on_policy.check_on_policy(config(out, lmbda=0.5, compile_sampling=True), 16, teacher(), sharded=True)
 
 
 def test_a_teacher_cache_is_refused(tmp_path, data):
