@@ -172,7 +172,13 @@ def rotate(out: Path, run_id: str | None, keep_last: int | None) -> None:
         return
     ours = [p for p in step_dirs(out) if _run_id(read_state(p)) == run_id]
     for old in ours[:-keep_last]:
-        shutil.rmtree(old)
+        # Renamed first, in one step: a run killed while deleting leaves a temporary (cleared at the
+        # next start), never a half-deleted step-XXXXXX that looks like a checkpoint.
+        doomed = out / (TMP_PREFIX + old.name)
+        if doomed.exists():
+            shutil.rmtree(doomed)
+        old.rename(doomed)
+        shutil.rmtree(doomed)
 
 
 def finite_weights(ckpt: Path) -> bool:

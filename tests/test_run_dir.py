@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -86,6 +87,28 @@ def test_rotation_deletes_only_this_runs_checkpoints(tmp_path):
     assert names == ["step-000000", "step-0000005", "step-000003", "step-000004", "step-old"]
     R.rotate(tmp_path, None, keep_last=1)  # without a run id nothing is anyone's to delete
     assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+
+def test_a_rotation_killed_midway_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """A kill inside the deletion (here: rmtree fails after removing one file) leaves a temporary
+    the next start clears, and every step-XXXXXX whole. (Deleting in place once left a step dir
+    without its weights: tests/test_faults.py's kill-and-resume run failed on it.)"""
+    for step in (1, 2):
+        _checkpoint(tmp_path, step, "mine")
+        (tmp_path / f"step-{step:06d}" / "model.safetensors").write_bytes(b"weights")
+
+    def killed(path, *args, **kwargs):
+        next(Path(path).glob("*")).unlink()
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(R.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        R.rotate(tmp_path, "mine", keep_last=1)
+    monkeypatch.undo()
+    assert [p.name for p in R.step_dirs(tmp_path)] == ["step-000002"]
+    assert sorted(p.name for p in (tmp_path / "step-000002").iterdir()) == ["model.safetensors", R.STATE_FILE]
+    R._remove_temporaries(tmp_path)  # what the next start does
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002"]
 
 
 def test_the_latest_complete_checkpoint_skips_a_corrupt_state(tmp_path, capsys):
