@@ -103,8 +103,10 @@ def acquire_lock(out: Path) -> Path:
 
 def _remove_stale_lock(lock: Path, stale: str) -> None:
     """Remove `lock` if it still holds `stale`. Of several processes taking over one stale lock, one
-    moves it aside (a rename); a lock that another process took in the meantime is given back."""
-    aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+    moves it aside (a rename); a lock that another process took in the meantime is given back.
+    The name aside is a temporary of gemma2.files: killed before removing it, this process leaves
+    a file the next start clears, not one that makes the directory look like someone else's."""
+    aside = lock.with_name(f"{TMP_PREFIX}{lock.name}-{os.getpid()}-0")
     try:
         os.rename(lock, aside)
     except FileNotFoundError:

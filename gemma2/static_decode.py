@@ -105,6 +105,14 @@ class StaticDecoder:
         if cache.length >= cache.max_len:
             raise ValueError(f"the cache holds {cache.max_len} tokens; all are written")
         self.pos.fill_(cache.length)
-        logits = self.step(self.model, token, self.view)
+        try:
+            logits = self.step(self.model, token, self.view)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # before the step ran: the cache is as it was
+            inner = getattr(e, "inner_exception", e)  # what the backend raised
+            reason = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
+            raise ValueError(
+                f"compiling the decode step failed ({reason}); decode without compiling (drop --compile, or "
+                "compiled=False), or give torch.compile what it needs: a working C++ compiler on CPU, Triton on CUDA"
+            ) from e
         cache.advance(1)
         return logits

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gemma2 import files
 from gemma2 import run_dir as R
 from gemma2.trainer import TrainConfig
 
@@ -57,6 +58,26 @@ def test_taking_over_a_stale_lock_never_removes_one_a_live_process_took_meanwhil
         R.acquire_lock(tmp_path)
     monkeypatch.undo()
     assert lock.read_text() == live and os.listdir(tmp_path) == [".lock"]
+
+
+def test_a_takeover_killed_midway_leaves_a_temporary_the_next_start_clears(tmp_path, monkeypatch):
+    """Killed between moving the stale lock aside and removing it: what is left is a temporary of
+    gemma2.files, which does not make the directory look foreign and is cleared once its process is gone."""
+    lock = tmp_path / ".lock"
+    lock.write_text(f"{_dead_pid()} {HOST}\n")
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(R.Path, "unlink", killed)
+    with pytest.raises(KeyboardInterrupt):
+        R.acquire_lock(tmp_path)
+    monkeypatch.undo()
+    [left] = os.listdir(tmp_path)
+    assert left.startswith(".tmp-") and R._non_empty_foreign(tmp_path) == []
+    monkeypatch.setattr(files, "process_alive", lambda pid: False)  # as the next process sees it
+    R._remove_temporaries(tmp_path)
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_lock_from_another_host_is_never_taken_over(tmp_path):

@@ -72,6 +72,22 @@ def test_compiled_generation_equals_eager_and_traces_once(model):
     assert counters["stats"]["unique_graphs"] == 3
 
 
+def test_a_compiler_that_fails_is_one_message_naming_the_fix(model):
+    """No working C++ compiler (inductor's CPU backend needs one): a ValueError that says how to go
+    on, not inductor's traceback."""
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()
+    try:
+        # fx_graph_cache off: else kernels built earlier would be reused without compiling.
+        with inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+            failed = r"compiling the decode step failed \(.*C\+\+ compiler.*drop --compile"
+            with pytest.raises(ValueError, match=failed):
+                generate(model, torch.tensor([[5, 6]]), max_new_tokens=3, compiled=True)
+    finally:
+        torch._dynamo.reset()  # forget the failed attempt
+
+
 @pytest.mark.cuda
 def test_cuda_graph_decoding_equals_eager_tokens():
     """On CUDA the compiled step runs as a CUDA graph (mode="reduce-overhead"): no step skips the
