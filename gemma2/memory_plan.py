@@ -22,8 +22,9 @@ to trace collectives without peers.
 
 from __future__ import annotations
 
+import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -185,6 +186,57 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def step_config(
+    batch_size: int, *, distilling: bool, dtype: str = "bf16", chunk_size: int = 1024, activation_checkpointing: bool = False
+) -> TrainConfig:
+    """The TrainConfig of the step `plan_memory` traces: pure distillation (alpha 1) when there is a
+    teacher, plain next-token CE (alpha 0) when not."""
+    return TrainConfig(out_dir="", batch_size=batch_size, alpha=1.0 if distilling else 0.0, dtype=dtype,
+                       chunk_size=chunk_size, activation_checkpointing=activation_checkpointing)  # fmt: skip
+
+
+def training_step(
+    student: Gemma2ForCausalLM,
+    cfg: TrainConfig,
+    rt: Runtime,
+    batch: Batch,
+    *,
+    teacher: Gemma2ForCausalLM | None = None,
+    teacher_cache_k: int | None = None,
+    device_type: str = "cuda",
+    started: Callable[[], None] = lambda: None,
+) -> torch.optim.AdamW:
+    """One optimizer step on one micro-batch through the trainer's own pieces: `_prepare_student`,
+    the teacher (a live model; or, with teacher_cache_k, the TopK tensors a top-k cache hands the
+    loss, a uniform distribution here: memory does not depend on the values; or neither), the chunked
+    loss at `cfg.alpha`, backward, gradient clipping and `build_optimizer`'s AdamW.
+
+    `plan_memory` traces it on fake tensors; scripts/bench_preset.py runs it on a device to measure
+    the peak the plan predicts. `started()` is called once the set-up is done: the step's peak
+    begins there. Returns the optimizer (its state is part of the plan)."""
+    loss_mod = _prepare_student(student, cfg, rt)
+    source = Teacher(teacher, None, rt) if teacher is not None else None
+    optimizer = build_optimizer(student, cfg, torch.device(device_type))
+    started()
+    inputs, targets = batch.inputs.to(rt.device), batch.targets.to(rt.device)
+    B, T = inputs.shape
+    src = None
+    if source is not None:
+        src = source(batch, "train")
+    elif teacher_cache_k is not None:
+        k, device = teacher_cache_k, rt.device
+        share = torch.full((B, T), -math.log(k + 1), device=device)  # each id and the tail: 1 / (k + 1)
+        src = TopK(torch.arange(k, device=device).repeat(B, T, 1), share[..., None].repeat(1, 1, k), share)
+    loss, _ = loss_mod(inputs, targets, src, float(B * T), cfg.alpha)
+    if source is not None:
+        source.release()
+    loss.backward()
+    del loss, src
+    _clip_gradients(student, cfg.grad_clip)
+    optimizer.step()
+    return optimizer
+
+
 def plan_memory(
     student: Gemma2Config,
     *,
@@ -208,9 +260,8 @@ def plan_memory(
     its foreach AdamW (which allocates temporaries the size of the parameters)."""
     if teacher is not None and teacher_cache_k is not None:
         raise ValueError("pass a live teacher's config or a cache's k, not both")
-    alpha = 0.0 if teacher is None and teacher_cache_k is None else 1.0
-    cfg = TrainConfig(out_dir="", batch_size=batch_size, alpha=alpha, dtype=dtype, chunk_size=chunk_size,
-                      activation_checkpointing=activation_checkpointing)  # fmt: skip
+    cfg = step_config(batch_size, distilling=teacher is not None or teacher_cache_k is not None, dtype=dtype,
+                      chunk_size=chunk_size, activation_checkpointing=activation_checkpointing)  # fmt: skip
     cpu = torch.device("cpu")
     rt = Runtime(0, world, cpu, world > 1)
     tracker = _LiveBytes()
@@ -223,29 +274,11 @@ def plan_memory(
         t_model = Gemma2ForCausalLM(teacher).to(to_dtype(teacher_dtype)) if teacher is not None else None
     with _fake_world(world), FakeTensorMode(allow_non_fake_inputs=True), tracker:
         model.to_empty(device=cpu)
-        loss_mod = _prepare_student(model, cfg, rt)
-        source = None
         if t_model is not None:
-            source = Teacher(t_model.to_empty(device=cpu), None, rt)
-        optimizer = build_optimizer(model, cfg, torch.device(device_type))
+            t_model.to_empty(device=cpu)
         # The step's peak, not the set-up's (each rank builds the full models before sharding).
-        tracker.reset_peak()
-
-        src = None
-        if source is not None:
-            src = source(batch, "train")
-        elif teacher_cache_k is not None:  # what TeacherCache.topk hands the loss
-            k = teacher_cache_k
-            src = TopK(torch.zeros(batch_size, T, k, dtype=torch.int64), torch.zeros(batch_size, T, k),
-                       torch.zeros(batch_size, T))  # fmt: skip
-        loss, _ = loss_mod(batch.inputs, batch.targets, src, float(batch_size * T), alpha)
-        if source is not None:
-            source.release()
-        loss.backward()
-        del loss, src
-        _clip_gradients(model, cfg.grad_clip)
-        optimizer.step()
-
+        optimizer = training_step(model, cfg, rt, batch, teacher=t_model, teacher_cache_k=teacher_cache_k,
+                                  device_type=device_type, started=tracker.reset_peak)  # fmt: skip
         states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
         groups = {
             "student parameters": tracker.serials(model.parameters()),

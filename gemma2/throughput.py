@@ -1,4 +1,5 @@
-"""Training throughput: model FLOPs per token, the peak FLOP/s of common accelerators, and MFU.
+"""Throughput: model FLOPs per token, the peak FLOP/s of common accelerators, MFU, and a timer
+that counts a device's queued work (`timed`).
 
 Model FLOPs count the matmuls a step needs, whatever the implementation does (the convention of
 the PaLM paper's appendix B, with attention counted exactly):
@@ -17,6 +18,8 @@ MFU = model FLOPs per second per device / the device's peak dense FLOP/s in the 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -75,3 +78,15 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | None) -> float | None:
     """Model FLOPs utilisation: achieved model FLOP/s over the peak; None when the peak is unknown."""
     return flops_per_token * tokens_per_s_per_device / peak if peak else None
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds that `fn()` takes on `device`, the CUDA work it queued included (synchronised before
+    and after)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start

@@ -38,23 +38,11 @@ from gemma2.files import write_text_atomic
 from gemma2.quantize import quantize_model
 from gemma2.quantize import weight_bytes as quantized_weight_bytes
 from gemma2.static_decode import StaticDecoder
+from gemma2.throughput import timed
 
 CONFIG = Gemma2Config(vocab_size=32768, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=128, query_pre_attn_scalar=128,
                       sliding_window=512, max_position_embeddings=8192)  # fmt: skip
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 class PeakMemory:
@@ -181,6 +169,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no CUDA device; pass --device cpu")
     reps, steps = (1, 4) if args.quick else (3, 16)  # repetitions after the warm-up; decode steps per call
     torch.manual_seed(0)
     cfg = CONFIG

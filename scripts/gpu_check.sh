@@ -1,66 +1,43 @@
 #!/usr/bin/env bash
-# The CUDA checks, a few minutes on one GPU: the CUDA tests (bf16 parity, compiled FlexAttention
-# forward/backward against eager, CUDA-graph decoding against eager tokens), scripts/benchmark.py on
-# the GPU (batch sizes as on CPU), then the 2B preset with random weights: prefill and decode
-# tokens/s (decode eager and as a CUDA graph), and one distillation step's peak memory at seq 4096
-# (student forward + chunked loss + backward, bf16, no teacher logits held).
+# The CUDA checks, one GPU, under 9 minutes in all: three independent parts, each under its own
+# time limit, each logged to OUT_DIR, a failed or timed-out part not stopping the next:
+#   tests      the CUDA tests (bf16 parity, compiled FlexAttention forward/backward against eager,
+#              CUDA-graph decoding against eager tokens, int8, speculative, on-policy), 180 s;
+#   benchmark  scripts/benchmark.py on the GPU (batch sizes as on CPU), 200 s;
+#   2b         scripts/bench_preset.py --preset 2b: prefill and decode tokens/s at 4096 (decode
+#              eager and as a CUDA graph), one distillation step's time and peak memory, measured
+#              beside gemma2.memory_plan's prediction, 150 s.
+# Runs from the source tree (no install: PYTHONPATH), with the python3 that holds a CUDA torch
+# (PYTHON=... to choose another). OUT_DIR/summary.txt says how each part ended.
 #
-#     bash scripts/gpu_check.sh [OUT_DIR]        # writes OUT_DIR/benchmark.json and 2b.json
-set -euo pipefail
+#     bash scripts/gpu_check.sh [OUT_DIR]    # writes gpu.txt, summary.txt, PART.log, benchmark.json, 2b.json
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-$PY -m pytest -q -m cuda tests 2>&1 | tail -n 20
-$PY scripts/benchmark.py --device cuda --json "$OUT/benchmark.json"
-$PY - "$OUT/2b.json" <<'PY'
-import json, sys, time
-import torch
-from gemma2 import Gemma2ForCausalLM, KVCache
-from gemma2.config import PRESETS
-from gemma2.distill import chunked_distill_loss
-from gemma2.static_decode import StaticDecoder
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+: >"$OUT/summary.txt"
+failed=0
 
-cfg, dev, dt = PRESETS["2b"], torch.device("cuda"), torch.bfloat16
-model = Gemma2ForCausalLM(cfg, attention="auto").to(dev, dt)
-with torch.no_grad():
-    for p in model.parameters():
-        p.normal_(0, 0.02)
-res = {}
-def timed(fn):
-    torch.cuda.synchronize(); t = time.perf_counter(); fn(); torch.cuda.synchronize(); return time.perf_counter() - t
-ids = torch.randint(3, cfg.vocab_size, (1, 4096), device=dev)
-with torch.inference_mode():
-    res["prefill_4096_first_call_s"] = timed(lambda: model.hidden_states(ids))
-    res["prefill_4096_tok_s"] = 4096 / min(timed(lambda: model.hidden_states(ids)) for _ in range(3))
-    cache = KVCache(cfg, 1, 4096 + 65, dtype=dt, device=dev)
-    tok = model.last_logits(ids, None, cache).argmax(-1)[:, None]
-    ones = torch.ones(1, 1, dtype=torch.bool, device=dev)
-    def steps():
-        global tok
-        for _ in range(64):
-            tok = model.last_logits(tok, ones, cache).argmax(-1)[:, None]
-    res["decode_4096_tok_s"] = 64 / timed(steps)
-    # The same steps as a CUDA graph (gemma2.static_decode), on a fresh cache: the first call
-    # compiles, the second records the graph, later ones replay it.
-    cache = KVCache(cfg, 1, 4096 + 66, dtype=dt, device=dev)
-    tok = model.last_logits(ids, None, cache).argmax(-1)[:, None]
-    decoder = StaticDecoder(model, cache)
-    res["decode_compiled_first_call_s"] = timed(lambda: decoder(tok))
-    decoder(tok)
-    def graph_steps():
-        global tok
-        for _ in range(63):
-            tok = decoder(tok).argmax(-1)[:, None]
-    res["decode_4096_compiled_tok_s"] = 63 / timed(graph_steps)
-model.train()
-torch.cuda.reset_peak_memory_stats()
-hidden = model.hidden_states(ids[:, :-1])
-loss, _ = chunked_distill_loss(hidden[0], model.output_weight, None, ids[0, 1:], alpha=0.0)
-loss.backward()
-res["distill_step_4096_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-res["device"] = torch.cuda.get_device_name()
-print(res)
-json.dump(res, open(sys.argv[1], "w"), indent=1)
-PY
+part() {  # part NAME SECONDS COMMAND...: run it under a time limit, log it, record how it ended
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    case $rc in
+        0) verdict=passed ;;
+        124 | 137) verdict="TIMED OUT after ${limit} s" ;;
+        *) verdict="FAILED (exit $rc)" ;;
+    esac
+    [ "$rc" = 0 ] || failed=1
+    echo "$name: $verdict in $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)'
+} 2>&1 | tee "$OUT/gpu.txt"
+part tests 180 $PY -m pytest -q -m cuda -p no:cacheprovider tests
+part benchmark 200 $PY scripts/benchmark.py --device cuda --json "$OUT/benchmark.json" --overwrite
+part 2b 150 $PY scripts/bench_preset.py --preset 2b --device cuda --seq-len 4096 --json "$OUT/2b.json" --overwrite
+exit $failed
