@@ -16,6 +16,12 @@ so it cannot be read against other data, another tokenizer or another seq_len.
 The writer checks every argument before it touches the directory, builds the new cache beside it
 and swaps it in at once (gemma2.files.atomic_directory): a failed or killed write leaves the old
 cache whole, and an existing cache is replaced only when asked (`overwrite`).
+
+Under torchrun every rank runs the same call: the shards are dealt round-robin, each rank runs its
+own copy of the teacher over its shards and writes them into one temporary directory (rank 0 makes
+it; on several machines it must be on a filesystem they share), and rank 0 writes cache.json and
+swaps the directory in once every rank has finished without error. The cache is the same, file for
+file, as one process writes (a teacher's forward does not depend on the batch's other rows).
 """
 
 from __future__ import annotations
@@ -23,15 +29,20 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import PackedSequences
 from .distill import TopK, teacher_topk
 from .files import atomic_directory, remove_stale_temporaries
@@ -85,9 +96,63 @@ def write_teacher_cache(
     if directory.is_dir() and any(directory.iterdir()) and not overwrite:
         what = "a complete teacher cache" if (directory / INDEX).is_file() else "files"
         raise ValueError(f"{directory} already holds {what}; pass overwrite=True (--overwrite) to replace it")
-    remove_stale_temporaries(directory.parent, directory.name)
-    with atomic_directory(directory, keep=_foreign_entries(directory)) as tmp:
-        return _write(teacher, splits, tmp, k, temperature, batch_size, chunk_size, logprob_dtype, shard_bytes, progress)
+    write = partial(_write, teacher, splits, k=k, temperature=temperature, batch_size=batch_size,
+                    chunk_size=chunk_size, logprob_dtype=logprob_dtype, shard_bytes=shard_bytes)  # fmt: skip
+    if not distributed.is_distributed():
+        remove_stale_temporaries(directory.parent, directory.name)
+        with atomic_directory(directory, keep=_foreign_entries(directory)) as tmp:
+            index, ce_sums = write(tmp, progress=progress)
+            return _finish_index(index, ce_sums, tmp)
+    return _write_on_every_rank(directory, write, len(splits), progress)
+
+
+def _write_on_every_rank(directory: Path, write: Callable, n_splits: int, progress: bool) -> dict:
+    """`write` (a partial `_write`) of this rank's shards into one temporary directory, which rank 0
+    makes, completes with cache.json and swaps in once every rank has reported success. Every rank
+    returns the index, or every rank raises (the temporary removed, `directory` as it was): the
+    ranks agree through collectives at two fixed points, so a failing rank never leaves the others
+    waiting."""
+    rank, world = distributed.rank(), distributed.world_size()
+    device = distributed.runtime().device  # where this backend's collectives run
+    written, late_error = False, None
+    try:
+        with ExitStack() as stack:
+            tmp, failure = [None], None
+            if rank == 0:  # only rank 0 can tell whether the processes that left temporaries are gone
+                try:
+                    remove_stale_temporaries(directory.parent, directory.name)
+                    tmp[0] = stack.enter_context(atomic_directory(directory, keep=_foreign_entries(directory)))
+                except Exception as e:
+                    failure = e
+            dist.broadcast_object_list(tmp, src=0)  # None: rank 0 could not make it
+            if tmp[0] is None:
+                raise failure or RuntimeError(f"rank 0 could not make a temporary directory beside {directory}; see its error")
+            index, ce_sums = None, [0.0] * n_splits
+            try:
+                index, ce_sums = write(Path(tmp[0]), part=(rank, world), progress=progress and rank == 0)
+            except Exception as e:  # told to the other ranks first, so that none waits for this one
+                failure = e
+            sums = torch.tensor([*ce_sums, failure is not None], dtype=torch.float64, device=device)
+            dist.all_reduce(sums)  # every rank's shards written? and the cross-entropy sums
+            if failure is not None:
+                raise failure
+            if failed := int(sums[-1].item()):
+                raise RuntimeError(f"{failed} of {world} ranks failed to write their teacher cache shards (their "
+                                   f"errors are in their own output); {directory} is unchanged")  # fmt: skip
+            written = True
+            index = _finish_index(index, sums[:-1].tolist(), Path(tmp[0]), write_index=rank == 0)
+        # Leaving the block, rank 0 swapped the new directory in.
+    except Exception as e:
+        if not written:
+            raise  # every rank raises at the same point
+        late_error = e  # rank 0's cache.json or swap failed: the others hear of it first
+    done = torch.tensor([float(late_error is None)], device=device)
+    dist.all_reduce(done, op=dist.ReduceOp.MIN)  # the cache is in place
+    if late_error is not None:
+        raise late_error
+    if done.item() == 0:
+        raise RuntimeError(f"rank 0 could not put the teacher cache in place at {directory}; see its error")
+    return index
 
 
 def _foreign_entries(directory: Path) -> list[str]:
@@ -103,9 +168,13 @@ def _foreign_entries(directory: Path) -> list[str]:
     return [p.name for p in directory.iterdir() if p.name not in ours]
 
 
-def _write(teacher: Gemma2ForCausalLM, splits: dict[str, PackedSequences], directory: Path, k: int,
+def _write(teacher: Gemma2ForCausalLM, splits: dict[str, PackedSequences], directory: Path, *, k: int,
            temperature: float, batch_size: int, chunk_size: int, logprob_dtype: torch.dtype, shard_bytes: int,
-           progress: bool) -> dict:  # fmt: skip
+           progress: bool, part: tuple[int, int] = (0, 1)) -> tuple[dict, list[float]]:  # fmt: skip
+    """The shards numbered `rank` mod `world` (part = (rank, world)) of every split, written into
+    `directory`, and the index that lists every split's shards, all ranks' included. Returns the
+    index and, per split, the teacher's cross-entropy summed over the sequences written here."""
+    rank, world = part
     V = teacher.config.vocab_size
     id_dtype = torch.int16 if V <= 2**15 else torch.int32
     device = teacher.output_weight.device
@@ -113,13 +182,19 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, PackedSequences], direc
     index: dict = {"format": FORMAT, "k": k, "temperature": temperature, "vocab_size": V,
                    "logprob_dtype": str(logprob_dtype).removeprefix("torch."),
                    "bytes_per_token": bytes_per_token(k, V, logprob_dtype), "splits": {}}  # fmt: skip
+    ce_sums = []
     for name, data in splits.items():
         T = data.seq_len
         per_shard = max(batch_size, shard_bytes // (T * index["bytes_per_token"]) // batch_size * batch_size)
-        shards, ce_sum = [], torch.zeros((), device=device)
-        bar = tqdm(total=len(data), desc=f"caching {name}", unit="seq", disable=not progress)
-        for start in range(0, len(data), per_shard):
-            stop = min(start + per_shard, len(data))
+        starts = range(0, len(data), per_shard)
+        shards = [{"file": f"{name}-{i:05d}.safetensors", "start": start, "count": min(per_shard, len(data) - start)}
+                  for i, start in enumerate(starts)]  # fmt: skip
+        mine = shards[rank::world]
+        ce_sum = torch.zeros((), device=device)
+        bar = tqdm(total=sum(sh["count"] for sh in mine), desc=f"caching {name}", unit="seq", disable=not progress)
+        for shard in mine:
+            start = shard["start"]
+            stop = start + shard["count"]
             ids = torch.empty(stop - start, T, k, dtype=id_dtype)
             lps = torch.empty(stop - start, T, k, dtype=logprob_dtype)
             tail = torch.empty(stop - start, T, dtype=torch.float32)
@@ -139,15 +214,21 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, PackedSequences], direc
                 lps[rows] = torch.cat(out[1]).view(-1, T, k).to("cpu", logprob_dtype)
                 tail[rows] = torch.cat(out[2]).view(-1, T).cpu()
                 bar.update(len(batch.indices))
-            file = f"{name}-{len(shards):05d}.safetensors"
-            save_file({"ids": ids, "logprobs": lps, "tail": tail}, directory / file)
-            shards.append({"file": file, "start": start, "count": stop - start})
+            save_file({"ids": ids, "logprobs": lps, "tail": tail}, directory / shard["file"])
         bar.close()
-        index["splits"][name] = {
-            "seq_len": T, "num_sequences": len(data), "fingerprint": data.fingerprint(),
-            "teacher_ce": ce_sum.item() / (len(data) * T), "shards": shards,
-        }  # fmt: skip
-    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")  # its presence: the cache is complete
+        index["splits"][name] = {"seq_len": T, "num_sequences": len(data), "fingerprint": data.fingerprint(),
+                                 "teacher_ce": None, "shards": shards}  # fmt: skip
+        ce_sums.append(ce_sum.item())
+    return index, ce_sums
+
+
+def _finish_index(index: dict, ce_sums: list[float], directory: Path, write_index: bool = True) -> dict:
+    """Put each split's teacher cross-entropy (from its sum over every sequence) into the index and
+    write cache.json into `directory` (its presence: the cache is complete); returns the index."""
+    for split, ce_sum in zip(index["splits"].values(), ce_sums):
+        split["teacher_ce"] = ce_sum / (split["num_sequences"] * split["seq_len"])
+    if write_index:
+        (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return index
 
 

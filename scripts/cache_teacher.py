@@ -5,8 +5,15 @@
 
 Use the same --data, --tokenizer, --seq-len and --holdout-fraction here as for training: the cache
 is keyed by packed sequence and checks the tokens' fingerprint. Both splits are cached (the
-held-out one gives the student's held-out KD and the teacher's perplexity). Library:
-gemma2.teacher_cache.write_teacher_cache.
+held-out one gives the student's held-out KD and the teacher's perplexity).
+
+Under torchrun each GPU holds a whole teacher and writes its share of the shards (the same cache
+as one process writes, in 1/N of the time; on several machines --out must be on a shared
+filesystem):
+
+    torchrun --nproc_per_node 8 scripts/cache_teacher.py --teacher checkpoints/gemma-2-27b --out runs/cache ...
+
+Library: gemma2.teacher_cache.write_teacher_cache.
 """
 
 import argparse
@@ -18,7 +25,7 @@ import torch
 from gemma2.checkpoint import load_model
 from gemma2.cli import run_cli
 from gemma2.compatibility import check_seq_len, check_tokenizer
-from gemma2.distributed import launched_world
+from gemma2.distributed import close_distributed, init_distributed, runtime
 from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.teacher_cache import write_teacher_cache
 from gemma2.token_files import open_datasets
@@ -40,20 +47,25 @@ def main() -> int:
     p.add_argument("--logprob-dtype", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of teacher logits")
+    p.add_argument("--shard-mb", type=float, default=512, help="MiB per shard file (under torchrun: the unit of work)")
     p.add_argument("--dtype", type=dtype_argument, default="bf16" if torch.cuda.is_available() else "fp32",
                    help="teacher dtype: bf16 (bfloat16) or fp32 (float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
     args = p.parse_args()
-    if launched_world() > 1:  # every rank would run the whole teacher over every sequence, into one --out
-        raise ValueError(
-            "cache_teacher.py runs in one process, not under torchrun (its work is not split across ranks); "
-            "run it with python (a teacher larger than one GPU runs on the host with --device cpu)"
-        )
+    if not args.shard_mb * 2**20 >= 1:
+        raise ValueError(f"--shard-mb must be > 0, got {args.shard_mb}")
+    init_distributed()  # under torchrun: one process per GPU, each with a whole teacher
+    try:
+        return cache(args)
+    finally:
+        close_distributed()
 
+
+def cache(args: argparse.Namespace) -> int:
     tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.teacher) / "tokenizer.model"
     tokenizer = Tokenizer(tok_path)
-    teacher = load_model(args.teacher, dtype=to_dtype(args.dtype), device=args.device)
+    teacher = load_model(args.teacher, dtype=to_dtype(args.dtype), device=runtime(args.device).device)
     check_tokenizer(tokenizer, teacher.config, "the teacher")
     check_seq_len(args.seq_len, teacher.config, "the teacher")
     data = open_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,
@@ -62,8 +74,10 @@ def main() -> int:
     index = write_teacher_cache(
         teacher, splits, args.out, k=args.k, temperature=args.temperature, batch_size=args.batch_size,
         chunk_size=args.chunk_size, logprob_dtype=torch.float16 if args.logprob_dtype == "fp16" else torch.float32,
-        overwrite=args.overwrite,
+        shard_bytes=int(args.shard_mb * 2**20), overwrite=args.overwrite, progress=runtime().is_main,
     )  # fmt: skip
+    if not runtime().is_main:
+        return 0
     tokens = sum(s["num_sequences"] * s["seq_len"] for s in index["splits"].values())
     print(f"wrote {args.out}: {tokens:,} tokens, {index['bytes_per_token']} bytes per token "
           f"({tokens * index['bytes_per_token'] / 2**20:.1f} MiB; full {index['vocab_size']}-way bf16 "

@@ -3,9 +3,17 @@ the on-the-fly top-k loss, and a cache cannot be read against other data or temp
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from gemma2 import Gemma2Config, Gemma2ForCausalLM
 from gemma2.data import Datasets, PackedSequences
@@ -106,3 +114,96 @@ def test_training_from_a_full_cache_equals_training_from_the_teacher(tmp_path, s
         for key in ("loss", "kd", "ce", "eval_ce", "eval_kd", "teacher_eval_ce"):
             if key in y:
                 assert x[key] == pytest.approx(y[key], rel=1e-4), (x["step"], key)
+
+
+# --- several ranks (torchrun) ----------------------------------------------------------------------
+
+WORLD = 2
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rank_setup():
+    """The module fixture's teacher and data, rebuilt in a spawned rank."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, V, size=1200).astype(np.int32)
+    splits = {"train": PackedSequences(tokens[:1000], 16), "heldout": PackedSequences(tokens[1000:], 16)}
+    return init_weights(Gemma2ForCausalLM(_config()), seed=1, std=0.3).eval(), splits
+
+
+WRITE = dict(k=K, batch_size=5, chunk_size=24, shard_bytes=20 * 16 * 52, progress=False)
+
+
+def _rank_writes(rank: int, tmp: str, out: str, failing_rank: int | None) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
+    import gemma2.teacher_cache as tc
+
+    if rank == failing_rank:
+        def fail(*args, **kwargs):
+            raise ValueError(f"rank {rank} cannot write")
+        tc._write = fail
+    teacher, splits = _rank_setup()
+    try:
+        result = {"index": tc.write_teacher_cache(teacher, splits, out, overwrite=True, **WRITE)}
+    except Exception as e:
+        result = {"error": f"{type(e).__name__}: {e}"}
+    Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def _spawn_writers(tmp: Path, out: Path, failing_rank: int | None = None) -> list[dict]:
+    mp.spawn(_rank_writes, args=(str(tmp), str(out), failing_rank), nprocs=WORLD, join=True)
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _assert_same_cache(one: Path, two: Path) -> None:
+    """The same shards, byte for byte, and the same index but for the cross-entropy's summation order."""
+    a, b = _files(one), _files(two)
+    assert a.keys() == b.keys() and len(a) > 4
+    for name in a:
+        if name != "cache.json":
+            assert a[name] == b[name], name
+    ia, ib = json.loads(a["cache.json"]), json.loads(b["cache.json"])
+    for split in ia["splits"]:
+        assert ib["splits"][split].pop("teacher_ce") == pytest.approx(ia["splits"][split].pop("teacher_ce"), rel=1e-6)
+    assert ia == ib
+
+
+def test_two_ranks_write_the_cache_one_process_writes(tmp_path):
+    teacher, splits = _rank_setup()
+    write_teacher_cache(teacher, splits, tmp_path / "one", **WRITE)
+    results = _spawn_writers(tmp_path, tmp_path / "two")
+    _assert_same_cache(tmp_path / "one", tmp_path / "two")
+    assert results[0] == results[1] == {"index": json.loads((tmp_path / "two" / "cache.json").read_text())}
+
+
+def test_a_failing_rank_fails_every_rank_and_keeps_the_old_cache(tmp_path):
+    teacher, splits = _rank_setup()
+    write_teacher_cache(teacher, splits, tmp_path / "cache", **(WRITE | {"k": 3}))
+    before = _files(tmp_path / "cache")
+    results = _spawn_writers(tmp_path, tmp_path / "cache", failing_rank=1)
+    assert results[1] == {"error": "ValueError: rank 1 cannot write"}
+    assert results[0]["error"].startswith("RuntimeError: 1 of 2 ranks failed") and "is unchanged" in results[0]["error"]
+    assert _files(tmp_path / "cache") == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_the_script_under_torchrun_writes_the_one_process_cache(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7}."}) + "\n"
+                            for i in range(120)))  # fmt: skip
+    args = ["scripts/cache_teacher.py", "--teacher", "checkpoints/tiny-teacher", "--data", str(docs), "--seq-len", "16",
+            "--k", "4", "--batch-size", "4", "--shard-mb", "0.01", "--dtype", "fp32", "--device", "cpu"]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    _assert_same_cache(tmp_path / "one", tmp_path / "two")
+    assert two.stderr.count("wrote ") == 1  # rank 0 alone reports
