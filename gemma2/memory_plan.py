@@ -227,6 +227,7 @@ def training_step(
         k, device = teacher_cache_k, rt.device
         share = torch.full((B, T), -math.log(k + 1), device=device)  # each id and the tail: 1 / (k + 1)
         src = TopK(torch.arange(k, device=device).repeat(B, T, 1), share[..., None].repeat(1, 1, k), share)
+        del share  # held by src alone, freed with it
     loss, _ = loss_mod(inputs, targets, src, float(B * T), cfg.alpha)
     if source is not None:
         source.release()
@@ -250,6 +251,7 @@ def plan_memory(
     activation_checkpointing: bool = False,
     chunk_size: int = 1024,
     device_type: str = "cuda",
+    attention: str = "auto",
 ) -> MemoryPlan:
     """Trace one training step (one micro-batch, forward, backward, clip, AdamW) of the trainer on
     fake tensors on rank 0 of `world` and return its peak memory per rank.
@@ -257,7 +259,10 @@ def plan_memory(
     teacher: a live teacher's config (its weights in `teacher_dtype`); teacher_cache_k: distil
     from a top-k cache instead (the batch's TopK tensors). dtype: the compute dtype ("bf16" or
     "fp32"; master weights stay fp32). device_type: "cuda" picks the trainer's fused AdamW, "cpu"
-    its foreach AdamW (which allocates temporaries the size of the parameters)."""
+    its foreach AdamW (which allocates temporaries the size of the parameters). attention: both
+    models' kernels (gemma2.model), "auto" as the trainer and load_model run them: the trace, on
+    the CPU, then runs `banded` (training: recomputed in backward), where CUDA runs compiled
+    FlexAttention; neither keeps a score matrix for backward."""
     if teacher is not None and teacher_cache_k is not None:
         raise ValueError("pass a live teacher's config or a cache's k, not both")
     cfg = step_config(batch_size, distilling=teacher is not None or teacher_cache_k is not None, dtype=dtype,
@@ -270,8 +275,8 @@ def plan_memory(
     batch = Batch(torch.arange(batch_size), inputs, inputs.clone())
     # Built on meta (no memory), given fake storage inside the trace: fake tensors cannot be cast.
     with torch.device("meta"):
-        model = Gemma2ForCausalLM(student)
-        t_model = Gemma2ForCausalLM(teacher).to(to_dtype(teacher_dtype)) if teacher is not None else None
+        model = Gemma2ForCausalLM(student, attention)
+        t_model = Gemma2ForCausalLM(teacher, attention).to(to_dtype(teacher_dtype)) if teacher is not None else None
     with _fake_world(world), FakeTensorMode(allow_non_fake_inputs=True), tracker:
         model.to_empty(device=cpu)
         if t_model is not None:

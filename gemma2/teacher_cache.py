@@ -17,11 +17,14 @@ The writer checks every argument before it touches the directory, builds the new
 and swaps it in at once (gemma2.files.atomic_directory): a failed or killed write leaves the old
 cache whole, and an existing cache is replaced only when asked (`overwrite`).
 
-Under torchrun every rank runs the same call: the shards are dealt round-robin, each rank runs its
-own copy of the teacher over its shards and writes them into one temporary directory (rank 0 makes
-it; on several machines it must be on a filesystem they share), and rank 0 writes cache.json and
-swaps the directory in once every rank has finished without error. The cache is the same, file for
-file, as one process writes (a teacher's forward does not depend on the batch's other rows).
+Under torchrun every rank runs the same call: the shards of all splits, in one list, are dealt
+round-robin (no rank has more than one shard more than another), each rank runs its own copy of the
+teacher over its shards and writes them into one temporary directory (rank 0 makes it; on several
+machines it must be on a filesystem they share), and rank 0 writes cache.json and swaps the
+directory in once every rank has finished without error. The shards are those one process writes,
+byte for byte (the same batches); the index too, but for the teacher's cross-entropy, summed in
+another order (equal to ~1e-7). The ranks agree over a gloo group with no practical timeout, so a
+rank that finishes early waits for the slowest (NCCL's default timeout is 10 minutes).
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -92,66 +96,75 @@ def write_teacher_cache(
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("shard_bytes", shard_bytes)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    directory = Path(directory)
-    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
-        what = "a complete teacher cache" if (directory / INDEX).is_file() else "files"
-        raise ValueError(f"{directory} already holds {what}; pass overwrite=True (--overwrite) to replace it")
+    directory = Path(directory).resolve()  # the same path on every rank, whatever their working directories
     write = partial(_write, teacher, splits, k=k, temperature=temperature, batch_size=batch_size,
                     chunk_size=chunk_size, logprob_dtype=logprob_dtype, shard_bytes=shard_bytes)  # fmt: skip
     if not distributed.is_distributed():
-        remove_stale_temporaries(directory.parent, directory.name)
-        with atomic_directory(directory, keep=_foreign_entries(directory)) as tmp:
+        with _temporary(directory, overwrite) as tmp:
             index, ce_sums = write(tmp, progress=progress)
             return _finish_index(index, ce_sums, tmp)
-    return _write_on_every_rank(directory, write, len(splits), progress)
+    return _write_on_every_rank(directory, write, len(splits), overwrite, progress)
 
 
-def _write_on_every_rank(directory: Path, write: Callable, n_splits: int, progress: bool) -> dict:
+@contextmanager
+def _temporary(directory: Path, overwrite: bool) -> Iterator[Path]:
+    """`atomic_directory(directory)` once a killed earlier write's leftovers are cleared (which may put
+    a previous cache back in place) and `overwrite` allows replacing what is there."""
+    remove_stale_temporaries(directory.parent, directory.name)
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        what = "a complete teacher cache" if (directory / INDEX).is_file() else "files"
+        raise ValueError(f"{directory} already holds {what}; pass overwrite=True (--overwrite) to replace it")
+    with atomic_directory(directory, keep=_foreign_entries(directory)) as tmp:
+        yield tmp
+
+
+def _write_on_every_rank(directory: Path, write: Callable, n_splits: int, overwrite: bool, progress: bool) -> dict:
     """`write` (a partial `_write`) of this rank's shards into one temporary directory, which rank 0
     makes, completes with cache.json and swaps in once every rank has reported success. Every rank
     returns the index, or every rank raises (the temporary removed, `directory` as it was): the
-    ranks agree through collectives at two fixed points, so a failing rank never leaves the others
-    waiting."""
+    ranks agree at three fixed points, so a failing rank never leaves the others waiting."""
     rank, world = distributed.rank(), distributed.world_size()
-    device = distributed.runtime().device  # where this backend's collectives run
+    group = dist.new_group(backend="gloo", timeout=timedelta(days=7))  # CPU tensors; waits for the slowest rank
     written, late_error = False, None
     try:
         with ExitStack() as stack:
-            tmp, failure = [None], None
+            made, failure = [None], None
             if rank == 0:  # only rank 0 can tell whether the processes that left temporaries are gone
                 try:
-                    remove_stale_temporaries(directory.parent, directory.name)
-                    tmp[0] = stack.enter_context(atomic_directory(directory, keep=_foreign_entries(directory)))
+                    made[0] = str(stack.enter_context(_temporary(directory, overwrite)))
                 except Exception as e:
-                    failure = e
-            dist.broadcast_object_list(tmp, src=0)  # None: rank 0 could not make it
-            if tmp[0] is None:
-                raise failure or RuntimeError(f"rank 0 could not make a temporary directory beside {directory}; see its error")
+                    failure, made[0] = e, e if isinstance(e, ValueError) else None
+            dist.broadcast_object_list(made, src=0, group=group)  # the temporary's path, or why there is none
+            if not isinstance(made[0], str):
+                raise failure or made[0] or ValueError(f"rank 0 could not make a temporary directory beside {directory}; see its error")
+            tmp = Path(made[0])
             index, ce_sums = None, [0.0] * n_splits
             try:
-                index, ce_sums = write(Path(tmp[0]), part=(rank, world), progress=progress and rank == 0)
+                if not tmp.is_dir():
+                    raise ValueError(f"rank {rank} cannot see {tmp}: the cache directory must be on a filesystem every rank shares")
+                index, ce_sums = write(tmp, part=(rank, world), progress=progress and rank == 0)
             except Exception as e:  # told to the other ranks first, so that none waits for this one
                 failure = e
-            sums = torch.tensor([*ce_sums, failure is not None], dtype=torch.float64, device=device)
-            dist.all_reduce(sums)  # every rank's shards written? and the cross-entropy sums
+            sums = torch.tensor([*ce_sums, failure is not None], dtype=torch.float64)
+            dist.all_reduce(sums, group=group)  # every rank's shards written? and the cross-entropy sums
             if failure is not None:
                 raise failure
             if failed := int(sums[-1].item()):
-                raise RuntimeError(f"{failed} of {world} ranks failed to write their teacher cache shards (their "
-                                   f"errors are in their own output); {directory} is unchanged")  # fmt: skip
+                raise ValueError(f"{failed} of {world} ranks failed to write their teacher cache shards (their "
+                                 f"errors are in their own output); {directory} is unchanged")  # fmt: skip
             written = True
-            index = _finish_index(index, sums[:-1].tolist(), Path(tmp[0]), write_index=rank == 0)
+            index = _finish_index(index, sums[:-1].tolist(), tmp, write_index=rank == 0)
         # Leaving the block, rank 0 swapped the new directory in.
     except Exception as e:
         if not written:
             raise  # every rank raises at the same point
         late_error = e  # rank 0's cache.json or swap failed: the others hear of it first
-    done = torch.tensor([float(late_error is None)], device=device)
-    dist.all_reduce(done, op=dist.ReduceOp.MIN)  # the cache is in place
+    done = torch.tensor([float(late_error is None)])
+    dist.all_reduce(done, op=dist.ReduceOp.MIN, group=group)  # the cache is in place
     if late_error is not None:
         raise late_error
     if done.item() == 0:
-        raise RuntimeError(f"rank 0 could not put the teacher cache in place at {directory}; see its error")
+        raise ValueError(f"rank 0 could not put the teacher cache in place at {directory} (see its error); it is unchanged")
     return index
 
 
@@ -171,10 +184,11 @@ def _foreign_entries(directory: Path) -> list[str]:
 def _write(teacher: Gemma2ForCausalLM, splits: dict[str, PackedSequences], directory: Path, *, k: int,
            temperature: float, batch_size: int, chunk_size: int, logprob_dtype: torch.dtype, shard_bytes: int,
            progress: bool, part: tuple[int, int] = (0, 1)) -> tuple[dict, list[float]]:  # fmt: skip
-    """The shards numbered `rank` mod `world` (part = (rank, world)) of every split, written into
-    `directory`, and the index that lists every split's shards, all ranks' included. Returns the
-    index and, per split, the teacher's cross-entropy summed over the sequences written here."""
+    """Every `world`-th shard from the `rank`-th on (part = (rank, world)) of all splits' shards in
+    order, written into `directory`, and the index that lists every shard, all ranks' included.
+    Returns the index and, per split, the teacher's cross-entropy summed over the sequences written here."""
     rank, world = part
+    dealt = 0  # shards of the splits before this one: the deal runs over all splits' shards in order
     V = teacher.config.vocab_size
     id_dtype = torch.int16 if V <= 2**15 else torch.int32
     device = teacher.output_weight.device
@@ -189,7 +203,8 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, PackedSequences], direc
         starts = range(0, len(data), per_shard)
         shards = [{"file": f"{name}-{i:05d}.safetensors", "start": start, "count": min(per_shard, len(data) - start)}
                   for i, start in enumerate(starts)]  # fmt: skip
-        mine = shards[rank::world]
+        mine = [sh for i, sh in enumerate(shards, dealt) if i % world == rank]
+        dealt += len(shards)
         ce_sum = torch.zeros((), device=device)
         bar = tqdm(total=sum(sh["count"] for sh in mine), desc=f"caching {name}", unit="seq", disable=not progress)
         for shard in mine:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from gemma2 import KVCache
-from gemma2.cli import run_cli
+from gemma2.cli import device_arg, run_cli
 from gemma2.data import Batch
 from gemma2.distributed import Runtime
 from gemma2.files import write_text_atomic
@@ -42,12 +42,20 @@ from gemma2.throughput import timed
 TEACHER_CACHE_K = 32
 
 
-def inference(model: Gemma2ForCausalLM, T: int, steps: int, compiled: bool) -> dict:
-    """Prefill and decode figures of `model` (bf16, eval) for a T-token prompt."""
+class Figures(dict):
+    """The figures so far; each printed as it is measured (a part cut short still tells them)."""
+
+    def __setitem__(self, key: str, value) -> None:
+        super().__setitem__(key, value)
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}", flush=True)
+
+
+def inference(model: Gemma2ForCausalLM, T: int, steps: int, compiled: bool, res: Figures) -> None:
+    """Prefill and decode figures of `model` (bf16, eval) for a T-token prompt, into `res`."""
     cfg, device, dtype = model.config, model.output_weight.device, model.dtype
     ids = torch.randint(3, cfg.vocab_size, (1, T), device=device)
     ones = torch.ones(1, 1, dtype=torch.bool, device=device)
-    res = {"prefill_first_call_s": timed(lambda: model.last_logits(ids), device)}
+    res["prefill_first_call_s"] = timed(lambda: model.last_logits(ids), device)
     res["prefill_tok_s"] = T / statistics.median(timed(lambda: model.last_logits(ids), device) for _ in range(3))
 
     def prefilled() -> KVCache:
@@ -71,16 +79,18 @@ def inference(model: Gemma2ForCausalLM, T: int, steps: int, compiled: bool) -> d
         res["decode_compiled_first_call_s"] = timed(decode(decoder, 1), device)
         res["decode_compiled_second_call_s"] = timed(decode(decoder, 1), device)  # records the CUDA graph
         res["decode_compiled_tok_s"] = steps / timed(decode(decoder, steps), device)
-    return res
 
 
-def distill_step(student: Gemma2ForCausalLM, teacher: Gemma2ForCausalLM | None, T: int) -> dict:
+def distill_step(student: Gemma2ForCausalLM, teacher: Gemma2ForCausalLM | None, T: int, res: Figures) -> None:
     """One training step of `student` (fp32 master weights, bf16 compute) at T tokens, timed and,
-    on CUDA, its peak measured, beside the peak gemma2.memory_plan traces for it."""
+    on CUDA, its peak measured, beside the peak gemma2.memory_plan traces for it, into `res`."""
     device = student.output_weight.device
     k = None if teacher is not None else TEACHER_CACHE_K
+    res["distill_teacher"] = f"top-k cache, k {k}" if teacher is None else "live"
     plan = plan_memory(student.config, seq_len=T, batch_size=1, teacher=None if teacher is None else teacher.config,
-                       teacher_cache_k=k, device_type=device.type)  # fmt: skip
+                       teacher_cache_k=k, device_type=device.type, attention=student.attention)  # fmt: skip
+    res["distill_planned_peak_gib"] = plan.peak / GiB
+    base = {}
     cfg = step_config(1, distilling=True)
     rt = Runtime(0, 1, device, False)
     ids = torch.randint(3, student.config.vocab_size, (1, T))
@@ -91,18 +101,21 @@ def distill_step(student: Gemma2ForCausalLM, teacher: Gemma2ForCausalLM | None, 
         training_step(student, cfg, rt, batch, teacher=teacher, teacher_cache_k=k, device_type=device.type,
                       started=started)  # fmt: skip
 
-    def started():
+    def started():  # the plan's peak counts what is alive from here on: so does the allocator's
+        gc.collect()  # an earlier step's optimizer, in a reference cycle, would count otherwise
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
+            base["allocated"] = torch.cuda.memory_allocated(device)
 
-    res = {"distill_first_step_s": timed(step, device), "distill_step_s": timed(step, device)}
-    res["distill_teacher"] = f"top-k cache, k {k}" if teacher is None else "live"
-    res["distill_planned_peak_gib"] = plan.peak / GiB
+    res["distill_first_step_s"] = timed(step, device)  # compiles FlexAttention on CUDA
+    res["distill_step_s"] = timed(step, device)
     if device.type == "cuda":
+        # At the start: the models (and, from the step's set-up, nothing else); the plan's
+        # parameter and teacher rows hold the same.
+        res["distill_allocated_at_start_gib"] = base["allocated"] / GiB
         res["distill_measured_peak_gib"] = torch.cuda.max_memory_allocated(device) / GiB
     student.zero_grad(set_to_none=True)
-    return res
 
 
 def main() -> None:
@@ -123,9 +136,7 @@ def main() -> None:
             raise ValueError(f"{out} exists; pass --overwrite to replace it, or another --json path")
         if not out.parent.is_dir():
             raise ValueError(f"--json {out}: the directory {out.parent} does not exist")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this machine has no CUDA device; pass --device cpu")
+    device = device_arg(args.device)
     cfg = model_config(args.preset, "preset")
     teacher_cfg = model_config(args.teacher, "teacher") if args.teacher else None
     if teacher_cfg is not None and teacher_cfg.vocab_size != cfg.vocab_size:
@@ -140,19 +151,19 @@ def main() -> None:
         student = Gemma2ForCausalLM(cfg, attention="auto")
     init_weights(student)  # values do not matter; a trained model's scale keeps the softmaxes honest
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    res = {"device": name, "torch": torch.__version__, "preset": args.preset, "seq_len": T}
+    res = Figures()
+    res |= {"device": name, "torch": torch.__version__, "preset": args.preset, "seq_len": T}
+    print("\n".join(f"{key}: {value}" for key, value in res.items()), flush=True)
     model = copy.deepcopy(student).to(torch.bfloat16).eval()
     with torch.inference_mode():
-        res |= inference(model, T, steps, compiled=not args.no_compile)
+        inference(model, T, steps, not args.no_compile, res)
     del model
     gc.collect()
     teacher = None
     if teacher_cfg is not None:
         with torch.device(device):
             teacher = init_weights(Gemma2ForCausalLM(teacher_cfg, attention="auto")).to(torch.bfloat16).eval()
-    res |= distill_step(student, teacher, T)
-    for key, value in res.items():
-        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    distill_step(student, teacher, T, res)
     if args.json:
         write_text_atomic(args.json, json.dumps(res, indent=1))
 

@@ -17,15 +17,16 @@ Library: gemma2.teacher_cache.write_teacher_cache.
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
 
 from gemma2.checkpoint import load_model
-from gemma2.cli import run_cli
+from gemma2.cli import device_arg, run_cli
 from gemma2.compatibility import check_seq_len, check_tokenizer
-from gemma2.distributed import close_distributed, init_distributed, runtime
+from gemma2.distributed import close_distributed, init_distributed, launched_world, runtime
 from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.teacher_cache import write_teacher_cache
 from gemma2.token_files import open_datasets
@@ -50,22 +51,25 @@ def main() -> int:
     p.add_argument("--shard-mb", type=float, default=512, help="MiB per shard file (under torchrun: the unit of work)")
     p.add_argument("--dtype", type=dtype_argument, default="bf16" if torch.cuda.is_available() else "fp32",
                    help="teacher dtype: bf16 (bfloat16) or fp32 (float32)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu; under torchrun each rank's GPU")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
     args = p.parse_args()
-    if not args.shard_mb * 2**20 >= 1:
-        raise ValueError(f"--shard-mb must be > 0, got {args.shard_mb}")
+    if not (math.isfinite(args.shard_mb) and args.shard_mb * 2**20 >= 1):
+        raise ValueError(f"--shard-mb must be a number > 0, got {args.shard_mb}")
+    if launched_world() > 1 and args.device is not None:
+        raise ValueError("--device is torchrun's to choose (each rank's own GPU, or the CPU on gloo); drop it")
+    if args.device is not None:
+        device_arg(args.device)  # refused before any work if this machine has no such device
     init_distributed()  # under torchrun: one process per GPU, each with a whole teacher
-    try:
-        return cache(args)
-    finally:
-        close_distributed()
+    code = cache(args, runtime(args.device).device)
+    close_distributed()  # only after success: a rank that failed exits, and torchrun stops the others
+    return code
 
 
-def cache(args: argparse.Namespace) -> int:
+def cache(args: argparse.Namespace, device: torch.device) -> int:
     tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.teacher) / "tokenizer.model"
     tokenizer = Tokenizer(tok_path)
-    teacher = load_model(args.teacher, dtype=to_dtype(args.dtype), device=runtime(args.device).device)
+    teacher = load_model(args.teacher, dtype=to_dtype(args.dtype), device=device)
     check_tokenizer(tokenizer, teacher.config, "the teacher")
     check_seq_len(args.seq_len, teacher.config, "the teacher")
     data = open_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,

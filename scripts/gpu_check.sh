@@ -12,8 +12,12 @@
 #
 #     bash scripts/gpu_check.sh [OUT_DIR]    # writes gpu.txt, summary.txt, PART.log, benchmark.json, 2b.json
 set -uo pipefail
+OUT=$(realpath -m "${1:-gpu_check_out}")  # before the cd: a relative OUT_DIR is the caller's
+if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+    echo "error: $OUT is not empty; give a new or empty directory (earlier results are kept)" >&2
+    exit 2
+fi
 cd "$(dirname "$0")/.."
-OUT=${1:-gpu_check_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -35,9 +39,10 @@ part() {  # part NAME SECONDS COMMAND...: run it under a time limit, log it, rec
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  $PY -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)'
+  $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+  $PY -c 'import transformers; print("transformers", transformers.__version__)'
 } 2>&1 | tee "$OUT/gpu.txt"
 part tests 180 $PY -m pytest -q -m cuda -p no:cacheprovider tests
-part benchmark 200 $PY scripts/benchmark.py --device cuda --json "$OUT/benchmark.json" --overwrite
-part 2b 150 $PY scripts/bench_preset.py --preset 2b --device cuda --seq-len 4096 --json "$OUT/2b.json" --overwrite
+part benchmark 200 $PY scripts/benchmark.py --device cuda --json "$OUT/benchmark.json"
+part 2b 150 $PY scripts/bench_preset.py --preset 2b --device cuda --seq-len 4096 --json "$OUT/2b.json"
 exit $failed

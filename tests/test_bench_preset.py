@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gemma2.config import PRESETS
+from gemma2.memory_plan import GiB, plan_memory
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_preset.py"
 
 
@@ -23,6 +26,9 @@ def test_figures_of_the_tiny_preset(tmp_path):
     for key in ("prefill_tok_s", "decode_tok_s", "decode_compiled_tok_s", "distill_step_s", "distill_planned_peak_gib"):
         assert res[key] > 0, key
     assert "distill_measured_peak_gib" not in res  # measured on CUDA only
+    # The plan of the step it ran: a top-k cache of k 32, the tiny preset's full sequence, "auto" kernels.
+    plan = plan_memory(PRESETS["tiny"], seq_len=40, batch_size=1, teacher_cache_k=32, device_type="cpu")
+    assert res["distill_planned_peak_gib"] == plan.peak / GiB
     assert f"decode_tok_s: {res['decode_tok_s']:.4g}" in done.stdout
 
     # An existing --json is kept as it was; the refusal comes before any work.

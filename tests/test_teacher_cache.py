@@ -187,7 +187,43 @@ def test_a_failing_rank_fails_every_rank_and_keeps_the_old_cache(tmp_path):
     before = _files(tmp_path / "cache")
     results = _spawn_writers(tmp_path, tmp_path / "cache", failing_rank=1)
     assert results[1] == {"error": "ValueError: rank 1 cannot write"}
-    assert results[0]["error"].startswith("RuntimeError: 1 of 2 ranks failed") and "is unchanged" in results[0]["error"]
+    assert results[0]["error"].startswith("ValueError: 1 of 2 ranks failed") and "is unchanged" in results[0]["error"]
+    assert _files(tmp_path / "cache") == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def _rank_zero_fails(rank: int, tmp: str, out: str, where: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
+    import gemma2.teacher_cache as tc
+
+    if rank == 0 and where == "index":
+        def fail(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+        tc._finish_index = fail
+    teacher, splits = _rank_setup()
+    try:
+        result = {"index": tc.write_teacher_cache(teacher, splits, out, overwrite=where == "index", **WRITE)}
+    except Exception as e:
+        result = {"error": f"{type(e).__name__}: {e}"}
+    Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("where", ["check", "index"])
+def test_rank_zero_failing_fails_every_rank_and_keeps_the_old_cache(tmp_path, where):
+    """check: an existing cache without overwrite, refused by rank 0 before any work, the same
+    message on every rank; index: rank 0's cache.json cannot be written after every shard was."""
+    teacher, splits = _rank_setup()
+    write_teacher_cache(teacher, splits, tmp_path / "cache", **(WRITE | {"k": 3}))
+    before = _files(tmp_path / "cache")
+    mp.spawn(_rank_zero_fails, args=(str(tmp_path), str(tmp_path / "cache"), where), nprocs=WORLD, join=True)
+    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in range(WORLD)]
+    if where == "check":
+        assert errors[0] == errors[1] and "already holds a complete teacher cache" in errors[0]
+    else:
+        assert errors[0] == "OSError: [Errno 28] No space left on device"
+        assert errors[1].startswith("ValueError: rank 0 could not put the teacher cache in place")
     assert _files(tmp_path / "cache") == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
@@ -197,9 +233,9 @@ def test_the_script_under_torchrun_writes_the_one_process_cache(tmp_path):
     docs.write_text("".join(json.dumps({"text": f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7}."}) + "\n"
                             for i in range(120)))  # fmt: skip
     args = ["scripts/cache_teacher.py", "--teacher", "checkpoints/tiny-teacher", "--data", str(docs), "--seq-len", "16",
-            "--k", "4", "--batch-size", "4", "--shard-mb", "0.01", "--dtype", "fp32", "--device", "cpu"]  # fmt: skip
+            "--k", "4", "--batch-size", "4", "--shard-mb", "0.01", "--dtype", "fp32"]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True,
+    one = subprocess.run([sys.executable, *args, "--device", "cpu", "--out", str(tmp_path / "one")], capture_output=True, text=True,
                          cwd=ROOT, env=env, timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
