@@ -130,6 +130,9 @@ def flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, cap: float, 
         kernel = _compiled_flex()
     else:
         from torch.nn.attention.flex_attention import flex_attention as kernel
+    # Contiguous: the compiled kernel is specialised to its inputs' strides, and a cache slice's
+    # depend on the cache's length (one compilation per cache size otherwise).
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     T, S = q.shape[2], k.shape[2]
     Tq, Tk = block_mask.seq_lengths
     if (Tq, Tk) != (T, S):  # a length between buckets

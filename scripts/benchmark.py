@@ -222,12 +222,13 @@ def main() -> None:
             ids = torch.randint(3, cfg.vocab_size, (B, P), device=device)
             ours_steps = decoder(ours, ids, compiled)
             out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
-            past, hf_tok = out.cache, out.logits[:, -1].argmax(-1)[:, None]
+            key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.2x : before
+            past, hf_tok = out[key], out.logits[:, -1].argmax(-1)[:, None]
 
             def hf_steps():
                 nonlocal hf_tok
                 for _ in range(steps):
-                    o = hf(input_ids=hf_tok, cache=past, use_cache=True)
+                    o = hf(input_ids=hf_tok, use_cache=True, **{key: past})
                     hf_tok = o.logits[:, -1].argmax(-1)[:, None]
 
             t = alternate({"ours": ours_steps, "hf": hf_steps}, reps, device)

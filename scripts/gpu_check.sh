@@ -2,11 +2,11 @@
 # The CUDA checks, one GPU, under 9 minutes in all: three independent parts, each under its own
 # time limit, each logged to OUT_DIR, a failed or timed-out part not stopping the next:
 #   tests      the CUDA tests (bf16 parity, compiled FlexAttention forward/backward against eager,
-#              CUDA-graph decoding against eager tokens, int8, speculative, on-policy), 180 s;
-#   benchmark  scripts/benchmark.py on the GPU (batch sizes as on CPU), 200 s;
+#              CUDA-graph decoding against eager tokens, int8, speculative, on-policy), 130 s;
+#   benchmark  scripts/benchmark.py on the GPU (batch sizes as on CPU), 220 s;
 #   2b         scripts/bench_preset.py --preset 2b: prefill and decode tokens/s at 4096 (decode
 #              eager and as a CUDA graph), one distillation step's time and peak memory, measured
-#              beside gemma2.memory_plan's prediction, 150 s.
+#              beside gemma2.memory_plan's prediction, 180 s.
 # Runs from the source tree (no install: PYTHONPATH), with the python3 that holds a CUDA torch
 # (PYTHON=... to choose another). OUT_DIR/summary.txt says how each part ended.
 #
@@ -42,7 +42,7 @@ part() {  # part NAME SECONDS COMMAND...: run it under a time limit, log it, rec
   $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
   $PY -c 'import transformers; print("transformers", transformers.__version__)'
 } 2>&1 | tee "$OUT/gpu.txt"
-part tests 180 $PY -m pytest -q -m cuda -p no:cacheprovider tests
-part benchmark 200 $PY scripts/benchmark.py --device cuda --json "$OUT/benchmark.json"
-part 2b 150 $PY scripts/bench_preset.py --preset 2b --device cuda --seq-len 4096 --json "$OUT/2b.json"
+part tests 130 $PY -m pytest -q -m cuda -p no:cacheprovider tests
+part benchmark 220 $PY scripts/benchmark.py --device cuda --json "$OUT/benchmark.json"
+part 2b 180 $PY scripts/bench_preset.py --preset 2b --device cuda --seq-len 4096 --json "$OUT/2b.json"
 exit $failed

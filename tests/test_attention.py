@@ -21,7 +21,7 @@ CONFIG = tiny_config(sliding_window=7)  # odd window; sequences below are > 2W
 
 def real_loss(logits, mask):
     """A loss over real positions only, weighted so every logit's gradient differs."""
-    weights = torch.linspace(0.5, 1.5, logits.shape[-1])
+    weights = torch.linspace(0.5, 1.5, logits.shape[-1], device=logits.device)
     return (logits.log_softmax(-1) * weights)[mask.bool()].sum()
 
 
