@@ -58,11 +58,10 @@ def inference(model: Gemma2ForCausalLM, T: int, steps: int, compiled: bool, res:
     res["prefill_first_call_s"] = timed(lambda: model.last_logits(ids), device)
     res["prefill_tok_s"] = T / statistics.median(timed(lambda: model.last_logits(ids), device) for _ in range(3))
 
-    def prefilled() -> KVCache:
-        nonlocal tok
+    def prefilled() -> tuple[KVCache, torch.Tensor]:
+        """A cache holding the prompt, and the first token after it."""
         cache = KVCache(cfg, 1, T + steps + 2, dtype=dtype, device=device)
-        tok = model.last_logits(ids, None, cache).argmax(-1)[:, None]
-        return cache
+        return cache, model.last_logits(ids, None, cache).argmax(-1)[:, None]
 
     def decode(step, n):
         def run():
@@ -71,11 +70,11 @@ def inference(model: Gemma2ForCausalLM, T: int, steps: int, compiled: bool, res:
                 tok = step(tok).argmax(-1)[:, None]
         return run
 
-    tok = None
-    cache = prefilled()
+    cache, tok = prefilled()
     res["decode_tok_s"] = steps / timed(decode(lambda t: model.last_logits(t, ones, cache), steps), device)
     if compiled:  # the same positions again, through the compiled step
-        decoder = StaticDecoder(model, prefilled())
+        cache, tok = prefilled()
+        decoder = StaticDecoder(model, cache)
         res["decode_compiled_first_call_s"] = timed(decode(decoder, 1), device)
         res["decode_compiled_second_call_s"] = timed(decode(decoder, 1), device)  # records the CUDA graph
         res["decode_compiled_tok_s"] = steps / timed(decode(decoder, steps), device)
@@ -90,30 +89,35 @@ def distill_step(student: Gemma2ForCausalLM, teacher: Gemma2ForCausalLM | None, 
     plan = plan_memory(student.config, seq_len=T, batch_size=1, teacher=None if teacher is None else teacher.config,
                        teacher_cache_k=k, device_type=device.type, attention=student.attention)  # fmt: skip
     res["distill_planned_peak_gib"] = plan.peak / GiB
-    base = {}
+    allocated_at_start = 0
     cfg = step_config(1, distilling=True)
     rt = Runtime(0, 1, device, False)
     ids = torch.randint(3, student.config.vocab_size, (1, T))
     batch = Batch(torch.arange(1), ids, ids.clone())  # as the trainer's batches: on the host
 
     def step():
-        student.zero_grad(set_to_none=True)
         training_step(student, cfg, rt, batch, teacher=teacher, teacher_cache_k=k, device_type=device.type,
                       started=started)  # fmt: skip
 
     def started():  # the plan's peak counts what is alive from here on: so does the allocator's
-        gc.collect()  # an earlier step's optimizer, in a reference cycle, would count otherwise
+        nonlocal allocated_at_start
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-            base["allocated"] = torch.cuda.memory_allocated(device)
+            allocated_at_start = torch.cuda.memory_allocated(device)
 
+    def fresh():  # before each step, untimed: no gradients, and no earlier step's optimizer alive
+        student.zero_grad(set_to_none=True)
+        gc.collect()  # that optimizer sits in a reference cycle
+
+    fresh()
     res["distill_first_step_s"] = timed(step, device)  # compiles FlexAttention on CUDA
+    fresh()
     res["distill_step_s"] = timed(step, device)
     if device.type == "cuda":
         # At the start: the models (and, from the step's set-up, nothing else); the plan's
         # parameter and teacher rows hold the same.
-        res["distill_allocated_at_start_gib"] = base["allocated"] / GiB
+        res["distill_allocated_at_start_gib"] = allocated_at_start / GiB
         res["distill_measured_peak_gib"] = torch.cuda.max_memory_allocated(device) / GiB
     student.zero_grad(set_to_none=True)
 

@@ -222,7 +222,7 @@ def main() -> None:
             ids = torch.randint(3, cfg.vocab_size, (B, P), device=device)
             ours_steps = decoder(ours, ids, compiled)
             out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
-            key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.2x : before
+            key = "cache" if "cache" in out else "past_key_values"  # the name since transformers 5.2x; before
             past, hf_tok = out[key], out.logits[:, -1].argmax(-1)[:, None]
 
             def hf_steps():
