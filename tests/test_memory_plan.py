@@ -1,6 +1,7 @@
 """The memory planner against measured peaks: one real training step (gemma2.trainer.train) per
 configuration, in fresh processes (one, and two ranks on gloo), each rank's peak resident memory
-growth (VmHWM) compared with the plan traced on fake tensors. Linux only (/proc/self)."""
+growth (VmHWM) after a warm-up step on a tiny model, compared with the plan traced on fake
+tensors. Linux only (/proc/self)."""
 
 from __future__ import annotations
 
@@ -51,17 +52,25 @@ def _measure(rank: int, world: int, case: str, tmp: str) -> None:
 
     trainer.save_checkpoint = lambda *a, **k: None  # the plan covers a step, not the final save
     teacher_cfg, T, B, ckpt, chunk = CASES[case]
-    tokens = np.random.default_rng(0).integers(3, 32000, size=B * world * T * 2 + 1).astype(np.int32)
-    data = Datasets(PackedSequences(tokens, T), None)
+
+    def step(student_cfg, teacher_cfg, run: str) -> None:
+        tokens = np.random.default_rng(0).integers(3, student_cfg.vocab_size, size=B * world * T * 2 + 1)
+        data = Datasets(PackedSequences(tokens.astype(np.int32), T), None)
+        student = init_weights(Gemma2ForCausalLM(student_cfg))
+        teacher = None if teacher_cfg is None else init_weights(Gemma2ForCausalLM(teacher_cfg)).to(torch.bfloat16)
+        cfg = trainer.TrainConfig(out_dir=f"{tmp}/{run}", steps=1, batch_size=B, alpha=0.0 if teacher is None else 1.0,
+                                  eval_every=0, activation_checkpointing=ckpt, chunk_size=chunk, dtype="fp32",
+                                  device="cpu")  # fmt: skip
+        trainer.train(cfg, student, data, teacher=teacher, progress=False)
+
+    # The plan counts tensors. A first step on a tiny model pays what a process allocates once
+    # outside them (kernel code pages, thread pools, gloo's buffers), which is 50-120 MB here.
+    tiny = tiny_training_config(max_position_embeddings=T)
+    step(tiny, None if teacher_cfg is None else tiny, "warm-up")
     # The peak resident set from here on: ru_maxrss would carry the parent's size over from fork.
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
     base = _status_kib("VmRSS")
-    student = init_weights(Gemma2ForCausalLM(STUDENT))
-    teacher = None if teacher_cfg is None else init_weights(Gemma2ForCausalLM(teacher_cfg)).to(torch.bfloat16)
-    cfg = trainer.TrainConfig(out_dir=f"{tmp}/run", steps=1, batch_size=B, alpha=0.0 if teacher is None else 1.0,
-                              eval_every=0, activation_checkpointing=ckpt, chunk_size=chunk, dtype="fp32",
-                              device="cpu")  # fmt: skip
-    trainer.train(cfg, student, data, teacher=teacher, progress=False)
+    step(STUDENT, teacher_cfg, "run")
     growth = (_status_kib("VmHWM") - base) * 1024
     Path(tmp, f"rank{rank}.json").write_text(json.dumps(growth))
     if world > 1:
@@ -71,7 +80,7 @@ def _measure(rank: int, world: int, case: str, tmp: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("case", list(CASES))
-def test_plan_is_within_15_percent_of_the_measured_peak(tmp_path, monkeypatch, case, world):
+def test_plan_is_within_10_percent_of_the_measured_peak(tmp_path, monkeypatch, case, world):
     # Large blocks straight from mmap, so freed tensors leave the resident set at once and the
     # peak RSS is the peak of live tensors (glibc's adaptive threshold would keep freed ones).
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(256 * 1024))
@@ -81,7 +90,7 @@ def test_plan_is_within_15_percent_of_the_measured_peak(tmp_path, monkeypatch, c
     plan = plan_memory(STUDENT, teacher=teacher_cfg, seq_len=T, batch_size=B, world=world, dtype="fp32",
                        teacher_dtype="bf16", activation_checkpointing=ckpt, chunk_size=chunk, device_type="cpu")  # fmt: skip
     for m in measured:
-        assert abs(plan.peak - m) <= 0.15 * m, (f"planned {plan.peak / GiB:.3f} GiB, measured {m / GiB:.3f} GiB", plan.at_peak)
+        assert abs(plan.peak - m) <= 0.10 * m, (f"planned {plan.peak / GiB:.3f} GiB, measured {m / GiB:.3f} GiB", plan.at_peak)
 
 
 @pytest.mark.parametrize("world", [1, 2])
