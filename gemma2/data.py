@@ -90,6 +90,20 @@ class Batch(NamedTuple):
     indices: Tensor  # [B] sequence indices into the PackedSequences (for a teacher cache)
     inputs: Tensor  # [B, T] int64
     targets: Tensor  # [B, T] int64; entries equal to IGNORE_INDEX do not count
+    valid: Tensor | None = None  # [B, T] bool, False on left padding (gemma2.prompts); None: none
+
+
+class Rows(Protocol):
+    """What training reads from a dataset: PackedSequences, or gemma2.prompts.PromptRows."""
+
+    seq_len: int  # a batch's inputs and targets are [B, seq_len]
+    tokens: np.ndarray  # every token id it holds
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: Tensor | Sequence[int]) -> Batch: ...
+
+    def fingerprint(self) -> str: ...
 
 
 IGNORE_INDEX = -100
@@ -136,8 +150,8 @@ class PackedSequences:
 
 @dataclass
 class Datasets:
-    train: PackedSequences
-    heldout: PackedSequences | None  # None when nothing is held out
+    train: Rows
+    heldout: Rows | None  # None when nothing is held out
 
 
 def load_datasets(
@@ -216,9 +230,7 @@ class BatchLoader:
     the next permutation puts different ones there.
     """
 
-    def __init__(
-        self, data: PackedSequences, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
-    ) -> None:
+    def __init__(self, data: Rows, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -270,7 +282,7 @@ class BatchLoader:
 
 
 def eval_batches(
-    data: PackedSequences, batch_size: int, *, rank: int = 0, world_size: int = 1, max_sequences: int | None = None
+    data: Rows, batch_size: int, *, rank: int = 0, world_size: int = 1, max_sequences: int | None = None
 ) -> Iterator[Batch]:
     """The first `max_sequences` held-out sequences (all by default) in order, rank r taking the
     r-th contiguous block; a remainder that does not divide among the ranks is skipped so every

@@ -11,7 +11,9 @@ The settings are TrainConfig's and carry the names of TRL's GKDTrainer:
   the objective are the trainer's (gemma2.distill).
 
 Prompts come from the packed training rows: each row's first prompt_len tokens (None: seq_len -
-max_new_tokens, so a generated row is as long as a data row). The new row is the prompt followed by
+max_new_tokens, so a generated row is as long as a data row); or, from a prompt dataset
+(gemma2.prompts), each row's left-padded prompt, sampled with its padding mask, stopped also by the
+tokenizer's stop ids (`<end_of_turn>` for chats). The new row is the prompt followed by
 max_new_tokens sampled tokens; its loss mask, written into the targets (`targets != IGNORE_INDEX`,
 the mask the trainer's loss already reads), covers exactly the completion up to and including its
 first stop token (the generating model's eos ids); later columns are padding. The teacher then
@@ -42,10 +44,11 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
-from .data import IGNORE_INDEX, Batch
+from .data import IGNORE_INDEX, Batch, Datasets, Rows
 from .distributed import Runtime
 from .generation import stream
 from .model import Gemma2ForCausalLM
+from .prompts import PromptRows
 from .teacher_cache import TeacherCache
 
 if TYPE_CHECKING:
@@ -66,13 +69,38 @@ def sampling_seed(seed: int, step: int, rank: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, _SAMPLING, step, rank, micro]).generate_state(1, np.uint64)[0])
 
 
-def prompt_length(cfg: TrainConfig, seq_len: int) -> int:
-    """Tokens of each training row kept as the prompt."""
-    return seq_len - cfg.max_new_tokens if cfg.prompt_len is None else cfg.prompt_len
+def prompt_length(cfg: TrainConfig, rows: Rows) -> int:
+    """Tokens of each training row kept as the prompt: a prompt dataset's own width, else
+    prompt_len (None: seq_len - max_new_tokens)."""
+    if isinstance(rows, PromptRows):
+        return rows.prompt_len
+    return rows.seq_len - cfg.max_new_tokens if cfg.prompt_len is None else cfg.prompt_len
+
+
+def _check_prompt_rows(cfg: TrainConfig, data: Datasets, teacher: Gemma2ForCausalLM | TeacherCache | None) -> None:
+    """The settings a prompt dataset (gemma2.prompts) needs."""
+    rows = data.train
+    if cfg.prompt_len is not None and cfg.prompt_len != rows.prompt_len:
+        raise ValueError(f"prompt_len = {cfg.prompt_len}, but the prompt dataset was laid out with prompt_len = "
+                         f"{rows.prompt_len}: pass the same value to both, or leave TrainConfig.prompt_len None")  # fmt: skip
+    if cfg.max_new_tokens != rows.max_new_tokens:
+        raise ValueError(f"max_new_tokens = {cfg.max_new_tokens}, but the prompt dataset was laid out for "
+                         f"{rows.max_new_tokens} completion tokens: load it with the same max_new_tokens")  # fmt: skip
+    if isinstance(teacher, TeacherCache):
+        raise ValueError("a teacher cache holds its outputs for packed sequences, not for a prompt dataset: "
+                         "pass the teacher model (--teacher instead of --teacher-cache)")  # fmt: skip
+    if not rows.has_completions and cfg.lmbda < 1 and not cfg.seq_kd:
+        raise ValueError(
+            f"some training examples have no completion, which a step that is not on-policy (lmbda = {cfg.lmbda}) "
+            "trains on: give every example a completion, or set lmbda = 1, or seq_kd"
+        )
+    if cfg.eval_every and data.heldout is not None and not data.heldout.has_completions:
+        raise ValueError("some held-out examples have no completion to evaluate on: give every example a "
+                         "completion, or eval_every = 0 (--eval-every 0)")  # fmt: skip
 
 
 def check_on_policy(
-    cfg: TrainConfig, seq_len: int, teacher: Gemma2ForCausalLM | TeacherCache | None, sharded: bool = False
+    cfg: TrainConfig, data: Datasets, teacher: Gemma2ForCausalLM | TeacherCache | None, sharded: bool = False
 ) -> None:
     """ValueError naming the fix for settings that cannot work together, before any work.
     sharded: the models are FSDP2-sharded across processes (torchrun)."""
@@ -81,6 +109,8 @@ def check_on_policy(
             "compile_sampling runs in one process: FSDP2's gathering hooks cannot run inside a compiled "
             "decode step; drop compile_sampling (--compile-sampling) under torchrun"
         )
+    if isinstance(data.train, PromptRows):
+        _check_prompt_rows(cfg, data, teacher)
     if cfg.lmbda == 0 and not cfg.seq_kd:
         return
     what = f"on-policy distillation (lmbda = {cfg.lmbda})" if cfg.lmbda > 0 else "seq_kd"
@@ -98,7 +128,10 @@ def check_on_policy(
             f"lmbda = {cfg.lmbda} with alpha = 0 would train the student on cross-entropy against its own "
             "samples, which teaches it nothing: set alpha > 0 (1 = pure distillation, as GKD), or lmbda=0"
         )
-    P, N = prompt_length(cfg, seq_len), cfg.max_new_tokens
+    if isinstance(data.train, PromptRows):
+        return  # its rows are laid out for its prompts and max_new_tokens (checked above)
+    seq_len = data.train.seq_len
+    P, N = prompt_length(cfg, data.train), cfg.max_new_tokens
     if P < 1:
         raise ValueError(
             f"max_new_tokens = {N} leaves no prompt in a training row of seq_len = {seq_len} tokens: lower "
@@ -121,27 +154,31 @@ def sample_completions(
     seed: int,
     rt: Runtime,
     *,
+    stop_ids: tuple[int, ...] = (),
     compiled: bool = False,
 ) -> Batch:
-    """The rows of `batch` cut to their first `prompt_len` tokens, each followed by `max_new_tokens`
-    tokens sampled from `model` (at `temperature`, 0 = greedy, with a generator seeded with `seed`
-    on the model's device); targets count exactly the completion (see the module docstring).
-    Returns a Batch on the model's device: inputs and targets `[B, prompt_len + max_new_tokens - 1]`.
+    """The rows of `batch` cut to their first `prompt_len` tokens (with their padding mask
+    `batch.valid`, if any), each followed by `max_new_tokens` tokens sampled from `model` (at
+    `temperature`, 0 = greedy, with a generator seeded with `seed` on the model's device) and ended
+    by the model's eos ids or `stop_ids`; targets count exactly the completion (see the module
+    docstring). Returns a Batch on the model's device: inputs, targets (and valid)
+    `[B, prompt_len + max_new_tokens - 1]`.
     compiled: decode through torch.compile (gemma2.static_decode: CUDA graphs on GPU; on CPU about
     2x for a few-million-parameter student), with the first call's seconds of compiling."""
     cfg = model.config
     device = model.output_weight.device
     generator = torch.Generator(device).manual_seed(seed)
-    stop = torch.tensor(cfg.eos_token_id, device=device).reshape(-1)
+    stop = torch.tensor([*torch.tensor(cfg.eos_token_id).reshape(-1).tolist(), *stop_ids], device=device)
     prompts = batch.inputs[:, :prompt_len].to(device)  # [B, P]
+    mask = None if batch.valid is None else batch.valid[:, :prompt_len].to(device)
     B, P, N = prompts.shape[0], prompt_len, max_new_tokens
     window = prompts.new_full((B, P + N), cfg.pad_token_id)
     window[:, :P] = prompts
     counted = torch.zeros(B, P + N, dtype=torch.bool, device=device)  # the completion's columns
     done = torch.zeros(B, dtype=torch.bool, device=device)
     # stop_token_ids=(): generation must not end early on one rank only (see the module docstring).
-    steps = stream(model, prompts, max_new_tokens=N, temperature=temperature, stop_token_ids=(),
-                   generator=generator, pad_id=cfg.pad_token_id, compiled=compiled)  # fmt: skip
+    steps = stream(model, prompts, attention_mask=mask, max_new_tokens=N, temperature=temperature,
+                   stop_token_ids=(), generator=generator, pad_id=cfg.pad_token_id, compiled=compiled)  # fmt: skip
     for i, token in enumerate(steps):
         counted[:, P + i] = ~done
         window[:, P + i] = token.masked_fill(done, cfg.pad_token_id)
@@ -149,7 +186,8 @@ def sample_completions(
         if i + 1 < N and rt.all_reduce((~done).sum()).item() == 0:
             break  # every row on every rank has stopped: all ranks leave at this same step
     targets = window[:, 1:].masked_fill(~counted[:, 1:], IGNORE_INDEX)
-    return Batch(batch.indices, window[:, :-1], targets)
+    valid = None if mask is None else torch.cat([mask, mask.new_ones(B, N - 1)], dim=1)
+    return Batch(batch.indices, window[:, :-1], targets, valid)
 
 
 def _as_forward(root: nn.Module, fn: Callable) -> Callable:
@@ -175,14 +213,15 @@ class Rollouts:
     is on-policy (or, with seq_kd, by the teacher's samples), and the metrics of that."""
 
     def __init__(self, cfg: TrainConfig, student: Gemma2ForCausalLM, student_root: nn.Module,
-                 teacher: Teacher | None, seq_len: int, rt: Runtime, start_step: int) -> None:  # fmt: skip
+                 teacher: Teacher | None, rows: Rows, rt: Runtime, start_step: int) -> None:  # fmt: skip
         self.cfg, self.rt = cfg, rt
         self.active = cfg.lmbda > 0 or cfg.seq_kd
         if not self.active:
             return
-        self.prompt_len = prompt_length(cfg, seq_len)
+        self.prompt_len = prompt_length(cfg, rows)
         self.rows = cfg.batch_size * cfg.grad_accum * rt.world  # per step, all ranks
-        sample = partial(sample_completions, compiled=cfg.compile_sampling)
+        stop_ids = rows.stop_ids if isinstance(rows, PromptRows) else ()
+        sample = partial(sample_completions, stop_ids=stop_ids, compiled=cfg.compile_sampling)
         self.student = _as_forward(student_root, partial(sample, student)) if cfg.lmbda > 0 else None
         self.teacher = _as_forward(teacher.root, partial(sample, teacher.model)) if cfg.seq_kd else None
         self.on_policy_steps = sum(is_on_policy(cfg.seed, s, cfg.lmbda) for s in range(start_step))

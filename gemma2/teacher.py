@@ -58,8 +58,8 @@ class _TeacherHidden(nn.Module):
         super().__init__()
         self.teacher = teacher
 
-    def forward(self, inputs: Tensor) -> Tensor:
-        return self.teacher.hidden_states(inputs)
+    def forward(self, inputs: Tensor, valid: Tensor | None = None) -> Tensor:
+        return self.teacher.hidden_states(inputs, valid)
 
 
 class Teacher:
@@ -100,7 +100,8 @@ class Teacher:
         if self.cache is not None:
             part = self.cache.split("train") if split == "train" else self.heldout
             return part.topk(batch.indices, self.rt.device)
-        hidden = self.root(batch.inputs.to(self.device, non_blocking=True)).to(self.rt.device)
+        valid = None if batch.valid is None else batch.valid.to(self.device, non_blocking=True)
+        hidden = self.root(batch.inputs.to(self.device, non_blocking=True), valid).to(self.rt.device)
         if self.rt.sharded:
             self.root.unshard()  # the tied head lives in the root group: gather it for the loss
             weight = self.model.output_weight

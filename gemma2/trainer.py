@@ -191,14 +191,15 @@ class _StudentLoss(nn.Module):
 
     def forward(
         self, inputs: Tensor, targets: Tensor, teacher: TeacherHead | TopK | None, normalizer: float | None = None,
-        alpha: float | None = None,
+        alpha: float | None = None, valid: Tensor | None = None,
     ) -> tuple[Tensor | None, DistillStats]:
         """Training (normalizer and alpha given): the loss and its sums. Evaluation (neither): no
-        loss, the sums an evaluation reports (KD when `teacher` is given, CE always)."""
+        loss, the sums an evaluation reports (KD when `teacher` is given, CE always). valid: the
+        batch's padding mask (`Batch.valid`)."""
         cfg = self.cfg
         ctx = torch.autocast(inputs.device.type, self.dtype) if self.autocast else nullcontext()
         with ctx:
-            hidden = self.student.hidden_states(inputs)  # [B, T, D]
+            hidden = self.student.hidden_states(inputs, valid)  # [B, T, D]
         # The residual stream leaves autocast in fp32; cast it so the head matmul runs in bf16 too.
         hidden = hidden.to(self.dtype)
         weight = self.student.output_weight.to(self.dtype)  # [V, D]; the gradient flows back
@@ -241,8 +242,9 @@ def _evaluate(loss_mod: _StudentLoss, teacher: Teacher | None, data: Datasets, c
     for batch in eval_batches(data.heldout, cfg.batch_size, rank=rt.rank, world_size=rt.world,
                               max_sequences=cfg.eval_sequences):  # fmt: skip
         inputs, targets = batch.inputs.to(rt.device), batch.targets.to(rt.device)
+        valid = None if batch.valid is None else batch.valid.to(rt.device)
         src = teacher(batch, "heldout") if kd_on else None
-        _, st = loss_mod(inputs, targets, src)
+        _, st = loss_mod(inputs, targets, src, valid=valid)
         sums[:3] += torch.stack([st.ce_sum, st.kd_sum, torch.tensor(st.tokens, device=st.ce_sum.device)]).double()
         if with_teacher_ce and teacher is not None and teacher.model is not None:
             sums[3] += distill_sums(src.hidden, src.weight, None, targets, final_softcap=src.final_softcap,
@@ -332,8 +334,9 @@ def _accumulate_gradients(
             loss_mod.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once per step
         inputs = batch.inputs.to(rt.device, non_blocking=True)
         targets = batch.targets.to(rt.device, non_blocking=True)
+        valid = None if batch.valid is None else batch.valid.to(rt.device, non_blocking=True)
         src = teacher(batch, "train") if teacher is not None else None
-        loss, st = loss_mod(inputs, targets, src, normalizer, alpha)
+        loss, st = loss_mod(inputs, targets, src, normalizer, alpha, valid)
         if teacher is not None:
             teacher.release()
         loss.backward()
@@ -356,7 +359,7 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
             f"the data holds token id {top} but the student's vocabulary has {V} entries: tokenize "
             "with the tokenizer the model was built for, or build the student with a larger vocab_size"
         )
-    check_on_policy(cfg, data.train.seq_len, teacher, sharded)
+    check_on_policy(cfg, data, teacher, sharded)
     if cfg.eval_every and data.heldout is None:
         raise ValueError("eval_every > 0 needs held-out data: set holdout_fraction > 0 (or eval paths), or eval_every=0")
     if cfg.tokenizer_file is not None and not Path(cfg.tokenizer_file).is_file():
@@ -444,7 +447,7 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     live_teacher = train_teacher.model.config if train_teacher is not None and train_teacher.model is not None else None
     flops_per_token = training_flops_per_token(student.config, data.train.seq_len, live_teacher)
     peak = cfg.peak_flops or peak_flops(rt.device, loss_mod.dtype)
-    rollouts = Rollouts(cfg, student, loss_mod, kd_teacher, data.train.seq_len, rt, start_step)
+    rollouts = Rollouts(cfg, student, loss_mod, kd_teacher, data.train, rt, start_step)
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)

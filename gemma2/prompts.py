@@ -1,0 +1,194 @@
+"""Prompt datasets for on-policy distillation: prompts (and optional reference completions) from
+JSON Lines files, as fixed-width, left-padded training rows.
+
+Each line of a `.jsonl` file is one example, in one of TRL's two forms:
+- `{"prompt": str, "completion": str}`: plain text. The prompt is encoded with bos, the completion
+  without, followed by eos.
+- `{"messages": [{"role": ..., "content": ...}, ...]}`: a conversation in Gemma's chat format
+  (gemma2.tokenizer.Tokenizer.encode_chat). A final assistant turn is the completion, followed by
+  `<end_of_turn>`; everything before it is the prompt, which ends by opening the model's turn.
+The completion may be left out ("prompt" alone, or messages ending with a user turn): such rows can
+only be trained on-policy or on the teacher's samples (lmbda = 1, or seq_kd).
+
+Row layout, P = prompt_len and N = max_new_tokens: a row holds P + N tokens, its prompt
+right-aligned in the first P columns (left padding, marked invalid so no query attends to it and
+RoPE positions start at the first real token) and its completion from column P, cut to N tokens
+and padded after its end. A batch's inputs are columns 0 .. P + N - 2 and its targets columns
+1 .. P + N - 1, counted (`!= IGNORE_INDEX`) exactly on the completion; so seq_len = P + N - 1,
+the width of the rows gemma2.on_policy samples from these prompts. Padding after the completion
+stays valid: causal attention keeps it out of every counted position.
+
+Examples whose prompt is longer than P are dropped, with a count on stderr, never cut: the start of
+a chat holds its instructions. The held-out split is by a hash of each example's line
+(gemma2.corpus.split_corpus), the same in every process; a repeated line is kept once. Tokens are held ragged (one flat int32
+array and offsets); a batch is assembled on the host with one fancy index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .corpus import split_corpus
+from .data import IGNORE_INDEX, Batch, Datasets
+from .tokenizer import Tokenizer
+
+
+def read_examples(paths: Sequence[str | os.PathLike]) -> dict[str, str]:
+    """The non-blank lines of the `.jsonl` files in `paths`, in order, each checked to be a JSON
+    object of one of the two forms (ValueError naming the file and line otherwise), mapped to
+    where they are (`FILE:LINE`, the first place for a repeated line)."""
+    lines: dict[str, str] = {}
+    for path in map(Path, paths):
+        if path.suffix != ".jsonl":
+            raise ValueError(f"{path}: prompts come as .jsonl files, one JSON object per line")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such prompts file") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                _parse(line, f"{path}:{n}")
+                lines.setdefault(line, f"{path}:{n}")
+    if not lines:
+        raise ValueError(f"no examples in {', '.join(map(str, paths))}: each line must hold a JSON object")
+    return lines
+
+
+def _parse(line: str, where: str) -> dict:
+    try:
+        example = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(example, dict) and isinstance(example.get("messages"), list) and example["messages"]:
+        return example
+    if isinstance(example, dict) and isinstance(example.get("prompt"), str):
+        if not isinstance(example.get("completion", ""), str):
+            raise ValueError(f'{where}: "completion" must be a string')
+        return example
+    raise ValueError(
+        f'{where}: expected {{"prompt": str, "completion": str}} (completion optional) or '
+        '{"messages": [{"role": "user", "content": str}, ...]}'
+    )
+
+
+def encode_example(example: dict, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one parsed example; the completion [] when it has none."""
+    if "messages" in example:
+        turns = example["messages"]
+        last = turns[-1] if isinstance(turns[-1], dict) else {}
+        if len(turns) == 1 or last.get("role") not in ("assistant", "model"):
+            return tokenizer.encode_chat(turns), []
+        if not isinstance(last.get("content"), str):
+            raise ValueError(f"the last turn's content must be a str, got {type(last.get('content')).__name__}")
+        answer = tokenizer.encode(last["content"].strip(), bos=False)
+        return tokenizer.encode_chat(turns[:-1]), [*answer, tokenizer.end_of_turn_id]
+    prompt = tokenizer.encode(example["prompt"], bos=True)
+    completion = example.get("completion")
+    return prompt, [] if completion is None else tokenizer.encode(completion, bos=False, eos=True)
+
+
+class PromptRows:
+    """Examples as rows of prompt_len + max_new_tokens tokens (see the module docstring); the
+    interface of gemma2.data.PackedSequences (len, batch, seq_len, tokens, fingerprint)."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], prompt_len: int,
+                 max_new_tokens: int, pad_id: int, stop_ids: Sequence[int] = ()) -> None:  # fmt: skip
+        if prompt_len < 1 or max_new_tokens < 1:
+            raise ValueError(f"prompt_len and max_new_tokens must be >= 1, got {prompt_len} and {max_new_tokens}")
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        if any(len(p) == 0 or len(p) > prompt_len for p in prompts):
+            raise ValueError(f"every prompt must hold 1 .. prompt_len = {prompt_len} tokens")
+        self.prompt_len, self.max_new_tokens, self.pad_id = prompt_len, max_new_tokens, pad_id
+        self.stop_ids = tuple(stop_ids)  # what ends a sampled completion besides the model's eos
+        self.seq_len = prompt_len + max_new_tokens - 1
+        parts = [np.asarray([*p, *c[:max_new_tokens]], dtype=np.int32) for p, c in zip(prompts, completions)]
+        self.tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        self.starts = np.cumsum([0, *map(len, parts)])[:-1]
+        self.prompt_lens = np.asarray([len(p) for p in prompts], dtype=np.int64)
+        self.completion_lens = np.asarray([min(len(c), max_new_tokens) for c in completions], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.prompt_lens)
+
+    @property
+    def has_completions(self) -> bool:
+        """Whether every example has a reference completion to train on off-policy."""
+        return bool(len(self) and self.completion_lens.min() > 0)
+
+    def batch(self, indices: torch.Tensor | Sequence[int]) -> Batch:
+        """The examples at `indices` as a Batch with `valid` (False on the left padding)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"example indices must be in [0, {len(self)}), got {idx.min()}..{idx.max()}")
+        P, W = self.prompt_len, self.prompt_len + self.max_new_tokens
+        plen, clen = self.prompt_lens[idx, None], self.completion_lens[idx, None]
+        col = np.arange(W)[None]
+        first = P - plen  # the column of each row's first prompt token
+        real = (col >= first) & (col < P + clen)
+        source = np.where(real, self.starts[idx, None] + col - first, 0)
+        rows = torch.from_numpy(np.where(real, self.tokens[source], self.pad_id).astype(np.int64))
+        counted = torch.from_numpy((col >= P) & (col < P + clen))
+        valid = torch.from_numpy(col >= first)
+        targets = rows[:, 1:].masked_fill(~counted[:, 1:], IGNORE_INDEX)
+        return Batch(torch.from_numpy(idx), rows[:, :-1], targets, valid[:, :-1])
+
+    def fingerprint(self) -> str:
+        """A short sha256 of the rows' tokens and layout (a resumed run checks it)."""
+        h = hashlib.sha256(f"prompts\0{self.prompt_len}\0{self.max_new_tokens}\0{self.pad_id}\0".encode())
+        for a in (self.tokens, self.prompt_lens, self.completion_lens):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+
+def load_prompt_datasets(
+    paths: Sequence[str | os.PathLike],
+    tokenizer: Tokenizer,
+    max_new_tokens: int,
+    *,
+    prompt_len: int | None = None,
+    holdout_fraction: float = 0.02,
+    eval_paths: Sequence[str | os.PathLike] | None = None,
+) -> Datasets:
+    """Read, split and encode prompt examples. prompt_len None: the longest prompt's length. The
+    held-out split is `eval_paths` when given, else `holdout_fraction` of the examples by hash."""
+    lines = read_examples(paths)
+    if eval_paths is not None:
+        held = read_examples(eval_paths)
+        parts = {"training": lines, "held-out": held}
+    else:
+        train, held = split_corpus(list(lines), holdout_fraction=holdout_fraction)
+        parts = {"training": {x: lines[x] for x in train}, "held-out": {x: lines[x] for x in held}}
+    encoded = {}
+    for name, part in parts.items():
+        encoded[name] = []
+        for line, where in part.items():
+            try:
+                encoded[name].append(encode_example(json.loads(line), tokenizer))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+    if prompt_len is None:
+        prompt_len = max(len(p) for part in encoded.values() for p, _ in part)
+    splits = {}
+    for name, pairs in encoded.items():
+        kept = [(p, c) for p, c in pairs if len(p) <= prompt_len]
+        if len(kept) < len(pairs):
+            print(f"prompts: dropped {len(pairs) - len(kept)} of {len(pairs)} {name} examples whose prompt "
+                  f"is longer than prompt_len = {prompt_len} tokens", file=sys.stderr)  # fmt: skip
+        if pairs and not kept:
+            raise ValueError(f"no {name} prompt fits in prompt_len = {prompt_len} tokens; raise prompt_len")
+        splits[name] = PromptRows([p for p, _ in kept], [c for _, c in kept], prompt_len, max_new_tokens,
+                                  tokenizer.pad_id, tokenizer.stop_ids) if kept else None  # fmt: skip
+    if splits["training"] is None:
+        raise ValueError(f"{', '.join(map(str, paths))}: every example is held out; lower holdout_fraction")
+    return Datasets(splits["training"], splits["held-out"])

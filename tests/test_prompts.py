@@ -1,0 +1,300 @@
+"""Prompt datasets (gemma2.prompts) for on-policy distillation: rows laid out as written by hand
+from the tokenizer's own encodings; left padding changes no loss, gradient or sample (against each
+example computed alone, unpadded); the trainer and the script run on them and resume exactly; two
+FSDP2 ranks train like one process; settings that cannot work are refused before any work."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from conftest import TIMINGS, assert_same_metrics, tiny_training_config
+from gemma2 import Gemma2ForCausalLM
+from gemma2.data import IGNORE_INDEX, BatchLoader, Datasets
+from gemma2.distributed import Runtime
+from gemma2.on_policy import is_on_policy, sample_completions
+from gemma2.prompts import PromptRows, load_prompt_datasets
+from gemma2.student import init_weights
+from gemma2.tokenizer import Tokenizer, train_tokenizer
+from gemma2.trainer import TrainConfig, train
+from test_fsdp import _train_config as fsdp_train_config
+
+ROOT = Path(__file__).parents[1]
+TEXTS = [f"Question {i}: how many legs has a {a}? Answer: a {a} has {n} legs." for i, (a, n) in
+         enumerate([("cat", 4), ("bird", 2), ("spider", 8), ("ant", 6), ("dog", 4), ("fish", 0)] * 10)]  # fmt: skip
+EXAMPLES = [
+    {"prompt": "How many legs has a cat?", "completion": " Four."},
+    {"messages": [{"role": "user", "content": "How many legs has a bird?"}, {"role": "assistant", "content": "Two."}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A spider?"},
+                  {"role": "assistant", "content": "Eight legs, and a very long answer that is cut."}]},
+    {"prompt": "An ant", "completion": " has six legs."},
+]  # fmt: skip
+N = 6  # max_new_tokens
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    return Tokenizer(train_tokenizer(TEXTS, tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=320))
+
+
+def write_jsonl(path: Path, examples: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    return path
+
+
+def model(tok: Tokenizer, seed: int, **overrides) -> Gemma2ForCausalLM:
+    cfg = tiny_training_config(vocab_size=tok.vocab_size, max_position_embeddings=128, sliding_window=4, **overrides)
+    return init_weights(Gemma2ForCausalLM(cfg), seed, std=0.3)
+
+
+def expected_ids(example: dict, tok: Tokenizer) -> tuple[list[int], list[int]]:
+    """Prompt and completion as the tokenizer writes them (the chat format is tested in test_tokenizer)."""
+    if "messages" in example:
+        *turns, answer = example["messages"]
+        return tok.encode_chat(turns), [*tok.encode(answer["content"], bos=False), tok.end_of_turn_id]
+    return tok.encode(example["prompt"]), tok.encode(example["completion"], bos=False, eos=True)
+
+
+def test_rows_hold_each_prompt_right_aligned_and_count_only_its_completion(tmp_path, tok):
+    data = load_prompt_datasets([write_jsonl(tmp_path / "p.jsonl", EXAMPLES)], tok, N, holdout_fraction=0)
+    rows = data.train
+    pairs = [expected_ids(e, tok) for e in EXAMPLES]
+    P = max(len(p) for p, _ in pairs)
+    assert data.heldout is None and len(rows) == 4 and rows.prompt_len == P and rows.seq_len == P + N - 1
+    assert len(pairs[2][1]) > N  # the third completion is cut to N tokens
+    batch = rows.batch(range(4))
+    for b, (prompt, completion) in enumerate(pairs):
+        completion = completion[:N]
+        row = [tok.pad_id] * (P - len(prompt)) + prompt + completion + [tok.pad_id] * (N - len(completion))
+        counted = [P <= j < P + len(completion) for j in range(P + N)]
+        assert batch.inputs[b].tolist() == row[:-1]
+        assert batch.targets[b].tolist() == [t if c else IGNORE_INDEX for t, c in zip(row[1:], counted[1:])]
+        assert batch.valid[b].tolist() == [j >= P - len(prompt) for j in range(P + N - 1)]
+    assert rows.has_completions and rows.stop_ids == (tok.eos_id, tok.end_of_turn_id)
+
+
+@pytest.mark.parametrize("attention", ["eager", "banded"])
+def test_left_padding_changes_no_loss_and_no_gradient(tmp_path, tok, attention):
+    """The summed CE of a padded batch and its gradients equal the sums over each example run
+    alone without padding (fp32, 1e-5)."""
+    rows = load_prompt_datasets([write_jsonl(tmp_path / "p.jsonl", EXAMPLES)], tok, N, holdout_fraction=0).train
+    batch = rows.batch(range(4))
+    assert (~batch.valid).any(dim=1).sum() >= 2  # at least two rows are padded
+
+    def ce_sum(m, inputs, targets, valid):
+        logits = m(inputs, valid)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+    padded, alone = model(tok, 0), model(tok, 0)
+    padded.attention = alone.attention = attention
+    loss = ce_sum(padded, batch.inputs, batch.targets, batch.valid)
+    loss.backward()
+    ref = 0.0
+    for b in range(4):
+        keep = batch.valid[b]
+        ref = ref + ce_sum(alone, batch.inputs[b, keep][None], batch.targets[b, keep][None], None)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(padded.named_parameters(), alone.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_sampling_from_padded_prompts_gives_each_prompt_its_own_completion(tmp_path, tok):
+    """Greedy completions of a left-padded batch equal each prompt's own, computed by full
+    uncached forwards; each stops at its first stop id (the model's eos or the given ones)."""
+    rows = load_prompt_datasets([write_jsonl(tmp_path / "p.jsonl", EXAMPLES)], tok, N, holdout_fraction=0).train
+    m = model(tok, 3).eval()
+    batch = rows.batch(range(4))
+    P = rows.prompt_len
+    # Stop ids from the tokens the rows would sample anyway, so some rows stop early.
+    free = sample_completions(m, batch, P, N, 0.0, 0, Runtime(0, 1, torch.device("cpu"), False))
+    stops = (int(free.inputs[0, P + 1]), int(free.inputs[1, P]))
+    out = sample_completions(m, batch, P, N, 0.0, 0, Runtime(0, 1, torch.device("cpu"), False), stop_ids=stops)
+    lengths = []
+    for b in range(4):
+        row = batch.inputs[b, batch.valid[b]][: P - int((~batch.valid[b]).sum())][None]  # the prompt alone
+        with torch.no_grad():
+            for _ in range(N):
+                row = torch.cat([row, m(row)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        new = row[0, -N:].tolist()
+        n = next((i + 1 for i, t in enumerate(new) if t in stops or t == m.config.eos_token_id), N)
+        lengths.append(n)
+        full = torch.cat([out.inputs[b], out.targets[b, -1:].clamp(min=0)])
+        assert full[P : P + n].tolist() == new[:n]
+        counted = out.targets[b] != IGNORE_INDEX
+        assert counted.tolist() == [P <= j + 1 < P + n for j in range(P + N - 1)]
+        assert torch.equal(out.valid[b], torch.cat([batch.valid[b, :P], torch.ones(N - 1, dtype=torch.bool)]))
+    assert min(lengths) < N  # the stop ids ended some rows
+
+
+def config(out: Path, **overrides) -> TrainConfig:
+    values = dict(out_dir=str(out), steps=4, batch_size=2, lr=3e-3, warmup=1, alpha=1.0, eval_every=2,
+                  chunk_size=16, max_new_tokens=N, lmbda=0.5, gen_temperature=1.0)  # fmt: skip
+    return TrainConfig(**(values | overrides))
+
+
+def strip(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory, tok):
+    animals = [("cat", 4), ("bird", 2), ("spider", 8), ("ant", 6), ("dog", 4), ("fish", 0)] * 3
+    examples = [{"messages": [{"role": "user", "content": f"How many legs has a {a} ({i})?"},
+                              {"role": "assistant", "content": f"A {a} has {n} legs."}]}
+                for i, (a, n) in enumerate(animals)]  # fmt: skip
+    examples += [{"prompt": f"Legs of a {a} number", "completion": f" {n}."} for a, n in [("cat", 4), ("ant", 6)]]
+    path = write_jsonl(tmp_path_factory.mktemp("chats") / "chats.jsonl", examples)
+    return load_prompt_datasets([path], tok, N, holdout_fraction=0.2)
+
+
+def test_a_step_on_padded_rows_has_the_loss_of_each_example_alone(tmp_path, tok, chats):
+    """The trainer's first loss on prompt rows (reference completions, lmbda 0): (1 - alpha) CE +
+    alpha forward KL, both summed over the completions' tokens of each example run alone through
+    both models without padding, over the count."""
+    cfg = config(tmp_path / "run", steps=1, lmbda=0.0, alpha=0.5, eval_every=0, batch_size=4)
+    metrics = train(cfg, model(tok, 0), chats, teacher=model(tok, 1), progress=False)
+    batch = next(BatchLoader(chats.train, cfg.batch_size, seed=cfg.seed))
+    student, teacher = model(tok, 0), model(tok, 1)
+    ce = kd = count = 0.0
+    with torch.no_grad():
+        for b in range(cfg.batch_size):
+            keep = batch.valid[b]
+            inputs, targets = batch.inputs[b, keep][None], batch.targets[b, keep]
+            counted = targets != IGNORE_INDEX
+            log_s = student(inputs)[0, counted].log_softmax(-1)
+            log_t = teacher(inputs)[0, counted].log_softmax(-1)
+            ce += -log_s.gather(-1, targets[counted, None]).sum().item()
+            kd += (log_t.exp() * (log_t - log_s)).sum().item()
+            count += counted.sum().item()
+    assert count > 0 and (~batch.valid).any()
+    assert metrics[0]["loss"] == pytest.approx((0.5 * ce + 0.5 * kd) / count, rel=1e-5)
+
+
+def test_on_policy_training_on_prompts_runs_and_resumes_exactly(tmp_path, tok, chats):
+    assert chats.heldout is not None and len(chats.heldout) >= 1
+    # A seed whose coin puts on-policy steps before and after the resume, and one step that is not.
+    coins = {s: [is_on_policy(s, step, 0.5) for step in range(4)] for s in range(64)}
+    seed = next(s for s, c in coins.items() if any(c[:2]) and any(c[2:]) and not all(c))
+    whole = train(config(tmp_path / "a", seed=seed), model(tok, 0), chats, teacher=model(tok, 1), progress=False)
+    steps = [r for r in whole if "loss" in r]
+    assert len(steps) == 4 and 0 < steps[-1]["on_policy_fraction"] < 1  # both kinds of step ran
+    assert all(r["completion_len"] is None or 0 < r["completion_len"] <= N for r in steps)
+    assert all(math.isfinite(r["loss"]) for r in steps) and any("eval_kd" in r for r in whole)
+    first = train(config(tmp_path / "b", steps=2, seed=seed), model(tok, 0), chats, teacher=model(tok, 1),
+                  progress=False)  # fmt: skip
+    rest = train(config(tmp_path / "b", seed=seed), model(tok, 0), chats, teacher=model(tok, 1), resume=True,
+                 progress=False)  # fmt: skip
+    assert strip(first + rest) == strip(whole)
+
+
+def test_settings_that_cannot_work_with_prompts_are_refused(tmp_path, tok, chats):
+    no_answers = load_prompt_datasets([write_jsonl(tmp_path / "q.jsonl", [{"prompt": "A cat"}, {"prompt": "A dog"}])],
+                                      tok, N, holdout_fraction=0)  # fmt: skip
+    cases = [
+        (chats, dict(max_new_tokens=N + 1), "laid out for 6 completion tokens"),
+        (chats, dict(prompt_len=chats.train.prompt_len + 1), "laid out with prompt_len"),
+        (no_answers, dict(lmbda=0.5, eval_every=0), "no completion, which a step that is not on-policy"),
+    ]
+    for data, settings, match in cases:
+        with pytest.raises(ValueError, match=match):
+            train(config(tmp_path / "out", **settings), model(tok, 0), data, teacher=model(tok, 1), progress=False)
+    assert not (tmp_path / "out").exists()
+    # Without completions, lmbda = 1 trains on the student's samples alone.
+    metrics = train(config(tmp_path / "ok", lmbda=1.0, eval_every=0, steps=1), model(tok, 0), no_answers,
+                    teacher=model(tok, 1), progress=False)  # fmt: skip
+    assert metrics[0]["completion_len"] > 0
+
+
+def test_bad_files_are_named_with_their_line(tmp_path, tok, capsys):
+    bad = {
+        "a.jsonl": ('{"prompt": "x"}\n{"prompt": 3}\n', r"a.jsonl:2: expected"),
+        "b.jsonl": ('{"prompt": "x"}\n\n{"prompt": \n', r"b.jsonl:3: not JSON"),
+        "c.txt": ("hello\n", r"c.txt: prompts come as .jsonl files"),
+        "d.jsonl": ('{"messages": [{"role": "model", "content": "hi"}, {"role": "user", "content": "x"}]}\n',
+                    r"d.jsonl:1: chat turn 0 is 'model'"),
+    }  # fmt: skip
+    for name, (text, match) in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_prompt_datasets([tmp_path / name], tok, N, holdout_fraction=0)
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "a cat " * 20}, {"prompt": "A dog"}])
+    data = load_prompt_datasets([long], tok, N, prompt_len=8, holdout_fraction=0)
+    assert len(data.train) == 1 and "dropped 1 of 2 training examples" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no training prompt fits in prompt_len = 2"):
+        load_prompt_datasets([long], tok, N, prompt_len=2, holdout_fraction=0)
+
+
+def test_script_distils_on_prompts(tmp_path, tok, chats):
+    import subprocess
+    import sys
+
+    from gemma2.checkpoint import save_model
+
+    examples = [{"messages": [{"role": "user", "content": f"Legs of a {a} ({i})?"}, {"role": "assistant", "content": f"{n}."}]}
+                for i, (a, n) in enumerate([("cat", 4), ("bird", 2), ("spider", 8), ("ant", 6)] * 3)]  # fmt: skip
+    prompts = write_jsonl(tmp_path / "chats.jsonl", examples)
+    save_model(model(tok, 1), tmp_path / "teacher")
+    (tmp_path / "teacher" / "tokenizer.model").write_bytes(Path(tok.path).read_bytes())
+    student_cfg = tmp_path / "student.json"
+    model(tok, 0).config.to_json(student_cfg)
+    common = [sys.executable, str(ROOT / "scripts/distill.py"), "--student", str(student_cfg), "--teacher",
+              str(tmp_path / "teacher"), "--prompts", str(prompts), "--steps", "2", "--batch-size", "2",
+              "--max-new-tokens", "4", "--eval-every", "0", "--warmup", "1", "--no-progress"]  # fmt: skip
+    ok = subprocess.run([*common, "--lmbda", "0.5", "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and "on_policy_fraction" in records[-1]
+    bad = subprocess.run([*common, "--seq-len", "64", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: with --prompts, rows are")
+    assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Two FSDP2 ranks
+
+
+def _rows(n: int, seed: int) -> PromptRows:
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, 96, size=rng.integers(2, 9)).tolist() for _ in range(n)]
+    completions = [rng.integers(3, 96, size=rng.integers(1, 9)).tolist() for _ in range(n)]
+    return PromptRows(prompts, completions, prompt_len=8, max_new_tokens=6, pad_id=0, stop_ids=(5, 6, 7))
+
+
+def _rank_models() -> tuple[Gemma2ForCausalLM, Gemma2ForCausalLM]:
+    cfg = tiny_training_config(vocab_size=96, sliding_window=4, max_position_embeddings=32)
+    return init_weights(Gemma2ForCausalLM(cfg), seed=2), init_weights(Gemma2ForCausalLM(cfg), seed=1, std=0.3)
+
+
+RANKED = dict(lmbda=0.5, max_new_tokens=6, gen_temperature=0.0, seed=1)  # greedy: the same samples on 1 or 2 ranks
+
+
+def _rank_worker(rank: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+    try:
+        student, teacher = _rank_models()
+        metrics = train(fsdp_train_config(Path(tmp) / "fsdp", 2, **RANKED), student,
+                        Datasets(_rows(64, 0), _rows(8, 1)), teacher=teacher, progress=False)  # fmt: skip
+        if rank == 0:
+            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_train_on_prompts_like_one_process(tmp_path):
+    mp.spawn(_rank_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    sharded = json.loads((tmp_path / "metrics.json").read_text())
+    student, teacher = _rank_models()
+    single = train(fsdp_train_config(tmp_path / "single", 4, **RANKED), student, Datasets(_rows(64, 0), _rows(8, 1)),
+                   teacher=teacher, progress=False)  # fmt: skip
+    assert any(m.get("completion_len") for m in single) and any("eval_kd" in m for m in single)
+    assert_same_metrics(sharded, single, rel=1e-5, abs=1e-6)
