@@ -5,14 +5,17 @@ cause (a missing path, a read-only or full disk, a file where a directory should
 messages name the fix, and no write in this project leaves a half-written file behind (see
 gemma2.files), which the full-disk message says. Ctrl-C ends a script with one line and exit status
 130 (the shell's code for SIGINT); `on_interrupt` may add what the user needs to know (where to
-resume). Anything else is a bug and keeps its traceback. `device_arg` checks a --device before
-any work.
+resume). Anything else is a bug and keeps its traceback. With GEMMA2_TRACEBACK=1 in the
+environment a user error prints its traceback above the line too (for a failure deep inside a
+compiler, which may surface as a ValueError). `device_arg` checks a --device before any work.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -39,11 +42,10 @@ def describe_os_error(e: OSError) -> str:
 def run_cli(main: Callable[[], int | None], on_interrupt: Callable[[], str] | None = None) -> NoReturn:
     try:
         code = main()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    except OSError as e:
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        if os.environ.get("GEMMA2_TRACEBACK") == "1":
+            traceback.print_exc()
+        print(f"error: {e if isinstance(e, ValueError) else describe_os_error(e)}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         extra = on_interrupt() if on_interrupt is not None else ""

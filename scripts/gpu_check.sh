@@ -43,6 +43,7 @@ part() {  # part NAME SECONDS COMMAND...: run it under a time limit, log it, rec
   $PY -c 'import transformers; print("transformers", transformers.__version__)'
 } 2>&1 | tee "$OUT/gpu.txt"
 part tests 130 $PY -m pytest -q -m cuda -p no:cacheprovider tests
-part benchmark 220 $PY scripts/benchmark.py --device cuda --json "$OUT/benchmark.json"
-part 2b 180 $PY scripts/bench_preset.py --preset 2b --device cuda --seq-len 4096 --json "$OUT/2b.json"
+# The scripts print a failure's whole traceback (gemma2.cli), not only its last line.
+part benchmark 220 env GEMMA2_TRACEBACK=1 $PY scripts/benchmark.py --device cuda --json "$OUT/benchmark.json"
+part 2b 180 env GEMMA2_TRACEBACK=1 $PY scripts/bench_preset.py --preset 2b --device cuda --seq-len 4096 --json "$OUT/2b.json"
 exit $failed

@@ -37,9 +37,9 @@ TOKENIZER = TEACHER / "tokenizer.model"
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def script(name: str, *args, **kwargs) -> subprocess.CompletedProcess:
+def script(name: str, *args, env: dict = ENV, **kwargs) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "scripts" / name), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=180, **kwargs)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, **kwargs)
 
 
 def start(name: str, *args, **kwargs) -> subprocess.Popen:
@@ -458,6 +458,13 @@ def test_missing_paths_are_one_line(tmp_path, docs):
     assert "no such file or directory" in one_line_error(distill(docs, tmp_path / "o", "--data", tmp_path / "none"))
     done = script("convert_checkpoint.py", "--input", tmp_path / "none", "--output", tmp_path / "out")
     assert "none: no such file or directory" in one_line_error(done)
+
+
+def test_gemma2_traceback_keeps_the_traceback_above_the_line(tmp_path):
+    args = ("--input", tmp_path / "none", "--output", tmp_path / "out")
+    done = script("convert_checkpoint.py", *args, env=ENV | {"GEMMA2_TRACEBACK": "1"})
+    assert done.returncode == 2 and done.stderr.startswith("Traceback (most recent call last):"), done.stderr
+    assert done.stderr.splitlines()[-1] == one_line_error(script("convert_checkpoint.py", *args))
 
 
 def _mount_tmpfs(path: Path, options: str) -> bool:

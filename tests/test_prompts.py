@@ -196,6 +196,16 @@ def test_on_policy_training_on_prompts_runs_and_resumes_exactly(tmp_path, tok, c
     assert strip(first + rest) == strip(whole)
 
 
+@pytest.mark.cuda
+def test_on_policy_training_on_prompts_on_cuda_in_bf16(tmp_path, tok, chats):
+    """Padding masks and sampled rows on the device, compiled FlexAttention under bf16 autocast."""
+    cfg = config(tmp_path / "run", steps=2, lmbda=1.0, device="cuda", dtype="bf16")
+    metrics = train(cfg, model(tok, 0), chats, teacher=model(tok, 1).cuda(), progress=False)
+    steps = [r for r in metrics if "loss" in r]
+    assert all(r["on_policy_fraction"] == 1.0 and 1 <= r["completion_len"] <= N for r in steps)
+    assert all(math.isfinite(r["loss"]) for r in steps) and any("eval_kd" in r for r in metrics)
+
+
 def test_settings_that_cannot_work_with_prompts_are_refused(tmp_path, tok, chats):
     no_answers = load_prompt_datasets([write_jsonl(tmp_path / "q.jsonl", [{"prompt": "A cat"}, {"prompt": "A dog"}])],
                                       tok, N, holdout_fraction=0)  # fmt: skip
