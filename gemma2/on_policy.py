@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
-from .data import IGNORE_INDEX, Batch, Datasets, Rows
+from .data import IGNORE_INDEX, Batch, Datasets, Rows, eval_batches
 from .distributed import Runtime
 from .generation import stream
 from .model import Gemma2ForCausalLM
@@ -210,19 +210,24 @@ def _as_forward(root: nn.Module, fn: Callable) -> Callable:
 
 class Rollouts:
     """The trainer's entry point: each step's micro-batches, replaced by sampled ones when the step
-    is on-policy (or, with seq_kd, by the teacher's samples), and the metrics of that."""
+    is on-policy (or, with seq_kd, by the teacher's samples), and the metrics of that; and the
+    evaluation of the student on its own samples."""
 
     def __init__(self, cfg: TrainConfig, student: Gemma2ForCausalLM, student_root: nn.Module,
                  teacher: Teacher | None, rows: Rows, rt: Runtime, start_step: int) -> None:  # fmt: skip
         self.cfg, self.rt = cfg, rt
         self.active = cfg.lmbda > 0 or cfg.seq_kd
-        if not self.active:
+        # What on-policy training aims at, measured for every run that samples or trains on prompts.
+        live = teacher is not None and teacher.model is not None
+        self.evaluates = live and (self.active or isinstance(rows, PromptRows))
+        if not (self.active or self.evaluates):
             return
         self.prompt_len = prompt_length(cfg, rows)
         self.rows = cfg.batch_size * cfg.grad_accum * rt.world  # per step, all ranks
         stop_ids = rows.stop_ids if isinstance(rows, PromptRows) else ()
         sample = partial(sample_completions, stop_ids=stop_ids, compiled=cfg.compile_sampling)
-        self.student = _as_forward(student_root, partial(sample, student)) if cfg.lmbda > 0 else None
+        wanted = cfg.lmbda > 0 or self.evaluates
+        self.student = _as_forward(student_root, partial(sample, student)) if wanted else None
         self.teacher = _as_forward(teacher.root, partial(sample, teacher.model)) if cfg.seq_kd else None
         self.on_policy_steps = sum(is_on_policy(cfg.seed, s, cfg.lmbda) for s in range(start_step))
         self.generated = False  # whether this step's rows were sampled
@@ -240,6 +245,27 @@ class Rollouts:
             return micro
         return [sample(batch, self.prompt_len, cfg.max_new_tokens, cfg.gen_temperature,
                        sampling_seed(cfg.seed, step, self.rt.rank, i), self.rt) for i, batch in enumerate(micro)]
+
+    @torch.no_grad()
+    def evaluate(self, heldout: Rows, loss_mod: nn.Module, teacher: Teacher) -> dict:
+        """The student's greedy completions of the held-out prompts (the first eval_sequences rows),
+        scored by the teacher: eval_sample_kd, the run's KD objective per completion token (times
+        temperature**2, as eval_kd), and eval_sample_len, the completions' mean length in tokens.
+        Nothing unless there is a live teacher and the run samples or trains on prompts.
+        loss_mod: the trainer's student loss (gemma2.trainer._StudentLoss), in eval mode."""
+        if not self.evaluates:
+            return {}
+        cfg, rt = self.cfg, self.rt
+        sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # kd, tokens, rows
+        for batch in eval_batches(heldout, cfg.batch_size, rank=rt.rank, world_size=rt.world,
+                                  max_sequences=cfg.eval_sequences):  # fmt: skip
+            rows = self.student(batch, self.prompt_len, cfg.max_new_tokens, 0.0, 0, rt)
+            valid = None if rows.valid is None else rows.valid.to(rt.device)
+            _, st = loss_mod(rows.inputs.to(rt.device), rows.targets.to(rt.device), teacher(rows, "heldout"), valid=valid)
+            teacher.release()
+            sums += torch.stack([st.kd_sum.double(), *st.kd_sum.new_tensor([st.tokens, len(rows.inputs)]).double()])
+        kd, tokens, count = rt.all_reduce(sums).tolist()
+        return {"eval_sample_kd": kd / tokens * cfg.temperature**2, "eval_sample_len": tokens / count}
 
     def metrics(self, step: int, counted_tokens: float) -> dict:
         """For step `step` (0-based), whose rows counted `counted_tokens` tokens on all ranks:

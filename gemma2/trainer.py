@@ -402,7 +402,10 @@ def train(
       with lmbda > 0 or seq_kd, every step also: on_policy_fraction (of the steps so far),
                              completion_len (mean sampled tokens per row; None on a step of data)
       evaluation:            step, eval_ce, eval_ppl, eval_kd (with a teacher),
-                             teacher_eval_ce and teacher_eval_ppl (at step 0 only)
+                             teacher_eval_ce and teacher_eval_ppl (at step 0 only); with a live
+                             teacher and lmbda > 0, seq_kd or a prompt dataset also eval_sample_kd
+                             and eval_sample_len (the student's greedy completions of the held-out
+                             prompts, scored by the teacher: gemma2.on_policy)
     `step` counts optimizer updates done; evaluation runs at step 0 (with the teacher's numbers),
     every eval_every steps and at the end. Raises NonFiniteLossError if the loss or the gradient
     norm stops being finite.
@@ -434,9 +437,12 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     metrics = _MetricsLog(out / METRICS_FILE, rt, resumed_at=start_step if ckpt is not None else None)
     log = metrics.log
 
+    rollouts = Rollouts(cfg, student, loss_mod, kd_teacher, data.train, rt, start_step)
+
     def evaluate(step: int, first: bool) -> None:
         loss_mod.eval()
-        log({"step": step, **_evaluate(loss_mod, kd_teacher, data, cfg, rt, with_teacher_ce=first)})
+        log({"step": step, **_evaluate(loss_mod, kd_teacher, data, cfg, rt, with_teacher_ce=first),
+             **rollouts.evaluate(data.heldout, loss_mod, kd_teacher)})  # fmt: skip
         loss_mod.train()
 
     if cfg.eval_every and start_step == 0:
@@ -447,7 +453,6 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     live_teacher = train_teacher.model.config if train_teacher is not None and train_teacher.model is not None else None
     flops_per_token = training_flops_per_token(student.config, data.train.seq_len, live_teacher)
     peak = cfg.peak_flops or peak_flops(rt.device, loss_mod.dtype)
-    rollouts = Rollouts(cfg, student, loss_mod, kd_teacher, data.train, rt, start_step)
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)

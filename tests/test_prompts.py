@@ -107,6 +107,16 @@ def test_left_padding_changes_no_loss_and_no_gradient(tmp_path, tok, attention):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def greedy_alone(m: Gemma2ForCausalLM, prompt: torch.Tensor, n: int, stops: tuple[int, ...]) -> list[int]:
+    """Up to n greedy tokens after `prompt` [T] by full uncached forwards, through the first stop."""
+    row = prompt[None]
+    with torch.no_grad():
+        for _ in range(n):
+            row = torch.cat([row, m(row)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    new = row[0, len(prompt):].tolist()
+    return new[: next((i + 1 for i, t in enumerate(new) if t in stops), n)]
+
+
 def test_sampling_from_padded_prompts_gives_each_prompt_its_own_completion(tmp_path, tok):
     """Greedy completions of a left-padded batch equal each prompt's own, computed by full
     uncached forwards; each stops at its first stop id (the model's eos or the given ones)."""
@@ -120,15 +130,11 @@ def test_sampling_from_padded_prompts_gives_each_prompt_its_own_completion(tmp_p
     out = sample_completions(m, batch, P, N, 0.0, 0, Runtime(0, 1, torch.device("cpu"), False), stop_ids=stops)
     lengths = []
     for b in range(4):
-        row = batch.inputs[b, batch.valid[b]][: P - int((~batch.valid[b]).sum())][None]  # the prompt alone
-        with torch.no_grad():
-            for _ in range(N):
-                row = torch.cat([row, m(row)[:, -1].argmax(-1, keepdim=True)], dim=1)
-        new = row[0, -N:].tolist()
-        n = next((i + 1 for i, t in enumerate(new) if t in stops or t == m.config.eos_token_id), N)
+        new = greedy_alone(m, batch.inputs[b, :P][batch.valid[b, :P]], N, (*stops, m.config.eos_token_id))
+        n = len(new)
         lengths.append(n)
         full = torch.cat([out.inputs[b], out.targets[b, -1:].clamp(min=0)])
-        assert full[P : P + n].tolist() == new[:n]
+        assert full[P : P + n].tolist() == new
         counted = out.targets[b] != IGNORE_INDEX
         assert counted.tolist() == [P <= j + 1 < P + n for j in range(P + N - 1)]
         assert torch.equal(out.valid[b], torch.cat([batch.valid[b, :P], torch.ones(N - 1, dtype=torch.bool)]))
@@ -177,6 +183,30 @@ def test_a_step_on_padded_rows_has_the_loss_of_each_example_alone(tmp_path, tok,
             count += counted.sum().item()
     assert count > 0 and (~batch.valid).any()
     assert metrics[0]["loss"] == pytest.approx((0.5 * ce + 0.5 * kd) / count, rel=1e-5)
+
+
+def test_evaluation_scores_the_students_own_greedy_completions(tmp_path, tok, chats):
+    """eval_sample_kd at step 0 (lmbda 0: evaluated because the data are prompts): the teacher's
+    forward KL to the student over the student's greedy completions of each held-out prompt, run
+    alone, per completion token; eval_sample_len their mean length."""
+    metrics = train(config(tmp_path / "run", steps=1, lmbda=0.0, eval_every=1), model(tok, 0), chats,
+                    teacher=model(tok, 1), progress=False)  # fmt: skip
+    student, teacher = model(tok, 0).eval(), model(tok, 1)
+    stops = (student.config.eos_token_id, *tok.stop_ids)
+    held = chats.heldout.batch(range(len(chats.heldout)))
+    kd, lengths = 0.0, []
+    for b in range(len(held.inputs)):
+        prompt = held.inputs[b, : chats.heldout.prompt_len][held.valid[b, : chats.heldout.prompt_len]]
+        completion = greedy_alone(student, prompt, N, stops)
+        row = torch.tensor([*prompt.tolist(), *completion])[None]
+        with torch.no_grad():
+            scored = slice(len(prompt) - 1, row.shape[1] - 1)  # the positions that predict the completion
+            log_s, log_t = (m(row)[0, scored].log_softmax(-1) for m in (student, teacher))
+        kd += (log_t.exp() * (log_t - log_s)).sum().item()
+        lengths.append(len(completion))
+    assert metrics[0]["eval_sample_len"] == pytest.approx(sum(lengths) / len(lengths))
+    assert metrics[0]["eval_sample_kd"] == pytest.approx(kd / sum(lengths), rel=1e-5)
+    assert min(lengths) >= 1 and "eval_kd" in metrics[0]
 
 
 def test_on_policy_training_on_prompts_runs_and_resumes_exactly(tmp_path, tok, chats):
