@@ -57,5 +57,6 @@ def check_seq_len(seq_len: int, config: Gemma2Config, what: str = "the model") -
     if seq_len > config.max_position_embeddings:
         raise ValueError(
             f"seq_len {seq_len} exceeds the context of {what}, max_position_embeddings = "
-            f"{config.max_position_embeddings}; lower seq_len to at most that"
+            f"{config.max_position_embeddings}; lower seq_len to at most that (for a prompt dataset, "
+            "seq_len is prompt_len + max_new_tokens - 1)"
         )

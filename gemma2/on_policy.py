@@ -86,9 +86,6 @@ def _check_prompt_rows(cfg: TrainConfig, data: Datasets, teacher: Gemma2ForCausa
     if cfg.max_new_tokens != rows.max_new_tokens:
         raise ValueError(f"max_new_tokens = {cfg.max_new_tokens}, but the prompt dataset was laid out for "
                          f"{rows.max_new_tokens} completion tokens: load it with the same max_new_tokens")  # fmt: skip
-    if isinstance(teacher, TeacherCache):
-        raise ValueError("a teacher cache holds its outputs for packed sequences, not for a prompt dataset: "
-                         "pass the teacher model (--teacher instead of --teacher-cache)")  # fmt: skip
     if not rows.has_completions and cfg.lmbda < 1 and not cfg.seq_kd:
         raise ValueError(
             f"some training examples have no completion, which a step that is not on-policy (lmbda = {cfg.lmbda}) "

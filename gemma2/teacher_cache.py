@@ -1,4 +1,5 @@
-"""An offline teacher: its top-k next-token log-probs for every packed sequence, run once.
+"""An offline teacher: its top-k next-token log-probs for every packed sequence (or every row of a
+prompt dataset, gemma2.prompts: padding masked, stored but never read), run once.
 
 Distilling from a cache costs no teacher forward per step and no teacher memory, at the price of
 keeping k of the V probabilities (plus one bucket for the rest: gemma2.distill.topk_kd_loss).
@@ -47,7 +48,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import PackedSequences
+from .data import IGNORE_INDEX, Rows
 from .distill import TopK, teacher_topk
 from .files import atomic_directory, remove_stale_temporaries
 from .model import Gemma2ForCausalLM
@@ -65,7 +66,7 @@ def bytes_per_token(k: int, vocab_size: int, logprob_dtype: torch.dtype = torch.
 @torch.no_grad()
 def write_teacher_cache(
     teacher: Gemma2ForCausalLM,
-    splits: dict[str, PackedSequences],
+    splits: dict[str, Rows],
     directory: str | os.PathLike,
     *,
     k: int = 32,
@@ -138,7 +139,7 @@ def _write_on_every_rank(directory: Path, write: Callable, n_splits: int, overwr
             if not isinstance(made[0], str):
                 raise failure or made[0] or ValueError(f"rank 0 could not make a temporary directory beside {directory}; see its error")
             tmp = Path(made[0])
-            index, ce_sums = None, [0.0] * n_splits
+            index, ce_sums = None, [0.0] * (2 * n_splits)
             try:
                 if not tmp.is_dir():
                     raise ValueError(f"rank {rank} cannot see {tmp}: the cache directory must be on a filesystem every rank shares")
@@ -181,12 +182,13 @@ def _foreign_entries(directory: Path) -> list[str]:
     return [p.name for p in directory.iterdir() if p.name not in ours]
 
 
-def _write(teacher: Gemma2ForCausalLM, splits: dict[str, PackedSequences], directory: Path, *, k: int,
+def _write(teacher: Gemma2ForCausalLM, splits: dict[str, Rows], directory: Path, *, k: int,
            temperature: float, batch_size: int, chunk_size: int, logprob_dtype: torch.dtype, shard_bytes: int,
            progress: bool, part: tuple[int, int] = (0, 1)) -> tuple[dict, list[float]]:  # fmt: skip
     """Every `world`-th shard from the `rank`-th on (part = (rank, world)) of all splits' shards in
     order, written into `directory`, and the index that lists every shard, all ranks' included.
-    Returns the index and, per split, the teacher's cross-entropy summed over the sequences written here."""
+    Returns the index and, per split, the teacher's cross-entropy summed over the counted tokens of
+    the sequences written here and their number."""
     rank, world = part
     dealt = 0  # shards of the splits before this one: the deal runs over all splits' shards in order
     V = teacher.config.vocab_size
@@ -205,7 +207,7 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, PackedSequences], direc
                   for i, start in enumerate(starts)]  # fmt: skip
         mine = [sh for i, sh in enumerate(shards, dealt) if i % world == rank]
         dealt += len(shards)
-        ce_sum = torch.zeros((), device=device)
+        ce_sum = torch.zeros(2, dtype=torch.float64, device=device)  # cross-entropy, counted tokens
         bar = tqdm(total=sum(sh["count"] for sh in mine), desc=f"caching {name}", unit="seq", disable=not progress)
         for shard in mine:
             start = shard["start"]
@@ -215,13 +217,16 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, PackedSequences], direc
             tail = torch.empty(stop - start, T, dtype=torch.float32)
             for lo in range(start, stop, batch_size):
                 batch = data.batch(range(lo, min(lo + batch_size, stop)))
-                hidden = teacher.hidden_states(batch.inputs.to(device)).flatten(0, 1)  # [B T, D]
+                valid = None if batch.valid is None else batch.valid.to(device)
+                hidden = teacher.hidden_states(batch.inputs.to(device), valid).flatten(0, 1)  # [B T, D]
                 targets = batch.targets.to(device).flatten()
                 rows = slice(lo - start, lo - start + len(batch.indices))
                 out = [], [], []
                 for c in range(0, hidden.shape[0], chunk_size):
                     logits = teacher.logits(hidden[c : c + chunk_size])  # [C, V] fp32, soft-capped
-                    ce_sum += torch.nn.functional.cross_entropy(logits, targets[c : c + chunk_size], reduction="sum")
+                    chunk = targets[c : c + chunk_size]
+                    ce = torch.nn.functional.cross_entropy(logits, chunk, ignore_index=IGNORE_INDEX, reduction="sum")
+                    ce_sum += torch.stack([ce.double(), (chunk != IGNORE_INDEX).sum().double()])
                     top = teacher_topk(logits, k, temperature)
                     for o, t in zip(out, top):
                         o.append(t)
@@ -233,15 +238,17 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, PackedSequences], direc
         bar.close()
         index["splits"][name] = {"seq_len": T, "num_sequences": len(data), "fingerprint": data.fingerprint(),
                                  "teacher_ce": None, "shards": shards}  # fmt: skip
-        ce_sums.append(ce_sum.item())
+        ce_sums += ce_sum.tolist()
     return index, ce_sums
 
 
 def _finish_index(index: dict, ce_sums: list[float], directory: Path, write_index: bool = True) -> dict:
-    """Put each split's teacher cross-entropy (from its sum over every sequence) into the index and
-    write cache.json into `directory` (its presence: the cache is complete); returns the index."""
-    for split, ce_sum in zip(index["splits"].values(), ce_sums):
-        split["teacher_ce"] = ce_sum / (split["num_sequences"] * split["seq_len"])
+    """Put each split's teacher cross-entropy (from `ce_sums`: its sum over every counted token and
+    their number, split after split) into the index and write cache.json into `directory` (its
+    presence: the cache is complete); returns the index."""
+    for i, split in enumerate(index["splits"].values()):
+        counted = ce_sums[2 * i + 1]
+        split["teacher_ce"] = ce_sums[2 * i] / counted if counted else None  # None: no completions to score
     if write_index:
         (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return index
@@ -262,7 +269,7 @@ class CacheSplit:
     def __post_init__(self) -> None:
         self._open: dict[str, object] = {}
 
-    def check(self, data: PackedSequences, where: str) -> None:
+    def check(self, data: Rows, where: str) -> None:
         """Raise unless this split was computed from exactly `data`."""
         if data.seq_len != self.seq_len or len(data) != self.num_sequences or data.fingerprint() != self.fingerprint:
             raise ValueError(

@@ -3,9 +3,11 @@
     python scripts/cache_teacher.py --teacher runs/teacher/step-001000 --out runs/cache --k 32 --seq-len 256
     python scripts/distill.py --student tiny --teacher-cache runs/cache --tokenizer runs/teacher/step-001000/tokenizer.model ...
 
-Use the same --data, --tokenizer, --seq-len and --holdout-fraction here as for training: the cache
-is keyed by packed sequence and checks the tokens' fingerprint. Both splits are cached (the
-held-out one gives the student's held-out KD and the teacher's perplexity).
+Use the same --data, --tokenizer, --seq-len and --holdout-fraction here as for training (or the
+same --prompts, --prompt-len and --max-new-tokens: a prompt dataset's rows, gemma2/prompts.py, for
+steps that train on its completions): the cache is keyed by row and checks the tokens'
+fingerprint. Both splits are cached (the held-out one gives the student's held-out KD and the
+teacher's perplexity).
 
 Under torchrun each GPU holds a whole teacher and writes its share of the shards (the same cache
 as one process writes, in 1/N of the time; on several machines --out must be on a shared
@@ -26,10 +28,10 @@ import torch
 from gemma2.checkpoint import load_model
 from gemma2.cli import device_arg, run_cli
 from gemma2.compatibility import check_seq_len, check_tokenizer
+from gemma2.data_args import add_data_arguments, datasets_from_args
 from gemma2.distributed import close_distributed, init_distributed, launched_world, runtime
 from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.teacher_cache import write_teacher_cache
-from gemma2.token_files import open_datasets
 from gemma2.tokenizer import Tokenizer
 
 
@@ -37,12 +39,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher checkpoint directory")
     p.add_argument("--out", required=True, help="cache directory to write")
-    p.add_argument("--data", nargs="+", metavar="PATH", help="as for scripts/distill.py; default: built-in corpus")
-    p.add_argument("--eval-data", nargs="+", metavar="PATH")
-    p.add_argument("--holdout-fraction", type=float, default=None,
-                   help="documents held out by hash (default 0.02; a token file carries its own split)")
+    add_data_arguments(p)  # as scripts/distill.py's
     p.add_argument("--tokenizer", help="default: the teacher's tokenizer.model")
-    p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--k", type=int, default=32, help="teacher log-probs kept per token")
     p.add_argument("--temperature", type=float, default=1.0, help="must equal the training temperature")
     p.add_argument("--logprob-dtype", choices=("fp16", "fp32"), default="fp16")
@@ -71,9 +69,8 @@ def cache(args: argparse.Namespace, device: torch.device) -> int:
     tokenizer = Tokenizer(tok_path)
     teacher = load_model(args.teacher, dtype=to_dtype(args.dtype), device=device)
     check_tokenizer(tokenizer, teacher.config, "the teacher")
-    check_seq_len(args.seq_len, teacher.config, "the teacher")
-    data = open_datasets(args.data, tokenizer, args.seq_len, holdout_fraction=args.holdout_fraction,
-                         eval_paths=args.eval_data)  # fmt: skip
+    data = datasets_from_args(args, tokenizer)
+    check_seq_len(data.train.seq_len, teacher.config, "the teacher")
     splits = {"train": data.train} | ({"heldout": data.heldout} if data.heldout is not None else {})
     index = write_teacher_cache(
         teacher, splits, args.out, k=args.k, temperature=args.temperature, batch_size=args.batch_size,

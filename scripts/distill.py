@@ -25,15 +25,13 @@ from pathlib import Path
 import torch
 
 from gemma2.checkpoint import load_model
-from gemma2.data import Datasets
 from gemma2.cli import device_arg, run_cli
+from gemma2.data_args import add_data_arguments, datasets_from_args
 from gemma2.distributed import close_distributed, init_distributed
 from gemma2.dtypes import compute_dtype_argument, dtype_argument, to_dtype
-from gemma2.prompts import load_prompt_datasets
 from gemma2.sharded_load import load_sharded
 from gemma2.teacher import teacher_vocab_size
 from gemma2.teacher_cache import TeacherCache
-from gemma2.token_files import open_datasets
 from gemma2.tokenizer import Tokenizer
 from gemma2.student import load_student
 from gemma2.train_state import latest_checkpoint
@@ -48,24 +46,12 @@ def parse_args() -> argparse.Namespace:
     teacher.add_argument("--teacher-cache", help="directory written by scripts/cache_teacher.py")
     p.add_argument("--teacher-dtype", type=dtype_argument, default="bf16" if torch.cuda.is_available() else "fp32",
                    help="bf16 (bfloat16) or fp32 (float32); default bf16 on CUDA, fp32 on CPU")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--data", nargs="+", metavar="PATH",
-                        help=".txt (one document each), .jsonl ('text' per line), directories, or one token file "
-                             "NAME.npy from scripts/tokenize_data.py (memory-mapped); default: built-in corpus")
-    source.add_argument("--prompts", nargs="+", metavar="PATH",
-                        help=".jsonl prompt datasets (gemma2/prompts.py): one {\"messages\": [...]} (Gemma chat format) "
-                             "or {\"prompt\": ..., \"completion\": ...} per line; rows are --prompt-len + "
-                             "--max-new-tokens tokens, the loss on the completion only")
-    p.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out documents (default: split from --data)")
-    p.add_argument("--eval-prompts", nargs="+", metavar="PATH", help="held-out prompts (default: split from --prompts)")
-    p.add_argument("--holdout-fraction", type=float, default=None,
-                   help="documents or examples held out by hash (default 0.02; a token file carries its own split)")
+    add_data_arguments(p)  # --data or --prompts, held-out splits, --seq-len, --prompt-len, --max-new-tokens
     p.add_argument("--tokenizer", help="SentencePiece .model (default: the teacher's or the student's tokenizer.model)")
     p.add_argument("--out", required=True, help="output directory for checkpoints and metrics.jsonl")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per training row (default 256; not with --prompts)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--min-lr", type=float, default=None, help="end of the cosine (default lr / 10)")
     p.add_argument("--warmup", type=int, default=100)
@@ -81,11 +67,7 @@ def parse_args() -> argparse.Namespace:
                      help="probability that a step trains on completions the student samples (default 0: never)")
     gkd.add_argument("--seq-kd", action="store_true",
                      help="the other steps train on completions the teacher samples instead of on the data")
-    gkd.add_argument("--max-new-tokens", type=int, default=128, help="tokens sampled per completion")
     gkd.add_argument("--gen-temperature", type=float, default=0.9, help="sampling temperature (0: greedy)")
-    gkd.add_argument("--prompt-len", type=int, default=None,
-                     help="each training row's first tokens kept as the prompt (default: seq-len - max-new-tokens; "
-                          "with --prompts: the longest prompt, longer ones dropped)")
     gkd.add_argument("--compile-sampling", action="store_true",
                      help="sample completions through torch.compile (CUDA graphs on GPU; about 2x on CPU for tiny "
                           "students, after seconds of compiling); one process only")
@@ -117,21 +99,6 @@ def tokenizer_path(args: argparse.Namespace) -> Path:
     raise ValueError("no tokenizer: pass --tokenizer PATH (or a --teacher / --student directory holding tokenizer.model)")
 
 
-def read_data(args: argparse.Namespace, tokenizer: Tokenizer) -> Datasets:
-    """--prompts (gemma2.prompts), else --data (gemma2.token_files.open_datasets)."""
-    if args.prompts is None:
-        if args.eval_prompts is not None:
-            raise ValueError("--eval-prompts goes with --prompts; held-out documents for --data are --eval-data")
-        return open_datasets(args.data, tokenizer, 256 if args.seq_len is None else args.seq_len, holdout_fraction=args.holdout_fraction,
-                             eval_paths=args.eval_data)  # fmt: skip
-    if args.seq_len is not None or args.eval_data is not None:
-        raise ValueError("with --prompts, rows are --prompt-len + --max-new-tokens tokens and held-out prompts are "
-                         "--eval-prompts: drop --seq-len and --eval-data")  # fmt: skip
-    fraction = 0.02 if args.holdout_fraction is None else args.holdout_fraction
-    return load_prompt_datasets(args.prompts, tokenizer, args.max_new_tokens, prompt_len=args.prompt_len,
-                                holdout_fraction=fraction, eval_paths=args.eval_prompts)  # fmt: skip
-
-
 def interrupted(out: str) -> str:
     """What Ctrl-C leaves: the newest checkpoint is whole (a save in progress is discarded)."""
     ckpt = latest_checkpoint(out) if Path(out).is_dir() else None
@@ -156,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
     vocab = teacher_vocab_size(teacher) if teacher is not None else tokenizer.vocab_size
     student = load_student(args.student, vocab_size=vocab, seed=args.seed, sharded=world > 1)
     student.attention = "auto"  # the fastest measured path for the device (gemma2.model)
-    data = read_data(args, tokenizer)
+    data = datasets_from_args(args, tokenizer)
     if rank == 0:
         n = sum(p.numel() for p in student.parameters())
         held = len(data.heldout) if data.heldout is not None else 0

@@ -273,7 +273,9 @@ def test_bad_files_are_named_with_their_line(tmp_path, tok, capsys):
         load_prompt_datasets([long], tok, N, prompt_len=2, holdout_fraction=0)
 
 
-def test_script_distils_on_prompts(tmp_path, tok, chats):
+def test_scripts_distil_on_prompts_from_the_teacher_or_its_cache(tmp_path, tok):
+    """distill.py --prompts with a live teacher (on-policy) and from a cache that cache_teacher.py
+    --prompts wrote for the same rows; flags that do not go together are one line."""
     import subprocess
     import sys
 
@@ -296,6 +298,22 @@ def test_script_distils_on_prompts(tmp_path, tok, chats):
     bad = subprocess.run([*common, "--seq-len", "64", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: with --prompts, rows are")
     assert not (tmp_path / "bad").exists()
+
+    layout = ["--prompts", str(prompts), "--max-new-tokens", "4", "--holdout-fraction", "0.25"]
+    cached = subprocess.run([sys.executable, str(ROOT / "scripts/cache_teacher.py"), "--teacher", str(tmp_path / "teacher"),
+                             "--out", str(tmp_path / "cache"), "--k", "8", *layout], capture_output=True, text=True)  # fmt: skip
+    assert cached.returncode == 0, cached.stderr
+    index = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    assert index["splits"]["train"]["num_sequences"] == 9 and index["splits"]["heldout"]["teacher_ce"] > 0
+    student = [sys.executable, str(ROOT / "scripts/distill.py"), "--student", str(student_cfg), "--tokenizer",
+               str(tmp_path / "teacher" / "tokenizer.model"), "--teacher-cache", str(tmp_path / "cache"), *layout,
+               "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--warmup", "1", "--no-progress"]  # fmt: skip
+    ok = subprocess.run([*student, "--out", str(tmp_path / "from-cache")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    records = [json.loads(x) for x in (tmp_path / "from-cache" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["teacher_eval_ce"] == pytest.approx(index["splits"]["heldout"]["teacher_ce"])
+    on_policy = subprocess.run([*student, "--lmbda", "0.5", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert on_policy.returncode == 2 and "needs a live teacher" in on_policy.stderr.strip().splitlines()[-1]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,55 @@
+"""The data flags that scripts/distill.py and scripts/cache_teacher.py share, and what they name:
+packed text (--data: documents or a token file, gemma2.token_files.open_datasets) or a prompt
+dataset (--prompts, gemma2.prompts), each with its held-out split. A teacher cache is keyed by
+these rows, so both scripts must read the same flags the same way."""
+
+from __future__ import annotations
+
+import argparse
+
+from .data import Datasets
+from .prompts import load_prompt_datasets
+from .token_files import open_datasets
+from .tokenizer import Tokenizer
+
+DEFAULT_SEQ_LEN = 256
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """--data | --prompts, --eval-data, --eval-prompts, --holdout-fraction, --seq-len,
+    --prompt-len and --max-new-tokens."""
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", nargs="+", metavar="PATH",
+                        help=".txt (one document each), .jsonl ('text' per line), directories, or one token file "
+                             "NAME.npy from scripts/tokenize_data.py (memory-mapped); default: built-in corpus")
+    source.add_argument("--prompts", nargs="+", metavar="PATH",
+                        help='.jsonl prompt datasets (gemma2/prompts.py): one {"messages": [...]} (Gemma chat format) '
+                             'or {"prompt": ..., "completion": ...} per line; rows are --prompt-len + '
+                             "--max-new-tokens tokens, the loss on the completion only")  # fmt: skip
+    p.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out documents (default: split from --data)")
+    p.add_argument("--eval-prompts", nargs="+", metavar="PATH", help="held-out prompts (default: split from --prompts)")
+    p.add_argument("--holdout-fraction", type=float, default=None,
+                   help="documents or examples held out by hash (default 0.02; a token file carries its own split)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per training row (default {DEFAULT_SEQ_LEN}; not with --prompts)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="tokens sampled per on-policy completion; with --prompts, the completions' width")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="each training row's first tokens kept as the prompt (default: seq-len - max-new-tokens; "
+                        "with --prompts: the longest prompt, longer ones dropped)")  # fmt: skip
+
+
+def datasets_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> Datasets:
+    """The Datasets the flags of `add_data_arguments` name; ValueError for flags that do not go together."""
+    if args.prompts is None:
+        if args.eval_prompts is not None:
+            raise ValueError("--eval-prompts goes with --prompts; held-out documents for --data are --eval-data")
+        seq_len = DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len
+        return open_datasets(args.data, tokenizer, seq_len, holdout_fraction=args.holdout_fraction,
+                             eval_paths=args.eval_data)  # fmt: skip
+    if args.seq_len is not None or args.eval_data is not None:
+        raise ValueError("with --prompts, rows are --prompt-len + --max-new-tokens tokens and held-out prompts are "
+                         "--eval-prompts: drop --seq-len and --eval-data")  # fmt: skip
+    fraction = 0.02 if args.holdout_fraction is None else args.holdout_fraction
+    return load_prompt_datasets(args.prompts, tokenizer, args.max_new_tokens, prompt_len=args.prompt_len,
+                                holdout_fraction=fraction, eval_paths=args.eval_prompts)  # fmt: skip
