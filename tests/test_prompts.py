@@ -162,17 +162,12 @@ def chats(tmp_path_factory, tok):
     return load_prompt_datasets([path], tok, N, holdout_fraction=0.2)
 
 
-def test_a_step_on_padded_rows_has_the_loss_of_each_example_alone(tmp_path, tok, chats):
-    """The trainer's first loss on prompt rows (reference completions, lmbda 0): (1 - alpha) CE +
-    alpha forward KL, both summed over the completions' tokens of each example run alone through
-    both models without padding, over the count."""
-    cfg = config(tmp_path / "run", steps=1, lmbda=0.0, alpha=0.5, eval_every=0, batch_size=4)
-    metrics = train(cfg, model(tok, 0), chats, teacher=model(tok, 1), progress=False)
-    batch = next(BatchLoader(chats.train, cfg.batch_size, seed=cfg.seed))
-    student, teacher = model(tok, 0), model(tok, 1)
+def sums_alone(student: Gemma2ForCausalLM, teacher: Gemma2ForCausalLM, batch) -> tuple[float, float, int]:
+    """CE, forward KL (teacher to student) and their token count, summed over the counted targets of
+    each row of `batch` run alone through both models without its padding."""
     ce = kd = count = 0.0
     with torch.no_grad():
-        for b in range(cfg.batch_size):
+        for b in range(len(batch.inputs)):
             keep = batch.valid[b]
             inputs, targets = batch.inputs[b, keep][None], batch.targets[b, keep]
             counted = targets != IGNORE_INDEX
@@ -181,19 +176,35 @@ def test_a_step_on_padded_rows_has_the_loss_of_each_example_alone(tmp_path, tok,
             ce += -log_s.gather(-1, targets[counted, None]).sum().item()
             kd += (log_t.exp() * (log_t - log_s)).sum().item()
             count += counted.sum().item()
+    return ce, kd, count
+
+
+def test_a_step_on_padded_rows_has_the_loss_of_each_example_alone(tmp_path, tok, chats):
+    """The trainer's first loss on prompt rows (reference completions, lmbda 0): (1 - alpha) CE +
+    alpha forward KL, both summed over the completions' tokens of each example run alone through
+    both models without padding, over the count."""
+    cfg = config(tmp_path / "run", steps=1, lmbda=0.0, alpha=0.5, eval_every=0, batch_size=4)
+    metrics = train(cfg, model(tok, 0), chats, teacher=model(tok, 1), progress=False)
+    batch = next(BatchLoader(chats.train, cfg.batch_size, seed=cfg.seed))
+    ce, kd, count = sums_alone(model(tok, 0), model(tok, 1), batch)
     assert count > 0 and (~batch.valid).any()
     assert metrics[0]["loss"] == pytest.approx((0.5 * ce + 0.5 * kd) / count, rel=1e-5)
 
 
-def test_evaluation_scores_the_students_own_greedy_completions(tmp_path, tok, chats):
-    """eval_sample_kd at step 0 (lmbda 0: evaluated because the data are prompts): the teacher's
-    forward KL to the student over the student's greedy completions of each held-out prompt, run
+def test_evaluation_scores_the_file_and_the_students_own_completions(tmp_path, tok, chats):
+    """At step 0: eval_ce and eval_kd over the held-out examples' own completions, and
+    eval_sample_kd (lmbda 0: evaluated because the data are prompts), the teacher's forward KL to
+    the student over the student's greedy completions of each held-out prompt; each example run
     alone, per completion token; eval_sample_len their mean length."""
     metrics = train(config(tmp_path / "run", steps=1, lmbda=0.0, eval_every=1), model(tok, 0), chats,
                     teacher=model(tok, 1), progress=False)  # fmt: skip
     student, teacher = model(tok, 0).eval(), model(tok, 1)
-    stops = (student.config.eos_token_id, *tok.stop_ids)
     held = chats.heldout.batch(range(len(chats.heldout)))
+    assert (~held.valid).any()  # padded rows among them
+    ce, kd, count = sums_alone(student, teacher, held)
+    assert metrics[0]["eval_ce"] == pytest.approx(ce / count, rel=1e-5)
+    assert metrics[0]["eval_kd"] == pytest.approx(kd / count, rel=1e-5)
+    stops = (student.config.eos_token_id, *tok.stop_ids)
     kd, lengths = 0.0, []
     for b in range(len(held.inputs)):
         prompt = held.inputs[b, : chats.heldout.prompt_len][held.valid[b, : chats.heldout.prompt_len]]
@@ -206,7 +217,7 @@ def test_evaluation_scores_the_students_own_greedy_completions(tmp_path, tok, ch
         lengths.append(len(completion))
     assert metrics[0]["eval_sample_len"] == pytest.approx(sum(lengths) / len(lengths))
     assert metrics[0]["eval_sample_kd"] == pytest.approx(kd / sum(lengths), rel=1e-5)
-    assert min(lengths) >= 1 and "eval_kd" in metrics[0]
+    assert min(lengths) >= 1
 
 
 def test_on_policy_training_on_prompts_runs_and_resumes_exactly(tmp_path, tok, chats):
