@@ -39,13 +39,20 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                         "with --prompts: the longest prompt, longer ones dropped)")  # fmt: skip
 
 
+def packed_seq_len(args: argparse.Namespace) -> int | None:
+    """--seq-len with --data (default 256), to check before reading anything; None with --prompts,
+    whose rows are as wide as their layout makes them."""
+    if args.prompts is not None:
+        return None
+    return DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len
+
+
 def datasets_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> Datasets:
     """The Datasets the flags of `add_data_arguments` name; ValueError for flags that do not go together."""
     if args.prompts is None:
         if args.eval_prompts is not None:
             raise ValueError("--eval-prompts goes with --prompts; held-out documents for --data are --eval-data")
-        seq_len = DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len
-        return open_datasets(args.data, tokenizer, seq_len, holdout_fraction=args.holdout_fraction,
+        return open_datasets(args.data, tokenizer, packed_seq_len(args), holdout_fraction=args.holdout_fraction,
                              eval_paths=args.eval_data)  # fmt: skip
     if args.seq_len is not None or args.eval_data is not None:
         raise ValueError("with --prompts, rows are --prompt-len + --max-new-tokens tokens and held-out prompts are "

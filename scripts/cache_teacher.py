@@ -28,7 +28,7 @@ import torch
 from gemma2.checkpoint import load_model
 from gemma2.cli import device_arg, run_cli
 from gemma2.compatibility import check_seq_len, check_tokenizer
-from gemma2.data_args import add_data_arguments, datasets_from_args
+from gemma2.data_args import add_data_arguments, datasets_from_args, packed_seq_len
 from gemma2.distributed import close_distributed, init_distributed, launched_world, runtime
 from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.teacher_cache import write_teacher_cache
@@ -69,8 +69,10 @@ def cache(args: argparse.Namespace, device: torch.device) -> int:
     tokenizer = Tokenizer(tok_path)
     teacher = load_model(args.teacher, dtype=to_dtype(args.dtype), device=device)
     check_tokenizer(tokenizer, teacher.config, "the teacher")
+    if packed_seq_len(args) is not None:  # before reading and tokenizing the documents
+        check_seq_len(packed_seq_len(args), teacher.config, "the teacher")
     data = datasets_from_args(args, tokenizer)
-    check_seq_len(data.train.seq_len, teacher.config, "the teacher")
+    check_seq_len(data.train.seq_len, teacher.config, "the teacher")  # a prompt dataset: known once read
     splits = {"train": data.train} | ({"heldout": data.heldout} if data.heldout is not None else {})
     index = write_teacher_cache(
         teacher, splits, args.out, k=args.k, temperature=args.temperature, batch_size=args.batch_size,
