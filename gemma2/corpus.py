@@ -112,8 +112,8 @@ def heldout_count(n_docs: int, holdout_fraction: float) -> int:
     n_held = 0 if holdout_fraction == 0 else max(1, round(n_docs * holdout_fraction))
     if n_held >= n_docs and n_held > 0:
         raise ValueError(
-            f"cannot hold out {n_held} of {n_docs} documents and still train; "
-            "pass more documents or a smaller holdout_fraction"
+            f"cannot hold out {n_held} of {n_docs} documents (or examples) and still train; "
+            "pass more, or a smaller holdout_fraction (0: hold out none)"
         )
     return n_held
 

@@ -238,9 +238,9 @@ class BatchLoader:
         self.global_batch = batch_size * world_size
         if len(data) < self.global_batch:
             raise ValueError(
-                f"the data holds {len(data)} sequences of {data.seq_len + 1} tokens, fewer than one "
-                f"global batch (batch_size {batch_size} x {world_size} ranks); lower the batch size "
-                "or seq_len, or add text"
+                f"the data holds {len(data)} training rows, fewer than one global batch (batch_size "
+                f"{batch_size} x {world_size} ranks); lower the batch size, or add data (for packed text, "
+                "a lower seq_len makes more rows)"
             )
         self.data, self.batch_size, self.seed, self.rank = data, batch_size, seed, rank
         self.epoch, self.offset = 0, 0

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
+from .config import Gemma2Config
 from .data import IGNORE_INDEX, Batch, Datasets, Rows, eval_batches
 from .distributed import Runtime
 from .generation import stream
@@ -77,9 +78,14 @@ def prompt_length(cfg: TrainConfig, rows: Rows) -> int:
     return rows.seq_len - cfg.max_new_tokens if cfg.prompt_len is None else cfg.prompt_len
 
 
-def _check_prompt_rows(cfg: TrainConfig, data: Datasets, teacher: Gemma2ForCausalLM | TeacherCache | None) -> None:
+def _check_prompt_rows(cfg: TrainConfig, data: Datasets, student: Gemma2Config,
+                       teacher: Gemma2ForCausalLM | TeacherCache | None) -> None:  # fmt: skip
     """The settings a prompt dataset (gemma2.prompts) needs."""
-    rows = data.train
+    rows, held = data.train, data.heldout
+    if held is not None and not (isinstance(held, PromptRows) and (held.prompt_len, held.max_new_tokens)
+                                 == (rows.prompt_len, rows.max_new_tokens)):  # fmt: skip
+        raise ValueError("the held-out split of a prompt dataset must be prompt rows of the training rows' "
+                         "prompt_len and max_new_tokens (gemma2.prompts.load_prompt_datasets lays out both)")  # fmt: skip
     if cfg.prompt_len is not None and cfg.prompt_len != rows.prompt_len:
         raise ValueError(f"prompt_len = {cfg.prompt_len}, but the prompt dataset was laid out with prompt_len = "
                          f"{rows.prompt_len}: pass the same value to both, or leave TrainConfig.prompt_len None")  # fmt: skip
@@ -91,13 +97,26 @@ def _check_prompt_rows(cfg: TrainConfig, data: Datasets, teacher: Gemma2ForCausa
             f"some training examples have no completion, which a step that is not on-policy (lmbda = {cfg.lmbda}) "
             "trains on: give every example a completion, or set lmbda = 1, or seq_kd"
         )
-    if cfg.eval_every and data.heldout is not None and not data.heldout.has_completions:
+    if cfg.eval_every and held is not None and not held.has_completions:
         raise ValueError("some held-out examples have no completion to evaluate on: give every example a "
                          "completion, or eval_every = 0 (--eval-every 0)")  # fmt: skip
+    # A sampled row holds prompt_len + max_new_tokens tokens, one more than a training row.
+    live = isinstance(teacher, Gemma2ForCausalLM)
+    samplers = [("the student", student)] if cfg.lmbda > 0 or live else []  # a live teacher: eval_sample_kd
+    samplers += [("the teacher", teacher.config)] if cfg.seq_kd and live else []
+    width = rows.prompt_len + rows.max_new_tokens
+    for what, config in samplers:
+        if width > config.max_position_embeddings:
+            raise ValueError(
+                f"a prompt with its sampled completion takes prompt_len {rows.prompt_len} + max_new_tokens "
+                f"{rows.max_new_tokens} = {width} tokens, beyond the context of {what} "
+                f"({config.max_position_embeddings}); lower --prompt-len or --max-new-tokens"
+            )
 
 
 def check_on_policy(
-    cfg: TrainConfig, data: Datasets, teacher: Gemma2ForCausalLM | TeacherCache | None, sharded: bool = False
+    cfg: TrainConfig, data: Datasets, student: Gemma2Config, teacher: Gemma2ForCausalLM | TeacherCache | None,
+    sharded: bool = False,
 ) -> None:
     """ValueError naming the fix for settings that cannot work together, before any work.
     sharded: the models are FSDP2-sharded across processes (torchrun)."""
@@ -107,7 +126,7 @@ def check_on_policy(
             "decode step; drop compile_sampling (--compile-sampling) under torchrun"
         )
     if isinstance(data.train, PromptRows):
-        _check_prompt_rows(cfg, data, teacher)
+        _check_prompt_rows(cfg, data, student, teacher)
     if cfg.lmbda == 0 and not cfg.seq_kd:
         return
     what = f"on-policy distillation (lmbda = {cfg.lmbda})" if cfg.lmbda > 0 else "seq_kd"

@@ -31,34 +31,35 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import distributed
 from .corpus import split_corpus
 from .data import IGNORE_INDEX, Batch, Datasets
 from .tokenizer import Tokenizer
 
 
-def read_examples(paths: Sequence[str | os.PathLike]) -> dict[str, str]:
-    """The non-blank lines of the `.jsonl` files in `paths`, in order, each checked to be a JSON
-    object of one of the two forms (ValueError naming the file and line otherwise), mapped to
-    where they are (`FILE:LINE`, the first place for a repeated line)."""
-    lines: dict[str, str] = {}
+def read_examples(paths: Sequence[str | os.PathLike]) -> dict[str, tuple[str, dict]]:
+    """The non-blank lines of the `.jsonl` files in `paths`, in order, each parsed and checked to be
+    a JSON object of one of the two forms (ValueError naming the file and line otherwise), mapped
+    to where they are (`FILE:LINE`, the first place for a repeated line) and the object."""
+    lines: dict[str, tuple[str, dict]] = {}
     for path in map(Path, paths):
         if path.suffix != ".jsonl":
             raise ValueError(f"{path}: prompts come as .jsonl files, one JSON object per line")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the JSON
         except FileNotFoundError:
             raise ValueError(f"{path}: no such prompts file") from None
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text ({e})") from None
         for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                _parse(line, f"{path}:{n}")
-                lines.setdefault(line, f"{path}:{n}")
+            if line.strip() and line not in lines:
+                lines[line] = (f"{path}:{n}", _parse(line, f"{path}:{n}"))
     if not lines:
         raise ValueError(f"no examples in {', '.join(map(str, paths))}: each line must hold a JSON object")
     return lines
@@ -69,6 +70,8 @@ def _parse(line: str, where: str) -> dict:
         example = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply") from None
     if isinstance(example, dict) and isinstance(example.get("messages"), list) and example["messages"]:
         return example
     if isinstance(example, dict) and isinstance(example.get("prompt"), str):
@@ -85,12 +88,10 @@ def encode_example(example: dict, tokenizer: Tokenizer) -> tuple[list[int], list
     """(prompt ids, completion ids) of one parsed example; the completion [] when it has none."""
     if "messages" in example:
         turns = example["messages"]
-        last = turns[-1] if isinstance(turns[-1], dict) else {}
-        if len(turns) == 1 or last.get("role") not in ("assistant", "model"):
+        tokenizer.format_chat(turns)  # the whole conversation checked (roles, alternation, contents)
+        if len(turns) == 1 or turns[-1]["role"] not in ("assistant", "model"):
             return tokenizer.encode_chat(turns), []
-        if not isinstance(last.get("content"), str):
-            raise ValueError(f"the last turn's content must be a str, got {type(last.get('content')).__name__}")
-        answer = tokenizer.encode(last["content"].strip(), bos=False)
+        answer = tokenizer.encode(turns[-1]["content"].strip(), bos=False)
         return tokenizer.encode_chat(turns[:-1]), [*answer, tokenizer.end_of_turn_id]
     prompt = tokenizer.encode(example["prompt"], bos=True)
     completion = example.get("completion")
@@ -161,34 +162,37 @@ def load_prompt_datasets(
     eval_paths: Sequence[str | os.PathLike] | None = None,
 ) -> Datasets:
     """Read, split and encode prompt examples. prompt_len None: the longest prompt's length. The
-    held-out split is `eval_paths` when given, else `holdout_fraction` of the examples by hash."""
+    held-out split is `eval_paths` when given, else `holdout_fraction` of the examples by hash.
+    Says on stderr (rank 0 only) how wide the rows are and what was dropped."""
     lines = read_examples(paths)
     if eval_paths is not None:
-        held = read_examples(eval_paths)
-        parts = {"training": lines, "held-out": held}
+        parts = {"training": lines, "held-out": read_examples(eval_paths)}
     else:
         train, held = split_corpus(list(lines), holdout_fraction=holdout_fraction)
         parts = {"training": {x: lines[x] for x in train}, "held-out": {x: lines[x] for x in held}}
     encoded = {}
     for name, part in parts.items():
         encoded[name] = []
-        for line, where in part.items():
+        for where, example in part.values():
             try:
-                encoded[name].append(encode_example(json.loads(line), tokenizer))
+                encoded[name].append(encode_example(example, tokenizer))
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
+    lengths = [len(p) for part in encoded.values() for p, _ in part]
     if prompt_len is None:
-        prompt_len = max(len(p) for part in encoded.values() for p, _ in part)
+        prompt_len = max(lengths)
+    say = partial(print, file=sys.stderr) if distributed.rank() == 0 else lambda *_: None
     splits = {}
     for name, pairs in encoded.items():
         kept = [(p, c) for p, c in pairs if len(p) <= prompt_len]
         if len(kept) < len(pairs):
-            print(f"prompts: dropped {len(pairs) - len(kept)} of {len(pairs)} {name} examples whose prompt "
-                  f"is longer than prompt_len = {prompt_len} tokens", file=sys.stderr)  # fmt: skip
+            say(f"prompts: dropped {len(pairs) - len(kept)} of {len(pairs)} {name} examples whose prompt is "
+                f"longer than prompt_len = {prompt_len} tokens")  # fmt: skip
         if pairs and not kept:
             raise ValueError(f"no {name} prompt fits in prompt_len = {prompt_len} tokens; raise prompt_len")
         splits[name] = PromptRows([p for p, _ in kept], [c for _, c in kept], prompt_len, max_new_tokens,
                                   tokenizer.pad_id, tokenizer.stop_ids) if kept else None  # fmt: skip
-    if splits["training"] is None:
-        raise ValueError(f"{', '.join(map(str, paths))}: every example is held out; lower holdout_fraction")
+    say(f"prompts: rows of prompt_len {prompt_len} + max_new_tokens {max_new_tokens} tokens; the prompts' median "
+        f"length is {int(np.median(lengths))}, so about {1 - np.minimum(lengths, prompt_len).mean() / prompt_len:.0%} "
+        "of the prompt columns are padding (prompt_len sets it)")  # fmt: skip
     return Datasets(splits["training"], splits["held-out"])

@@ -192,6 +192,8 @@ class Tokenizer:
             )
         pairs = []
         for i, turn in enumerate(turns):
+            if not isinstance(turn, Mapping):
+                raise ValueError(f"turn {i} must be an object with role and content, got {type(turn).__name__}")
             role, content = turn.get("role"), turn.get("content")
             if role not in ROLES:
                 raise ValueError(f"turn {i} has role {role!r}; use one of {ROLES}")

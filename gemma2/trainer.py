@@ -359,7 +359,7 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
             f"the data holds token id {top} but the student's vocabulary has {V} entries: tokenize "
             "with the tokenizer the model was built for, or build the student with a larger vocab_size"
         )
-    check_on_policy(cfg, data, teacher, sharded)
+    check_on_policy(cfg, data, student.config, teacher, sharded)
     if cfg.eval_every and data.heldout is None:
         raise ValueError("eval_every > 0 needs held-out data: set holdout_fraction > 0 (or eval paths), or eval_every=0")
     if cfg.tokenizer_file is not None and not Path(cfg.tokenizer_file).is_file():

@@ -138,7 +138,8 @@ def main(args: argparse.Namespace) -> int:
         eval_every=args.eval_every if data.heldout is not None else 0, eval_sequences=args.eval_sequences,
         save_every=args.save_every, keep_last=args.keep_last or None, seed=args.seed, device=args.device,
         tokenizer_file=str(tok_path), peak_flops=args.peak_flops, lmbda=args.lmbda, seq_kd=args.seq_kd,
-        max_new_tokens=args.max_new_tokens, gen_temperature=args.gen_temperature, prompt_len=args.prompt_len,
+        max_new_tokens=args.max_new_tokens, gen_temperature=args.gen_temperature,
+        prompt_len=data.train.prompt_len if args.prompts else args.prompt_len,  # a prompt dataset's layout
         compile_sampling=args.compile_sampling,
     )  # fmt: skip
     try:

@@ -259,7 +259,7 @@ def test_settings_that_cannot_work_are_refused_before_any_work(tmp_path, data):
             train(config(out, **settings), student(), data, teacher=source, progress=False)
     assert not out.exists()  # nothing written
     with pytest.raises(ValueError, match="compile_sampling runs in one process.*under torchrun"):
-        on_policy.check_on_policy(config(out, lmbda=0.5, compile_sampling=True), data, teacher(), sharded=True)
+        on_policy.check_on_policy(config(out, lmbda=0.5, compile_sampling=True), data, student().config, teacher(), sharded=True)
 
 
 def test_a_teacher_cache_is_refused(tmp_path, data):

@@ -51,7 +51,8 @@ def write_jsonl(path: Path, examples: list[dict]) -> Path:
 
 
 def model(tok: Tokenizer, seed: int, **overrides) -> Gemma2ForCausalLM:
-    cfg = tiny_training_config(vocab_size=tok.vocab_size, max_position_embeddings=128, sliding_window=4, **overrides)
+    cfg = tiny_training_config(**({"vocab_size": tok.vocab_size, "max_position_embeddings": 128, "sliding_window": 4}
+                                  | overrides))  # fmt: skip
     return init_weights(Gemma2ForCausalLM(cfg), seed, std=0.3)
 
 
@@ -248,16 +249,23 @@ def test_on_policy_training_on_prompts_on_cuda_in_bf16(tmp_path, tok, chats):
 
 
 def test_settings_that_cannot_work_with_prompts_are_refused(tmp_path, tok, chats):
-    no_answers = load_prompt_datasets([write_jsonl(tmp_path / "q.jsonl", [{"prompt": "A cat"}, {"prompt": "A dog"}])],
-                                      tok, N, holdout_fraction=0)  # fmt: skip
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "A cat"}, {"prompt": "A dog"}])
+    no_answers = load_prompt_datasets([questions], tok, N, holdout_fraction=0)
+    same_layout = load_prompt_datasets([questions], tok, N, prompt_len=chats.train.prompt_len, holdout_fraction=0)
+    held_no_answers = Datasets(chats.train, same_layout.train)
     cases = [
-        (chats, dict(max_new_tokens=N + 1), "laid out for 6 completion tokens"),
-        (chats, dict(prompt_len=chats.train.prompt_len + 1), "laid out with prompt_len"),
-        (no_answers, dict(lmbda=0.5, eval_every=0), "no completion, which a step that is not on-policy"),
+        (chats, dict(max_new_tokens=N + 1), {}, "laid out for 6 completion tokens"),
+        (chats, dict(prompt_len=chats.train.prompt_len + 1), {}, "laid out with prompt_len"),
+        (no_answers, dict(lmbda=0.5, eval_every=0), {}, "no completion, which a step that is not on-policy"),
+        (held_no_answers, dict(), {}, "some held-out examples have no completion"),
+        (Datasets(chats.train, _rows(8, 0)), dict(), {}, "the held-out split of a prompt dataset must be"),
+        # A sampled row is prompt_len + max_new_tokens long: one more than a training row.
+        (chats, dict(), dict(max_position_embeddings=chats.train.seq_len), "beyond the context of the student"),
     ]
-    for data, settings, match in cases:
+    for data, settings, student_settings, match in cases:
         with pytest.raises(ValueError, match=match):
-            train(config(tmp_path / "out", **settings), model(tok, 0), data, teacher=model(tok, 1), progress=False)
+            train(config(tmp_path / "out", **settings), model(tok, 0, **student_settings), data,
+                  teacher=model(tok, 1), progress=False)  # fmt: skip
     assert not (tmp_path / "out").exists()
     # Without completions, lmbda = 1 trains on the student's samples alone.
     metrics = train(config(tmp_path / "ok", lmbda=1.0, eval_every=0, steps=1), model(tok, 0), no_answers,
@@ -272,11 +280,18 @@ def test_bad_files_are_named_with_their_line(tmp_path, tok, capsys):
         "c.txt": ("hello\n", r"c.txt: prompts come as .jsonl files"),
         "d.jsonl": ('{"messages": [{"role": "model", "content": "hi"}, {"role": "user", "content": "x"}]}\n',
                     r"d.jsonl:1: chat turn 0 is 'model'"),
+        "e.jsonl": ('{"messages": ["hi"]}\n', r"e.jsonl:1: turn 0 must be an object with role and content, got str"),
+        "f.jsonl": ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, '
+                    '{"role": "assistant", "content": "z"}]}\n', r"f.jsonl:1: chat turn 2 is 'model' where 'user'"),
+        "g.jsonl": ("[" * 100_000 + "\n", r"g.jsonl:1: JSON nested too deeply"),
     }  # fmt: skip
     for name, (text, match) in bad.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=match):
             load_prompt_datasets([tmp_path / name], tok, N, holdout_fraction=0)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "A cat", "completion": " four"}).encode() + b"\n")
+    assert len(load_prompt_datasets([bom], tok, N, holdout_fraction=0).train) == 1
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "a cat " * 20}, {"prompt": "A dog"}])
     data = load_prompt_datasets([long], tok, N, prompt_len=8, holdout_fraction=0)
     assert len(data.train) == 1 and "dropped 1 of 2 training examples" in capsys.readouterr().err
@@ -306,6 +321,13 @@ def test_scripts_distil_on_prompts_from_the_teacher_or_its_cache(tmp_path, tok):
     assert ok.returncode == 0, ok.stderr
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and "on_policy_fraction" in records[-1]
+    # The run records its rows' layout, so naming the same prompt_len on resume changes nothing.
+    P = json.loads((tmp_path / "run" / "step-000002" / "trainer_state.json").read_text())["config"]["prompt_len"]
+    assert P == max(len(tok.encode_chat(e["messages"][:1])) for e in examples)
+    more = [*common[:common.index("--steps")], "--steps", "3", *common[common.index("--steps") + 2 :]]
+    resumed = subprocess.run([*more, "--lmbda", "0.5", "--prompt-len", str(P), "--resume", "--out", str(tmp_path / "run")],
+                             capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
     bad = subprocess.run([*common, "--seq-len", "64", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: with --prompts, rows are")
     assert not (tmp_path / "bad").exists()
