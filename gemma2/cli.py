@@ -4,8 +4,8 @@ User errors are the library's ValueError (CheckpointError included) and every OS
 cause (a missing path, a read-only or full disk, a file where a directory should be): their
 messages name the fix, and no write in this project leaves a half-written file behind (see
 gemma2.files), which the full-disk message says. Ctrl-C ends a script with one line and exit status
-130 (the shell's code for SIGINT); `on_interrupt` may add what the user needs to know (where to
-resume). Anything else is a bug and keeps its traceback. With GEMMA2_TRACEBACK=1 in the
+130 (the shell's code for SIGINT), also when a library it interrupted re-raised it as another
+exception; `on_interrupt` may add what the user needs to know (where to resume). Anything else is a bug and keeps its traceback. With GEMMA2_TRACEBACK=1 in the
 environment a user error prints its traceback above the line too (for a failure deep inside a
 compiler, which may surface as a ValueError). `device_arg` checks a --device before any work.
 """
@@ -42,16 +42,35 @@ def describe_os_error(e: OSError) -> str:
 def run_cli(main: Callable[[], int | None], on_interrupt: Callable[[], str] | None = None) -> NoReturn:
     try:
         code = main()
-    except (ValueError, OSError) as e:
+    except BaseException as e:
+        if _from_ctrl_c(e):
+            extra = on_interrupt() if on_interrupt is not None else ""
+            print(f"interrupted{'; ' + extra if extra else ''}", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
+        if not isinstance(e, (ValueError, OSError)):
+            raise  # a bug (or SystemExit): its traceback is kept
         if os.environ.get("GEMMA2_TRACEBACK") == "1":
             traceback.print_exc()
         print(f"error: {e if isinstance(e, ValueError) else describe_os_error(e)}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    except KeyboardInterrupt:
-        extra = on_interrupt() if on_interrupt is not None else ""
-        print(f"interrupted{'; ' + extra if extra else ''}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
     sys.exit(code or 0)
+
+
+def _from_ctrl_c(e: BaseException | None) -> bool:
+    """Whether `e` is Ctrl-C's KeyboardInterrupt or was raised while unwinding from one: torch's
+    distributed checkpoint wraps it in a CheckpointException (`failures`: rank -> (exception,
+    traceback)), and torch.save's zip writer, interrupted mid-file, raises a RuntimeError in its
+    cleanup."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict) and any(isinstance(f, tuple) and f and _from_ctrl_c(f[0]) for f in failures.values()):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def device_arg(name: str) -> torch.device:

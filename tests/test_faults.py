@@ -656,6 +656,36 @@ def test_ctrl_c_in_distill_names_the_latest_checkpoint(tmp_path, docs):
     assert not (out / ".lock").exists()
 
 
+@pytest.mark.parametrize("how", ["interrupt", "zip cleanup"])
+def test_ctrl_c_inside_the_optimizer_save_is_one_line_and_keeps_the_checkpoint(tmp_path, docs, monkeypatch, capsys, how):
+    """DCP catches what interrupts its file writer and re-raises it wrapped in a
+    CheckpointException; torch.save's zip writer, interrupted mid-file, raises a RuntimeError as it
+    closes. Either way Ctrl-C must end the script as Ctrl-C (status 130, one line)."""
+    import runpy
+
+    import torch.distributed.checkpoint.filesystem as dcp_files
+
+    real, out = dcp_files._write_item, tmp_path / "run"
+
+    def interrupted_write(*args, **kwargs):
+        if (out / "step-000002").is_dir():  # the second save's optimizer state
+            try:
+                raise KeyboardInterrupt
+            finally:
+                if how == "zip cleanup":
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dcp_files, "_write_item", interrupted_write)
+    monkeypatch.setattr(sys, "argv", ["distill.py", *map(str, distill_args(docs, out, "--steps", 4, "--save-every", 2))])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "scripts" / "distill.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"interrupted; the latest complete checkpoint is {out / 'step-000002'}")
+    assert load_model(out / "step-000002").config.vocab_size == 4096 and not (out / "step-000004").exists()
+
+
 def test_the_nan_stop_names_the_last_checkpoint_with_finite_weights(tmp_path, docs, monkeypatch, capsys):
     """An update that overflows the weights after step 3 (saved) makes step 4's loss NaN: the
     message must point at step 2, the last checkpoint that is not poisoned."""
