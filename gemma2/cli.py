@@ -5,9 +5,10 @@ cause (a missing path, a read-only or full disk, a file where a directory should
 messages name the fix, and no write in this project leaves a half-written file behind (see
 gemma2.files), which the full-disk message says. Ctrl-C ends a script with one line and exit status
 130 (the shell's code for SIGINT), also when a library it interrupted re-raised it as another
-exception; `on_interrupt` may add what the user needs to know (where to resume). Anything else is a bug and keeps its traceback. With GEMMA2_TRACEBACK=1 in the
-environment a user error prints its traceback above the line too (for a failure deep inside a
-compiler, which may surface as a ValueError). `device_arg` checks a --device before any work.
+exception; `on_interrupt` may add what the user needs to know (where to resume). Anything else is
+a bug and keeps its traceback. With GEMMA2_TRACEBACK=1 in the environment a user error prints its
+traceback above the line too (for a failure deep inside a compiler, which may surface as a
+ValueError). `device_arg` checks a --device before any work.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def _from_ctrl_c(e: BaseException | None) -> bool:
         seen.add(id(e))
         if isinstance(e, KeyboardInterrupt):
             return True
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict) and any(isinstance(f, tuple) and f and _from_ctrl_c(f[0]) for f in failures.values()):
+        failures = getattr(e, "failures", None)  # DCP's: rank -> (exception, traceback)
+        wrapped = [f[0] for f in failures.values() if isinstance(f, tuple) and f] if isinstance(failures, dict) else []
+        if any(_from_ctrl_c(w) for w in wrapped):
             return True
         e = e.__cause__ or e.__context__
     return False

@@ -35,7 +35,7 @@ def check_vocab(pieces: int, vocab_size: int, what: str, tokenizer: str) -> None
 def check_tokenizer(tokenizer: Tokenizer, config: Gemma2Config, what: str = "the model") -> None:
     """Raise ValueError unless `tokenizer` is the one `config` (a model's) was built for."""
     check_vocab(tokenizer.vocab_size, config.vocab_size, what, str(tokenizer.path))
-    eos = config.eos_token_id if isinstance(config.eos_token_id, tuple) else (config.eos_token_id,)
+    eos = config.eos_ids
     wrong = [
         f"{name} {mine} (model: {theirs})"
         for name, mine, theirs, ok in [

@@ -53,6 +53,11 @@ class Gemma2Config:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
 
     # Derived values, computed in one place.
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """eos_token_id as a tuple (one id or several)."""
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
     def is_local(self, layer: int) -> bool:
         """Layer 0 is local (sliding window); layers then alternate local, global."""
         return layer % 2 == 0

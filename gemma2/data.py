@@ -92,6 +92,10 @@ class Batch(NamedTuple):
     targets: Tensor  # [B, T] int64; entries equal to IGNORE_INDEX do not count
     valid: Tensor | None = None  # [B, T] bool, False on left padding (gemma2.prompts); None: none
 
+    def valid_on(self, device: torch.device | str, non_blocking: bool = False) -> Tensor | None:
+        """The padding mask on `device` (None when the batch has no padding)."""
+        return None if self.valid is None else self.valid.to(device, non_blocking=non_blocking)
+
 
 class Rows(Protocol):
     """What training reads from a dataset: PackedSequences, or gemma2.prompts.PromptRows."""

@@ -184,7 +184,7 @@ def sample_completions(
     cfg = model.config
     device = model.output_weight.device
     generator = torch.Generator(device).manual_seed(seed)
-    stop = torch.tensor([*torch.tensor(cfg.eos_token_id).reshape(-1).tolist(), *stop_ids], device=device)
+    stop = torch.tensor([*cfg.eos_ids, *stop_ids], device=device)
     prompts = batch.inputs[:, :prompt_len].to(device)  # [B, P]
     mask = None if batch.valid is None else batch.valid[:, :prompt_len].to(device)
     B, P, N = prompts.shape[0], prompt_len, max_new_tokens
@@ -276,10 +276,11 @@ class Rollouts:
         for batch in eval_batches(heldout, cfg.batch_size, rank=rt.rank, world_size=rt.world,
                                   max_sequences=cfg.eval_sequences):  # fmt: skip
             rows = self.student(batch, self.prompt_len, cfg.max_new_tokens, 0.0, 0, rt)
-            valid = None if rows.valid is None else rows.valid.to(rt.device)
-            _, st = loss_mod(rows.inputs.to(rt.device), rows.targets.to(rt.device), teacher(rows, "heldout"), valid=valid)
+            _, st = loss_mod(rows.inputs.to(rt.device), rows.targets.to(rt.device), teacher(rows, "heldout"),
+                             valid=rows.valid_on(rt.device))  # fmt: skip
             teacher.release()
-            sums += torch.stack([st.kd_sum.double(), *st.kd_sum.new_tensor([st.tokens, len(rows.inputs)]).double()])
+            counts = torch.tensor([st.tokens, len(rows.inputs)], device=rt.device)
+            sums += torch.cat([st.kd_sum.reshape(1), counts]).double()
         kd, tokens, count = rt.all_reduce(sums).tolist()
         return {"eval_sample_kd": kd / tokens * cfg.temperature**2, "eval_sample_len": tokens / count}
 

@@ -100,8 +100,8 @@ class Teacher:
         if self.cache is not None:
             part = self.cache.split("train") if split == "train" else self.heldout
             return part.topk(batch.indices, self.rt.device)
-        valid = None if batch.valid is None else batch.valid.to(self.device, non_blocking=True)
-        hidden = self.root(batch.inputs.to(self.device, non_blocking=True), valid).to(self.rt.device)
+        inputs = batch.inputs.to(self.device, non_blocking=True)
+        hidden = self.root(inputs, batch.valid_on(self.device, non_blocking=True)).to(self.rt.device)
         if self.rt.sharded:
             self.root.unshard()  # the tied head lives in the root group: gather it for the loss
             weight = self.model.output_weight

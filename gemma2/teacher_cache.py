@@ -217,8 +217,8 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, Rows], directory: Path,
             tail = torch.empty(stop - start, T, dtype=torch.float32)
             for lo in range(start, stop, batch_size):
                 batch = data.batch(range(lo, min(lo + batch_size, stop)))
-                valid = None if batch.valid is None else batch.valid.to(device)
-                hidden = teacher.hidden_states(batch.inputs.to(device), valid).flatten(0, 1)  # [B T, D]
+                hidden = teacher.hidden_states(batch.inputs.to(device), batch.valid_on(device))
+                hidden = hidden.flatten(0, 1)  # [B T, D]
                 targets = batch.targets.to(device).flatten()
                 rows = slice(lo - start, lo - start + len(batch.indices))
                 out = [], [], []

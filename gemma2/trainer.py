@@ -242,9 +242,8 @@ def _evaluate(loss_mod: _StudentLoss, teacher: Teacher | None, data: Datasets, c
     for batch in eval_batches(data.heldout, cfg.batch_size, rank=rt.rank, world_size=rt.world,
                               max_sequences=cfg.eval_sequences):  # fmt: skip
         inputs, targets = batch.inputs.to(rt.device), batch.targets.to(rt.device)
-        valid = None if batch.valid is None else batch.valid.to(rt.device)
         src = teacher(batch, "heldout") if kd_on else None
-        _, st = loss_mod(inputs, targets, src, valid=valid)
+        _, st = loss_mod(inputs, targets, src, valid=batch.valid_on(rt.device))
         sums[:3] += torch.stack([st.ce_sum, st.kd_sum, torch.tensor(st.tokens, device=st.ce_sum.device)]).double()
         if with_teacher_ce and teacher is not None and teacher.model is not None:
             sums[3] += distill_sums(src.hidden, src.weight, None, targets, final_softcap=src.final_softcap,
@@ -334,9 +333,8 @@ def _accumulate_gradients(
             loss_mod.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once per step
         inputs = batch.inputs.to(rt.device, non_blocking=True)
         targets = batch.targets.to(rt.device, non_blocking=True)
-        valid = None if batch.valid is None else batch.valid.to(rt.device, non_blocking=True)
         src = teacher(batch, "train") if teacher is not None else None
-        loss, st = loss_mod(inputs, targets, src, normalizer, alpha, valid)
+        loss, st = loss_mod(inputs, targets, src, normalizer, alpha, batch.valid_on(rt.device, non_blocking=True))
         if teacher is not None:
             teacher.release()
         loss.backward()
