@@ -140,7 +140,7 @@ class PackedSequences:
     def fingerprint(self) -> str:
         """A short sha256 of the tokens and seq_len: a teacher cache is valid only for these."""
         h = hashlib.sha256(f"{self.seq_len}\0{self.tokens.dtype.str}\0".encode())
-        h.update(np.ascontiguousarray(self.tokens[: len(self) * self.seq_len + 1]).tobytes())
+        h.update(np.ascontiguousarray(self.tokens[: len(self) * self.seq_len + 1]))  # a memory map in place, no copy
         return h.hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> None:

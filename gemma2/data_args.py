@@ -1,6 +1,7 @@
 """The data flags that scripts/distill.py and scripts/cache_teacher.py share, and what they name:
 packed text (--data: documents or a token file, gemma2.token_files.open_datasets) or a prompt
-dataset (--prompts, gemma2.prompts), each with its held-out split. A teacher cache is keyed by
+dataset (--prompts: `.jsonl` files or a token file of prompts, gemma2.token_files.
+open_prompt_datasets), each with its held-out split. A teacher cache is keyed by
 these rows, so both scripts must read the same flags the same way."""
 
 from __future__ import annotations
@@ -8,8 +9,7 @@ from __future__ import annotations
 import argparse
 
 from .data import Datasets
-from .prompts import load_prompt_datasets
-from .token_files import open_datasets
+from .token_files import open_datasets, open_prompt_datasets
 from .tokenizer import Tokenizer
 
 DEFAULT_SEQ_LEN = 256
@@ -24,8 +24,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                              "NAME.npy from scripts/tokenize_data.py (memory-mapped); default: built-in corpus")
     source.add_argument("--prompts", nargs="+", metavar="PATH",
                         help='.jsonl prompt datasets (gemma2/prompts.py): one {"messages": [...]} (Gemma chat format) '
-                             'or {"prompt": ..., "completion": ...} per line; rows are --prompt-len + '
-                             "--max-new-tokens tokens, the loss on the completion only")  # fmt: skip
+                             'or {"prompt": ..., "completion": ...} per line, or one token file NAME.npy from '
+                             "scripts/tokenize_data.py --prompts; rows are --prompt-len + --max-new-tokens tokens, "
+                             "the loss on the completion only")  # fmt: skip
     p.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out documents (default: split from --data)")
     p.add_argument("--eval-prompts", nargs="+", metavar="PATH", help="held-out prompts (default: split from --prompts)")
     p.add_argument("--holdout-fraction", type=float, default=None,
@@ -57,6 +58,5 @@ def datasets_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> Datase
     if args.seq_len is not None or args.eval_data is not None:
         raise ValueError("with --prompts, rows are --prompt-len + --max-new-tokens tokens and held-out prompts are "
                          "--eval-prompts: drop --seq-len and --eval-data")  # fmt: skip
-    fraction = 0.02 if args.holdout_fraction is None else args.holdout_fraction
-    return load_prompt_datasets(args.prompts, tokenizer, args.max_new_tokens, prompt_len=args.prompt_len,
-                                holdout_fraction=fraction, eval_paths=args.eval_prompts)  # fmt: skip
+    return open_prompt_datasets(args.prompts, tokenizer, args.max_new_tokens, prompt_len=args.prompt_len,
+                                holdout_fraction=args.holdout_fraction, eval_paths=args.eval_prompts)  # fmt: skip

@@ -20,8 +20,11 @@ stays valid: causal attention keeps it out of every counted position.
 
 Examples whose prompt is longer than P are dropped, with a count on stderr, never cut: the start of
 a chat holds its instructions. The held-out split is by a hash of each example's line
-(gemma2.corpus.split_corpus), the same in every process; a repeated line is kept once. Tokens are held ragged (one flat int32
-array and offsets); a batch is assembled on the host with one fancy index.
+(gemma2.corpus.split_corpus), the same in every process; a repeated line is kept once. Encoded
+examples are held ragged (`Examples`: one flat int32 array, each prompt then its whole completion,
+and their lengths), so a prompt dataset tokenized once into a token file (gemma2.token_files,
+scripts/tokenize_data.py --prompts) is memory-mapped as it is and laid out for any P and N; a
+batch is assembled on the host with one fancy index.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,29 +47,39 @@ from .data import IGNORE_INDEX, Batch, Datasets
 from .tokenizer import Tokenizer
 
 
-def read_examples(paths: Sequence[str | os.PathLike]) -> dict[str, tuple[str, dict]]:
-    """The non-blank lines of the `.jsonl` files in `paths`, in order, each parsed and checked to be
-    a JSON object of one of the two forms (ValueError naming the file and line otherwise), mapped
-    to where they are (`FILE:LINE`, the first place for a repeated line) and the object."""
-    lines: dict[str, tuple[str, dict]] = {}
+def example_lines(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str]]:
+    """(`FILE:LINE`, line) for each non-blank line of the `.jsonl` files in `paths`, in order;
+    ValueError naming a path that is missing, not `.jsonl` or not UTF-8."""
     for path in map(Path, paths):
         if path.suffix != ".jsonl":
             raise ValueError(f"{path}: prompts come as .jsonl files, one JSON object per line")
         try:
-            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the JSON
+            with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the JSON
+                for n, line in enumerate(f, 1):
+                    line = line.rstrip("\r\n")
+                    if line.strip():
+                        yield f"{path}:{n}", line
         except FileNotFoundError:
             raise ValueError(f"{path}: no such prompts file") from None
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip() and line not in lines:
-                lines[line] = (f"{path}:{n}", _parse(line, f"{path}:{n}"))
+
+
+def read_examples(paths: Sequence[str | os.PathLike]) -> dict[str, tuple[str, dict]]:
+    """The examples of `paths` (example_lines), each parsed and checked to be a JSON object of one
+    of the two forms (ValueError naming the file and line otherwise), keyed by their line and
+    mapped to where they are (the first place for a repeated line) and the object."""
+    lines: dict[str, tuple[str, dict]] = {}
+    for where, line in example_lines(paths):
+        if line not in lines:
+            lines[line] = (where, parse_example(line, where))
     if not lines:
         raise ValueError(f"no examples in {', '.join(map(str, paths))}: each line must hold a JSON object")
     return lines
 
 
-def _parse(line: str, where: str) -> dict:
+def parse_example(line: str, where: str) -> dict:
+    """One line as a JSON object of one of the two forms; ValueError starting with `where` otherwise."""
     try:
         example = json.loads(line)
     except json.JSONDecodeError as e:
@@ -98,26 +112,59 @@ def encode_example(example: dict, tokenizer: Tokenizer) -> tuple[list[int], list
     return prompt, [] if completion is None else tokenizer.encode(completion, bos=False, eos=True)
 
 
+class Examples(NamedTuple):
+    """Encoded examples, ragged: each one's prompt then its whole completion, one after another."""
+
+    tokens: np.ndarray  # [sum of lengths] int32 (a memory map, for a token file)
+    lengths: np.ndarray  # [n, 2] int64: each example's prompt and completion lengths
+
+    @staticmethod
+    def of(pairs: Iterable[tuple[Sequence[int], Sequence[int]]]) -> Examples:
+        """Examples holding these (prompt ids, completion ids) pairs."""
+        parts, lengths = [], []
+        for prompt, completion in pairs:
+            parts.append(np.asarray([*prompt, *completion], dtype=np.int32))
+            lengths.append((len(prompt), len(completion)))
+        tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        return Examples(tokens, np.asarray(lengths, dtype=np.int64).reshape(-1, 2))
+
+
+def encode_examples(examples: Iterable[tuple[str, dict]], tokenizer: Tokenizer) -> Examples:
+    """Encode (where, parsed example) pairs; a ValueError names the example's `where`."""
+
+    def encoded(where: str, example: dict) -> tuple[list[int], list[int]]:
+        try:
+            return encode_example(example, tokenizer)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    return Examples.of(encoded(where, example) for where, example in examples)
+
+
 class PromptRows:
     """Examples as rows of prompt_len + max_new_tokens tokens (see the module docstring); the
-    interface of gemma2.data.PackedSequences (len, batch, seq_len, tokens, fingerprint)."""
+    interface of gemma2.data.PackedSequences (len, batch, seq_len, tokens, fingerprint). Examples
+    whose prompt is longer than prompt_len are left out (`dropped` counts them)."""
 
-    def __init__(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], prompt_len: int,
-                 max_new_tokens: int, pad_id: int, stop_ids: Sequence[int] = ()) -> None:  # fmt: skip
+    def __init__(self, examples: Examples, prompt_len: int, max_new_tokens: int, pad_id: int,
+                 stop_ids: Sequence[int] = ()) -> None:  # fmt: skip
         if prompt_len < 1 or max_new_tokens < 1:
             raise ValueError(f"prompt_len and max_new_tokens must be >= 1, got {prompt_len} and {max_new_tokens}")
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        if any(len(p) == 0 or len(p) > prompt_len for p in prompts):
-            raise ValueError(f"every prompt must hold 1 .. prompt_len = {prompt_len} tokens")
+        lengths = np.asarray(examples.lengths, dtype=np.int64).reshape(-1, 2)
+        if len(examples.tokens) != lengths.sum():
+            raise ValueError(f"{len(examples.tokens)} tokens, but the examples' lengths add up to {lengths.sum()}")
+        if len(lengths) and lengths[:, 0].min() < 1:
+            raise ValueError("every prompt must hold at least one token")
+        self.examples = examples
         self.prompt_len, self.max_new_tokens, self.pad_id = prompt_len, max_new_tokens, pad_id
         self.stop_ids = tuple(stop_ids)  # what ends a sampled completion besides the model's eos
         self.seq_len = prompt_len + max_new_tokens - 1
-        parts = [np.asarray([*p, *c[:max_new_tokens]], dtype=np.int32) for p, c in zip(prompts, completions)]
-        self.tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-        self.starts = np.cumsum([0, *map(len, parts)])[:-1]
-        self.prompt_lens = np.asarray([len(p) for p in prompts], dtype=np.int64)
-        self.completion_lens = np.asarray([min(len(c), max_new_tokens) for c in completions], dtype=np.int64)
+        self.tokens = examples.tokens
+        fits = lengths[:, 0] <= prompt_len
+        self.dropped = int((~fits).sum())
+        self.starts = (np.cumsum(lengths.sum(1)) - lengths.sum(1))[fits]
+        self.prompt_lens = lengths[fits, 0]
+        self.completion_lens = np.minimum(lengths[fits, 1], max_new_tokens)
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
@@ -145,10 +192,11 @@ class PromptRows:
         return Batch(torch.from_numpy(idx), rows[:, :-1], targets, valid[:, :-1])
 
     def fingerprint(self) -> str:
-        """A short sha256 of the rows' tokens and layout (a resumed run checks it)."""
+        """A short sha256 of the examples and the layout (a resumed run checks it): the same for a
+        prompt dataset read from `.jsonl` files or from its token file."""
         h = hashlib.sha256(f"prompts\0{self.prompt_len}\0{self.max_new_tokens}\0{self.pad_id}\0".encode())
-        for a in (self.tokens, self.prompt_lens, self.completion_lens):
-            h.update(np.ascontiguousarray(a).tobytes())
+        h.update(np.ascontiguousarray(self.examples.lengths, dtype=np.int64))
+        h.update(np.ascontiguousarray(self.tokens))  # a memory map is hashed in place, not copied
         return h.hexdigest()[:16]
 
 
@@ -161,37 +209,39 @@ def load_prompt_datasets(
     holdout_fraction: float = 0.02,
     eval_paths: Sequence[str | os.PathLike] | None = None,
 ) -> Datasets:
-    """Read, split and encode prompt examples. prompt_len None: the longest prompt's length. The
-    held-out split is `eval_paths` when given, else `holdout_fraction` of the examples by hash.
-    Says on stderr (rank 0 only) how wide the rows are and what was dropped."""
+    """Read, split and encode the prompt examples of `.jsonl` files, then lay them out
+    (prompt_datasets). The held-out split is `eval_paths` when given, else `holdout_fraction` of
+    the examples by hash."""
     lines = read_examples(paths)
     if eval_paths is not None:
-        parts = {"training": lines, "held-out": read_examples(eval_paths)}
+        parts = [lines.values(), read_examples(eval_paths).values()]
     else:
         train, held = split_corpus(list(lines), holdout_fraction=holdout_fraction)
-        parts = {"training": {x: lines[x] for x in train}, "held-out": {x: lines[x] for x in held}}
-    encoded = {}
-    for name, part in parts.items():
-        encoded[name] = []
-        for where, example in part.values():
-            try:
-                encoded[name].append(encode_example(example, tokenizer))
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-    lengths = [len(p) for part in encoded.values() for p, _ in part]
+        parts = [[lines[x] for x in train], [lines[x] for x in held]]
+    train, held = (encode_examples(part, tokenizer) for part in parts)
+    return prompt_datasets(train, held if len(held.lengths) else None, tokenizer, max_new_tokens, prompt_len)
+
+
+def prompt_datasets(train: Examples, heldout: Examples | None, tokenizer: Tokenizer, max_new_tokens: int,
+                    prompt_len: int | None = None) -> Datasets:  # fmt: skip
+    """Encoded examples as the Datasets of PromptRows; prompt_len None: the longest prompt's length.
+    Says on stderr (rank 0 only) how wide the rows are and what was dropped."""
+    lengths = np.concatenate([part.lengths[:, 0] for part in (train, heldout) if part is not None])
     if prompt_len is None:
-        prompt_len = max(lengths)
+        prompt_len = int(lengths.max())
     say = partial(print, file=sys.stderr) if distributed.rank() == 0 else lambda *_: None
     splits = {}
-    for name, pairs in encoded.items():
-        kept = [(p, c) for p, c in pairs if len(p) <= prompt_len]
-        if len(kept) < len(pairs):
-            say(f"prompts: dropped {len(pairs) - len(kept)} of {len(pairs)} {name} examples whose prompt is "
+    for name, part in (("training", train), ("held-out", heldout)):
+        if part is None:
+            splits[name] = None
+            continue
+        rows = PromptRows(part, prompt_len, max_new_tokens, tokenizer.pad_id, tokenizer.stop_ids)
+        if rows.dropped:
+            say(f"prompts: dropped {rows.dropped} of {len(part.lengths)} {name} examples whose prompt is "
                 f"longer than prompt_len = {prompt_len} tokens")  # fmt: skip
-        if pairs and not kept:
+        if not len(rows):
             raise ValueError(f"no {name} prompt fits in prompt_len = {prompt_len} tokens; raise prompt_len")
-        splits[name] = PromptRows([p for p, _ in kept], [c for _, c in kept], prompt_len, max_new_tokens,
-                                  tokenizer.pad_id, tokenizer.stop_ids) if kept else None  # fmt: skip
+        splits[name] = rows
     say(f"prompts: rows of prompt_len {prompt_len} + max_new_tokens {max_new_tokens} tokens; the prompts' median "
         f"length is {int(np.median(lengths))}, so about {1 - np.minimum(lengths, prompt_len).mean() / prompt_len:.0%} "
         "of the prompt columns are padding (prompt_len sets it)")  # fmt: skip

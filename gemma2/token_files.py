@@ -1,29 +1,39 @@
-"""Token files: a corpus tokenized once into one `.npy` that every rank memory-maps.
+"""Token files: a corpus or a prompt dataset tokenized once into one `.npy` that every rank
+memory-maps.
 
 A token file is two files:
-- `NAME.npy`: int32 `[N]`, the training documents' tokens followed by the held-out documents',
-  each document `bos ids eos` (the packing of gemma2.data.tokenize);
-- `NAME.json`, the sidecar: the tokenizer's fingerprint and vocabulary size, documents and tokens
-  per split, and how the held-out split was made. Only the sidecar makes the `.npy` a token file.
+- `NAME.npy`, int32. Documents (kind "documents"): the training documents' tokens followed by the
+  held-out documents', each document `bos ids eos` (the packing of gemma2.data.tokenize). Prompts
+  (kind "prompts", gemma2.prompts): the training examples' tokens followed by the held-out
+  examples', each its prompt then its whole completion (gemma2.prompts.Examples), then the
+  `[n, 2]` table of every example's prompt and completion lengths, in the same order;
+- `NAME.json`, the sidecar: the kind, the tokenizer's fingerprint and vocabulary size, documents
+  (examples) and tokens per split, and how the held-out split was made. Only the sidecar makes the
+  `.npy` a token file.
 
 `load_token_file` gives exactly the Datasets that gemma2.data.load_datasets builds in memory from
-the same sources and holdout fraction (tested), without reading or tokenizing anything.
+the same sources and holdout fraction, and `load_prompt_file` those of
+gemma2.prompts.load_prompt_datasets (tested), without reading or tokenizing anything; a prompt
+file is laid out at load time, for any prompt_len and max_new_tokens.
 
 `write_token_file` streams:
-- pass 1 reads the documents only to rank them for the held-out split (split_corpus: the
-  documents whose seeded sha256 is lowest, by whole document), keeping 8 bytes per document;
+- pass 1 reads the documents (or the prompt files' lines, each parsed, so a malformed one stops
+  the run before any tokenizing) only to rank them for the held-out split (split_corpus: the
+  items whose seeded sha256 is lowest, whole), keeping 8 bytes per item; a repeated prompt line
+  is kept once, as gemma2.prompts keeps it;
 - pass 2 reads them again and tokenizes them in `workers` processes, a bounded number of chunks
   in flight, appending each chunk's training tokens to the output and its held-out tokens to a
   scratch file that is appended at the end.
-Memory is a few chunks of text and tokens plus ~17 bytes per document (the split's keys and
-their ranking), never the corpus or the token array. (split_corpus compares whole digests;
-here the first 8 bytes, so the splits could differ only if two different documents shared a
-64-bit hash prefix right at the boundary.)
+Memory is a few chunks of text and tokens plus ~17 bytes per item (the split's keys and their
+ranking), and for prompts the lengths table (16 bytes per example), never the corpus or the token
+array. (split_corpus compares whole digests; here the first 8 bytes, so the splits could differ
+only if two different items shared a 64-bit hash prefix right at the boundary, and two different
+prompt lines sharing one would be kept once.)
 
 Atomic: the `.npy` is written under a `.tmp-` name and renamed when complete, then the sidecar is
 written (atomically) last; an overwrite removes the old sidecar first. A killed run therefore
-leaves no `.npy` + sidecar pair that `load_token_file` accepts; its temporaries are removed by
-the next run.
+leaves no `.npy` + sidecar pair that a loader accepts; its temporaries are removed by the next
+run.
 """
 
 from __future__ import annotations
@@ -32,10 +42,11 @@ import json
 import os
 import shutil
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -43,6 +54,7 @@ from tqdm.auto import tqdm
 from .corpus import document_key, heldout_count, iter_documents
 from .data import Datasets, load_datasets, pack_datasets
 from .files import atomic_file, remove_stale_temporaries, scratch_file, write_text_atomic
+from .prompts import Examples, encode_examples, example_lines, load_prompt_datasets, parse_example, prompt_datasets
 from .tokenizer import Tokenizer
 
 FORMAT = 1
@@ -66,17 +78,45 @@ def _documents(paths: Sequence[str | os.PathLike], text_column: str) -> Iterator
             raise ValueError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8 or pass other files") from None
 
 
-def _heldout_mask(paths: Sequence[str | os.PathLike], text_column: str, holdout_fraction: float) -> np.ndarray:
-    """Pass 1: bool `[n_docs]`, True for the documents split_corpus (seed 0) holds out."""
-    keys = np.fromiter(
-        (int.from_bytes(document_key(d)[:8], "big") for d in _documents(paths, text_column)), dtype=np.uint64
-    )
-    if len(keys) == 0:
-        raise ValueError(f"no text in {', '.join(map(str, paths))}: pass non-empty .txt, .jsonl or .parquet files")
-    mask = np.zeros(len(keys), dtype=bool)
-    # A stable sort ranks equal keys (duplicate documents) by position, as sorted() does.
-    mask[np.argsort(keys, kind="stable")[: heldout_count(len(keys), holdout_fraction)]] = True
-    return mask
+def _items(paths: Sequence[str | os.PathLike], text_column: str, prompts: bool) -> Iterator[Any]:
+    """What is ranked and tokenized: the documents of `paths`, or their prompt examples' lines as
+    (`FILE:LINE`, line) pairs."""
+    return example_lines(paths) if prompts else _documents(paths, text_column)
+
+
+def _key(item: Any, prompts: bool) -> int:
+    """The 64-bit prefix of an item's document_key (a prompt line is parsed here: checked early)."""
+    if prompts:
+        parse_example(item[1], item[0])
+        return int.from_bytes(document_key(item[1])[:8], "big")
+    return int.from_bytes(document_key(item)[:8], "big")
+
+
+def _plan(groups: list[Sequence[str | os.PathLike]], holdout_fraction: float | None, text_column: str,
+          prompts: bool) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Pass 1 over the items of the training paths (groups[0]) and the held-out ones (groups[1],
+    when given): bool masks (keep, held) over all items, in order. keep: the item is tokenized
+    (every document; the first of repeated prompt lines within a group); held: it is held out
+    (every item of groups[1], else split_corpus's choice, seed 0, among the kept training items)."""
+    keeps, helds = [], []
+    for g, paths in enumerate(groups):
+        keys = np.fromiter((_key(item, prompts) for item in _items(paths, text_column, prompts)), dtype=np.uint64)
+        if len(keys) == 0:
+            what = "prompt examples" if prompts else "text"
+            raise ValueError(f"no {what} in {', '.join(map(str, paths))}: pass non-empty files")
+        keep = np.ones(len(keys), dtype=bool)
+        if prompts:
+            keep[:] = False
+            keep[np.unique(keys, return_index=True)[1]] = True  # each key's first occurrence
+        held = np.full(len(keys), g == 1)
+        if len(groups) == 1:
+            kept = np.flatnonzero(keep)
+            # A stable sort ranks equal keys (duplicate documents) by position, as sorted() does.
+            ranked = np.argsort(keys[kept], kind="stable")
+            held[kept[ranked[: heldout_count(len(kept), holdout_fraction)]]] = True
+        keeps.append(keep)
+        helds.append(held)
+    return np.concatenate(keeps), np.concatenate(helds)
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -87,19 +127,27 @@ def _start_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = Tokenizer(tokenizer_path)
 
 
-def _encode(docs: list[str], tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Documents -> (their tokens concatenated, int32; each document's token count)."""
+def _encode_documents(docs: list[str], tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Documents -> (their tokens concatenated, int32; `[n, 1]` each document's token count)."""
     tok = tokenizer or _worker_tokenizer
     parts = [tok.encode(d, bos=True, eos=True) for d in docs]
-    return np.array(list(chain.from_iterable(parts)), dtype=np.int32), np.array([len(p) for p in parts])
+    return np.array(list(chain.from_iterable(parts)), dtype=np.int32), np.array([[len(p)] for p in parts])
 
 
-def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
-    chunk: list[str] = []
+def _encode_prompts(lines: list[tuple[str, str]], tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(`FILE:LINE`, line) pairs -> (their tokens, `[n, 2]` prompt and completion lengths)."""
+    parsed = ((where, parse_example(line, where)) for where, line in lines)
+    examples = encode_examples(parsed, tokenizer or _worker_tokenizer)
+    return examples.tokens, examples.lengths
+
+
+def _chunks(items: Iterable[Any], prompts: bool) -> Iterator[list[Any]]:
+    """Lists of items holding about _CHUNK_CHARS characters of text each."""
+    chunk: list[Any] = []
     size = 0
-    for d in docs:
-        chunk.append(d)
-        size += len(d)
+    for item in items:
+        chunk.append(item)
+        size += len(item[1] if prompts else item)
         if size >= _CHUNK_CHARS:
             yield chunk
             chunk, size = [], 0
@@ -107,17 +155,20 @@ def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-def _encoded_chunks(docs: Iterator[str], tokenizer: Tokenizer, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """_encode over chunks of `docs`, in order; with workers > 1 in a process pool holding at most
-    2 * workers chunks in flight (Pool.imap would read the whole corpus ahead)."""
+def _encoded_chunks(
+    items: Iterable[Any], tokenizer: Tokenizer, workers: int, prompts: bool
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """_encode_documents (_encode_prompts) over chunks of `items`, in order; with workers > 1 in a
+    process pool holding at most 2 * workers chunks in flight (Pool.imap would read ahead it all)."""
+    encode = _encode_prompts if prompts else _encode_documents
     if workers == 1:
-        for chunk in _chunks(docs):
-            yield _encode(chunk, tokenizer)
+        for chunk in _chunks(items, prompts):
+            yield encode(chunk, tokenizer)
         return
     with get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(str(tokenizer.path),)) as pool:
         pending: deque = deque()
-        for chunk in _chunks(docs):
-            pending.append(pool.apply_async(_encode, (chunk,)))
+        for chunk in _chunks(items, prompts):
+            pending.append(pool.apply_async(encode, (chunk,)))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
         while pending:
@@ -132,15 +183,18 @@ def write_token_file(
     holdout_fraction: float = 0.02,
     eval_paths: Sequence[str | os.PathLike] | None = None,
     text_column: str = "text",
+    prompts: bool = False,
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Tokenize the documents of `paths` (.txt, .jsonl, .parquet files or directories) into the
-    token file `out` (NAME.npy) and its sidecar; returns the sidecar's content.
+    """Tokenize the documents of `paths` (.txt, .jsonl, .parquet files or directories), or with
+    `prompts` the examples of prompt datasets (`.jsonl`, gemma2.prompts), into the token file
+    `out` (NAME.npy) and its sidecar; returns the sidecar's content.
 
     The held-out split is `eval_paths` when given (all of `paths` then trains), else
-    `holdout_fraction` of the documents, chosen as gemma2.data.load_datasets chooses them."""
+    `holdout_fraction` of the items, chosen as gemma2.data.load_datasets (gemma2.prompts.
+    load_prompt_datasets) chooses them."""
     out = Path(out)
     if out.suffix != ".npy":
         raise ValueError(f"{out}: a token file is named NAME.npy; pick a name ending in .npy")
@@ -150,67 +204,68 @@ def write_token_file(
         raise ValueError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it, or another name")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"no such directory: {out.parent}; create it first")
-    paths = list(paths)
-    if eval_paths is None:
-        held_mask = _heldout_mask(paths, text_column, holdout_fraction)
-    else:
-        n_train = sum(1 for _ in _documents(paths, text_column))
-        held_mask = np.arange(n_train + sum(1 for _ in _documents(eval_paths, text_column))) >= n_train
-    n_docs = len(held_mask)
-
-    def docs() -> Iterator[str]:
-        yield from _documents(paths, text_column)
-        if eval_paths is not None:
-            yield from _documents(eval_paths, text_column)
+    groups = [list(paths)] if eval_paths is None else [list(paths), list(eval_paths)]
+    keep, held_mask = _plan(groups, holdout_fraction, text_column, prompts)
+    held_mask = held_mask[keep]  # over the items pass 2 tokenizes
+    items = (item for g in groups for item in _items(g, text_column, prompts))
+    kept = (item for item, k in zip(items, keep) if k)
 
     for name in (out.name, out.name + ".heldout"):
         remove_stale_temporaries(out.parent, name)
-    counts = {"train": [0, 0], "heldout": [0, 0]}  # documents, tokens
-    bar = tqdm(total=n_docs, unit="doc", desc=f"tokenize {out.name}", disable=not progress)
+    counts = {"train": [0, 0], "heldout": [0, 0]}  # documents (examples), tokens
+    tables: dict[str, list[np.ndarray]] = {"train": [], "heldout": []}  # prompts: lengths per example
+    unit = "example" if prompts else "doc"
+    bar = tqdm(total=len(held_mask), unit=unit, desc=f"tokenize {out.name}", disable=not progress)
     with atomic_file(out) as tmp, scratch_file(out.with_name(out.name + ".heldout")) as held_tmp:
         with open(tmp, "wb") as f_train, open(held_tmp, "wb") as f_held:
             f_train.write(b"\0" * _HEADER_BYTES)  # the header, written once the length is known
-            doc = 0
-            for tokens, lengths in _encoded_chunks(docs(), tokenizer, workers):
-                held = held_mask[doc : doc + len(lengths)]
+            done = 0
+            for tokens, table in _encoded_chunks(kept, tokenizer, workers, prompts):
+                lengths = table.sum(1)
+                held = held_mask[done : done + len(lengths)]
                 per_token = np.repeat(held, lengths)
                 f_train.write(tokens[~per_token].tobytes())
                 f_held.write(tokens[per_token].tobytes())
                 for split, sel in (("train", ~held), ("heldout", held)):
                     counts[split][0] += int(sel.sum())
                     counts[split][1] += int(lengths[sel].sum())
-                doc += len(lengths)
+                    if prompts:
+                        tables[split].append(table[sel])
+                done += len(lengths)
                 bar.update(len(lengths))
                 bar.set_postfix(tokens=f"{counts['train'][1] + counts['heldout'][1]:,}", refresh=False)
-            assert doc == n_docs, "pass 2 read other documents than pass 1"
+            assert done == len(held_mask), "pass 2 read other items than pass 1"
         bar.close()
         with open(tmp, "r+b") as f:
             f.seek(0, os.SEEK_END)
             with open(held_tmp, "rb") as f_held:
                 shutil.copyfileobj(f_held, f, 1 << 24)
+            if prompts:
+                f.write(np.concatenate([*tables["train"], *tables["heldout"]]).astype(np.int32).tobytes())
+            size = f.tell() - _HEADER_BYTES
             f.seek(0)
-            total = counts["train"][1] + counts["heldout"][1]
-            np.lib.format.write_array_header_1_0(f, {"descr": "<i4", "fortran_order": False, "shape": (total,)})
+            np.lib.format.write_array_header_1_0(f, {"descr": "<i4", "fortran_order": False, "shape": (size // 4,)})
             assert f.tell() == _HEADER_BYTES, f.tell()
         sidecar_path(out).unlink(missing_ok=True)  # the old pair stops being a token file first
     info = {
         "format": FORMAT,
+        "kind": "prompts" if prompts else "documents",
         "tokenizer": {"fingerprint": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size},
-        "documents": {"train": counts["train"][0], "heldout": counts["heldout"][0]},
+        "examples" if prompts else "documents": {"train": counts["train"][0], "heldout": counts["heldout"][0]},
         "tokens": {"train": counts["train"][1], "heldout": counts["heldout"][1]},
-        # How the held-out documents were chosen, to be repeated from the same sources.
+        # How the held-out items were chosen, to be repeated from the same sources.
         "heldout": {"eval_paths": list(map(str, eval_paths))} if eval_paths is not None
         else {"holdout_fraction": holdout_fraction, "seed": 0},
         "sources": list(map(str, paths)),
-        "text_column": text_column,
+        **({} if prompts else {"text_column": text_column}),
     }  # fmt: skip
     write_text_atomic(sidecar_path(out), json.dumps(info, indent=2) + "\n")
     return info
 
 
-def load_token_file(path: str | os.PathLike, tokenizer: Tokenizer, seq_len: int) -> Datasets:
-    """The Datasets of token file `path`, memory-mapped; ValueError when it is no complete token
-    file or was made with another tokenizer."""
+def _open(path: str | os.PathLike, tokenizer: Tokenizer, kind: str) -> tuple[np.ndarray, dict]:
+    """Token file `path`, memory-mapped, and its sidecar; ValueError when it is no complete token
+    file, holds the other kind, or was made with another tokenizer."""
     path = Path(path)
     side = sidecar_path(path)
     if not path.is_file():
@@ -222,7 +277,13 @@ def load_token_file(path: str | os.PathLike, tokenizer: Tokenizer, seq_len: int)
         )
     info = json.loads(side.read_text())
     if info.get("format") != FORMAT:
-        raise ValueError(f"{side}: token file format {info.get('format')}, this code reads {FORMAT}; rerun scripts/tokenize_data.py")
+        raise ValueError(
+            f"{side}: token file format {info.get('format')}, this code reads {FORMAT}; rerun scripts/tokenize_data.py"
+        )
+    made = info.get("kind", "documents")
+    if made != kind:
+        flag = {"documents": "--data", "prompts": "--prompts"}[made]
+        raise ValueError(f"{path} is a token file of {made} (scripts/tokenize_data.py {flag}): pass it as {flag}")
     made_with, here = info["tokenizer"]["fingerprint"], tokenizer.fingerprint()
     if made_with != here:
         raise ValueError(
@@ -230,14 +291,48 @@ def load_token_file(path: str | os.PathLike, tokenizer: Tokenizer, seq_len: int)
             f"{tokenizer.path} is {here}); pass the tokenizer it was made with, or rerun "
             "scripts/tokenize_data.py with this one"
         )
-    tokens = np.load(path, mmap_mode="r")
-    n_train, n_held = info["tokens"]["train"], info["tokens"]["heldout"]
-    if tokens.dtype != np.int32 or tokens.shape != (n_train + n_held,):
+    array = np.load(path, mmap_mode="r")
+    size = info["tokens"]["train"] + info["tokens"]["heldout"]
+    if kind == "prompts":
+        size += 2 * (info["examples"]["train"] + info["examples"]["heldout"])
+    if array.dtype != np.int32 or array.shape != (size,):
         raise ValueError(
-            f"{path} holds {tokens.dtype} {tokens.shape}, its sidecar says int32 ({n_train + n_held},): "
+            f"{path} holds {array.dtype} {array.shape}, its sidecar says int32 ({size},): "
             "the pair does not belong together; rerun scripts/tokenize_data.py"
         )
+    return array, info
+
+
+def load_token_file(path: str | os.PathLike, tokenizer: Tokenizer, seq_len: int) -> Datasets:
+    """The Datasets of the token file of documents `path`, memory-mapped (see _open's errors)."""
+    tokens, info = _open(path, tokenizer, "documents")
+    n_train = info["tokens"]["train"]
     return pack_datasets(tokens[:n_train], tokens[n_train:], seq_len, where=str(path))
+
+
+def load_prompt_file(path: str | os.PathLike, tokenizer: Tokenizer, max_new_tokens: int,
+                     prompt_len: int | None = None) -> Datasets:  # fmt: skip
+    """The Datasets of the token file of prompts `path` (gemma2.prompts.prompt_datasets), its
+    tokens memory-mapped (see _open's errors)."""
+    array, info = _open(path, tokenizer, "prompts")
+    t_train, t_held = info["tokens"]["train"], info["tokens"]["heldout"]
+    e_train = info["examples"]["train"]
+    lengths = np.asarray(array[t_train + t_held :], dtype=np.int64).reshape(-1, 2)
+    train = Examples(array[:t_train], lengths[:e_train])
+    held = Examples(array[t_train : t_train + t_held], lengths[e_train:]) if len(lengths) > e_train else None
+    return prompt_datasets(train, held, tokenizer, max_new_tokens, prompt_len)
+
+
+def _alone(paths: Sequence[str | os.PathLike], flag: str, eval_flag: str, others: bool) -> bool:
+    """Whether `paths` name a token file, which must come alone and without held-out flags."""
+    if not any(Path(p).suffix == ".npy" for p in paths):
+        return False
+    if len(paths) > 1 or others:
+        raise ValueError(
+            f"a token file (.npy) is the whole data set, its held-out split included: pass it alone as {flag}, "
+            f"without {eval_flag} or --holdout-fraction (choose those in scripts/tokenize_data.py)"
+        )
+    return True
 
 
 def open_datasets(
@@ -248,15 +343,27 @@ def open_datasets(
     holdout_fraction: float | None = None,
     eval_paths: Sequence[str | os.PathLike] | None = None,
 ) -> Datasets:
-    """What a script's --data names: one token file (NAME.npy, split inside it), else documents
-    for gemma2.data.load_datasets (holdout_fraction None = 0.02)."""
-    if paths and any(Path(p).suffix == ".npy" for p in paths):
-        if len(paths) > 1 or eval_paths is not None or holdout_fraction is not None:
-            raise ValueError(
-                "a token file (.npy) is the whole data set, its held-out split included: pass it "
-                "alone as --data, without --eval-data or --holdout-fraction (choose those in "
-                "scripts/tokenize_data.py)"
-            )
+    """What a script's --data names: one token file of documents (NAME.npy, split inside it), else
+    documents for gemma2.data.load_datasets (holdout_fraction None = 0.02)."""
+    if paths and _alone(paths, "--data", "--eval-data", eval_paths is not None or holdout_fraction is not None):
         return load_token_file(paths[0], tokenizer, seq_len)
     fraction = 0.02 if holdout_fraction is None else holdout_fraction
     return load_datasets(paths, tokenizer, seq_len, holdout_fraction=fraction, eval_paths=eval_paths)
+
+
+def open_prompt_datasets(
+    paths: Sequence[str | os.PathLike],
+    tokenizer: Tokenizer,
+    max_new_tokens: int,
+    *,
+    prompt_len: int | None = None,
+    holdout_fraction: float | None = None,
+    eval_paths: Sequence[str | os.PathLike] | None = None,
+) -> Datasets:
+    """What a script's --prompts names: one token file of prompts, else `.jsonl` prompt datasets
+    for gemma2.prompts.load_prompt_datasets (holdout_fraction None = 0.02)."""
+    if _alone(paths, "--prompts", "--eval-prompts", eval_paths is not None or holdout_fraction is not None):
+        return load_prompt_file(paths[0], tokenizer, max_new_tokens, prompt_len)
+    fraction = 0.02 if holdout_fraction is None else holdout_fraction
+    return load_prompt_datasets(paths, tokenizer, max_new_tokens, prompt_len=prompt_len, holdout_fraction=fraction,
+                                eval_paths=eval_paths)  # fmt: skip

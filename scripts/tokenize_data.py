@@ -1,13 +1,18 @@
-"""Tokenize a corpus once into a token file that every training rank memory-maps.
+"""Tokenize a corpus, or a prompt dataset, once into a token file that every training rank memory-maps.
 
     python scripts/tokenize_data.py --tokenizer checkpoints/gemma-2-9b/tokenizer.model \
         --data corpus/ --out data/corpus.npy --workers 8
     torchrun --nproc-per-node 8 scripts/distill.py --data data/corpus.npy ...
 
+    python scripts/tokenize_data.py --tokenizer ... --prompts chats.jsonl --out data/chats.npy --workers 8
+    torchrun --nproc-per-node 8 scripts/distill.py --prompts data/chats.npy --max-new-tokens 256 ...
+
 --data takes .txt files (one document each), .jsonl ('text' per line), Parquet files (the column
---text-column; needs pip install -e '.[data]') or directories of them. Writes OUT (int32 tokens,
-training documents then held-out ones) and its sidecar OUT with .json (tokenizer fingerprint,
-counts, split). A killed run leaves nothing that scripts/distill.py accepts. Library:
+--text-column; needs pip install -e '.[data]') or directories of them. --prompts takes .jsonl prompt
+datasets (gemma2/prompts.py: {"messages": [...]} or {"prompt": ..., "completion": ...} per line);
+their rows' layout (--prompt-len, --max-new-tokens) is chosen when training, not here. Writes OUT
+(int32 tokens: training items then held-out ones) and its sidecar OUT with .json (tokenizer
+fingerprint, counts, split). A killed run leaves nothing that scripts/distill.py accepts. Library:
 gemma2.token_files.write_token_file.
 """
 
@@ -22,9 +27,15 @@ from gemma2.tokenizer import Tokenizer
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model (the one training will use)")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=".txt, .jsonl, .parquet files or directories")
-    p.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out documents (default: split from --data)")
-    p.add_argument("--holdout-fraction", type=float, default=0.02, help="documents held out by hash (default 0.02)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", nargs="+", metavar="PATH", help=".txt, .jsonl, .parquet files or directories")
+    source.add_argument("--prompts", nargs="+", metavar="PATH", help=".jsonl prompt datasets (gemma2/prompts.py)")
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out documents (default: split from --data)")
+    held.add_argument("--eval-prompts", nargs="+", metavar="PATH",
+                      help="held-out prompt datasets (default: split from --prompts)")
+    p.add_argument("--holdout-fraction", type=float, default=0.02,
+                   help="documents or examples held out by hash (default 0.02)")
     p.add_argument("--text-column", default="text", help="Parquet column holding the text (default: text)")
     p.add_argument("--out", required=True, help="token file to write, NAME.npy (sidecar: NAME.json)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
@@ -32,14 +43,20 @@ def main() -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
 
+    prompts = args.prompts is not None
+    if (args.eval_prompts if not prompts else args.eval_data) is not None:
+        raise ValueError("held-out prompts (--eval-prompts) go with --prompts, held-out documents (--eval-data) "
+                         "with --data")  # fmt: skip
     info = write_token_file(
-        args.data, Tokenizer(args.tokenizer), args.out, holdout_fraction=args.holdout_fraction,
-        eval_paths=args.eval_data, text_column=args.text_column, workers=args.workers, overwrite=args.overwrite,
+        args.prompts if prompts else args.data, Tokenizer(args.tokenizer), args.out,
+        holdout_fraction=args.holdout_fraction, eval_paths=args.eval_prompts if prompts else args.eval_data,
+        text_column=args.text_column, prompts=prompts, workers=args.workers, overwrite=args.overwrite,
         progress=not args.no_progress,
     )  # fmt: skip
-    docs, tokens = info["documents"], info["tokens"]
+    unit = "examples" if prompts else "documents"
+    items, tokens = info[unit], info["tokens"]
     print(f"wrote {args.out} and {sidecar_path(args.out)}: {tokens['train']:,} training tokens "
-          f"({docs['train']:,} documents), {tokens['heldout']:,} held-out tokens ({docs['heldout']:,} documents)",
+          f"({items['train']:,} {unit}), {tokens['heldout']:,} held-out tokens ({items['heldout']:,} {unit})",
           file=sys.stderr)  # fmt: skip
     return 0
 

@@ -21,7 +21,7 @@ from gemma2 import Gemma2ForCausalLM
 from gemma2.data import IGNORE_INDEX, BatchLoader, Datasets
 from gemma2.distributed import Runtime
 from gemma2.on_policy import is_on_policy, sample_completions
-from gemma2.prompts import PromptRows, load_prompt_datasets
+from gemma2.prompts import Examples, PromptRows, load_prompt_datasets
 from gemma2.student import init_weights
 from gemma2.tokenizer import Tokenizer, train_tokenizer
 from gemma2.trainer import TrainConfig, train
@@ -345,6 +345,20 @@ def test_scripts_distil_on_prompts_from_the_teacher_or_its_cache(tmp_path, tok):
     assert ok.returncode == 0, ok.stderr
     records = [json.loads(x) for x in (tmp_path / "from-cache" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["teacher_eval_ce"] == pytest.approx(index["splits"]["heldout"]["teacher_ce"])
+    # The same prompts tokenized once into a token file are the same rows: the cache made from the
+    # .jsonl accepts them (it checks their fingerprint), and the run is the same.
+    tokenize = [sys.executable, str(ROOT / "scripts/tokenize_data.py"), "--tokenizer", str(tok.path), "--prompts",
+                str(prompts), "--holdout-fraction", "0.25", "--out", str(tmp_path / "chats.npy"), "--no-progress"]
+    tokenized = subprocess.run(tokenize, capture_output=True, text=True)
+    assert tokenized.returncode == 0, tokenized.stderr
+    at = student.index("--prompts")
+    from_file = [*student[:at], "--prompts", str(tmp_path / "chats.npy"), "--max-new-tokens", "4",
+                 *student[at + len(layout) :]]  # fmt: skip
+    ok = subprocess.run([*from_file, "--out", str(tmp_path / "from-file")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    again = [json.loads(x) for x in (tmp_path / "from-file" / "metrics.jsonl").read_text().splitlines()]
+    same = lambda rs: [(r["step"], r.get("loss"), r.get("eval_kd"), r.get("eval_ce")) for r in rs]
+    assert same(again) == same(records) and len(records) == 4
     on_policy = subprocess.run([*student, "--lmbda", "0.5", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert on_policy.returncode == 2 and "needs a live teacher" in on_policy.stderr.strip().splitlines()[-1]
 
@@ -357,7 +371,8 @@ def _rows(n: int, seed: int) -> PromptRows:
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, 96, size=rng.integers(2, 9)).tolist() for _ in range(n)]
     completions = [rng.integers(3, 96, size=rng.integers(1, 9)).tolist() for _ in range(n)]
-    return PromptRows(prompts, completions, prompt_len=8, max_new_tokens=6, pad_id=0, stop_ids=(5, 6, 7))
+    examples = Examples.of(zip(prompts, completions))
+    return PromptRows(examples, prompt_len=8, max_new_tokens=6, pad_id=0, stop_ids=(5, 6, 7))
 
 
 def _rank_models() -> tuple[Gemma2ForCausalLM, Gemma2ForCausalLM]:

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from gemma2 import Gemma2Config, Gemma2ForCausalLM
 from gemma2.data import Datasets, PackedSequences
 from gemma2.distill import chunked_distill_loss, teacher_topk
-from gemma2.prompts import PromptRows
+from gemma2.prompts import Examples, PromptRows
 from gemma2.teacher_cache import TeacherCache, bytes_per_token, write_teacher_cache
 from gemma2.student import init_weights
 from gemma2.trainer import TrainConfig, train
@@ -108,7 +108,7 @@ def _prompt_rows(n: int, seed: int) -> PromptRows:
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, V, size=rng.integers(2, 9)).tolist() for _ in range(n)]
     completions = [rng.integers(3, V, size=rng.integers(1, 9)).tolist() for _ in range(n)]
-    return PromptRows(prompts, completions, prompt_len=8, max_new_tokens=6, pad_id=0)
+    return PromptRows(Examples.of(zip(prompts, completions)), prompt_len=8, max_new_tokens=6, pad_id=0)
 
 
 @pytest.mark.parametrize("rows", ["packed", "prompts"])

@@ -1,6 +1,7 @@
 """Token files: the streamed, multi-process tokenizer gives exactly the tokens and split of the
-in-memory path (gemma2.data.load_datasets), refuses another tokenizer, and a killed run leaves
-nothing a trainer accepts."""
+in-memory paths (gemma2.data.load_datasets for documents, gemma2.prompts.load_prompt_datasets for
+prompts), refuses another tokenizer or the other kind, and a killed run leaves nothing a trainer
+accepts."""
 
 from __future__ import annotations
 
@@ -14,9 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from gemma2.data import load_datasets
-from gemma2.token_files import load_token_file, open_datasets, sidecar_path, write_token_file
+from gemma2.prompts import load_prompt_datasets
+from gemma2.token_files import (
+    load_prompt_file,
+    load_token_file,
+    open_datasets,
+    open_prompt_datasets,
+    sidecar_path,
+    write_token_file,
+)
 from gemma2.tokenizer import Tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,3 +188,94 @@ def test_distill_and_cache_teacher_scripts_read_a_token_file(tmp_path, tok):
     assert json.loads((tmp_path / "cache/cache.json").read_text())["splits"]["train"]["seq_len"] == 16
     r = subprocess.run([*distill, "--out", str(tmp_path / "x"), "--holdout-fraction", "0.1"], capture_output=True, text=True)
     assert r.returncode == 2 and "without --eval-data or --holdout-fraction" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Token files of prompts (gemma2.prompts)
+
+
+def _examples(n: int, seed: int = 0) -> list[dict]:
+    """Plain and chat examples, some without a completion, of 1-30 words each."""
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "the", "fox", "jumps", "é", "日本"]
+    say = lambda: " ".join(rng.choice(words, size=int(rng.integers(1, 30))))
+    out = []
+    for i in range(n):
+        if i % 3 == 0:
+            out.append({"prompt": f"{say()} {i}", **({"completion": say()} if i % 2 else {})})
+        else:
+            turns = [{"role": "user", "content": f"{say()} {i}"}, {"role": "assistant", "content": say()}]
+            out.append({"messages": turns if i % 5 else turns[:1]})
+    return out
+
+
+def _jsonl(path: Path, examples: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
+    return path
+
+
+def _same_rows(a, b) -> None:
+    """Two Datasets of PromptRows give the same batches, layout and fingerprints."""
+    for x, y in ((a.train, b.train), (a.heldout, b.heldout)):
+        assert (x is None) == (y is None)
+        if x is None:
+            continue
+        assert (len(x), x.prompt_len, x.seq_len, x.dropped, x.stop_ids) == (len(y), y.prompt_len, y.seq_len, y.dropped,
+                                                                            y.stop_ids)  # fmt: skip
+        for u, v in zip(x.batch(range(len(x))), y.batch(range(len(y)))):
+            assert torch.equal(u, v)
+        assert x.fingerprint() == y.fingerprint()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prompt_file_equals_the_in_memory_path(tmp_path, tok, workers, capsys):
+    examples = _examples(90)
+    paths = [_jsonl(tmp_path / "a.jsonl", examples[:50]), _jsonl(tmp_path / "b.jsonl", [*examples[50:], examples[3]])]
+    with paths[0].open("a", encoding="utf-8") as f:  # a blank line, and a repeat within the file
+        f.write("\n" + json.dumps(examples[7], ensure_ascii=False) + "\n")
+    info = write_token_file(paths, tok, tmp_path / "p.npy", holdout_fraction=0.2, prompts=True, workers=workers,
+                            progress=False)  # fmt: skip
+    # 90 distinct examples (two repeated lines kept once), 18 of them held out.
+    assert info["kind"] == "prompts" and info["examples"] == {"train": 72, "heldout": 18}
+    for prompt_len in (None, 65):  # the longest prompt, and one that drops some examples
+        got = load_prompt_file(tmp_path / "p.npy", tok, 5, prompt_len)
+        expected = load_prompt_datasets(paths, tok, 5, prompt_len=prompt_len, holdout_fraction=0.2)
+        _same_rows(got, expected)
+        assert isinstance(got.train.tokens, np.memmap)
+    assert got.train.dropped > 0 and got.heldout.dropped >= 0
+    assert "dropped" in capsys.readouterr().err
+
+
+def test_prompt_file_with_held_out_files_and_refusals(tmp_path, tok):
+    train, held = _jsonl(tmp_path / "t.jsonl", _examples(40)), _jsonl(tmp_path / "h.jsonl", _examples(8, seed=1))
+    write_token_file([train], tok, tmp_path / "p.npy", eval_paths=[held], prompts=True, progress=False)
+    expected = load_prompt_datasets([train], tok, 4, eval_paths=[held])
+    _same_rows(open_prompt_datasets([tmp_path / "p.npy"], tok, 4), expected)
+    write_token_file([train], tok, tmp_path / "none.npy", holdout_fraction=0, prompts=True, progress=False)
+    assert load_prompt_file(tmp_path / "none.npy", tok, 4).heldout is None
+    # Each kind of token file is refused where the other is expected, in one line naming the flag.
+    with pytest.raises(ValueError, match=r"a token file of prompts \(scripts/tokenize_data.py --prompts\): pass it as"):
+        open_datasets([tmp_path / "p.npy"], tok, SEQ)
+    _jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in _docs(30)])
+    write_token_file([tmp_path / "docs.jsonl"], tok, tmp_path / "d.npy", progress=False)
+    with pytest.raises(ValueError, match="is a token file of documents .*: pass it as --data"):
+        open_prompt_datasets([tmp_path / "d.npy"], tok, 4)
+    with pytest.raises(ValueError, match="alone as --prompts, without --eval-prompts or --holdout-fraction"):
+        open_prompt_datasets([tmp_path / "p.npy"], tok, 4, holdout_fraction=0.1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_bad_example_is_named_and_nothing_is_written(tmp_path, tok, workers):
+    good = [json.dumps(e) for e in _examples(30)]
+    # A line that is not JSON stops pass 1; a conversation the chat format refuses (two model turns
+    # in a row) is found while encoding, in a worker when there are several.
+    for bad, error in (("{oops", r"b.jsonl:3: not JSON"), (json.dumps({"messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"},
+            {"role": "assistant", "content": "b"}]}), r"b.jsonl:3: ")):  # fmt: skip
+        (tmp_path / "b.jsonl").write_text("\n".join([*good[:2], bad, *good[2:]]) + "\n")
+        with pytest.raises(ValueError, match=error):
+            write_token_file([tmp_path / "b.jsonl"], tok, tmp_path / "p.npy", prompts=True, workers=workers,
+                             progress=False)  # fmt: skip
+        with pytest.raises(ValueError, match=error):  # the in-memory path says the same
+            load_prompt_datasets([tmp_path / "b.jsonl"], tok, 4)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["b.jsonl"]
