@@ -242,7 +242,15 @@ def prompt_datasets(train: Examples, heldout: Examples | None, tokenizer: Tokeni
         if not len(rows):
             raise ValueError(f"no {name} prompt fits in prompt_len = {prompt_len} tokens; raise prompt_len")
         splits[name] = rows
+
+    def padding(width: int) -> float:
+        """The share of the prompt columns that are padding when prompts are `width` wide."""
+        return 1 - np.minimum(lengths, width).mean() / width
+
+    shorter = int(np.quantile(lengths, 0.99, method="higher"))  # a width that drops about 1% of the examples
+    hint = (f"; prompt_len {shorter} would keep {np.mean(lengths <= shorter):.1%} of the examples, with "
+            f"{padding(shorter):.0%} padding" if padding(prompt_len) > 0.5 and shorter < prompt_len else "")  # fmt: skip
     say(f"prompts: rows of prompt_len {prompt_len} + max_new_tokens {max_new_tokens} tokens; the prompts' median "
-        f"length is {int(np.median(lengths))}, so about {1 - np.minimum(lengths, prompt_len).mean() / prompt_len:.0%} "
-        "of the prompt columns are padding (prompt_len sets it)")  # fmt: skip
+        f"length is {int(np.median(lengths))}, so about {padding(prompt_len):.0%} of the prompt columns are padding "
+        f"(prompt_len sets it){hint}")  # fmt: skip
     return Datasets(splits["training"], splits["held-out"])

@@ -24,9 +24,8 @@ file is laid out at load time, for any prompt_len and max_new_tokens.
 - pass 2 reads them again and tokenizes them in `workers` processes, a bounded number of chunks
   in flight, appending each chunk's training tokens to the output and its held-out tokens to a
   scratch file that is appended at the end.
-Memory is a few chunks of text and tokens plus ~17 bytes per item (the split's keys and their
-ranking), and for prompts the lengths table (16 bytes per example), never the corpus or the token
-array. (split_corpus compares whole digests; here the first 8 bytes, so the splits could differ
+Memory is a few chunks of text and tokens plus ~25 bytes per document (the split's keys and their
+ranking, the lengths) or ~33 per prompt example, never the corpus or the token array. (split_corpus compares whole digests; here the first 8 bytes, so the splits could differ
 only if two different items shared a 64-bit hash prefix right at the boundary, and two different
 prompt lines sharing one would be kept once.)
 
@@ -46,7 +45,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -175,6 +174,33 @@ def _encoded_chunks(
             yield pending.popleft().get()
 
 
+def _write_splits(
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]], held_mask: np.ndarray, f_train: BinaryIO, f_held: BinaryIO,
+    bar: tqdm,
+) -> tuple[dict[str, list[int]], dict[str, list[np.ndarray]]]:
+    """Pass 2's writes: each encoded chunk's training items' tokens to f_train, its held-out ones'
+    to f_held (held_mask says which, item by item). Returns the documents (examples) and tokens
+    of each split, and each split's rows of the chunks' length tables, in order."""
+    counts = {"train": [0, 0], "heldout": [0, 0]}
+    tables: dict[str, list[np.ndarray]] = {"train": [], "heldout": []}
+    done = 0
+    for tokens, table in chunks:
+        lengths = table.sum(1)
+        held = held_mask[done : done + len(lengths)]
+        per_token = np.repeat(held, lengths)
+        f_train.write(tokens[~per_token].tobytes())
+        f_held.write(tokens[per_token].tobytes())
+        for split, sel in (("train", ~held), ("heldout", held)):
+            counts[split][0] += int(sel.sum())
+            counts[split][1] += int(lengths[sel].sum())
+            tables[split].append(table[sel])
+        done += len(lengths)
+        bar.update(len(lengths))
+        bar.set_postfix(tokens=f"{counts['train'][1] + counts['heldout'][1]:,}", refresh=False)
+    assert done == len(held_mask), "pass 2 read other items than pass 1"
+    return counts, tables
+
+
 def write_token_file(
     paths: Sequence[str | os.PathLike],
     tokenizer: Tokenizer,
@@ -212,29 +238,13 @@ def write_token_file(
 
     for name in (out.name, out.name + ".heldout"):
         remove_stale_temporaries(out.parent, name)
-    counts = {"train": [0, 0], "heldout": [0, 0]}  # documents (examples), tokens
-    tables: dict[str, list[np.ndarray]] = {"train": [], "heldout": []}  # prompts: lengths per example
     unit = "example" if prompts else "doc"
     bar = tqdm(total=len(held_mask), unit=unit, desc=f"tokenize {out.name}", disable=not progress)
     with atomic_file(out) as tmp, scratch_file(out.with_name(out.name + ".heldout")) as held_tmp:
         with open(tmp, "wb") as f_train, open(held_tmp, "wb") as f_held:
             f_train.write(b"\0" * _HEADER_BYTES)  # the header, written once the length is known
-            done = 0
-            for tokens, table in _encoded_chunks(kept, tokenizer, workers, prompts):
-                lengths = table.sum(1)
-                held = held_mask[done : done + len(lengths)]
-                per_token = np.repeat(held, lengths)
-                f_train.write(tokens[~per_token].tobytes())
-                f_held.write(tokens[per_token].tobytes())
-                for split, sel in (("train", ~held), ("heldout", held)):
-                    counts[split][0] += int(sel.sum())
-                    counts[split][1] += int(lengths[sel].sum())
-                    if prompts:
-                        tables[split].append(table[sel])
-                done += len(lengths)
-                bar.update(len(lengths))
-                bar.set_postfix(tokens=f"{counts['train'][1] + counts['heldout'][1]:,}", refresh=False)
-            assert done == len(held_mask), "pass 2 read other items than pass 1"
+            chunks = _encoded_chunks(kept, tokenizer, workers, prompts)
+            counts, tables = _write_splits(chunks, held_mask, f_train, f_held, bar)
         bar.close()
         with open(tmp, "r+b") as f:
             f.seek(0, os.SEEK_END)

@@ -299,6 +299,18 @@ def test_bad_files_are_named_with_their_line(tmp_path, tok, capsys):
         load_prompt_datasets([long], tok, N, prompt_len=2, holdout_fraction=0)
 
 
+def test_a_long_tail_of_prompts_gets_a_narrower_width_suggested(tmp_path, tok, capsys):
+    short = [{"prompt": f"A {a} {i}?", "completion": " yes"} for i, a in enumerate(["cat", "dog", "ant", "bird"] * 50)]
+    tail = [{"prompt": "a cat " * 40, "completion": " no"}]
+    load_prompt_datasets([write_jsonl(tmp_path / "p.jsonl", short + tail)], tok, N, holdout_fraction=0)
+    err = capsys.readouterr().err
+    width = max(len(tok.encode(e["prompt"])) for e in short)  # 200 of the 201 examples fit in it
+    assert f"rows of prompt_len {len(tok.encode(tail[0]['prompt']))} + max_new_tokens {N}" in err
+    assert f"prompt_len {width} would keep {200 / 201:.1%} of the examples" in err
+    load_prompt_datasets([write_jsonl(tmp_path / "q.jsonl", short)], tok, N, holdout_fraction=0)
+    assert "would keep" not in capsys.readouterr().err  # no tail: nothing to suggest
+
+
 def test_scripts_distil_on_prompts_from_the_teacher_or_its_cache(tmp_path, tok):
     """distill.py --prompts with a live teacher (on-policy) and from a cache that cache_teacher.py
     --prompts wrote for the same rows; flags that do not go together are one line."""
