@@ -97,12 +97,14 @@ def _check_prompt_rows(cfg: TrainConfig, data: Datasets, student: Gemma2Config,
             f"some training examples have no completion, which a step that is not on-policy (lmbda = {cfg.lmbda}) "
             "trains on: give every example a completion, or set lmbda = 1, or seq_kd"
         )
-    if cfg.eval_every and held is not None and not held.has_completions:
-        raise ValueError("some held-out examples have no completion to evaluate on: give every example a "
-                         "completion, or eval_every = 0 (--eval-every 0)")  # fmt: skip
-    # A sampled row holds prompt_len + max_new_tokens tokens, one more than a training row.
     live = isinstance(teacher, Gemma2ForCausalLM)
-    samplers = [("the student", student)] if cfg.lmbda > 0 or live else []  # a live teacher: eval_sample_kd
+    if cfg.eval_every and held is not None and not held.has_completions and not live:
+        raise ValueError("some held-out examples have no completion, and without a live teacher to score the "
+                         "student's own completions nothing can be evaluated on them: give every example a "
+                         "completion, or pass a live teacher, or eval_every = 0 (--eval-every 0)")  # fmt: skip
+    # A sampled row holds prompt_len + max_new_tokens tokens, one more than a training row.
+    evaluates = live and cfg.eval_every and held is not None  # eval_sample_kd samples from the student
+    samplers = [("the student", student)] if cfg.lmbda > 0 or evaluates else []
     samplers += [("the teacher", teacher.config)] if cfg.seq_kd and live else []
     width = rows.prompt_len + rows.max_new_tokens
     for what, config in samplers:

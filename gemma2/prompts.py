@@ -103,7 +103,7 @@ def encode_example(example: dict, tokenizer: Tokenizer) -> tuple[list[int], list
     if "messages" in example:
         turns = example["messages"]
         tokenizer.format_chat(turns)  # the whole conversation checked (roles, alternation, contents)
-        if len(turns) == 1 or turns[-1]["role"] not in ("assistant", "model"):
+        if turns[-1]["role"] not in ("assistant", "model"):
             return tokenizer.encode_chat(turns), []
         answer = tokenizer.encode(turns[-1]["content"].strip(), bos=False)
         return tokenizer.encode_chat(turns[:-1]), [*answer, tokenizer.end_of_turn_id]

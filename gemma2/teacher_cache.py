@@ -97,6 +97,12 @@ def write_teacher_cache(
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("shard_bytes", shard_bytes)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    for name, rows in splits.items():
+        if not getattr(rows, "has_completions", True):  # prompt rows (gemma2.prompts)
+            raise ValueError(
+                f"some {name} examples have no completion: a teacher cache scores only the file's completions "
+                "(training on them, lmbda 0), so give every example one, or train on-policy with a live teacher"
+            )
     directory = Path(directory).resolve()  # the same path on every rank, whatever their working directories
     write = partial(_write, teacher, splits, k=k, temperature=temperature, batch_size=batch_size,
                     chunk_size=chunk_size, logprob_dtype=logprob_dtype, shard_bytes=shard_bytes)  # fmt: skip
@@ -277,7 +283,8 @@ class CacheSplit:
                 f"tokens than the {where} data (cache: {self.num_sequences} sequences of seq_len "
                 f"{self.seq_len}, fingerprint {self.fingerprint}; data: {len(data)} of "
                 f"{data.seq_len}, {data.fingerprint()}); rerun scripts/cache_teacher.py with the "
-                "same data, tokenizer, seq_len and holdout fraction as training"
+                "same data, tokenizer and holdout fraction as training, and the same seq_len (for "
+                "prompts: --prompt-len, --max-new-tokens and --eval-prompts)"
             )
 
     def _file(self, name: str):

@@ -403,7 +403,8 @@ def train(
                              teacher_eval_ce and teacher_eval_ppl (at step 0 only); with a live
                              teacher and lmbda > 0, seq_kd or a prompt dataset also eval_sample_kd
                              and eval_sample_len (the student's greedy completions of the held-out
-                             prompts, scored by the teacher: gemma2.on_policy)
+                             prompts, scored by the teacher: gemma2.on_policy), which alone remain
+                             when held-out prompts lack completions
     `step` counts optimizer updates done; evaluation runs at step 0 (with the teacher's numbers),
     every eval_every steps and at the end. Raises NonFiniteLossError if the loss or the gradient
     norm stops being finite.
@@ -437,10 +438,14 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
 
     rollouts = Rollouts(cfg, student, loss_mod, kd_teacher, data.train, rt, start_step)
 
+    # Held-out prompts without completions (gemma2.prompts) have no text to score the student on:
+    # only the student's own completions of them are evaluated (a live teacher: check_on_policy).
+    scored = getattr(data.heldout, "has_completions", True)
+
     def evaluate(step: int, first: bool) -> None:
         loss_mod.eval()
-        log({"step": step, **_evaluate(loss_mod, kd_teacher, data, cfg, rt, with_teacher_ce=first),
-             **rollouts.evaluate(data.heldout, loss_mod, kd_teacher)})  # fmt: skip
+        on_data = _evaluate(loss_mod, kd_teacher, data, cfg, rt, with_teacher_ce=first) if scored else {}
+        log({"step": step, **on_data, **rollouts.evaluate(data.heldout, loss_mod, kd_teacher)})
         loss_mod.train()
 
     if cfg.eval_every and start_step == 0:

@@ -85,7 +85,7 @@ def cache(args: argparse.Namespace, device: torch.device) -> int:
     print(f"wrote {args.out}: {tokens:,} tokens, {index['bytes_per_token']} bytes per token "
           f"({tokens * index['bytes_per_token'] / 2**20:.1f} MiB; full {index['vocab_size']}-way bf16 "
           f"distributions would take {2 * index['vocab_size']} bytes per token)", file=sys.stderr)  # fmt: skip
-    if "heldout" in index["splits"]:
+    if "heldout" in index["splits"] and index["splits"]["heldout"]["teacher_ce"] is not None:
         print(f"teacher held-out cross-entropy {index['splits']['heldout']['teacher_ce']:.4f}", file=sys.stderr)
     return 0
 

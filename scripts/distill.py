@@ -149,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if rank == 0:
-        evals = [m for m in metrics if "eval_ce" in m]
+        evals = [m for m in metrics if "eval_ce" in m or "eval_sample_kd" in m]
         if evals:
             print(f"final held-out: {evals[-1]}", file=sys.stderr)
     close_distributed()

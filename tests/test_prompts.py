@@ -257,7 +257,6 @@ def test_settings_that_cannot_work_with_prompts_are_refused(tmp_path, tok, chats
         (chats, dict(max_new_tokens=N + 1), {}, "laid out for 6 completion tokens"),
         (chats, dict(prompt_len=chats.train.prompt_len + 1), {}, "laid out with prompt_len"),
         (no_answers, dict(lmbda=0.5, eval_every=0), {}, "no completion, which a step that is not on-policy"),
-        (held_no_answers, dict(), {}, "some held-out examples have no completion"),
         (Datasets(chats.train, _rows(8, 0)), dict(), {}, "the held-out split of a prompt dataset must be"),
         # A sampled row is prompt_len + max_new_tokens long: one more than a training row.
         (chats, dict(), dict(max_position_embeddings=chats.train.seq_len), "beyond the context of the student"),
@@ -267,10 +266,23 @@ def test_settings_that_cannot_work_with_prompts_are_refused(tmp_path, tok, chats
             train(config(tmp_path / "out", **settings), model(tok, 0, **student_settings), data,
                   teacher=model(tok, 1), progress=False)  # fmt: skip
     assert not (tmp_path / "out").exists()
+    # Held-out prompts without completions: nothing to evaluate without a live teacher ...
+    with pytest.raises(ValueError, match="some held-out examples have no completion, and without a live teacher"):
+        train(config(tmp_path / "out", lmbda=0.0, alpha=0.0), model(tok, 0), held_no_answers, progress=False)
+    assert not (tmp_path / "out").exists()
+    # ... with one, the student's own completions of them are (and only those).
+    metrics = train(config(tmp_path / "held", steps=1, eval_every=1), model(tok, 0), held_no_answers,
+                    teacher=model(tok, 1), progress=False)  # fmt: skip
+    evals = [r for r in metrics if "loss" not in r]
+    assert len(evals) == 2 and all(r["eval_sample_kd"] > 0 and "eval_ce" not in r for r in evals)
     # Without completions, lmbda = 1 trains on the student's samples alone.
     metrics = train(config(tmp_path / "ok", lmbda=1.0, eval_every=0, steps=1), model(tok, 0), no_answers,
                     teacher=model(tok, 1), progress=False)  # fmt: skip
     assert metrics[0]["completion_len"] > 0
+    # Nothing is sampled at lmbda 0 without evaluation: a layout that fills the context trains.
+    full = model(tok, 0, max_position_embeddings=chats.train.seq_len)
+    assert train(config(tmp_path / "full", lmbda=0.0, eval_every=0, steps=1), full, chats, teacher=model(tok, 1),
+                 progress=False)[0]["loss"] > 0  # fmt: skip
 
 
 def test_bad_files_are_named_with_their_line(tmp_path, tok, capsys):
@@ -349,6 +361,13 @@ def test_scripts_distil_on_prompts_from_the_teacher_or_its_cache(tmp_path, tok):
                              "--out", str(tmp_path / "cache"), "--k", "8", *layout], capture_output=True, text=True)  # fmt: skip
     assert cached.returncode == 0, cached.stderr
     index = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    # Examples without completions give a cache no step could use: refused before the teacher runs.
+    questions = write_jsonl(tmp_path / "questions.jsonl", [{"messages": e["messages"][:1]} for e in examples])
+    refused = subprocess.run([sys.executable, str(ROOT / "scripts/cache_teacher.py"), "--teacher", str(tmp_path / "teacher"),
+                              "--out", str(tmp_path / "c2"), "--prompts", str(questions), "--max-new-tokens", "4"],
+                             capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("error: some train examples")
+    assert "Traceback" not in refused.stderr and not (tmp_path / "c2").exists()
     assert index["splits"]["train"]["num_sequences"] == 9 and index["splits"]["heldout"]["teacher_ce"] > 0
     student = [sys.executable, str(ROOT / "scripts/distill.py"), "--student", str(student_cfg), "--tokenizer",
                str(tmp_path / "teacher" / "tokenizer.model"), "--teacher-cache", str(tmp_path / "cache"), *layout,

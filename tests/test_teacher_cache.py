@@ -125,8 +125,10 @@ def test_training_from_a_full_cache_equals_training_from_the_teacher(tmp_path, s
     fresh = lambda: init_weights(Gemma2ForCausalLM(_config()), seed=2)  # noqa: E731
     a = train(TrainConfig(out_dir=str(tmp_path / "a"), **cfg), fresh(), data, teacher=cache, progress=False)
     b = train(TrainConfig(out_dir=str(tmp_path / "b"), **cfg), fresh(), data, teacher=teacher, progress=False)
+    assert len(a) == len(b) == 5  # evaluation at steps 0 and 3, three steps
     for x, y in zip(a, b):
         for key in ("loss", "kd", "ce", "eval_ce", "eval_kd", "teacher_eval_ce"):
+            assert (key in x) == (key in y), (x["step"], key)
             if key in y:
                 assert x[key] == pytest.approx(y[key], rel=1e-4), (x["step"], key)
 
