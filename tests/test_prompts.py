@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from conftest import TIMINGS, assert_same_metrics, tiny_training_config
 from gemma2 import Gemma2ForCausalLM
-from gemma2.data import IGNORE_INDEX, BatchLoader, Datasets
+from gemma2.data import IGNORE_INDEX, Batch, BatchLoader, Datasets
 from gemma2.distributed import Runtime
 from gemma2.on_policy import is_on_policy, sample_completions
 from gemma2.prompts import Examples, PromptRows, load_prompt_datasets
@@ -82,19 +82,20 @@ def test_rows_hold_each_prompt_right_aligned_and_count_only_its_completion(tmp_p
     assert rows.has_completions and rows.stop_ids == (tok.eos_id, tok.end_of_turn_id)
 
 
-@pytest.mark.parametrize("attention", ["eager", "banded"])
-def test_left_padding_changes_no_loss_and_no_gradient(tmp_path, tok, attention):
+@pytest.mark.parametrize("attention, device", [("eager", "cpu"), ("banded", "cpu"),
+                                               pytest.param("flex", "cuda", marks=pytest.mark.cuda)])  # fmt: skip
+def test_left_padding_changes_no_loss_and_no_gradient(tmp_path, tok, attention, device):
     """The summed CE of a padded batch and its gradients equal the sums over each example run
-    alone without padding (fp32, 1e-5)."""
+    alone without padding (fp32, 1e-5); on CUDA through compiled FlexAttention, forward and backward."""
     rows = load_prompt_datasets([write_jsonl(tmp_path / "p.jsonl", EXAMPLES)], tok, N, holdout_fraction=0).train
-    batch = rows.batch(range(4))
+    batch = Batch(*(t.to(device) for t in rows.batch(range(4))))
     assert (~batch.valid).any(dim=1).sum() >= 2  # at least two rows are padded
 
     def ce_sum(m, inputs, targets, valid):
         logits = m(inputs, valid)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
-    padded, alone = model(tok, 0), model(tok, 0)
+    padded, alone = model(tok, 0).to(device), model(tok, 0).to(device)
     padded.attention = alone.attention = attention
     loss = ce_sum(padded, batch.inputs, batch.targets, batch.valid)
     loss.backward()
@@ -363,9 +364,9 @@ def test_scripts_distil_on_prompts_from_the_teacher_or_its_cache(tmp_path, tok):
     index = json.loads((tmp_path / "cache" / "cache.json").read_text())
     # Examples without completions give a cache no step could use: refused before the teacher runs.
     questions = write_jsonl(tmp_path / "questions.jsonl", [{"messages": e["messages"][:1]} for e in examples])
-    refused = subprocess.run([sys.executable, str(ROOT / "scripts/cache_teacher.py"), "--teacher", str(tmp_path / "teacher"),
-                              "--out", str(tmp_path / "c2"), "--prompts", str(questions), "--max-new-tokens", "4"],
-                             capture_output=True, text=True)  # fmt: skip
+    refused = subprocess.run([sys.executable, str(ROOT / "scripts/cache_teacher.py"), "--teacher",
+                              str(tmp_path / "teacher"), "--out", str(tmp_path / "c2"), "--prompts", str(questions),
+                              "--max-new-tokens", "4"], capture_output=True, text=True)  # fmt: skip
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("error: some train examples")
     assert "Traceback" not in refused.stderr and not (tmp_path / "c2").exists()
     assert index["splits"]["train"]["num_sequences"] == 9 and index["splits"]["heldout"]["teacher_ce"] > 0
