@@ -231,9 +231,11 @@ class Rollouts:
     is on-policy (or, with seq_kd, by the teacher's samples), and the metrics of that; and the
     evaluation of the student on its own samples."""
 
-    def __init__(self, cfg: TrainConfig, student: Gemma2ForCausalLM, student_root: nn.Module,
+    def __init__(self, cfg: TrainConfig, student: Gemma2ForCausalLM, loss_mod: nn.Module,
                  teacher: Teacher | None, rows: Rows, rt: Runtime, start_step: int) -> None:  # fmt: skip
-        self.cfg, self.rt = cfg, rt
+        """loss_mod: the trainer's student loss (gemma2.trainer._StudentLoss; under FSDP2 the root
+        that gathers the student), which evaluation runs in the mode the trainer sets."""
+        self.cfg, self.rt, self.loss_mod, self.teacher = cfg, rt, loss_mod, teacher
         self.active = cfg.lmbda > 0 or cfg.seq_kd
         # What on-policy training aims at, measured for every run that samples or trains on prompts.
         live = teacher is not None and teacher.model is not None
@@ -245,8 +247,8 @@ class Rollouts:
         stop_ids = rows.stop_ids if isinstance(rows, PromptRows) else ()
         sample = partial(sample_completions, stop_ids=stop_ids, compiled=cfg.compile_sampling)
         wanted = cfg.lmbda > 0 or self.evaluates
-        self.student = _as_forward(student_root, partial(sample, student)) if wanted else None
-        self.teacher = _as_forward(teacher.root, partial(sample, teacher.model)) if cfg.seq_kd else None
+        self.sample_student = _as_forward(loss_mod, partial(sample, student)) if wanted else None
+        self.sample_teacher = _as_forward(teacher.root, partial(sample, teacher.model)) if cfg.seq_kd else None
         self.on_policy_steps = sum(is_on_policy(cfg.seed, s, cfg.lmbda) for s in range(start_step))
         self.generated = False  # whether this step's rows were sampled
 
@@ -257,7 +259,7 @@ class Rollouts:
         cfg = self.cfg
         on_policy = is_on_policy(cfg.seed, step, cfg.lmbda)
         self.on_policy_steps += on_policy
-        sample = self.student if on_policy else self.teacher
+        sample = self.sample_student if on_policy else self.sample_teacher
         self.generated = sample is not None
         if sample is None:
             return micro
@@ -265,22 +267,22 @@ class Rollouts:
                        sampling_seed(cfg.seed, step, self.rt.rank, i), self.rt) for i, batch in enumerate(micro)]
 
     @torch.no_grad()
-    def evaluate(self, heldout: Rows, loss_mod: nn.Module, teacher: Teacher) -> dict:
+    def evaluate(self, heldout: Rows) -> dict:
         """The student's greedy completions of the held-out prompts (the first eval_sequences rows),
         scored by the teacher: eval_sample_kd, the run's KD objective per completion token (times
         temperature**2, as eval_kd), and eval_sample_len, the completions' mean length in tokens.
-        Nothing unless there is a live teacher and the run samples or trains on prompts.
-        loss_mod: the trainer's student loss (gemma2.trainer._StudentLoss), in eval mode."""
+        Nothing unless there is a live teacher and the run samples or trains on prompts. The
+        trainer puts the loss module in eval mode first."""
         if not self.evaluates:
             return {}
         cfg, rt = self.cfg, self.rt
         sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # kd, tokens, rows
         for batch in eval_batches(heldout, cfg.batch_size, rank=rt.rank, world_size=rt.world,
                                   max_sequences=cfg.eval_sequences):  # fmt: skip
-            rows = self.student(batch, self.prompt_len, cfg.max_new_tokens, 0.0, 0, rt)
-            _, st = loss_mod(rows.inputs.to(rt.device), rows.targets.to(rt.device), teacher(rows, "heldout"),
-                             valid=rows.valid_on(rt.device))  # fmt: skip
-            teacher.release()
+            rows = self.sample_student(batch, self.prompt_len, cfg.max_new_tokens, 0.0, 0, rt)
+            inputs, targets = rows.inputs.to(rt.device), rows.targets.to(rt.device)
+            _, st = self.loss_mod(inputs, targets, self.teacher(rows, "heldout"), valid=rows.valid_on(rt.device))
+            self.teacher.release()
             counts = torch.tensor([st.tokens, len(rows.inputs)], device=rt.device)
             sums += torch.cat([st.kd_sum.reshape(1), counts]).double()
         kd, tokens, count = rt.all_reduce(sums).tolist()

@@ -445,7 +445,7 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     def evaluate(step: int, first: bool) -> None:
         loss_mod.eval()
         on_data = _evaluate(loss_mod, kd_teacher, data, cfg, rt, with_teacher_ce=first) if scored else {}
-        log({"step": step, **on_data, **rollouts.evaluate(data.heldout, loss_mod, kd_teacher)})
+        log({"step": step, **on_data, **rollouts.evaluate(data.heldout)})
         loss_mod.train()
 
     if cfg.eval_every and start_step == 0:
