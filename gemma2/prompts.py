@@ -155,14 +155,14 @@ class PromptRows:
             raise ValueError(f"{len(examples.tokens)} tokens, but the examples' lengths add up to {lengths.sum()}")
         if len(lengths) and lengths[:, 0].min() < 1:
             raise ValueError("every prompt must hold at least one token")
-        self.examples = examples
         self.prompt_len, self.max_new_tokens, self.pad_id = prompt_len, max_new_tokens, pad_id
         self.stop_ids = tuple(stop_ids)  # what ends a sampled completion besides the model's eos
         self.seq_len = prompt_len + max_new_tokens - 1
-        self.tokens = examples.tokens
+        self.tokens, self._lengths = examples.tokens, lengths  # every example, the dropped ones too
         fits = lengths[:, 0] <= prompt_len
         self.dropped = int((~fits).sum())
-        self.starts = (np.cumsum(lengths.sum(1)) - lengths.sum(1))[fits]
+        sizes = lengths.sum(1)
+        self.starts = (np.cumsum(sizes) - sizes)[fits]
         self.prompt_lens = lengths[fits, 0]
         self.completion_lens = np.minimum(lengths[fits, 1], max_new_tokens)
 
@@ -195,7 +195,7 @@ class PromptRows:
         """A short sha256 of the examples and the layout (a resumed run checks it): the same for a
         prompt dataset read from `.jsonl` files or from its token file."""
         h = hashlib.sha256(f"prompts\0{self.prompt_len}\0{self.max_new_tokens}\0{self.pad_id}\0".encode())
-        h.update(np.ascontiguousarray(self.examples.lengths, dtype=np.int64))
+        h.update(self._lengths)
         h.update(np.ascontiguousarray(self.tokens))  # a memory map is hashed in place, not copied
         return h.hexdigest()[:16]
 
@@ -248,8 +248,10 @@ def prompt_datasets(train: Examples, heldout: Examples | None, tokenizer: Tokeni
         return 1 - np.minimum(lengths, width).mean() / width
 
     shorter = int(np.quantile(lengths, 0.99, method="higher"))  # a width that drops about 1% of the examples
-    hint = (f"; prompt_len {shorter} would keep {np.mean(lengths <= shorter):.1%} of the examples, with "
-            f"{padding(shorter):.0%} padding" if padding(prompt_len) > 0.5 and shorter < prompt_len else "")  # fmt: skip
+    hint = ""
+    if padding(prompt_len) > 0.5 and shorter < prompt_len:
+        hint = (f"; prompt_len {shorter} would keep {np.mean(lengths <= shorter):.1%} of the examples, with "
+                f"{padding(shorter):.0%} padding")  # fmt: skip
     say(f"prompts: rows of prompt_len {prompt_len} + max_new_tokens {max_new_tokens} tokens; the prompts' median "
         f"length is {int(np.median(lengths))}, so about {padding(prompt_len):.0%} of the prompt columns are padding "
         f"(prompt_len sets it){hint}")  # fmt: skip

@@ -25,9 +25,10 @@ file is laid out at load time, for any prompt_len and max_new_tokens.
   in flight, appending each chunk's training tokens to the output and its held-out tokens to a
   scratch file that is appended at the end.
 Memory is a few chunks of text and tokens plus ~25 bytes per document (the split's keys and their
-ranking, the lengths) or ~33 per prompt example, never the corpus or the token array. (split_corpus compares whole digests; here the first 8 bytes, so the splits could differ
-only if two different items shared a 64-bit hash prefix right at the boundary, and two different
-prompt lines sharing one would be kept once.)
+ranking, the lengths) or ~33 per prompt example, never the corpus or the token array.
+(split_corpus compares whole digests; here the first 8 bytes, so the splits could differ only if
+two different items shared a 64-bit hash prefix right at the boundary, and two different prompt
+lines sharing one would be kept once.)
 
 Atomic: the `.npy` is written under a `.tmp-` name and renamed when complete, then the sidecar is
 written (atomically) last; an overwrite removes the old sidecar first. A killed run therefore
@@ -103,9 +104,8 @@ def _plan(groups: list[Sequence[str | os.PathLike]], holdout_fraction: float | N
         if len(keys) == 0:
             what = "prompt examples" if prompts else "text"
             raise ValueError(f"no {what} in {', '.join(map(str, paths))}: pass non-empty files")
-        keep = np.ones(len(keys), dtype=bool)
+        keep = np.zeros(len(keys), dtype=bool) if prompts else np.ones(len(keys), dtype=bool)
         if prompts:
-            keep[:] = False
             keep[np.unique(keys, return_index=True)[1]] = True  # each key's first occurrence
         held = np.full(len(keys), g == 1)
         if len(groups) == 1:
@@ -290,9 +290,11 @@ def _open(path: str | os.PathLike, tokenizer: Tokenizer, kind: str) -> tuple[np.
         raise ValueError(
             f"{side}: token file format {info.get('format')}, this code reads {FORMAT}; rerun scripts/tokenize_data.py"
         )
-    made = info.get("kind", "documents")
+    made, flags = info.get("kind", "documents"), {"documents": "--data", "prompts": "--prompts"}
+    if made not in flags:
+        raise ValueError(f"{side}: unknown kind {made!r} of token file; rerun scripts/tokenize_data.py")
     if made != kind:
-        flag = {"documents": "--data", "prompts": "--prompts"}[made]
+        flag = flags[made]
         raise ValueError(f"{path} is a token file of {made} (scripts/tokenize_data.py {flag}): pass it as {flag}")
     made_with, here = info["tokenizer"]["fingerprint"], tokenizer.fingerprint()
     if made_with != here:
