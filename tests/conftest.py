@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from gemma2 import Gemma2Config, Gemma2ForCausalLM
+from gemma2.prompts import Examples, PromptRows
 
 
 TIMINGS = ("tokens_per_s", "tokens_per_s_per_device", "mfu")  # metrics that measure the clock
@@ -94,6 +96,16 @@ def left_padded(lengths: list[int], vocab: int, seed: int = 0) -> tuple[torch.Te
         mask[row, T - n :] = 1
         ids[row, : T - n] = 0
     return ids, mask
+
+
+def random_prompt_rows(n: int, seed: int, vocab: int, stop_ids: tuple[int, ...] = ()) -> PromptRows:
+    """n random examples as prompt rows: prompts of 2-8 tokens left-padded to 8, completions of 1-8
+    tokens cut to 6 (gemma2.prompts), ids 3 .. vocab - 1."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab, size=rng.integers(2, 9)).tolist() for _ in range(n)]
+    completions = [rng.integers(3, vocab, size=rng.integers(1, 9)).tolist() for _ in range(n)]
+    examples = Examples.of(zip(prompts, completions))
+    return PromptRows(examples, prompt_len=8, max_new_tokens=6, pad_id=0, stop_ids=stop_ids)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import TIMINGS, assert_same_metrics, tiny_training_config
+from conftest import TIMINGS, assert_same_metrics, random_prompt_rows, tiny_training_config
 from gemma2 import Gemma2ForCausalLM
 from gemma2.data import IGNORE_INDEX, Batch, BatchLoader, Datasets
 from gemma2.distributed import Runtime
@@ -258,7 +258,8 @@ def test_settings_that_cannot_work_with_prompts_are_refused(tmp_path, tok, chats
         (chats, dict(max_new_tokens=N + 1), {}, "laid out for 6 completion tokens"),
         (chats, dict(prompt_len=chats.train.prompt_len + 1), {}, "laid out with prompt_len"),
         (no_answers, dict(lmbda=0.5, eval_every=0), {}, "no completion, which a step that is not on-policy"),
-        (Datasets(chats.train, _rows(8, 0)), dict(), {}, "the held-out split of a prompt dataset must be"),
+        (Datasets(chats.train, random_prompt_rows(8, 0, 96)), dict(), {},
+         "the held-out split of a prompt dataset must be"),
         # A sampled row is prompt_len + max_new_tokens long: one more than a training row.
         (chats, dict(), dict(max_position_embeddings=chats.train.seq_len), "beyond the context of the student"),
     ]
@@ -399,14 +400,6 @@ def test_scripts_distil_on_prompts_from_the_teacher_or_its_cache(tmp_path, tok):
 # Two FSDP2 ranks
 
 
-def _rows(n: int, seed: int) -> PromptRows:
-    rng = np.random.default_rng(seed)
-    prompts = [rng.integers(3, 96, size=rng.integers(2, 9)).tolist() for _ in range(n)]
-    completions = [rng.integers(3, 96, size=rng.integers(1, 9)).tolist() for _ in range(n)]
-    examples = Examples.of(zip(prompts, completions))
-    return PromptRows(examples, prompt_len=8, max_new_tokens=6, pad_id=0, stop_ids=(5, 6, 7))
-
-
 def _rank_models() -> tuple[Gemma2ForCausalLM, Gemma2ForCausalLM]:
     cfg = tiny_training_config(vocab_size=96, sliding_window=4, max_position_embeddings=32)
     return init_weights(Gemma2ForCausalLM(cfg), seed=2), init_weights(Gemma2ForCausalLM(cfg), seed=1, std=0.3)
@@ -415,13 +408,17 @@ def _rank_models() -> tuple[Gemma2ForCausalLM, Gemma2ForCausalLM]:
 RANKED = dict(lmbda=0.5, max_new_tokens=6, gen_temperature=0.0, seed=1)  # greedy: the same samples on 1 or 2 ranks
 
 
+def _ranked_data() -> Datasets:
+    return Datasets(random_prompt_rows(64, 0, 96, (5, 6, 7)), random_prompt_rows(8, 1, 96, (5, 6, 7)))
+
+
 def _rank_worker(rank: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
     try:
         student, teacher = _rank_models()
-        metrics = train(fsdp_train_config(Path(tmp) / "fsdp", 2, **RANKED), student,
-                        Datasets(_rows(64, 0), _rows(8, 1)), teacher=teacher, progress=False)  # fmt: skip
+        metrics = train(fsdp_train_config(Path(tmp) / "fsdp", 2, **RANKED), student, _ranked_data(), teacher=teacher,
+                        progress=False)  # fmt: skip
         if rank == 0:
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
     finally:
@@ -432,7 +429,7 @@ def test_two_ranks_train_on_prompts_like_one_process(tmp_path):
     mp.spawn(_rank_worker, args=(str(tmp_path),), nprocs=2, join=True)
     sharded = json.loads((tmp_path / "metrics.json").read_text())
     student, teacher = _rank_models()
-    single = train(fsdp_train_config(tmp_path / "single", 4, **RANKED), student, Datasets(_rows(64, 0), _rows(8, 1)),
-                   teacher=teacher, progress=False)  # fmt: skip
+    single = train(fsdp_train_config(tmp_path / "single", 4, **RANKED), student, _ranked_data(), teacher=teacher,
+                   progress=False)  # fmt: skip
     assert any(m.get("completion_len") for m in single) and any("eval_kd" in m for m in single)
     assert_same_metrics(sharded, single, rel=1e-5, abs=1e-6)

@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import random_prompt_rows
 from gemma2 import Gemma2Config, Gemma2ForCausalLM
 from gemma2.data import Datasets, PackedSequences
 from gemma2.distill import chunked_distill_loss, teacher_topk
-from gemma2.prompts import Examples, PromptRows
 from gemma2.teacher_cache import TeacherCache, bytes_per_token, write_teacher_cache
 from gemma2.student import init_weights
 from gemma2.trainer import TrainConfig, train
@@ -103,21 +103,13 @@ def test_a_cache_refuses_other_data_temperature_or_an_interrupted_write(tmp_path
         TeacherCache(tmp_path / "c")
 
 
-def _prompt_rows(n: int, seed: int) -> PromptRows:
-    """Prompts of 2-8 tokens left-padded to 8, completions of 1-8 tokens cut to 6 (gemma2.prompts)."""
-    rng = np.random.default_rng(seed)
-    prompts = [rng.integers(3, V, size=rng.integers(2, 9)).tolist() for _ in range(n)]
-    completions = [rng.integers(3, V, size=rng.integers(1, 9)).tolist() for _ in range(n)]
-    return PromptRows(Examples.of(zip(prompts, completions)), prompt_len=8, max_new_tokens=6, pad_id=0)
-
-
 @pytest.mark.parametrize("rows", ["packed", "prompts"])
 def test_training_from_a_full_cache_equals_training_from_the_teacher(tmp_path, setup, rows):
     """With k = V the top-k loss is the full forward KL: the two runs must agree (on prompt rows
     too: the padding masked when caching, the teacher's cross-entropy over the completions only)."""
     data, teacher, _ = setup
     if rows == "prompts":
-        data = Datasets(_prompt_rows(60, 0), _prompt_rows(12, 1))
+        data = Datasets(random_prompt_rows(60, 0, V), random_prompt_rows(12, 1, V))
     values = dict(k=V, batch_size=5, chunk_size=24, progress=False, logprob_dtype=torch.float32)
     write_teacher_cache(teacher, {"train": data.train, "heldout": data.heldout}, tmp_path / "cache", **values)
     cache = TeacherCache(tmp_path / "cache")
