@@ -29,8 +29,10 @@ on how the global batch is split into ranks and micro-batches; with greedy sampl
 FSDP2: every rank samples its own rows. A forward of a sharded model is a collective, so every
 rank must run the same number of them: generation never stops on its own (stop tokens are applied
 here), and after each new token the ranks agree, with one all-reduce, whether every row on every
-rank has stopped. Generation is a registered FSDP forward of the model's root, so the root's
-parameters are gathered for it as for any forward.
+rank has stopped. Generation is a registered FSDP forward of the model's root, with every unit's
+parameters gathered once for the whole call (`_as_forward`), not once per new token: during
+sampling each rank holds the whole model's unsharded parameters, which gemma2.memory_plan's traced
+training step does not include.
 """
 
 from __future__ import annotations
@@ -209,19 +211,36 @@ def sample_completions(
 
 
 def _as_forward(root: nn.Module, fn: Callable) -> Callable:
-    """`fn` run as a forward of the FSDP2 root `root` (its parameters gathered around it); `fn`
-    itself without FSDP.
+    """`fn` run as a forward of the FSDP2 root `root`, every unit's parameters gathered once for
+    the whole call; `fn` itself without FSDP.
+
+    A unit is gathered before its forward and freed after it, so sampling N tokens would gather
+    every Block N times (the whole model's weights moved N times per micro-batch, where a decode
+    step reads them once). Here the Blocks stay gathered until the call returns: one all-gather
+    per unit per call, at the cost of holding the whole model's unsharded parameters (in the
+    compute dtype) while it runs, as TRL's generation under ZeRO-3 does.
 
     generation.py decodes under torch.inference_mode, and FSDP2 keeps the tensor that a parameter
     is first gathered into: gathered there first, it would be an inference tensor that the next
     training forward may not write. So every unit is gathered once here, outside inference mode."""
     if not isinstance(root, FSDPModule):
         return fn
-    for module in root.modules():
-        if isinstance(module, FSDPModule):
-            module.unshard()
-            module.reshard()
-    root._sample_completions = fn  # the method FSDP2 wraps with its pre- and post-forward
+    blocks = [m for m in root.modules() if isinstance(m, FSDPModule) and m is not root]
+    for module in [*blocks, root]:
+        module.unshard()
+        module.reshard()
+
+    def gathered(*args, **kwargs):
+        for block in blocks:  # gemma2.distributed.shard leaves each Block resharding after forward
+            block.set_reshard_after_forward(False, recurse=False)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for block in blocks:
+                block.set_reshard_after_forward(True, recurse=False)
+                block.reshard()
+
+    root._sample_completions = gathered  # the method FSDP2 wraps with its pre- and post-forward
     register_fsdp_forward_method(root, "_sample_completions")
     return root._sample_completions
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from conftest import TIMINGS, assert_same_metrics, tiny_training_config
 from gemma2 import Gemma2ForCausalLM
@@ -198,10 +199,15 @@ def _gkd_worker(rank: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
     try:
-        lengths, real = [], on_policy.sample_completions
+        lengths, gathers, real = [], [], on_policy.sample_completions
 
-        def recording(*args, **kwargs):
-            batch = real(*args, **kwargs)
+        def recording(model, *args, **kwargs):
+            # Every Block sharded again since the last sampling (or training) call ...
+            assert all(isinstance(p, DTensor) for p in model.model.layers.parameters())
+            with torch.profiler.profile() as prof:
+                batch = real(model, *args, **kwargs)
+            # ... and gathered once for this whole call, not once per new token.
+            gathers.append(sum(e.name.startswith("FSDP::all_gather (") for e in prof.events()))
             lengths.append(int((batch.targets != IGNORE_INDEX).sum(1).max()))  # this rank's longest completion
             return batch
 
@@ -210,6 +216,7 @@ def _gkd_worker(rank: int, tmp: str) -> None:
         metrics = train(fsdp_train_config(Path(tmp) / "fsdp", 2, activation_checkpointing=True, **GKD), student,
                         fsdp_data(), teacher=teacher, progress=False)  # fmt: skip
         (Path(tmp) / f"lengths-{rank}.json").write_text(json.dumps(lengths))
+        (Path(tmp) / f"gathers-{rank}.json").write_text(json.dumps(gathers))
         if rank == 0:
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
     finally:
@@ -227,6 +234,9 @@ def test_two_ranks_sample_in_step_and_train_like_one_process(tmp_path):
     sharded = json.loads((tmp_path / "metrics.json").read_text())
     per_rank = [json.loads((tmp_path / f"lengths-{r}.json").read_text()) for r in range(WORLD)]
     assert per_rank[0] and per_rank[0] != per_rank[1]  # one rank's rows stopped first and it kept stepping
+    layers = _gkd_models()[0].config.num_hidden_layers
+    for r in range(WORLD):  # each sampling call gathered each Block once
+        assert json.loads((tmp_path / f"gathers-{r}.json").read_text()) == [layers] * len(per_rank[r])
 
     student, teacher = _gkd_models()
     single = train(fsdp_train_config(tmp_path / "single", 2 * WORLD, **GKD), student, fsdp_data(), teacher=teacher,
