@@ -20,6 +20,7 @@ from gemma2 import Gemma2ForCausalLM
 from gemma2 import on_policy
 from gemma2 import trainer as T
 from gemma2.data import IGNORE_INDEX, BatchLoader, Datasets
+from gemma2.distributed import Runtime
 from gemma2.on_policy import is_on_policy, sampling_seed
 from gemma2.run_dir import check_resume
 from gemma2.static_decode import StaticDecoder
@@ -117,6 +118,33 @@ def test_lmbda_one_trains_on_exactly_the_sampled_completions(tmp_path, data, mon
     assert not counted[:, : P - 1].any() and torch.equal(counted.sum(1), lengths)
     assert metrics[0]["on_policy_fraction"] == 1.0
     assert metrics[0]["completion_len"] == pytest.approx(lengths.float().mean().item())
+
+
+def test_mixed_precision_samples_from_the_weights_in_the_compute_dtype(tmp_path, data, monkeypatch):
+    """One process training in bf16 (autocast over fp32 weights) samples from the weights rounded to
+    bf16, as FSDP2's bf16-gathered parameters are: the model it samples from is the student cast to
+    bf16 (every weight), and the rows it trains on are what sample_completions draws from that."""
+    P, N, temperature = 5, 7, 1.3
+    targets_seen = spy_loss_targets(monkeypatch)
+    samplers, real = [], on_policy.sample_completions
+
+    def recording(model, *args, **kwargs):
+        samplers.append({name: t.clone() for name, t in model.state_dict().items()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(on_policy, "sample_completions", recording)
+    cfg = config(tmp_path, steps=1, eval_every=0, lmbda=1.0, max_new_tokens=N, prompt_len=P,
+                 gen_temperature=temperature, dtype="bf16")  # fmt: skip
+    train(cfg, student(eos_token_id=STOPS), data, teacher=teacher(), progress=False)
+
+    as_bf16 = student(eos_token_id=STOPS).to(torch.bfloat16)
+    assert len(samplers) == 1 and samplers[0].keys() == as_bf16.state_dict().keys()
+    assert all(samplers[0][name].dtype == torch.bfloat16 and torch.equal(samplers[0][name], t)
+               for name, t in as_bf16.state_dict().items())  # fmt: skip
+    batch = next(BatchLoader(data.train, cfg.batch_size, seed=cfg.seed))
+    rt = Runtime(0, 1, torch.device("cpu"), False)
+    drawn = real(as_bf16, batch, P, N, temperature, sampling_seed(cfg.seed, 0, 0, 0), rt)
+    assert len(targets_seen) == 1 and torch.equal(targets_seen[0], drawn.targets)
 
 
 def test_seq_kd_trains_on_the_teachers_greedy_completions(tmp_path, data, monkeypatch):
