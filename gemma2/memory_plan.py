@@ -8,6 +8,13 @@ the chunked loss), backward, gradient clipping and `build_optimizer`'s AdamW. A 
 every tensor each operation creates and every storage as it is freed, so the peak it records is the
 peak of live tensor bytes on one rank for that code, not a formula that could drift from it.
 
+With `max_new_tokens` (on-policy distillation, gemma2.on_policy) the student's sampling of a
+micro-batch is traced too, after the step (the optimizer state alive, the gradients freed, as
+between the trainer's steps), through the trainer's own sampler (`student_sampler`: under FSDP2
+every unit gathered for the whole call; one process in mixed precision: a cast copy of the
+weights): its KV cache, the prompts' prefill and one decode step (later steps reuse the cache). A
+run needs the larger of the two peaks.
+
 The peak is broken down by what the live bytes were at that moment: the student's parameters,
 gradients and optimizer state, the teacher's weights (all as this rank's shards), and the rest:
 activations saved for backward and transients (unsharded FSDP blocks, the gathered embeddings,
@@ -40,9 +47,11 @@ from .data import Batch
 from .distill import TopK
 from .distributed import Runtime
 from .dtypes import to_dtype
+from .kv_cache import KVCache
 from .model import Gemma2ForCausalLM
+from .on_policy import student_sampler
 from .teacher import Teacher
-from .trainer import TrainConfig, _clip_gradients, _prepare_student, build_optimizer
+from .trainer import TrainConfig, _clip_gradients, _prepare_student, _StudentLoss, build_optimizer
 
 GiB = 2**30
 CUDA_CONTEXT = 1 * GiB  # CUDA context, kernels and cuBLAS workspaces: not tensors, not traced
@@ -127,8 +136,9 @@ class _LiveBytes(TorchDispatchMode):
         else:
             out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            # Only fake tensors hold (fake) memory; a DTensor is a wrapper around a local one.
-            if isinstance(t, FakeTensor):
+            # Only fake tensors hold (fake) memory, except on `meta` (a model built there before it is
+            # given weights); a DTensor is a wrapper around a local one.
+            if isinstance(t, FakeTensor) and t.device.type != "meta":
                 self.add(t)
         if self.now > self.peak:
             self.reset_peak()
@@ -161,10 +171,12 @@ class MemoryPlan:
     peak: int  # the most tensor bytes alive at once on one rank
     largest_allocation: int  # the largest single tensor the step created
     world: int
+    sampling_at_peak: dict[str, int] | None = None  # the same for on-policy sampling (None: not traced)
+    sampling_peak: int = 0
 
     def required(self) -> int:
-        """What a device needs: the traced peak plus the CUDA context."""
-        return self.peak + CUDA_CONTEXT
+        """What a device needs: the larger traced peak (step or sampling) plus the CUDA context."""
+        return max(self.peak, self.sampling_peak) + CUDA_CONTEXT
 
     def fits(self, device_bytes: float) -> bool:
         """True when the peak plus the CUDA context leaves MARGIN of the device free."""
@@ -172,11 +184,15 @@ class MemoryPlan:
 
     def table(self, device_bytes: float | None = None) -> str:
         """The plan as a text table (GiB per rank), with a verdict when `device_bytes` is given."""
-        lines = [f"{'GiB per rank, ' + str(self.world) + ' rank(s)':<30} {'at peak':>8} {'after step':>11}"]
-        for name, b in self.at_peak.items():
-            after = f"{self.held[name] / GiB:11.2f}" if name in self.held else f"{'-':>11}"
-            lines.append(f"{name:<30} {b / GiB:8.2f} {after}")
-        lines += [f"{'peak (traced tensors)':<30} {self.peak / GiB:8.2f}",
+        sampling = self.sampling_at_peak or {}
+        head = f"{'GiB per rank, ' + str(self.world) + ' rank(s)':<30} {'at peak':>8} {'after step':>11}"
+        lines = [head + (f" {'sampling':>9}" if sampling else "")]
+        for name in {**self.at_peak, **sampling}:
+            cells = [self.at_peak.get(name), self.held.get(name)] + ([sampling.get(name)] if sampling else [])
+            lines.append(f"{name:<30} " + " ".join(f"{'-' if b is None else f'{b / GiB:.2f}':>{w}}"
+                                                    for b, w in zip(cells, (8, 11, 9))))  # fmt: skip
+        peaks = f"{self.peak / GiB:8.2f}" + (f" {'':>11} {self.sampling_peak / GiB:9.2f}" if sampling else "")
+        lines += [f"{'peak (traced tensors)':<30} {peaks}",
                   f"{'  largest single tensor':<30} {self.largest_allocation / GiB:8.2f}",
                   f"{'+ CUDA context':<30} {CUDA_CONTEXT / GiB:8.2f}",
                   f"{'= needed':<30} {self.required() / GiB:8.2f}"]  # fmt: skip
@@ -205,7 +221,7 @@ def training_step(
     teacher_cache_k: int | None = None,
     device_type: str = "cuda",
     started: Callable[[], None] = lambda: None,
-) -> torch.optim.AdamW:
+) -> tuple[torch.optim.AdamW, _StudentLoss]:
     """One optimizer step on one micro-batch through the trainer's own pieces: `_prepare_student`,
     the teacher (a live model; or, with teacher_cache_k, the TopK tensors a top-k cache hands the
     loss, a uniform distribution here: memory does not depend on the values; or neither), the chunked
@@ -213,7 +229,8 @@ def training_step(
 
     `plan_memory` traces it on fake tensors; scripts/bench_preset.py runs it on a device to measure
     the peak the plan predicts. `started()` is called once the set-up is done: the step's peak
-    begins there. Returns the optimizer (its state is part of the plan)."""
+    begins there. Returns the optimizer (its state is part of the plan) and the student's loss
+    module (what `sampling_step` samples through)."""
     loss_mod = _prepare_student(student, cfg, rt)
     source = Teacher(teacher, None, rt) if teacher is not None else None
     optimizer = build_optimizer(student, cfg, torch.device(device_type))
@@ -235,7 +252,29 @@ def training_step(
     del loss, src
     _clip_gradients(student, cfg.grad_clip)
     optimizer.step()
-    return optimizer
+    return optimizer, loss_mod
+
+
+@torch.inference_mode()
+def _decode_start(model: Gemma2ForCausalLM, batch_size: int, prompt_len: int, max_new_tokens: int,
+                  device: torch.device) -> KVCache:  # fmt: skip
+    """What sampling a micro-batch allocates (gemma2.on_policy.sample_completions through
+    gemma2.generation): the KV cache of prompt_len + max_new_tokens columns in the model's dtype, the
+    prompts' prefill and one decode step; later steps write into the same cache."""
+    cache = KVCache(model.config, batch_size, prompt_len + max_new_tokens, dtype=model.dtype, device=device)
+    prompts = torch.zeros(batch_size, prompt_len, dtype=torch.long, device=device)
+    token = model.last_logits(prompts, None, cache).argmax(-1, keepdim=True)
+    model.last_logits(token, None, cache)
+    return cache
+
+
+def sampling_step(loss_mod: _StudentLoss, student: Gemma2ForCausalLM, rt: Runtime, batch_size: int,
+                  prompt_len: int, max_new_tokens: int, per_token: bool = False) -> KVCache:  # fmt: skip
+    """The start of one micro-batch's on-policy sampling through the trainer's own sampler
+    (gemma2.on_policy.student_sampler; per_token: TrainConfig.sample_sharded); returns the KV
+    cache it filled."""
+    sampler = student_sampler(loss_mod, student, _decode_start, per_token)
+    return sampler(batch_size, prompt_len, max_new_tokens, rt.device)
 
 
 def plan_memory(
@@ -252,6 +291,9 @@ def plan_memory(
     chunk_size: int = 1024,
     device_type: str = "cuda",
     attention: str = "auto",
+    max_new_tokens: int = 0,
+    prompt_len: int | None = None,
+    sample_sharded: bool = False,
 ) -> MemoryPlan:
     """Trace one training step (one micro-batch, forward, backward, clip, AdamW) of the trainer on
     fake tensors on rank 0 of `world` and return its peak memory per rank.
@@ -262,9 +304,16 @@ def plan_memory(
     its foreach AdamW (which allocates temporaries the size of the parameters). attention: both
     models' kernels (gemma2.model), "auto" as the trainer and load_model run them: the trace, on
     the CPU, then runs `banded` (training: recomputed in backward), where CUDA runs compiled
-    FlexAttention; neither keeps a score matrix for backward."""
+    FlexAttention; neither keeps a score matrix for backward. max_new_tokens: on-policy, the student
+    also samples that many tokens after prompt_len of each row (None: seq_len - max_new_tokens, the
+    trainer's default); 0: nothing is sampled. sample_sharded: as TrainConfig's (FSDP2 gathers one
+    Block at a time while sampling)."""
     if teacher is not None and teacher_cache_k is not None:
         raise ValueError("pass a live teacher's config or a cache's k, not both")
+    P = seq_len - max_new_tokens if prompt_len is None else prompt_len
+    if max_new_tokens < 0 or max_new_tokens and P < 1:
+        raise ValueError(f"max_new_tokens must be >= 0 and leave a prompt of >= 1 token, got {max_new_tokens} "
+                         f"new tokens after a prompt of {P}")  # fmt: skip
     cfg = step_config(batch_size, distilling=teacher is not None or teacher_cache_k is not None, dtype=dtype,
                       chunk_size=chunk_size, activation_checkpointing=activation_checkpointing)  # fmt: skip
     cpu = torch.device("cpu")
@@ -282,8 +331,8 @@ def plan_memory(
         if t_model is not None:
             t_model.to_empty(device=cpu)
         # The step's peak, not the set-up's (each rank builds the full models before sharding).
-        optimizer = training_step(model, cfg, rt, batch, teacher=t_model, teacher_cache_k=teacher_cache_k,
-                                  device_type=device_type, started=tracker.reset_peak)  # fmt: skip
+        optimizer, loss_mod = training_step(model, cfg, rt, batch, teacher=t_model, teacher_cache_k=teacher_cache_k,
+                                            device_type=device_type, started=tracker.reset_peak)  # fmt: skip
         states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
         groups = {
             "student parameters": tracker.serials(model.parameters()),
@@ -292,16 +341,31 @@ def plan_memory(
             "teacher weights": tracker.serials(t_model.parameters()) if t_model is not None else set(),
         }
         held = {name: sum(tracker.live[k] for k in ids) for name, ids in groups.items()}
-    at_peak = {name: sum(b for key, b in tracker.at_peak.items() if key in ids) for name, ids in groups.items()}
-    at_peak["activations and transients"] = tracker.peak - sum(at_peak.values())
-    return MemoryPlan(at_peak, held, tracker.peak, tracker.largest, world)
+        at_peak = _breakdown(tracker, groups, "activations and transients")
+        peak, largest, sampling, sampling_peak = tracker.peak, tracker.largest, None, 0
+        if max_new_tokens:
+            optimizer.zero_grad(set_to_none=True)  # as the trainer does after each step
+            tracker.reset_peak()
+            cache = sampling_step(loss_mod, model, rt, batch_size, P, max_new_tokens, sample_sharded)
+            groups["KV cache"] = tracker.serials([*cache.keys, *cache.values])
+            sampling = _breakdown(tracker, groups, "sampling weights, transients")
+            sampling_peak = tracker.peak
+    return MemoryPlan(at_peak, held, peak, largest, world, sampling, sampling_peak)
+
+
+def _breakdown(tracker: _LiveBytes, groups: dict[str, set[int]], rest: str) -> dict[str, int]:
+    """The bytes alive at the tracker's peak by group (storage serials), the remainder as `rest`."""
+    out = {name: sum(b for key, b in tracker.at_peak.items() if key in ids) for name, ids in groups.items()}
+    out[rest] = tracker.peak - sum(out.values())
+    return out
 
 
 def suggestions(device_bytes: float, **run) -> list[str]:
     """For a run (plan_memory's keyword arguments) that does not fit `device_bytes`: the single
     changes that make it fit, each checked with its own plan. Of each kind the mildest is named:
     activation checkpointing, the largest smaller loss chunk, a teacher cache instead of a live
-    teacher, the fewest devices (powers of two up to 64)."""
+    teacher, sampling with the student sharded (on-policy, several devices), the fewest devices
+    (powers of two up to 64)."""
     kinds: list[list[tuple[str, dict]]] = []
     if not run.get("activation_checkpointing"):
         kinds.append([("--activation-checkpointing", {"activation_checkpointing": True})])
@@ -310,6 +374,8 @@ def suggestions(device_bytes: float, **run) -> list[str]:
     if run.get("teacher") is not None:
         kinds.append([("a teacher cache (scripts/cache_teacher.py --k 32) instead of the live teacher",
                        {"teacher": None, "teacher_cache_k": 32})])  # fmt: skip
+    if run.get("max_new_tokens") and run.get("world", 1) > 1 and not run.get("sample_sharded"):
+        kinds.append([("--sample-sharded", {"sample_sharded": True})])
     worlds = [w for w in (2, 4, 8, 16, 32, 64) if w > run.get("world", 1)]
     kinds.append([(f"{w} devices", {"world": w}) for w in worlds])
     found = []

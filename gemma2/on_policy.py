@@ -31,8 +31,8 @@ rank must run the same number of them: generation never stops on its own (stop t
 here), and after each new token the ranks agree, with one all-reduce, whether every row on every
 rank has stopped. Generation is a registered FSDP forward of the model's root, with every unit's
 parameters gathered once for the whole call (`_as_forward`), not once per new token: during
-sampling each rank holds the whole model's unsharded parameters, which gemma2.memory_plan's traced
-training step does not include.
+sampling each rank holds the whole model's unsharded parameters (gemma2.memory_plan traces it with
+max_new_tokens). sample_sharded gathers each Block per new token instead, holding one at a time.
 """
 
 from __future__ import annotations
@@ -233,15 +233,15 @@ def _in_compute_dtype(model: Gemma2ForCausalLM, dtype: torch.dtype, fn: Callable
     return call
 
 
-def _as_forward(root: nn.Module, fn: Callable) -> Callable:
+def _as_forward(root: nn.Module, fn: Callable, per_token: bool = False) -> Callable:
     """`fn` run as a forward of the FSDP2 root `root`, every unit's parameters gathered once for
-    the whole call; `fn` itself without FSDP.
+    the whole call (per_token: before each of its forwards, as FSDP2 does); `fn` itself without FSDP.
 
-    A unit is gathered before its forward and freed after it, so sampling N tokens would gather
-    every Block N times (the whole model's weights moved N times per micro-batch, where a decode
-    step reads them once). Here the Blocks stay gathered until the call returns: one all-gather
+    A unit is gathered before its forward and freed after it, so sampling N tokens gathers every
+    Block N times (the whole model's weights moved N times per micro-batch, where a decode step
+    reads them once). By default the Blocks stay gathered until the call returns: one all-gather
     per unit per call, at the cost of holding the whole model's unsharded parameters (in the
-    compute dtype) while it runs, as TRL's generation under ZeRO-3 does.
+    compute dtype) while it runs, as TRL's generation under ZeRO-3 does by default.
 
     generation.py decodes under torch.inference_mode, and FSDP2 keeps the tensor that a parameter
     is first gathered into: gathered there first, it would be an inference tensor that the next
@@ -252,6 +252,8 @@ def _as_forward(root: nn.Module, fn: Callable) -> Callable:
     for module in [*blocks, root]:
         module.unshard()
         module.reshard()
+    if per_token:
+        blocks = []
 
     def gathered(*args, **kwargs):
         for block in blocks:  # gemma2.distributed.shard leaves each Block resharding after forward
@@ -266,6 +268,17 @@ def _as_forward(root: nn.Module, fn: Callable) -> Callable:
     root._sample_completions = gathered  # the method FSDP2 wraps with its pre- and post-forward
     register_fsdp_forward_method(root, "_sample_completions")
     return root._sample_completions
+
+
+def student_sampler(
+    loss_mod: _StudentLoss, student: Gemma2ForCausalLM, fn: Callable, per_token: bool = False
+) -> Callable:
+    """`fn(model, ...)` with `model` the student as the trainer samples from it: its weights in the
+    compute dtype (`_in_compute_dtype` when one process trains in mixed precision) and, under FSDP2,
+    one forward of the loss module's root with every unit gathered once (per_token: per new token;
+    `_as_forward`)."""
+    sampler = _in_compute_dtype(student, loss_mod.dtype, fn) if loss_mod.autocast else partial(fn, student)
+    return _as_forward(loss_mod, sampler, per_token)
 
 
 class Rollouts:
@@ -289,10 +302,10 @@ class Rollouts:
         stop_ids = rows.stop_ids if isinstance(rows, PromptRows) else ()
         sample = partial(sample_completions, stop_ids=stop_ids, compiled=cfg.compile_sampling)
         wanted = cfg.lmbda > 0 or self.evaluates
-        # loss_mod.autocast: one process, fp32 weights, a lower compute dtype.
-        sampler = _in_compute_dtype(student, loss_mod.dtype, sample) if loss_mod.autocast else partial(sample, student)
-        self.sample_student = _as_forward(loss_mod, sampler) if wanted else None
-        self.sample_teacher = _as_forward(teacher.root, partial(sample, teacher.model)) if cfg.seq_kd else None
+        self.sample_student = student_sampler(loss_mod, student, sample, cfg.sample_sharded) if wanted else None
+        self.sample_teacher = None
+        if cfg.seq_kd:
+            self.sample_teacher = _as_forward(teacher.root, partial(sample, teacher.model), cfg.sample_sharded)
         self.on_policy_steps = sum(is_on_policy(cfg.seed, s, cfg.lmbda) for s in range(start_step))
         self.generated = False  # whether this step's rows were sampled
 

@@ -55,7 +55,8 @@ STEP_DIR = re.compile(r"step-(\d{6})")
 # only grow (the cosine schedule then ends later); the data are compared through their
 # fingerprint, which covers the tokenizer.
 SAFE_TO_CHANGE = ("steps", "save_every", "eval_every", "eval_sequences", "keep_last", "out_dir", "tokenizer_file",
-                  "activation_checkpointing", "device", "peak_flops", "compile_sampling")  # fmt: skip
+                  "activation_checkpointing", "device", "peak_flops", "compile_sampling",
+                  "sample_sharded")  # fmt: skip
 # Only their product with the number of ranks, the global batch, changes the run: one step's
 # gradient is the mean over its sequences however they are split (gemma2.trainer).
 BATCH_SPLIT = ("batch_size", "grad_accum")

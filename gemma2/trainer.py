@@ -107,6 +107,7 @@ class TrainConfig:
     gen_temperature: float = 0.9  # sampling temperature of the completions; 0 = greedy
     prompt_len: int | None = None  # each row's first tokens kept as the prompt; None = seq_len - max_new_tokens
     compile_sampling: bool = False  # completions decode through torch.compile (gemma2.static_decode); one process
+    sample_sharded: bool = False  # FSDP2: gather each Block per new token (its memory alone), not the student once
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "chunk_size")

@@ -71,6 +71,9 @@ def parse_args() -> argparse.Namespace:
     gkd.add_argument("--compile-sampling", action="store_true",
                      help="sample completions through torch.compile (CUDA graphs on GPU; about 2x on CPU for tiny "
                           "students, after seconds of compiling); one process only")
+    gkd.add_argument("--sample-sharded", action="store_true",
+                     help="under torchrun: gather each student block per sampled token (the memory of one block, "
+                          "slower) instead of the whole student once per micro-batch")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-sequences", type=int, default=None, help="cap on held-out sequences per evaluation")
     p.add_argument("--save-every", type=int, default=0, help="0: only at the end")
@@ -140,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
         tokenizer_file=str(tok_path), peak_flops=args.peak_flops, lmbda=args.lmbda, seq_kd=args.seq_kd,
         max_new_tokens=args.max_new_tokens, gen_temperature=args.gen_temperature,
         prompt_len=data.train.prompt_len if args.prompts else args.prompt_len,  # a prompt dataset's layout
-        compile_sampling=args.compile_sampling,
+        compile_sampling=args.compile_sampling, sample_sharded=args.sample_sharded,
     )  # fmt: skip
     try:
         metrics = train(cfg, student, data, teacher=teacher, resume=args.resume, overwrite=args.overwrite,

@@ -5,7 +5,8 @@
 
 --student and --teacher are presets, config.json files or checkpoint directories. Traces one step
 (forward, chunked loss, backward, clipping, AdamW) on fake tensors under a fake process group of
---gpus ranks and prints a per-GPU table; when the run does not fit, the single changes that would
+--gpus ranks and prints a per-GPU table; with --max-new-tokens also the student's on-policy
+sampling after it (its own column); when the run does not fit, the single changes that would
 make it fit. Library: gemma2.memory_plan.plan_memory.
 """
 
@@ -32,6 +33,11 @@ def main() -> int:
     p.add_argument("--teacher-dtype", type=dtype_argument, default="bf16")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the loss")
+    p.add_argument("--max-new-tokens", type=int, default=0,
+                   help="on-policy (--lmbda > 0): also trace the student sampling this many tokens per row")
+    p.add_argument("--prompt-len", type=int, help="with --max-new-tokens: prompt tokens per row (default: seq-len "
+                   "minus max-new-tokens)")  # fmt: skip
+    p.add_argument("--sample-sharded", action="store_true", help="with --max-new-tokens: as scripts/distill.py's")
     args = p.parse_args()
 
     if args.gpus < 1 or args.gpu_memory <= 0:
@@ -39,7 +45,9 @@ def main() -> int:
     run = dict(student=model_config(args.student), teacher=model_config(args.teacher, "teacher") if args.teacher else None,
                teacher_cache_k=args.teacher_cache_k, seq_len=args.seq_len, batch_size=args.batch_size,
                world=args.gpus, dtype=args.dtype, teacher_dtype=args.teacher_dtype,
-               activation_checkpointing=args.activation_checkpointing, chunk_size=args.chunk_size)  # fmt: skip
+               activation_checkpointing=args.activation_checkpointing, chunk_size=args.chunk_size,
+               max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len,
+               sample_sharded=args.sample_sharded)  # fmt: skip
     device_bytes = args.gpu_memory * 1e9
     plan = plan_memory(**run)
     print(plan.table(device_bytes))

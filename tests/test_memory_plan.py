@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from conftest import tiny_training_config
 from gemma2 import Gemma2ForCausalLM
 from gemma2.data import Datasets, PackedSequences
-from gemma2.memory_plan import GiB, plan_memory
+from gemma2.memory_plan import MARGIN, GiB, plan_memory, suggestions
 from gemma2.student import init_weights
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc/self")
@@ -93,6 +93,71 @@ def test_plan_is_within_10_percent_of_the_measured_peak(tmp_path, monkeypatch, c
         assert abs(plan.peak - m) <= 0.10 * m, (f"planned {plan.peak / GiB:.3f} GiB, measured {m / GiB:.3f} GiB", plan.at_peak)
 
 
+# Blocks hold most of the weights (~26M of 28M parameters), so that gathering them all to sample
+# shows against gathering one at a time.
+SAMPLER = STUDENT.replace(vocab_size=4096, num_hidden_layers=8)
+SAMPLER_TEACHER = SAMPLER.replace(hidden_size=640, intermediate_size=2560, num_hidden_layers=4)
+SAMPLING = dict(seq_len=64, prompt_len=32, max_new_tokens=8, batch_size=4)
+
+
+def _measure_sampling(rank: int, world: int, dtype: str, sample_sharded: bool, tmp: str) -> None:
+    """One rank: two on-policy steps (lmbda 1) with the live teacher; the peak RSS growth during
+    the second step's sampling (the optimizer state alive, as the plan traces it)."""
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    import gemma2.on_policy as on_policy
+    import gemma2.trainer as trainer
+
+    trainer.save_checkpoint = lambda *a, **k: None
+    T, B, P, N = (SAMPLING[k] for k in ("seq_len", "batch_size", "prompt_len", "max_new_tokens"))
+    calls, real = [], on_policy.sample_completions
+
+    def measured(*args, **kwargs):
+        calls.append(None)
+        if len(calls) != 2:
+            return real(*args, **kwargs)
+        Path("/proc/self/clear_refs").write_text("5")
+        out = real(*args, **kwargs)
+        Path(tmp, f"rank{rank}.json").write_text(json.dumps((_status_kib("VmHWM") - base) * 1024))
+        return out
+
+    def run(student_cfg, name: str, teacher_cfg=None) -> None:
+        tokens = np.random.default_rng(0).integers(3, student_cfg.vocab_size, size=B * world * T * 4 + 1)
+        data = Datasets(PackedSequences(tokens.astype(np.int32), T), None)
+        student = init_weights(Gemma2ForCausalLM(student_cfg))
+        teacher = init_weights(Gemma2ForCausalLM(teacher_cfg or student_cfg)).to(torch.bfloat16)
+        cfg = trainer.TrainConfig(out_dir=f"{tmp}/{name}", steps=2, batch_size=B, eval_every=0, lmbda=1.0,
+                                  max_new_tokens=N, prompt_len=P, dtype=dtype, device="cpu",
+                                  sample_sharded=sample_sharded)  # fmt: skip
+        trainer.train(cfg, student, data, teacher=teacher, progress=False)
+
+    run(tiny_training_config(max_position_embeddings=T), "warm-up")  # see _measure
+    on_policy.sample_completions = measured
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kib("VmRSS")
+    run(SAMPLER, "run", SAMPLER_TEACHER)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, dtype, sample_sharded", [(1, "fp32", False), (1, "bf16", False), (2, "fp32", False),
+                                                          (2, "fp32", True)])  # fmt: skip
+def test_sampling_plan_is_within_10_percent_of_the_measured_peak(tmp_path, monkeypatch, world, dtype, sample_sharded):
+    """On-policy sampling's peak (one process: the student itself, or in bf16 a cast copy; two ranks:
+    the whole student gathered, or one Block at a time) against the plan's, as the step's above."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(256 * 1024))
+    mp.spawn(_measure_sampling, args=(world, dtype, sample_sharded, str(tmp_path)), nprocs=world, join=True)
+    measured = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in range(world)]
+    plan = plan_memory(SAMPLER, teacher=SAMPLER_TEACHER, world=world, dtype=dtype, teacher_dtype="bf16",
+                       device_type="cpu", sample_sharded=sample_sharded, **SAMPLING)  # fmt: skip
+    assert plan.sampling_at_peak is not None
+    for m in measured:
+        assert abs(plan.sampling_peak - m) <= 0.10 * m, (
+            f"planned {plan.sampling_peak / GiB:.3f} GiB, measured {m / GiB:.3f} GiB", plan.sampling_at_peak)
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_plan_holds_exactly_the_sharded_state(world):
     """Counted independently: FSDP2 pads each parameter's first dimension to a multiple of the
@@ -106,6 +171,23 @@ def test_plan_holds_exactly_the_sharded_state(world):
     assert plan.held["optimizer state"] == 2 * 4 * shard + 4 * len(shapes)
     assert plan.held["teacher weights"] == 2 * shard
     assert plan.peak == sum(plan.at_peak.values()) >= sum(plan.held.values()) - plan.held["student gradients"]
+
+
+def test_sampling_that_does_not_fit_gathered_is_suggested_sharded():
+    """Many small Blocks over 4 ranks: gathering the whole student to sample needs more than the
+    training step; sampling one Block at a time fits where that does not."""
+    cfg = tiny_training_config(vocab_size=512, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                               num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=64)
+    run = dict(student=cfg, seq_len=32, batch_size=2, world=4, dtype="fp32", device_type="cpu",
+               activation_checkpointing=True, max_new_tokens=16)  # fmt: skip
+    gathered, sharded = plan_memory(**run), plan_memory(**run, sample_sharded=True)
+    assert gathered.sampling_peak > max(gathered.peak, sharded.sampling_peak)
+    # Every Block's fp32 weights are alive at the gathered peak, on top of this rank's state.
+    blocks = sum(p.numel() for p in Gemma2ForCausalLM(cfg).model.layers.parameters()) * 4
+    assert gathered.sampling_at_peak["sampling weights, transients"] >= blocks
+    device = (gathered.required() + sharded.required()) / 2 / (1 - MARGIN)  # between the two
+    assert not gathered.fits(device) and sharded.fits(device)
+    assert "--sample-sharded" in suggestions(device, **run)
 
 
 def test_script_prints_the_table_and_suggests_what_fits(tmp_path):

@@ -223,7 +223,7 @@ def _gkd_models() -> tuple[Gemma2ForCausalLM, Gemma2ForCausalLM]:
 GKD = dict(lmbda=0.5, max_new_tokens=6, gen_temperature=0.0, seed=1)  # greedy: the same samples on 1 or 2 ranks
 
 
-def _gkd_worker(rank: int, tmp: str) -> None:
+def _gkd_worker(rank: int, tmp: str, sample_sharded: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
     try:
@@ -241,8 +241,9 @@ def _gkd_worker(rank: int, tmp: str) -> None:
 
         on_policy.sample_completions = recording
         student, teacher = _gkd_models()
-        metrics = train(fsdp_train_config(Path(tmp) / "fsdp", 2, activation_checkpointing=True, **GKD), student,
-                        fsdp_data(), teacher=teacher, progress=False)  # fmt: skip
+        metrics = train(fsdp_train_config(Path(tmp) / "fsdp", 2, activation_checkpointing=True,
+                                          sample_sharded=sample_sharded, **GKD),
+                        student, fsdp_data(), teacher=teacher, progress=False)  # fmt: skip
         (Path(tmp) / f"lengths-{rank}.json").write_text(json.dumps(lengths))
         (Path(tmp) / f"gathers-{rank}.json").write_text(json.dumps(gathers))
         if rank == 0:
@@ -251,8 +252,9 @@ def _gkd_worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_ranks_sample_in_step_and_train_like_one_process(tmp_path):
-    context = mp.spawn(_gkd_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
+@pytest.mark.parametrize("sample_sharded", [False, True])
+def test_two_ranks_sample_in_step_and_train_like_one_process(tmp_path, sample_sharded):
+    context = mp.spawn(_gkd_worker, args=(str(tmp_path), sample_sharded), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 120  # a normal run takes seconds
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
@@ -263,8 +265,9 @@ def test_two_ranks_sample_in_step_and_train_like_one_process(tmp_path):
     per_rank = [json.loads((tmp_path / f"lengths-{r}.json").read_text()) for r in range(WORLD)]
     assert per_rank[0] and per_rank[0] != per_rank[1]  # one rank's rows stopped first and it kept stepping
     layers = _gkd_models()[0].config.num_hidden_layers
-    for r in range(WORLD):  # each sampling call gathered each Block once
-        assert json.loads((tmp_path / f"gathers-{r}.json").read_text()) == [layers] * len(per_rank[r])
+    for r in range(WORLD):  # each sampling call gathered each Block once (sample_sharded: per new token)
+        gathers = json.loads((tmp_path / f"gathers-{r}.json").read_text())
+        assert all(g > layers for g in gathers) if sample_sharded else gathers == [layers] * len(per_rank[r])
 
     student, teacher = _gkd_models()
     single = train(fsdp_train_config(tmp_path / "single", 2 * WORLD, **GKD), student, fsdp_data(), teacher=teacher,
