@@ -1,13 +1,14 @@
 """Make the shipped tiny teacher (checkpoints/tiny-teacher/) from nothing but this Python.
 
-    python scripts/train_teacher.py                       # ~25 min on 2 CPU cores
-    python scripts/train_teacher.py --steps 20 --out runs/teacher-smoke   # a quick check
+    python scripts/train_teacher.py --overwrite           # ~25 min on 2 CPU cores; replaces the shipped one
+    python scripts/train_teacher.py --steps 20 --out runs/teacher-smoke --work runs/teacher-smoke-work   # a quick check
 
 Steps: build the built-in corpus (gemma2.corpus), train a 4096-piece SentencePiece tokenizer on
 its train split, train gemma2.config.TINY_TEACHER with plain next-token loss (alpha = 0) using
 gemma2.trainer, then write the Hugging Face layout (config.json, model.safetensors,
-tokenizer.model) and a README.md recording how it was made. Trainer checkpoints and
-metrics.jsonl go to --work.
+tokenizer.model) and a README.md recording how it was made. The tokenizer, trainer checkpoints
+and metrics.jsonl go to --work, which must be new or empty (--resume continues the run in it);
+nothing is ever deleted, and an existing --out is replaced only with --overwrite.
 """
 
 import argparse
@@ -26,6 +27,7 @@ from gemma2.cli import run_cli
 from gemma2.config import TINY_TEACHER
 from gemma2.corpus import build_corpus, corpus_fingerprint, split_corpus
 from gemma2.data import split_datasets
+from gemma2.files import atomic_file, write_text_atomic
 from gemma2.model import Gemma2ForCausalLM
 from gemma2.tokenizer import Tokenizer, train_tokenizer
 from gemma2.student import init_weights
@@ -45,17 +47,30 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice); 1 is faster on a busy machine")
+    p.add_argument("--resume", action="store_true", help="continue the run in --work (its tokenizer and checkpoints)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model files of an existing --out")
     args = p.parse_args()
+    work, out = Path(args.work), Path(args.out)
+    tok_path = work / "tokenizer.model"
+    # Built first: it checks the settings before any work.
+    cfg = TrainConfig(
+        out_dir=str(work), steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+        alpha=0.0, eval_every=100, save_every=100, seed=args.seed, tokenizer_file=str(tok_path),
+    )  # fmt: skip
+    if args.resume and not tok_path.is_file():
+        raise ValueError(f"--resume: {work} holds no tokenizer.model of an earlier run; drop --resume to start one")
+    if not args.resume and work.exists() and any(work.iterdir()):
+        raise ValueError(f"--work {work} is not empty; pass a new or empty directory, or --resume to continue its run")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ValueError(f"--out {out} exists; pass --overwrite to replace its model files, or another --out")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
     docs = build_corpus()
-    train_docs, _ = split_corpus(docs)  # the same split split_datasets makes below
-    work = Path(args.work)
-    if work.exists():  # the trainer refuses to overwrite checkpoints; this script always starts over
-        shutil.rmtree(work)
-    tok_path = train_tokenizer(train_docs, work / "tokenizer.model", args.vocab_size)
+    if not args.resume:
+        train_docs, _ = split_corpus(docs)  # the same split split_datasets makes below
+        train_tokenizer(train_docs, tok_path, args.vocab_size)
     tokenizer = Tokenizer(tok_path)
     data = split_datasets(docs, tokenizer, args.seq_len, where="the built-in corpus")
     config = TINY_TEACHER.replace(vocab_size=tokenizer.vocab_size)
@@ -64,18 +79,15 @@ def main() -> None:
     print(f"teacher: {n_params:,} parameters; {len(data.train)} training sequences of {args.seq_len} tokens; "
           f"{args.steps} steps of {args.batch_size} sequences", file=sys.stderr)  # fmt: skip
 
-    cfg = TrainConfig(
-        out_dir=str(work), steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-        alpha=0.0, eval_every=100, save_every=100, seed=args.seed, tokenizer_file=str(tok_path),
-    )  # fmt: skip
-    metrics = train(cfg, model, data)
+    # overwrite: the trainer writes beside the tokenizer this script put in --work (nothing is deleted).
+    metrics = train(cfg, model, data, resume=args.resume, overwrite=True)
     seconds = time.perf_counter() - t0
     final = [m for m in metrics if "eval_ce" in m][-1]
 
-    out = Path(args.out)
     save_model(model, out)
-    shutil.copyfile(tok_path, out / "tokenizer.model")
-    (work / "final.json").write_text(json.dumps(final) + "\n")
+    with atomic_file(out / "tokenizer.model") as tmp:
+        shutil.copyfile(tok_path, tmp)
+    write_text_atomic(work / "final.json", json.dumps(final) + "\n")
     record = {
         "command": "python " + " ".join(sys.argv),
         "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -85,7 +97,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "seconds": round(seconds),
         "heldout_ce": round(final["eval_ce"], 4), "heldout_ppl": round(final["eval_ppl"], 2),
     }  # fmt: skip
-    (out / "README.md").write_text(readme(record))
+    write_text_atomic(out / "README.md", readme(record))
     print(f"wrote {out} in {seconds / 60:.1f} min: held-out perplexity {final['eval_ppl']:.2f}", file=sys.stderr)
 
 
