@@ -317,6 +317,7 @@ def train_tokenizer(
     vocab_size: int = 4096,
     *,
     character_coverage: float = 0.9999,
+    overwrite: bool = False,
 ) -> Path:
     """Train a BPE SentencePiece model with Gemma's layout and options, write it to `output_path`
     and return that path.
@@ -328,11 +329,13 @@ def train_tokenizer(
     dummy space prefix), so decode(encode(text)) == text. Characters rarer than
     `1 - character_coverage` of the text get no piece and are spelled in bytes. Every sentence is
     used, in order, on one thread, so the file depends only on the texts (a few seconds for a few
-    MB)."""
+    MB). An existing `output_path` is refused unless `overwrite` (then replaced atomically)."""
+    output_path = Path(output_path)
+    if output_path.exists() and not overwrite:
+        raise ValueError(f"{output_path} already exists; pass --overwrite (overwrite=True) to replace it, or another path")
     texts = [c for t in texts for c in _chunks(t) if c]
     if not texts:
         raise ValueError("train_tokenizer got no text; pass a non-empty list of documents")
-    output_path = Path(output_path)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(

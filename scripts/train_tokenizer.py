@@ -9,6 +9,7 @@ held-out documents stay unseen. See gemma2.tokenizer.train_tokenizer for the opt
 
 import argparse
 import time
+from pathlib import Path
 
 from gemma2.cli import run_cli
 from gemma2.corpus import build_corpus, corpus_bytes, corpus_fingerprint, read_documents, split_corpus
@@ -21,10 +22,13 @@ def main() -> None:
                    help="a .txt file (one document), a .jsonl file (a 'text' field per line) or a directory "
                         "of them; repeatable. Default: the built-in corpus's train split")
     p.add_argument("--output", required=True, help="where to write the .model file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--holdout-fraction", type=float, default=0.02,
                    help="held-out share of the built-in corpus left out of training (default 0.02)")
     args = p.parse_args()
+    if Path(args.output).exists() and not args.overwrite:  # before reading any input
+        raise ValueError(f"{args.output} already exists; pass --overwrite to replace it, or another --output")
 
     if args.input:
         docs = [d for path in args.input for d in read_documents(path)]
@@ -35,7 +39,7 @@ def main() -> None:
         print(f"built-in corpus {corpus_fingerprint(corpus)}: training on {len(docs):,} of {len(corpus):,} "
               f"documents, {corpus_bytes(docs) / 1e6:.2f} MB")
     t0 = time.perf_counter()
-    path = train_tokenizer(docs, args.output, args.vocab_size)
+    path = train_tokenizer(docs, args.output, args.vocab_size, overwrite=args.overwrite)
     tok = Tokenizer(path)
     n_tokens = sum(len(tok.encode(d, bos=False)) for d in docs)
     print(f"wrote {path} ({tok.vocab_size:,} pieces) in {time.perf_counter() - t0:.1f} s; "

@@ -222,6 +222,14 @@ def test_training_is_deterministic_and_checked(tok, tmp_path):
         train_tokenizer(TEXTS, tmp_path / "big.model", 100_000)
     with pytest.raises(ValueError, match="no text"):
         train_tokenizer([], tmp_path / "empty.model")
+    # An existing file is kept unless overwrite: replacing a model's tokenizer silently would
+    # pair its weights with other ids.
+    other = tmp_path / "other.model"
+    other.write_bytes(b"someone's")
+    with pytest.raises(ValueError, match="other.model already exists; pass --overwrite"):
+        train_tokenizer(TEXTS, other, VOCAB)
+    assert other.read_bytes() == b"someone's"
+    assert train_tokenizer(TEXTS, other, VOCAB, overwrite=True).read_bytes() == tok.path.read_bytes()
 
 
 def test_long_documents_are_cut_at_line_ends():
