@@ -81,10 +81,12 @@ def int8_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     The CPU int8 kernel (one byte read per weight) where it is fast: bf16 activations and at most
     `_KERNEL_MAX_ROWS` rows, i.e. decoding. Elsewhere `dequantize_matmul`: a prefill amortises the
     dequantised copy over its rows, the kernel's fp32 path is slower than dequantising even for
-    one row (measured: 8 ms against 4 ms for 4096 x 1024), and CUDA has no such kernel.
+    one row (measured: 8 ms against 4 ms for 4096 x 1024), and CUDA has no such kernel. The kernel
+    also needs an input width that is a multiple of 16: in torch 2.13 it reads past the end of the
+    rows otherwise (garbage, or a segfault); every published Gemma 2 width is one.
     """
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or rows > _KERNEL_MAX_ROWS:
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or rows > _KERNEL_MAX_ROWS or x.shape[-1] % 16:
         return dequantize_matmul(x, q, scale)
     y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), q, scale.to(x.dtype))
     return y.view(*x.shape[:-1], q.shape[0])
