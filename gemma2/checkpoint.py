@@ -97,7 +97,8 @@ def resolve_config(path: Path, config: Gemma2Config | str | None) -> Gemma2Confi
     directory = path if path.is_dir() else path.parent
     if not (directory / "config.json").exists():
         raise CheckpointError(
-            f"{directory}: no config.json; pass config= (a Gemma2Config or a preset name such as '2b')"
+            f"{directory}: no config.json to say the model's shape; pass config= (a Gemma2Config or a preset "
+            "name such as '2b'; the scripts' --config)"
         )
     try:
         return Gemma2Config.from_json(directory / "config.json")

@@ -30,6 +30,8 @@ class Gemma2Config:
     bos_token_id: int = 2
 
     def __post_init__(self) -> None:
+        if isinstance(self.eos_token_id, list):  # as JSON spells several: a tuple keeps the config hashable
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         positive = (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
@@ -81,13 +83,19 @@ class Gemma2Config:
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no config.json; pass config= to say the model's shape") from None
+            raise FileNotFoundError(f"{path}: no such config file") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf_dict(raw, source=str(path))
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config") -> Gemma2Config:
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: a config is a JSON object of fields, got a {type(raw).__name__}")
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "num_key_value_heads", "head_dim", "vocab_size") if k not in raw]  # fmt: skip
+        if missing:
+            raise ValueError(f"{source}: missing keys {missing}")
         model_type = raw.get("model_type", "gemma2")
         if model_type != "gemma2":
             raise ValueError(f"{source}: model_type is {model_type!r}, expected 'gemma2'")
@@ -110,14 +118,9 @@ class Gemma2Config:
                     f"{source}: layer_types must alternate sliding/full starting with sliding "
                     f"(Gemma 2's layout), got {layer_types}"
                 )
-        eos = raw.get("eos_token_id", 1)
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in fields}
-        values.update(rope_theta=float(rope_theta), eos_token_id=tuple(eos) if isinstance(eos, list) else eos)
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                               "num_key_value_heads", "head_dim", "vocab_size") if k not in raw]  # fmt: skip
-        if missing:
-            raise ValueError(f"{source}: missing keys {missing}")
+        values.update(rope_theta=float(rope_theta))
         for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
             if raw.get(cap, 1.0) is None:
                 raise ValueError(f"{source}: {cap} is null; Gemma 2 always soft-caps")

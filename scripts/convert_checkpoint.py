@@ -15,6 +15,7 @@ place and swapped in at once, so a failure leaves what was there before.
 """
 
 import argparse
+import math
 import shutil
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def main() -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args()
 
+    if not 0 < args.max_shard_gb < math.inf:
+        raise ValueError(f"--max-shard-gb must be a positive number of GB, got {args.max_shard_gb}")
     source, target = Path(args.input), Path(args.output)
     check_output(source, target, to_dtype(args.dtype), args)
     config = args.config

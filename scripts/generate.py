@@ -47,6 +47,7 @@ from gemma2.generation import Chat, left_pad, stream
 from gemma2.quantize import QUANTIZE_MODES
 from gemma2.sampling import check_sampling_args
 from gemma2.speculative import DRAFT_TOKENS, SpeculativeStats, check_draft, check_vocab_sizes, speculative_stream
+from gemma2.student import model_config
 from gemma2.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -68,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="model directory (config.json, *.safetensors)")
     p.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
     p.add_argument("--tokenizer", help="SentencePiece model (default: CHECKPOINT/tokenizer.model)")
+    p.add_argument("--config", help="for an official .ckpt without config.json: a preset (2b, 9b, 27b) or a config.json")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int)
@@ -132,7 +134,8 @@ def load(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, Tokenizer]:
             "or pass --tokenizer PATH"
         )
     tokenizer = Tokenizer(tokenizer_path)  # before the model: a bad tokenizer fails fast
-    model = load_model(checkpoint, dtype=dtype, device=args.device, quantize=args.quantize)
+    config = model_config(args.config, "--config") if args.config else None
+    model = load_model(checkpoint, config=config, dtype=dtype, device=args.device, quantize=args.quantize)
     check_tokenizer(tokenizer, model.config)  # before generating: a mismatch would fail mid-stream
     return model, tokenizer
 

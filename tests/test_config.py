@@ -94,6 +94,24 @@ def test_from_json_rejects_inverted_layer_types(tmp_path):
         Gemma2Config.from_json(tmp_path / "config.json")
 
 
+def test_from_json_names_what_is_wrong(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({k: v for k, v in HF4_CONFIG.items() if k != "num_hidden_layers"}))
+    with pytest.raises(ValueError, match=r"missing keys \['num_hidden_layers'\]"):
+        Gemma2Config.from_json(path)
+    path.write_text(json.dumps([HF4_CONFIG]))
+    with pytest.raises(ValueError, match="a config is a JSON object of fields, got a list"):
+        Gemma2Config.from_json(path)
+    with pytest.raises(FileNotFoundError, match="nope.json: no such config file"):
+        Gemma2Config.from_json(tmp_path / "nope.json")
+
+
+def test_several_eos_ids_as_a_list_are_a_tuple():
+    """As JSON spells them: the config stays hashable and eos_ids is the ids."""
+    cfg = Gemma2Config(eos_token_id=[1, 107])
+    assert cfg.eos_token_id == cfg.eos_ids == (1, 107) and hash(cfg) == hash(cfg.replace(eos_token_id=(1, 107)))
+
+
 def test_json_round_trip_and_transformers_reads_it(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = Gemma2Config.from_name("9b").replace(eos_token_id=(1, 107))

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import hf_twin, tiny_config
@@ -40,3 +41,9 @@ def test_official_input_without_config_fails_with_a_message(tmp_path):
     done = run("--input", tmp_path / "model.ckpt", "--output", tmp_path / "out")
     assert done.returncode == 2
     assert "pass config=" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "nan", "inf"])
+def test_max_shard_gb_is_checked_before_loading(tmp_path, size):
+    done = run("--input", tmp_path / "missing", "--output", tmp_path / "out", "--max-shard-gb", size)
+    assert done.returncode == 2 and done.stderr.startswith("error: --max-shard-gb must be a positive number")

@@ -13,6 +13,7 @@ import torch
 
 from conftest import randomize_, tiny_config
 from gemma2 import Gemma2ForCausalLM, load_model, save_model
+from gemma2.checkpoint import save_official
 from gemma2.generation import Chat, generate, left_pad
 from gemma2.tokenizer import Tokenizer, train_tokenizer
 
@@ -99,6 +100,21 @@ def test_float16_is_refused_with_the_reason(checkpoint):
     assert result.returncode == 2
     assert result.stderr.startswith("error: --dtype float16 is refused: Gemma 2's activations overflow float16")
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_an_official_ckpt_with_config(checkpoint, tmp_path):
+    """An official .ckpt has no config.json: --config names the shape (a config.json here; a preset
+    such as 2b for real weights), and without it the error says so."""
+    official = tmp_path / "official"
+    official.mkdir()
+    save_official(load_model(checkpoint), official / "model.ckpt")
+    common = ["--checkpoint", str(official / "model.ckpt"), "--tokenizer", str(checkpoint / "tokenizer.model"),
+              "--prompt", "The quick", "--max-new-tokens", "6"]  # fmt: skip
+    result = run_cli(*common, "--config", str(checkpoint / "config.json"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == run_cli("--checkpoint", str(checkpoint), *common[2:]).stdout
+    missing = run_cli(*common)
+    assert missing.returncode == 2 and "no config.json" in missing.stderr and "--config" in missing.stderr
 
 
 def load_script():
