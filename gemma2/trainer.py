@@ -252,11 +252,6 @@ def _evaluate(loss_mod: _StudentLoss, teacher: Teacher | None, data: Datasets, c
         if kd_on:
             teacher.release()
     ce, kd, n, t_ce = rt.all_reduce(sums).tolist()
-    if n == 0:
-        raise ValueError(
-            f"evaluation found no held-out sequences for {rt.world} ranks; raise eval_sequences "
-            "or holdout_fraction, or set eval_every=0"
-        )
     out = {"eval_ce": ce / n, "eval_ppl": math.exp(min(ce / n, 50.0))}
     if kd_on:
         out["eval_kd"] = kd / n * cfg.temperature**2
@@ -343,7 +338,8 @@ def _accumulate_gradients(
     return n_counted, rt.all_reduce(sums)
 
 
-def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets, sharded: bool) -> None:
+def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets, rt: Runtime) -> None:
+    sharded, world = rt.sharded, rt.world
     V = student.config.vocab_size
     if teacher is None and cfg.alpha > 0:
         raise ValueError(
@@ -361,6 +357,12 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
     check_on_policy(cfg, data, student.config, teacher, sharded)
     if cfg.eval_every and data.heldout is None:
         raise ValueError("eval_every > 0 needs held-out data: set holdout_fraction > 0 (or eval paths), or eval_every=0")
+    evaluated = min(len(data.heldout), cfg.eval_sequences or len(data.heldout)) if cfg.eval_every else world
+    if evaluated < world:  # eval_batches gives each rank an equal share: none at all here
+        raise ValueError(
+            f"evaluation would find {evaluated} held-out rows for {world} ranks (each rank takes an equal "
+            "share); raise eval_sequences or holdout_fraction, or set eval_every=0"
+        )
     if cfg.tokenizer_file is not None and not Path(cfg.tokenizer_file).is_file():
         raise FileNotFoundError(f"tokenizer_file {cfg.tokenizer_file} does not exist; pass the tokenizer.model path")
     # A cache's vocabulary is the student's (check_teacher); a live teacher has its own config too.
@@ -411,7 +413,7 @@ def train(
     norm stops being finite.
     """
     rt = runtime(cfg.device)
-    _check(cfg, student, teacher, data, rt.sharded)
+    _check(cfg, student, teacher, data, rt)
     with open_run(cfg, data, resume=resume, overwrite=overwrite, main=rt.is_main, world=rt.world) as run:
         return _train(cfg, student, data, teacher, rt, run, progress)
 

@@ -96,6 +96,18 @@ def test_config_errors_name_the_fix():
         TrainConfig(out_dir="x", dtype="fp16")
 
 
+def test_an_evaluation_without_rows_is_refused_before_any_work(tmp_path, data):
+    """Each rank evaluates an equal share of the held-out rows: with fewer rows than ranks (here
+    none for one) there is nothing to evaluate, refused before the run starts."""
+    empty = PackedSequences(data.heldout.tokens[:8], data.heldout.seq_len)
+    assert len(empty) == 0
+    with pytest.raises(ValueError, match="evaluation would find 0 held-out rows for 1 ranks"):
+        train(config(tmp_path / "out"), student(), Datasets(data.train, empty), teacher=teacher(), progress=False)
+    assert not (tmp_path / "out").exists()
+    train(config(tmp_path / "out", eval_every=0, steps=1), student(), Datasets(data.train, empty), teacher=teacher(),
+          progress=False)  # fmt: skip
+
+
 def _grads(model: Gemma2ForCausalLM) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
