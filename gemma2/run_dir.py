@@ -11,9 +11,11 @@ must agree with.
   no previous run unless `overwrite`; rotation deletes only `step-\\d{6}` directories whose
   trainer_state.json carries this run's id, never a user's `step-000000/` or `step-old/`.
 - A resume continues the same run: every TrainConfig field that changes the run's meaning (the
-  on-policy settings too), and the training tokens (fingerprint: data, tokenizer, seq_len), must
-  equal the checkpoint's (a field the checkpoint predates, its default); a difference is refused
-  with the list. `SAFE_TO_CHANGE` may differ (each change is printed).
+  on-policy settings too), the training tokens (fingerprint: data, tokenizer, seq_len), the
+  student's config (its checkpoint's config.json) and the teacher (`models`: a model's config,
+  dtype and weights' checksum, or a cache's k, temperature and splits) must equal the checkpoint's
+  (a field the checkpoint predates, its default; a teacher it did not record, unchecked); a
+  difference is refused with the list. `SAFE_TO_CHANGE` may differ (each change is printed).
 - Damaged files are read robustly: a torn last line of metrics.jsonl is dropped, a checkpoint whose
   trainer_state.json does not parse is skipped for the one before it, each with a notice naming
   the file.
@@ -234,11 +236,27 @@ class Run:
     id: str  # stored in every checkpoint: rotation deletes only this run's
     checkpoint: Path | None  # where to resume from
     fingerprint: str  # of the training tokens
+    models: dict  # the student's config and the teacher's record (gemma2.teacher.teacher_record)
+    stored: dict  # the resumed checkpoint's run record ({} for a new run)
 
     @property
     def record(self) -> dict:
         """The run's entry in trainer_state.json."""
-        return {"id": self.id, "train_fingerprint": self.fingerprint}
+        return {"id": self.id, "train_fingerprint": self.fingerprint, "models": self.models}
+
+    def check_teacher_weights(self, checksum: list[float]) -> None:
+        """Record the teacher's weights' checksum (gemma2.teacher.Teacher.checksum); on a resume,
+        refuse one that is not the checkpoint's (another teacher of the same shape, e.g. the
+        instruction-tuned one for the base one). Equal within 1e-9: the sums' order depends on the
+        ranks' shards."""
+        stored = ((self.stored.get("models") or {}).get("teacher") or {}).get("weights")
+        if stored is not None and not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(stored, checksum)):
+            raise ValueError(
+                f"cannot resume from {self.checkpoint}: the teacher's weights differ from the run's (checksum "
+                f"{stored} -> {checksum}); resume with the teacher it was trained with, or start a new run "
+                "in another out_dir"
+            )
+        self.models["teacher"]["weights"] = checksum
 
     @contextmanager
     def saving(self, model: torch.nn.Module) -> Iterator[None]:
@@ -283,9 +301,11 @@ def _non_empty_foreign(out: Path) -> list[str]:
     return [] if ours else sorted(names)
 
 
-def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, world: int = 1) -> None:
+def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, world: int = 1,
+                 models: dict | None = None) -> None:  # fmt: skip
     """Refuse a resume whose settings would change the run's meaning; print each safe change.
-    `world`: the number of ranks now (the checkpoint records its own)."""
+    `world`: the number of ranks now (the checkpoint records its own); `models`: the student's
+    config and the teacher's record now (Run.models)."""
     stored = state.get("config") or {}
     now = dataclasses.asdict(cfg)
     differ, changed = [], []
@@ -309,6 +329,9 @@ def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, wo
         elif name in BATCH_SPLIT:
             differ.append(f"{name} (checkpoint: {old!r}, now: {value!r}; the global batch, batch_size x "
                           f"grad_accum x ranks, would go from {global_batch['checkpoint']} to {global_batch['now']})")  # fmt: skip
+        elif name == "steps" and value > old:
+            changed.append(f"steps: {old} -> {value} (the cosine schedule is stretched to end at step {value}: "
+                           f"from step {state['step']} on, the learning rate follows it, above the old schedule's)")  # fmt: skip
         elif name in SAFE_TO_CHANGE and not (name == "steps" and value < state["step"]):
             changed.append(f"{name}: {old} -> {value}")
         else:
@@ -316,6 +339,8 @@ def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, wo
     old_fp = (state.get("run") or {}).get("train_fingerprint")
     if old_fp is not None and old_fp != fingerprint:
         differ.append(f"the training tokens (data, tokenizer or seq_len; fingerprint {old_fp} -> {fingerprint})")
+    if models is not None:
+        differ += _model_changes(models, ckpt, (state.get("run") or {}).get("models") or {})
     if differ:
         raise ValueError(
             f"cannot resume from {ckpt}: these settings differ from the run it continues: {'; '.join(differ)}. "
@@ -326,16 +351,52 @@ def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, wo
         notice(f"resuming with a changed setting: {change}")
 
 
+def _model_changes(models: dict, ckpt: Path, stored: dict) -> list[str]:
+    """How the student's config (against the checkpoint's config.json) and the teacher (against
+    the checkpoint's record of it, when it has one) differ now."""
+    from .config import Gemma2Config
+
+    changes = []
+    saved = dataclasses.asdict(Gemma2Config.from_json(ckpt / "config.json"))
+    now = _as_json(models["student"])
+    fields = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if _as_json(saved[k]) != now[k]]
+    if fields:
+        changes.append(f"the student's config ({', '.join(fields)})")
+    if "teacher" in stored:
+        before, after = stored["teacher"] or {}, _as_json(models["teacher"]) or {}
+        before = {k: v for k, v in before.items() if k != "weights"}  # checked once on the device
+        if before != {k: v for k, v in after.items() if k != "weights"}:
+            changes.append(f"the teacher ({_describe(stored['teacher'])} -> {_describe(models['teacher'])})")
+    return changes
+
+
+def _as_json(value):
+    """`value` as JSON gives it back (tuples as lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _describe(teacher: dict | None) -> str:
+    """A teacher record (gemma2.teacher.teacher_record) in a few words."""
+    if teacher is None:
+        return "none"
+    if "cache" in teacher:
+        c = teacher["cache"]
+        return f"a top-{c['k']} cache at temperature {c['temperature']}, splits {c['splits']}"
+    cfg = teacher["config"]
+    return (f"a model of {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}, "
+            f"in {teacher['dtype']}")  # fmt: skip
+
+
 def _same_bytes(a: Path, b: Path) -> bool:
     return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
 
 
 @contextmanager
-def open_run(cfg: TrainConfig, data: Datasets, *, resume: bool, overwrite: bool, main: bool = True,
+def open_run(cfg: TrainConfig, data: Datasets, *, models: dict, resume: bool, overwrite: bool, main: bool = True,
              world: int = 1) -> Iterator[Run]:  # fmt: skip
     """Check the output directory for a run and hold its lock while the run lasts (rank 0 only:
     `main`; `world` ranks in all). Raises ValueError for a directory that is not this run's to write (see the module
-    docstring) and for a resume that does not continue the stored run."""
+    docstring) and for a resume that does not continue the stored run. models: Run.models."""
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out_dir {out} exists and is not a directory; choose a directory")
@@ -365,12 +426,14 @@ def open_run(cfg: TrainConfig, data: Datasets, *, resume: bool, overwrite: bool,
                 f"{ckpt} is at step {state['step']}, past steps = {cfg.steps}; pass steps > {state['step']} "
                 "to train further (a run cannot go back)"
             )
-        check_resume(cfg, state, fingerprint, ckpt, world)
+        check_resume(cfg, state, fingerprint, ckpt, world, models)
         if main and cfg.steps == state["step"]:
             notice(f"{ckpt} is already at step {cfg.steps}: nothing to train (pass a larger steps to continue)")
     elif resume and main:
         notice(f"{out} holds no checkpoint to resume from; starting a new run at step 0")
-    run = Run(out, (_run_id(found[1]) if found else None) or uuid.uuid4().hex, found[0] if found else None, fingerprint)
+    stored = found[1].get("run") if found else None
+    stored = stored if isinstance(stored, dict) else {}
+    run = Run(out, stored.get("id") or uuid.uuid4().hex, found[0] if found else None, fingerprint, models, stored)
     clash = _in_the_way(out, found[1]["step"] if found else 0, cfg.steps, run.id)
     if clash:
         raise ValueError(

@@ -10,6 +10,8 @@ any work, whether a source fits a student and the run's objective.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
@@ -23,6 +25,19 @@ from .teacher_cache import TeacherCache
 def teacher_vocab_size(source: Gemma2ForCausalLM | TeacherCache) -> int:
     """The vocabulary a student of this teacher must have."""
     return source.vocab_size if isinstance(source, TeacherCache) else source.config.vocab_size
+
+
+def teacher_record(source: Gemma2ForCausalLM | TeacherCache | None) -> dict | None:
+    """What a resumed run's teacher must equal (gemma2.run_dir): a model's config and dtype (its
+    weights' checksum joins once they are on the device: `Teacher.checksum`), or a cache's k,
+    temperature and each split's token fingerprint and teacher cross-entropy (which the teacher's
+    weights decide)."""
+    if source is None:
+        return None
+    if isinstance(source, TeacherCache):
+        splits = {name: [s.fingerprint, s.teacher_ce] for name, s in source.splits.items()}
+        return {"cache": {"k": source.k, "temperature": source.temperature, "splits": splits}}
+    return {"config": dataclasses.asdict(source.config), "dtype": str(source.dtype).removeprefix("torch.")}
 
 
 def check_teacher(source: Gemma2ForCausalLM | TeacherCache, vocab_size: int, temperature: float, objective: str) -> None:
@@ -108,6 +123,16 @@ class Teacher:
         else:
             weight = self._weight
         return TeacherHead(hidden, weight, self.model.config.final_logit_softcapping)
+
+    @torch.no_grad()
+    def checksum(self) -> list[float]:
+        """The sum and the sum of squares of every weight of a live teacher, in float64 over all
+        ranks' shards (FSDP2 pads a shard with zeros, which add nothing)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        # Accumulated in float64 inside the reductions: no float64 copy of any weight.
+        f64 = torch.float64
+        sums = torch.stack([torch.stack([t.sum(dtype=f64), torch.linalg.vector_norm(t, dtype=f64) ** 2]) for t in local])
+        return self.rt.all_reduce(sums.sum(0).to(self.rt.device)).tolist()
 
     def release(self) -> None:
         """Free the gathered teacher head once the loss that reads it is done."""

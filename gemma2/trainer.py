@@ -66,7 +66,7 @@ from .model import Gemma2ForCausalLM, RMSNorm
 from .on_policy import Rollouts, check_on_policy
 from .run_dir import METRICS_FILE, Run, json_line, open_run, read_metrics
 from .sharded_load import load_weights
-from .teacher import Teacher, check_teacher
+from .teacher import Teacher, check_teacher, teacher_record
 from .teacher_cache import TeacherCache
 from .throughput import mfu, peak_flops, training_flops_per_token
 from .tokenizer import Tokenizer
@@ -414,7 +414,8 @@ def train(
     """
     rt = runtime(cfg.device)
     _check(cfg, student, teacher, data, rt)
-    with open_run(cfg, data, resume=resume, overwrite=overwrite, main=rt.is_main, world=rt.world) as run:
+    models = {"student": dataclasses.asdict(student.config), "teacher": teacher_record(teacher)}
+    with open_run(cfg, data, models=models, resume=resume, overwrite=overwrite, main=rt.is_main, world=rt.world) as run:
         return _train(cfg, student, data, teacher, rt, run, progress)
 
 
@@ -430,6 +431,8 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     optimizer = build_optimizer(student, cfg, rt.device)
     loader = BatchLoader(data.train, cfg.batch_size, seed=cfg.seed, rank=rt.rank, world_size=rt.world)
     kd_teacher = Teacher(teacher, data, rt) if teacher is not None else None
+    if kd_teacher is not None and kd_teacher.model is not None:
+        run.check_teacher_weights(kd_teacher.checksum())
     start_step = 0
     if ckpt is not None:
         state = load_training_state(ckpt, student, optimizer)

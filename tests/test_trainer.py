@@ -26,6 +26,7 @@ from gemma2.data import IGNORE_INDEX, Batch, Datasets, PackedSequences
 from gemma2.distill import kd_loss
 from gemma2.distributed import runtime
 from gemma2.teacher import Teacher
+from gemma2.teacher_cache import TeacherCache, write_teacher_cache
 from gemma2.train_state import latest_checkpoint
 from gemma2.student import init_weights
 from gemma2.trainer import NonFiniteLossError, TrainConfig, lr_at, train
@@ -168,6 +169,32 @@ def test_resume_continues_exactly(tmp_path, data):
     train(cfg, student(seed=9), data, teacher=teacher(), resume=True, progress=False)
     strip = lambda text: [{k: v for k, v in json.loads(x).items() if k not in TIMINGS} for x in text.splitlines()]  # noqa: E731
     assert strip((tmp_path / "a" / "metrics.jsonl").read_text()) == strip(log)
+
+
+def test_resume_refuses_another_teacher_or_student_config(tmp_path, data):
+    """The teacher and the student's architecture are part of the run: a resume with another
+    teacher (weights of the same shape, another shape or dtype, a cache instead of the model) or
+    another student config is refused before any step, naming what differs; the same ones resume."""
+    cfg = config(tmp_path / "run", steps=2, save_every=2, eval_every=0)
+    train(cfg, student(), data, teacher=teacher(), progress=False)
+    more = config(tmp_path / "run", steps=3, save_every=2, eval_every=0)
+    log = (tmp_path / "run/metrics.jsonl").read_text()
+    cache = tmp_path / "cache"
+    write_teacher_cache(teacher(), {"train": data.train, "heldout": data.heldout}, cache, k=4, progress=False)
+    wider = init_weights(Gemma2ForCausalLM(tiny(hidden_size=48)), seed=1, std=0.3)
+    cases = [
+        (student(), teacher(seed=5), "the teacher's weights differ"),
+        (student(), wider, "the teacher .*hidden 32,.* -> .*hidden 48"),
+        (student(), teacher().to(torch.bfloat16), "the teacher .*in float32 -> .*in bfloat16"),
+        (student(), TeacherCache(cache), "the teacher .*-> a top-4 cache"),
+        (student(sliding_window=2), teacher(), r"the student's config \(sliding_window 8 -> 2\)"),
+    ]
+    for model, source, message in cases:
+        with pytest.raises(ValueError, match="cannot resume from .*step-000002.*" + message):
+            train(more, model, data, teacher=source, resume=True, progress=False)
+    assert (tmp_path / "run/metrics.jsonl").read_text() == log and latest_checkpoint(tmp_path / "run").name == "step-000002"
+    metrics = train(more, student(), data, teacher=teacher(), resume=True, progress=False)
+    assert [m["step"] for m in metrics] == [3]
 
 
 def test_a_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, data, monkeypatch):
