@@ -17,11 +17,14 @@ never half of either; a failure removes the temporary and leaves the destination
 - `fsync(path)`: make a file's bytes, or a directory's entries, durable.
 - `process_alive(pid)`: whether a process exists (is a temporary's or a lock's writer still at work?).
 
-Temporary names are `.tmp-[old-]NAME-PID-N`, each created exclusively by the call that uses it
+Temporary names are `.tmp-new-NAME-PID-N` (a version being written) and `.tmp-old-NAME-PID-N` (a
+previous version being swapped out), each created exclusively by the call that uses it
 (never a name that already exists), so a cleanup only ever removes what this module made:
 `remove_stale_temporaries` clears what a killed process left behind, and puts back a directory's
-previous version if the process died between the two renames of a swap. Files get the usual permissions (0666 less the umask),
-whatever mode the library that wrote them chose (safetensors creates its files 0600).
+previous version if the process died between the two renames of a swap. Files get the usual
+permissions (0666 less the umask), whatever mode the library that wrote them chose (safetensors
+creates its files 0600). A destination that is a symbolic link is written where it points (the
+link stays a link), beside its target.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
-_TEMPORARY = re.compile(r"\.tmp-(?P<old>old-)?(?P<name>.+)-(?P<pid>\d+)-\d+")
+_TEMPORARY = re.compile(r"\.tmp-(?P<kind>new|old)-(?P<name>.+)-(?P<pid>\d+)-\d+")
 
 
 def fsync(path: str | os.PathLike) -> None:
@@ -87,10 +90,10 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _claim(path: Path, *, directory: bool, old: bool = False) -> Path:
-    """A sibling of `path` named `.tmp-[old-]NAME-PID-N` that did not exist, created here (an empty
-    file or directory, exclusively): whatever this module later removes is its own."""
+    """A sibling of `path` named `.tmp-{new,old}-NAME-PID-N` that did not exist, created here (an
+    empty file or directory, exclusively): whatever this module later removes is its own."""
     for n in itertools.count():
-        tmp = path.with_name(f"{TMP_PREFIX}{'old-' if old else ''}{path.name}-{os.getpid()}-{n}")
+        tmp = path.with_name(f"{TMP_PREFIX}{'old' if old else 'new'}-{path.name}-{os.getpid()}-{n}")
         try:
             if directory:
                 tmp.mkdir()
@@ -106,7 +109,7 @@ def _claim(path: Path, *, directory: bool, old: bool = False) -> Path:
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path` for the caller to write; then fsync it and rename it
     over `path`. On an exception the temporary is removed and `path` keeps its old content."""
-    path = Path(path)
+    path = _followed(path)
     tmp = _claim(path, directory=False)
     try:
         yield tmp
@@ -122,7 +125,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 def scratch_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path` for intermediate data (nothing is ever renamed to
     `path`); it is removed when the block ends, however it ends."""
-    tmp = _claim(Path(path), directory=False)
+    tmp = _claim(_followed(path), directory=False)
     try:
         yield tmp
     finally:
@@ -132,6 +135,13 @@ def scratch_file(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(text)
+
+
+def _followed(path: str | os.PathLike) -> Path:
+    """`path`, or where it points when it is a symbolic link: the write replaces the target, not
+    the link (renaming over a link would replace the link itself)."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -161,7 +171,7 @@ def atomic_directory(path: str | os.PathLike, keep: Iterable[str] = ()) -> Itera
     keep: names of entries of the existing `path` to carry over (hard-linked after the caller has
     written, so a name the caller wrote is the caller's new file, and the old file's bytes are
     never written through the link)."""
-    path = Path(path)
+    path = _followed(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +227,7 @@ def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = No
         if not m or (name is not None and m["name"] != name) or process_alive(int(m["pid"])):
             continue
         original = directory / m["name"]
-        if m["old"] and not os.path.lexists(original):
+        if m["kind"] == "old" and not os.path.lexists(original):
             os.replace(p, original)  # the only whole copy: put it back
             continue
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()

@@ -80,13 +80,13 @@ def test_a_directory_write_onto_a_file_is_refused(tmp_path):
 def test_only_the_temporaries_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / f".tmp-out-{dead.pid}-0").mkdir()
-    (tmp_path / f".tmp-out-{os.getpid()}-0").mkdir()
+    (tmp_path / f".tmp-new-out-{dead.pid}-0").mkdir()
+    (tmp_path / f".tmp-new-out-{os.getpid()}-0").mkdir()
     (tmp_path / ".tmp-notes").write_text("a user's file with our prefix")
     (tmp_path / "out").mkdir()
-    assert remove_stale_temporaries(tmp_path, "out") == [tmp_path / f".tmp-out-{dead.pid}-0"]
+    assert remove_stale_temporaries(tmp_path, "out") == [tmp_path / f".tmp-new-out-{dead.pid}-0"]
     assert remove_stale_temporaries(tmp_path) == []
-    assert sorted(os.listdir(tmp_path)) == [".tmp-notes", f".tmp-out-{os.getpid()}-0", "out"]
+    assert sorted(os.listdir(tmp_path)) == [f".tmp-new-out-{os.getpid()}-0", ".tmp-notes", "out"]
 
 
 def test_a_directory_moved_aside_by_a_killed_swap_is_put_back(tmp_path):
@@ -96,28 +96,57 @@ def test_a_directory_moved_aside_by_a_killed_swap_is_put_back(tmp_path):
     aside = tmp_path / f".tmp-old-ckpt-{dead.pid}-0"
     aside.mkdir()
     (aside / "weights").write_text("the only copy")
-    (tmp_path / f".tmp-ckpt-{dead.pid}-0").mkdir()  # the new version, never put in place
-    assert remove_stale_temporaries(tmp_path, "ckpt") == [tmp_path / f".tmp-ckpt-{dead.pid}-0"]
+    (tmp_path / f".tmp-new-ckpt-{dead.pid}-0").mkdir()  # the new version, never put in place
+    assert remove_stale_temporaries(tmp_path, "ckpt") == [tmp_path / f".tmp-new-ckpt-{dead.pid}-0"]
     assert os.listdir(tmp_path) == ["ckpt"] and (tmp_path / "ckpt" / "weights").read_text() == "the only copy"
+
+
+def test_a_version_being_written_is_never_taken_for_a_previous_one(tmp_path):
+    """A killed write of `old-model` left `.tmp-new-old-model-...`: removed, never put in place
+    of `model`."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".tmp-new-old-model-{dead.pid}-0").mkdir()
+    assert remove_stale_temporaries(tmp_path) == [tmp_path / f".tmp-new-old-model-{dead.pid}-0"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_writes_through_a_symbolic_link_replace_its_target(tmp_path):
+    """checkpoints/x -> /bigdisk/x: the new version is written at the target, the link stays."""
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big/model").mkdir()
+    (tmp_path / "big/model/weights").write_text("old")
+    (tmp_path / "big/model/NOTES").write_text("mine")
+    (tmp_path / "big/tok").write_text("old")
+    (tmp_path / "model").symlink_to(tmp_path / "big/model")
+    (tmp_path / "tok").symlink_to(tmp_path / "big/tok")
+    with atomic_directory(tmp_path / "model", keep=["NOTES"]) as tmp:
+        (tmp / "weights").write_text("new")
+    write_text_atomic(tmp_path / "tok", "new")
+    assert (tmp_path / "model").is_symlink() and (tmp_path / "tok").is_symlink()
+    assert (tmp_path / "big/model/weights").read_text() == "new" and (tmp_path / "big/tok").read_text() == "new"
+    assert (tmp_path / "big/model/NOTES").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["big", "model", "tok"]
+    assert sorted(os.listdir(tmp_path / "big")) == ["model", "tok"]
 
 
 def test_a_write_never_touches_a_file_already_at_its_temporary_name(tmp_path):
     """The temporary names are claimed exclusively: one that exists (another writer's, a user's)
     is skipped, never truncated or removed."""
     for n in range(2):
-        (tmp_path / f".tmp-f.txt-{os.getpid()}-{n}").write_text(f"not ours {n}")
-    (tmp_path / f".tmp-f.txt-{os.getpid()}").write_text("not ours")  # the names before claiming
-    (tmp_path / f".tmp-d-{os.getpid()}-0").mkdir()
-    (tmp_path / f".tmp-d-{os.getpid()}-0" / "x").write_text("not ours")
+        (tmp_path / f".tmp-new-f.txt-{os.getpid()}-{n}").write_text(f"not ours {n}")
+    (tmp_path / f".tmp-new-f.txt-{os.getpid()}").write_text("not ours")  # the names before claiming
+    (tmp_path / f".tmp-new-d-{os.getpid()}-0").mkdir()
+    (tmp_path / f".tmp-new-d-{os.getpid()}-0" / "x").write_text("not ours")
     with pytest.raises(RuntimeError), atomic_file(tmp_path / "f.txt") as tmp:
         raise RuntimeError("failed")
     write_text_atomic(tmp_path / "f.txt", "new")
     with atomic_directory(tmp_path / "d") as tmp:
         (tmp / "y").write_text("new")
     for n in range(2):
-        assert (tmp_path / f".tmp-f.txt-{os.getpid()}-{n}").read_text() == f"not ours {n}"
-    assert (tmp_path / f".tmp-f.txt-{os.getpid()}").read_text() == "not ours"
-    assert (tmp_path / f".tmp-d-{os.getpid()}-0" / "x").read_text() == "not ours"
+        assert (tmp_path / f".tmp-new-f.txt-{os.getpid()}-{n}").read_text() == f"not ours {n}"
+    assert (tmp_path / f".tmp-new-f.txt-{os.getpid()}").read_text() == "not ours"
+    assert (tmp_path / f".tmp-new-d-{os.getpid()}-0" / "x").read_text() == "not ours"
     assert (tmp_path / "f.txt").read_text() == "new" and os.listdir(tmp_path / "d") == ["y"]
 
 
@@ -138,7 +167,7 @@ def test_a_swap_that_fails_after_moving_the_old_version_aside_puts_it_back(tmp_p
     real_replace = os.replace
 
     def replace(src, dst):
-        if os.path.basename(src).startswith(".tmp-ckpt-"):  # the new version going into place
+        if os.path.basename(src).startswith(".tmp-new-ckpt-"):  # the new version going into place
             raise OSError(5, "Input/output error", str(dst))
         real_replace(src, dst)
 

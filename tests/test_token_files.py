@@ -149,7 +149,7 @@ def test_a_killed_run_leaves_nothing_a_trainer_accepts(tmp_path, tok):
     deadline = time.time() + 120
     # Wait until pass 2 has written tokens into the temporary .npy, then kill the whole group.
     while time.time() < deadline and proc.poll() is None:
-        tmps = list(tmp_path.glob(".tmp-t.npy-*"))
+        tmps = list(tmp_path.glob(".tmp-new-t.npy-*"))
         if tmps and tmps[0].stat().st_size > 4096:
             break
         time.sleep(0.05)
