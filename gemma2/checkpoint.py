@@ -138,6 +138,12 @@ def checkpoint_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or directory")
+    layouts = [name for name in (HF_INDEX, HF_SINGLE, OFFICIAL_INDEX) if (path / name).exists()]
+    if len(layouts) > 1:  # e.g. a Hugging Face save beside official shards: which is the model?
+        raise CheckpointError(
+            f"{path} holds more than one set of weights ({', '.join(layouts)}); move the ones you do not "
+            "want to load out of the directory"
+        )
     for index_name in (HF_INDEX, OFFICIAL_INDEX):
         index = path / index_name
         if index.exists():

@@ -1,6 +1,9 @@
 """Loading and saving checkpoints: both layouts, both directions with transformers, every error."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +91,16 @@ def test_official_bin_shards_load(twin, inputs, tmp_path):
         weight_map |= dict.fromkeys(keys, file)
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     assert_same_logits(load_model(tmp_path, config=CFG), hf, inputs)
+    # A Hugging Face save beside them (convert_checkpoint.py refuses to write one there): which
+    # weights are the model is ambiguous, refused rather than guessed.
+    save_model(load_model(tmp_path, config=CFG), tmp_path)
+    with pytest.raises(CheckpointError, match=f"{tmp_path} holds more than one set of weights .*model.safetensors, "
+                                              "pytorch_model.bin.index.json"):  # fmt: skip
+        load_model(tmp_path)
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts/convert_checkpoint.py"),
+                           "--input", str(tmp_path), "--output", str(tmp_path), "--config", "tiny"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and "holds official weights (pytorch_model.bin.index.json)" in done.stderr, done.stderr
 
 
 def test_hf_to_official_inverts_loading(twin):
