@@ -149,13 +149,23 @@ def corpus_bytes(docs: Iterable[str]) -> int:
 
 
 DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# Files that hold structured or compressed data: read as one text document they would train on
+# their syntax or bytes, so they are refused with what to do instead.
+NOT_TEXT = {
+    ".json": 'write one JSON object per line, with a "text" field, as .jsonl',
+    ".csv": 'convert it to .jsonl (a "text" field per line) or .parquet',
+    ".tsv": 'convert it to .jsonl (a "text" field per line) or .parquet',
+    ".gz": "decompress it first", ".bz2": "decompress it first", ".xz": "decompress it first",
+    ".zst": "decompress it first", ".zip": "decompress it first",
+    ".npy": "a token file of scripts/tokenize_data.py goes alone to --data",
+}  # fmt: skip
 
 
 def iter_documents(path: str | Path, *, text_column: str = "text") -> Iterator[str]:
     """Documents from a file or a directory, one at a time (a file is never read whole unless it
     is one `.txt` document): a `.jsonl` file gives one document per line (its `text` field), a
     `.parquet` file one per row of its `text_column` (needs pyarrow: pip install -e '.[data]'),
-    any other file is one document, a directory gives the files below it with those suffixes in
+    structured or compressed data (`NOT_TEXT`) is refused, any other file is one document, a directory gives the files below it with those suffixes in
     sorted path order."""
     path = Path(path)
     if path.is_dir():
@@ -167,6 +177,8 @@ def iter_documents(path: str | Path, *, text_column: str = "text") -> Iterator[s
         return
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
+    if path.suffix.lower() in NOT_TEXT:
+        raise ValueError(f"{path}: a {path.suffix} file is not read as text: {NOT_TEXT[path.suffix.lower()]}")
     if path.suffix == ".parquet":
         yield from _parquet_documents(path, text_column)
     elif path.suffix != ".jsonl":

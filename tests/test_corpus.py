@@ -111,3 +111,10 @@ def test_write_and_read_documents(tmp_path, monkeypatch):
         C.read_documents(bad)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         C.read_documents(tmp_path / "missing.txt")
+    # Structured or compressed data is not one text document: refused, naming the fix.
+    (tmp_path / "train.json").write_text(json.dumps([{"text": "hello"}]))
+    (tmp_path / "rows.CSV").write_text("text\nhello\n")
+    with pytest.raises(ValueError, match=r'train.json: a .json file is not read as text: write one JSON object per line'):
+        C.read_documents(tmp_path / "train.json")
+    with pytest.raises(ValueError, match=r"rows.CSV: a .CSV file is not read as text: convert it to .jsonl"):
+        C.read_documents(tmp_path / "rows.CSV")
