@@ -137,6 +137,12 @@ def load(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, Tokenizer]:
     config = model_config(args.config, "--config") if args.config else None
     model = load_model(checkpoint, config=config, dtype=dtype, device=args.device, quantize=args.quantize)
     check_tokenizer(tokenizer, model.config)  # before generating: a mismatch would fail mid-stream
+    if model.config.vocab_size != tokenizer.vocab_size:  # padded (gemma2.compatibility): fine for training
+        raise UsageError(
+            f"the model's vocabulary of {model.config.vocab_size} is padded beyond the tokenizer's "
+            f"{tokenizer.vocab_size} pieces, so generation could pick ids the tokenizer cannot decode; slice the "
+            f"embedding to its first {tokenizer.vocab_size} rows first (and vocab_size in config.json)"
+        )
     return model, tokenizer
 
 

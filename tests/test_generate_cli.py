@@ -117,6 +117,20 @@ def test_an_official_ckpt_with_config(checkpoint, tmp_path):
     assert missing.returncode == 2 and "no config.json" in missing.stderr and "--config" in missing.stderr
 
 
+def test_a_padded_vocabulary_is_refused_before_generating(checkpoint, tmp_path, capsys):
+    """A table padded to a multiple of 128 fits the tokenizer for training, but sampling could pick
+    a padded id that no piece decodes."""
+    pieces = Tokenizer(checkpoint / "tokenizer.model").vocab_size
+    padded = -(-pieces // 128) * 128
+    save_model(Gemma2ForCausalLM(tiny_config(vocab_size=padded)), tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().main(["--checkpoint", str(tmp_path), "--tokenizer", str(checkpoint / "tokenizer.model"),
+                            "--prompt", "Hi"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert f"vocabulary of {padded} is padded beyond the tokenizer's {pieces} pieces" in err, err
+
+
 def load_script():
     spec = importlib.util.spec_from_file_location("generate_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
