@@ -123,11 +123,17 @@ def split_corpus(
 ) -> tuple[list[str], list[str]]:
     """Deterministic train / held-out split. A document is held out when its seeded hash ranks in
     the lowest `holdout_fraction` (at least one document when the fraction is positive), so the
-    split is the same in every process and a document's side barely depends on the others. Both
+    split is the same in every process and a document's side barely depends on the others. Copies
+    of a document share its hash, so they go to the same side: the copies of the last one held out
+    are held out too (a few more than the fraction), and no held-out text is trained on. Both
     halves keep the input order."""
     n_held = heldout_count(len(docs), holdout_fraction)
-    ranked = sorted(range(len(docs)), key=lambda i: document_key(docs[i], seed))
-    held = set(ranked[:n_held])
+    keys = [document_key(d, seed) for d in docs]
+    last = sorted(keys)[n_held - 1] if n_held else None
+    held = {i for i, key in enumerate(keys) if last is not None and key <= last}
+    if len(held) == len(docs) and docs:
+        raise ValueError(f"holding out {n_held} of {len(docs)} documents holds out all of them (they are copies); "
+                         "pass more distinct documents, or holdout_fraction 0")  # fmt: skip
     train = [d for i, d in enumerate(docs) if i not in held]
     heldout = [d for i, d in enumerate(docs) if i in held]
     return train, heldout

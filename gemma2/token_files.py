@@ -110,9 +110,13 @@ def _plan(groups: list[Sequence[str | os.PathLike]], holdout_fraction: float | N
         held = np.full(len(keys), g == 1)
         if len(groups) == 1:
             kept = np.flatnonzero(keep)
-            # A stable sort ranks equal keys (duplicate documents) by position, as sorted() does.
-            ranked = np.argsort(keys[kept], kind="stable")
-            held[kept[ranked[: heldout_count(len(kept), holdout_fraction)]]] = True
+            n_held = heldout_count(len(kept), holdout_fraction)
+            if n_held:  # as split_corpus: every copy of a held-out document is held out
+                last = np.partition(keys[kept], n_held - 1)[n_held - 1]
+                held[kept[keys[kept] <= last]] = True
+                if held.all():
+                    raise ValueError(f"holding out {n_held} of {len(kept)} documents holds out all of them (they "
+                                     "are copies); pass more distinct documents, or holdout_fraction 0")  # fmt: skip
         keeps.append(keep)
         helds.append(held)
     return np.concatenate(keeps), np.concatenate(helds)

@@ -85,6 +85,17 @@ def test_split(docs):
         C.split_corpus(small[:1], holdout_fraction=0.5)
 
 
+def test_copies_of_a_document_go_to_the_same_side():
+    """A copy ranks with its original: copies of the last document held out are held out too
+    (the old split cut between them, training on held-out text)."""
+    docs = [f"document number {i}" for i in range(100)]
+    last = max(C.split_corpus(docs)[1], key=C.document_key)  # the last one held out
+    train, heldout = C.split_corpus(docs + [last, last])
+    assert last not in train and heldout.count(last) == 3 and len(heldout) == 4
+    with pytest.raises(ValueError, match="holds out all of them"):
+        C.split_corpus(["same"] * 5, holdout_fraction=0.2)
+
+
 def test_fingerprint_sees_order_and_boundaries():
     fp = C.corpus_fingerprint
     assert fp(["ab", "c"]) == fp(["ab", "c"])

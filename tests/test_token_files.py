@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from gemma2.corpus import document_key, split_corpus
 from gemma2.data import load_datasets
 from gemma2.prompts import load_prompt_datasets
 from gemma2.token_files import (
@@ -71,6 +72,7 @@ def _same(a, b) -> None:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_token_file_equals_the_in_memory_path(tmp_path, tok, workers):
     docs = _docs(120) + _docs(5)[:2]  # duplicate documents too: both land on the same side
+    docs.append(max(split_corpus(docs, holdout_fraction=0.1)[1], key=document_key))  # the last held out, again
     paths = _corpus(tmp_path / "c", docs[:60])
     (tmp_path / "rest.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[60:]))
     paths.append(tmp_path / "rest.jsonl")
@@ -78,8 +80,9 @@ def test_token_file_equals_the_in_memory_path(tmp_path, tok, workers):
     got = load_token_file(tmp_path / "t.npy", tok, SEQ)
     _same(got, load_datasets(paths, tok, SEQ, holdout_fraction=0.1))
     assert isinstance(got.train.tokens, np.memmap)
-    # 122 documents (the blank line and the empty document make none), 12 of them held out.
-    assert info["documents"] == {"train": 110, "heldout": 12}
+    # 123 documents (the blank line and the empty document make none), 12 of them held out and
+    # the copy of the last one.
+    assert info["documents"] == {"train": 110, "heldout": 13}
     assert info["tokens"] == {"train": len(got.train.tokens), "heldout": len(got.heldout.tokens)}
     assert sidecar_path(tmp_path / "t.npy").is_file()
 
