@@ -123,6 +123,7 @@ class PackedSequences:
             raise ValueError(f"tokens must be a flat integer array, got {tokens.dtype} {tokens.shape}")
         self.tokens = tokens
         self.seq_len = seq_len
+        self._fingerprint: str | None = None  # computed once: it reads every token
 
     def __len__(self) -> int:
         # Window i covers tokens [i T, i T + T]: consecutive windows share one token.
@@ -139,9 +140,11 @@ class PackedSequences:
 
     def fingerprint(self) -> str:
         """A short sha256 of the tokens and seq_len: a teacher cache is valid only for these."""
-        h = hashlib.sha256(f"{self.seq_len}\0{self.tokens.dtype.str}\0".encode())
-        h.update(np.ascontiguousarray(self.tokens[: len(self) * self.seq_len + 1]))  # a memory map in place, no copy
-        return h.hexdigest()[:16]
+        if self._fingerprint is None:
+            h = hashlib.sha256(f"{self.seq_len}\0{self.tokens.dtype.str}\0".encode())
+            h.update(np.ascontiguousarray(self.tokens[: len(self) * self.seq_len + 1]))  # a memory map in place
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokens as `.npy`, to memory-map later with `PackedSequences.load`."""

@@ -163,6 +163,7 @@ class PromptRows:
         self.dropped = int((~fits).sum())
         sizes = lengths.sum(1)
         self.starts = (np.cumsum(sizes) - sizes)[fits]
+        self._fingerprint: str | None = None  # computed once: it reads every token
         self.prompt_lens = lengths[fits, 0]
         self.completion_lens = np.minimum(lengths[fits, 1], max_new_tokens)
 
@@ -194,10 +195,12 @@ class PromptRows:
     def fingerprint(self) -> str:
         """A short sha256 of the examples and the layout (a resumed run checks it): the same for a
         prompt dataset read from `.jsonl` files or from its token file."""
-        h = hashlib.sha256(f"prompts\0{self.prompt_len}\0{self.max_new_tokens}\0{self.pad_id}\0".encode())
-        h.update(self._lengths)
-        h.update(np.ascontiguousarray(self.tokens))  # a memory map is hashed in place, not copied
-        return h.hexdigest()[:16]
+        if self._fingerprint is None:
+            h = hashlib.sha256(f"prompts\0{self.prompt_len}\0{self.max_new_tokens}\0{self.pad_id}\0".encode())
+            h.update(self._lengths)
+            h.update(np.ascontiguousarray(self.tokens))  # a memory map is hashed in place, not copied
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
 
 def load_prompt_datasets(

@@ -40,8 +40,10 @@ def teacher_record(source: Gemma2ForCausalLM | TeacherCache | None) -> dict | No
     return {"config": dataclasses.asdict(source.config), "dtype": str(source.dtype).removeprefix("torch.")}
 
 
-def check_teacher(source: Gemma2ForCausalLM | TeacherCache, vocab_size: int, temperature: float, objective: str) -> None:
-    """ValueError naming the fix when `source` cannot teach a student of `vocab_size`."""
+def check_teacher(source: Gemma2ForCausalLM | TeacherCache, vocab_size: int, temperature: float, objective: str,
+                  data: Datasets | None = None) -> None:  # fmt: skip
+    """ValueError naming the fix when `source` cannot teach a student of `vocab_size` (on `data`,
+    for a cache: its splits must have been computed from exactly these tokens)."""
     teacher_vocab = teacher_vocab_size(source)
     if isinstance(source, Gemma2ForCausalLM) and source.output_weight.dtype == torch.int8:
         raise ValueError(
@@ -62,6 +64,10 @@ def check_teacher(source: Gemma2ForCausalLM | TeacherCache, vocab_size: int, tem
                 f"with vocab_size={teacher_vocab} and the tokenizer the cache was made with"
             )
         source.check_temperature(temperature)
+        if data is not None:
+            source.split("train").check(data.train, "training")
+            if data.heldout is not None and "heldout" in source.splits:
+                source.split("heldout").check(data.heldout, "held-out")
         if objective != "forward_kl":  # held-out KD uses the objective too, even at alpha = 0
             raise ValueError(f"a top-k teacher cache supports only objective='forward_kl', got {objective!r}")
 
@@ -85,13 +91,11 @@ class Teacher:
         self.rt = rt
         self.model: Gemma2ForCausalLM | None = None
         self.cache: TeacherCache | None = None
-        if isinstance(teacher, TeacherCache):
+        if isinstance(teacher, TeacherCache):  # its splits checked against the data (check_teacher)
             self.cache = teacher
-            teacher.split("train").check(data.train, "training")
             self.heldout = None
             if data.heldout is not None and "heldout" in teacher.splits:
                 self.heldout = teacher.split("heldout")
-                self.heldout.check(data.heldout, "held-out")
             return
         self.model = teacher.eval().requires_grad_(False)
         self.heldout = None

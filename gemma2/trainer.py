@@ -347,7 +347,8 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
             "(a model or a TeacherCache), or alpha=0 for plain next-token training"
         )
     if teacher is not None:
-        check_teacher(teacher, V, cfg.temperature, cfg.objective)
+        check_teacher(teacher, V, cfg.temperature, cfg.objective, data)
+    BatchLoader(data.train, cfg.batch_size, world_size=world)  # refuses data smaller than one global batch
     top = max(int(d.tokens.max()) for d in (data.train, data.heldout) if d is not None)
     if top >= V:
         raise ValueError(

@@ -109,6 +109,18 @@ def test_an_evaluation_without_rows_is_refused_before_any_work(tmp_path, data):
           progress=False)  # fmt: skip
 
 
+def test_a_mismatched_cache_or_too_little_data_leaves_no_out_dir(tmp_path, data):
+    cache = tmp_path / "cache"
+    write_teacher_cache(teacher(), {"train": data.train, "heldout": data.heldout}, cache, k=4, progress=False)
+    other = Datasets(PackedSequences(data.train.tokens[: len(data.train.tokens) // 2], data.train.seq_len), data.heldout)
+    with pytest.raises(ValueError, match="cache's 'train' split was built from other tokens"):
+        train(config(tmp_path / "out"), student(), other, teacher=TeacherCache(cache), progress=False)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        train(config(tmp_path / "out", batch_size=len(data.train) + 1), student(), data, teacher=teacher(),
+              progress=False)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
 def _grads(model: Gemma2ForCausalLM) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
