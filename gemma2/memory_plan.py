@@ -310,6 +310,8 @@ def plan_memory(
     Block at a time while sampling)."""
     if teacher is not None and teacher_cache_k is not None:
         raise ValueError("pass a live teacher's config or a cache's k, not both")
+    if seq_len < 1 or (teacher_cache_k is not None and teacher_cache_k < 1):
+        raise ValueError(f"seq_len and the cache's k must be >= 1, got seq_len {seq_len} and k {teacher_cache_k}")
     P = seq_len - max_new_tokens if prompt_len is None else prompt_len
     if max_new_tokens < 0 or max_new_tokens and P < 1:
         raise ValueError(f"max_new_tokens must be >= 0 and leave a prompt of >= 1 token, got {max_new_tokens} "

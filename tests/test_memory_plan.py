@@ -205,3 +205,5 @@ def test_script_prints_the_table_and_suggests_what_fits(tmp_path):
     assert "would fit with:" in tight.stderr and "2 devices" in tight.stderr, tight.stderr
     bad = subprocess.run([*common, "--gpu-memory", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --gpus must be >= 1")
+    bad = subprocess.run([*common, "--gpu-memory", "80", "--teacher-cache-k", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: seq_len and the cache's k must be >= 1"), bad.stderr
