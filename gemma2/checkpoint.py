@@ -176,8 +176,19 @@ def _finite(t: Tensor) -> bool:
 
 
 def stored_dtype(path: str | os.PathLike) -> torch.dtype:
-    """The dtype a checkpoint's tensors are stored in (that of its first tensor)."""
+    """The dtype a checkpoint's tensors are stored in (that of its first tensor; of a safetensors
+    file read from its header, not its bytes: the 2B embedding is 1.2 GB)."""
     file = checkpoint_files(Path(path))[0]
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="pt") as f:
+                name = next(iter(f.keys()), None)
+                if name is not None:
+                    piece = f.get_slice(name)
+                    # An empty slice reads no tensor bytes (a scalar is read whole: it is tiny).
+                    return (piece[:0] if piece.get_shape() else f.get_tensor(name)).dtype
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from e
     reader = _read_safetensors if file.suffix == ".safetensors" else _read_pickle
     for _, tensor in reader(file):
         return tensor.dtype
