@@ -109,7 +109,7 @@ def _remove_stale_lock(lock: Path, stale: str) -> None:
     moves it aside (a rename); a lock that another process took in the meantime is given back.
     The name aside is a temporary of gemma2.files: killed before removing it, this process leaves
     a file the next start clears, not one that makes the directory look like someone else's."""
-    aside = lock.with_name(f"{TMP_PREFIX}{lock.name}-{os.getpid()}-0")
+    aside = lock.with_name(f"{TMP_PREFIX}new-{lock.name}-{os.getpid()}-0")  # removed at cleanup, never put back
     try:
         os.rename(lock, aside)
     except FileNotFoundError:
@@ -236,7 +236,7 @@ class Run:
     id: str  # stored in every checkpoint: rotation deletes only this run's
     checkpoint: Path | None  # where to resume from
     fingerprint: str  # of the training tokens
-    models: dict  # the student's config and the teacher's record (gemma2.teacher.teacher_record)
+    models: dict  # the student's config, the teacher's record (gemma2.teacher.teacher_record), the compute dtype
     stored: dict  # the resumed checkpoint's run record ({} for a new run)
 
     @property
@@ -352,8 +352,8 @@ def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, wo
 
 
 def _model_changes(models: dict, ckpt: Path, stored: dict) -> list[str]:
-    """How the student's config (against the checkpoint's config.json) and the teacher (against
-    the checkpoint's record of it, when it has one) differ now."""
+    """How the student's config (against the checkpoint's config.json), the compute dtype and the
+    teacher (against the checkpoint's record of them, when it has one) differ now."""
     from .config import Gemma2Config
 
     changes = []
@@ -362,6 +362,9 @@ def _model_changes(models: dict, ckpt: Path, stored: dict) -> list[str]:
     fields = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if _as_json(saved[k]) != now[k]]
     if fields:
         changes.append(f"the student's config ({', '.join(fields)})")
+    if stored.get("compute_dtype", models["compute_dtype"]) != models["compute_dtype"]:
+        changes.append(f"the compute dtype ({stored['compute_dtype']} -> {models['compute_dtype']}; dtype 'auto' "
+                       "picks it per device: pass --dtype to keep it)")  # fmt: skip
     if "teacher" in stored:
         before, after = stored["teacher"] or {}, _as_json(models["teacher"]) or {}
         before = {k: v for k, v in before.items() if k != "weights"}  # checked once on the device

@@ -415,7 +415,8 @@ def train(
     """
     rt = runtime(cfg.device)
     _check(cfg, student, teacher, data, rt)
-    models = {"student": dataclasses.asdict(student.config), "teacher": teacher_record(teacher)}
+    models = {"student": dataclasses.asdict(student.config), "teacher": teacher_record(teacher),
+              "compute_dtype": str(_compute_dtype(cfg, rt.device)).removeprefix("torch.")}  # dtype "auto" per device
     with open_run(cfg, data, models=models, resume=resume, overwrite=overwrite, main=rt.is_main, world=rt.world) as run:
         return _train(cfg, student, data, teacher, rt, run, progress)
 

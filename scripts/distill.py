@@ -132,6 +132,9 @@ def main(args: argparse.Namespace) -> int:
         held = len(data.heldout) if data.heldout is not None else 0
         print(f"student {args.student}: {n / 1e6:.2f} M parameters; data: {len(data.train)} training and "
               f"{held} held-out sequences of {data.train.seq_len} tokens", file=sys.stderr)  # fmt: skip
+        if data.heldout is None and args.eval_every:
+            print("note: no held-out split (--holdout-fraction 0, or a token file made without one): no "
+                  "evaluation", file=sys.stderr)  # fmt: skip
     cfg = TrainConfig(
         out_dir=args.out, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,

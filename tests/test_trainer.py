@@ -204,6 +204,15 @@ def test_resume_refuses_another_teacher_or_student_config(tmp_path, data):
     for model, source, message in cases:
         with pytest.raises(ValueError, match="cannot resume from .*step-000002.*" + message):
             train(more, model, data, teacher=source, resume=True, progress=False)
+    # dtype "auto" is bf16 on a GPU, fp32 here: a run begun on one device resumed on the other.
+    state_file = tmp_path / "run/step-000002/trainer_state.json"
+    saved = state_file.read_text()
+    state = json.loads(saved)
+    state["run"]["models"]["compute_dtype"] = "bfloat16"
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"the compute dtype \(bfloat16 -> float32; dtype 'auto' picks it per device"):
+        train(more, student(), data, teacher=teacher(), resume=True, progress=False)
+    state_file.write_text(saved)
     assert (tmp_path / "run/metrics.jsonl").read_text() == log and latest_checkpoint(tmp_path / "run").name == "step-000002"
     metrics = train(more, student(), data, teacher=teacher(), resume=True, progress=False)
     assert [m["step"] for m in metrics] == [3]
