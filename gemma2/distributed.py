@@ -99,6 +99,11 @@ def runtime(device: str | None = None) -> Runtime:
     return Runtime(0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), False)
 
 
+def local_shard(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 parameter (a DTensor); any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def move_to(module: nn.Module, device: torch.device) -> None:
     """module.to(device), skipped when every parameter is already there: then it would change
     nothing, and the fake tensors that gemma2.memory_plan traces with cannot be moved. A model on

@@ -16,6 +16,7 @@ never half of either; a failure removes the temporary and leaves the destination
 - `publish_directory(tmp, path)`: the same last step for a directory several processes filled.
 - `fsync(path)`: make a file's bytes, or a directory's entries, durable.
 - `process_alive(pid)`: whether a process exists (is a temporary's or a lock's writer still at work?).
+- `followed(path)`: where a write of `path` lands (the target of a symbolic link).
 
 Temporary names are `.tmp-new-NAME-PID-N` (a version being written) and `.tmp-old-NAME-PID-N` (a
 previous version being swapped out), each created exclusively by the call that uses it
@@ -109,7 +110,7 @@ def _claim(path: Path, *, directory: bool, old: bool = False) -> Path:
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path` for the caller to write; then fsync it and rename it
     over `path`. On an exception the temporary is removed and `path` keeps its old content."""
-    path = _followed(path)
+    path = followed(path)
     tmp = _claim(path, directory=False)
     try:
         yield tmp
@@ -125,7 +126,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 def scratch_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path` for intermediate data (nothing is ever renamed to
     `path`); it is removed when the block ends, however it ends."""
-    tmp = _claim(_followed(path), directory=False)
+    tmp = _claim(followed(path), directory=False)
     try:
         yield tmp
     finally:
@@ -137,7 +138,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def _followed(path: str | os.PathLike) -> Path:
+def followed(path: str | os.PathLike) -> Path:
     """`path`, or where it points when it is a symbolic link: the write replaces the target, not
     the link (renaming over a link would replace the link itself)."""
     path = Path(path)
@@ -171,7 +172,7 @@ def atomic_directory(path: str | os.PathLike, keep: Iterable[str] = ()) -> Itera
     keep: names of entries of the existing `path` to carry over (hard-linked after the caller has
     written, so a name the caller wrote is the caller's new file, and the old file's bytes are
     never written through the link)."""
-    path = _followed(path)
+    path = followed(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_flatten
 from .config import Gemma2Config
 from .data import Batch
 from .distill import TopK
-from .distributed import Runtime
+from .distributed import Runtime, local_shard
 from .dtypes import to_dtype
 from .kv_cache import KVCache
 from .model import Gemma2ForCausalLM
@@ -119,7 +119,7 @@ class _LiveBytes(TorchDispatchMode):
         """The serial numbers of the storages of `tensors` (DTensors: their local shards)."""
         out = set()
         for t in tensors:
-            ident = id((t.to_local() if hasattr(t, "to_local") else t).untyped_storage())
+            ident = id(local_shard(t).untyped_storage())
             if ident in self.serial:
                 out.add(self.serial[ident])
         return out
@@ -313,9 +313,9 @@ def plan_memory(
     if seq_len < 1 or (teacher_cache_k is not None and teacher_cache_k < 1):
         raise ValueError(f"seq_len and the cache's k must be >= 1, got seq_len {seq_len} and k {teacher_cache_k}")
     P = seq_len - max_new_tokens if prompt_len is None else prompt_len
-    if max_new_tokens < 0 or max_new_tokens and P < 1:
-        raise ValueError(f"max_new_tokens must be >= 0 and leave a prompt of >= 1 token, got {max_new_tokens} "
-                         f"new tokens after a prompt of {P}")  # fmt: skip
+    if max_new_tokens < 0 or max_new_tokens and not 1 <= P <= seq_len - max_new_tokens:
+        raise ValueError(f"max_new_tokens must be >= 0 and, with a prompt of >= 1 token, fit a row of seq_len "
+                         f"{seq_len}; got {max_new_tokens} new tokens after a prompt of {P}")  # fmt: skip
     cfg = step_config(batch_size, distilling=teacher is not None or teacher_cache_k is not None, dtype=dtype,
                       chunk_size=chunk_size, activation_checkpointing=activation_checkpointing)  # fmt: skip
     cpu = torch.device("cpu")

@@ -29,10 +29,11 @@ on how the global batch is split into ranks and micro-batches; with greedy sampl
 FSDP2: every rank samples its own rows. A forward of a sharded model is a collective, so every
 rank must run the same number of them: generation never stops on its own (stop tokens are applied
 here), and after each new token the ranks agree, with one all-reduce, whether every row on every
-rank has stopped. Generation is a registered FSDP forward of the model's root, with every unit's
-parameters gathered once for the whole call (`_as_forward`), not once per new token: during
-sampling each rank holds the whole model's unsharded parameters (gemma2.memory_plan traces it with
-max_new_tokens). sample_sharded gathers each Block per new token instead, holding one at a time.
+rank has stopped. Generation is a registered FSDP forward of the model's root. The student's
+units are gathered once for the whole call (`_as_forward`), not once per new token: during
+sampling each rank holds the whole student's unsharded parameters (gemma2.memory_plan traces it
+with max_new_tokens); sample_sharded gathers each Block per new token instead, one at a time, as
+the teacher's sampling (seq_kd) always does (the whole teacher is the largest model of the run).
 """
 
 from __future__ import annotations
@@ -303,9 +304,9 @@ class Rollouts:
         sample = partial(sample_completions, stop_ids=stop_ids, compiled=cfg.compile_sampling)
         wanted = cfg.lmbda > 0 or self.evaluates
         self.sample_student = student_sampler(loss_mod, student, sample, cfg.sample_sharded) if wanted else None
-        self.sample_teacher = None
-        if cfg.seq_kd:
-            self.sample_teacher = _as_forward(teacher.root, partial(sample, teacher.model), cfg.sample_sharded)
+        # The teacher (seq_kd) gathers one Block per token: gathered whole it would hold the largest
+        # model's weights at once on every rank (a 27B: 50 GiB), which no plan accounts for.
+        self.sample_teacher = _as_forward(teacher.root, partial(sample, teacher.model), True) if cfg.seq_kd else None
         self.on_policy_steps = sum(is_on_policy(cfg.seed, s, cfg.lmbda) for s in range(start_step))
         self.generated = False  # whether this step's rows were sampled
 

@@ -42,6 +42,8 @@ import torch
 from safetensors import safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 
+from .config import Gemma2Config
+from .distributed import local_shard
 from .files import TMP_PREFIX, process_alive, remove_stale_temporaries
 
 if TYPE_CHECKING:
@@ -247,8 +249,8 @@ class Run:
     def check_teacher_weights(self, checksum: list[float]) -> None:
         """Record the teacher's weights' checksum (gemma2.teacher.Teacher.checksum); on a resume,
         refuse one that is not the checkpoint's (another teacher of the same shape, e.g. the
-        instruction-tuned one for the base one). Equal within 1e-9: the sums' order depends on the
-        ranks' shards."""
+        instruction-tuned one for the base one). Equal within 1e-9 relative: the sums' order
+        depends on the ranks' shards."""
         stored = ((self.stored.get("models") or {}).get("teacher") or {}).get("weights")
         if stored is not None and not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(stored, checksum)):
             raise ValueError(
@@ -274,7 +276,7 @@ class Run:
 
     def nonfinite_message(self, step: int, first_step: int, loss: float, grad_norm: float, model: torch.nn.Module) -> str:
         """Why training stopped at `step`, the last checkpoint whose weights are finite, and the fix."""
-        weights_ok = all(bool(_local(p).isfinite().all()) for p in model.parameters())
+        weights_ok = all(bool(local_shard(p).isfinite().all()) for p in model.parameters())
         good = next((p for p in reversed(step_dirs(self.out)) if _run_id(read_state(p)) == self.id
                      and finite_weights(p)), None)  # fmt: skip
         where = f"the last good checkpoint is {good} (its weights are finite)" if good else "no checkpoint has finite weights"
@@ -286,10 +288,6 @@ class Run:
                     "checkpoint with finite weights as the student")  # fmt: skip
         return (f"{head}. An update made the weights NaN/inf: lower lr, raise warmup or set grad_clip, "
                 "then resume from that checkpoint (move the newer ones away)")  # fmt: skip
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if hasattr(p, "to_local") else p  # this rank's shard of an FSDP DTensor
 
 
 def _non_empty_foreign(out: Path) -> list[str]:
@@ -324,6 +322,8 @@ def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, wo
             continue
         if name == "tokenizer_file" and value and _same_bytes(ckpt / "tokenizer.model", Path(value)):
             continue  # the same tokenizer under another path
+        if name == "dtype" and "compute_dtype" in ((state.get("run") or {}).get("models") or {}):
+            continue  # "auto" or a name: the compute dtype it gives decides (_model_changes)
         if name in BATCH_SPLIT and global_batch["checkpoint"] == global_batch["now"]:
             changed.append(f"{name}: {old} -> {value} (the global batch stays {global_batch['now']})")
         elif name in BATCH_SPLIT:
@@ -354,8 +354,6 @@ def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, wo
 def _model_changes(models: dict, ckpt: Path, stored: dict) -> list[str]:
     """How the student's config (against the checkpoint's config.json), the compute dtype and the
     teacher (against the checkpoint's record of them, when it has one) differ now."""
-    from .config import Gemma2Config
-
     changes = []
     saved = dataclasses.asdict(Gemma2Config.from_json(ckpt / "config.json"))
     now = _as_json(models["student"])
@@ -364,7 +362,7 @@ def _model_changes(models: dict, ckpt: Path, stored: dict) -> list[str]:
         changes.append(f"the student's config ({', '.join(fields)})")
     if stored.get("compute_dtype", models["compute_dtype"]) != models["compute_dtype"]:
         changes.append(f"the compute dtype ({stored['compute_dtype']} -> {models['compute_dtype']}; dtype 'auto' "
-                       "picks it per device: pass --dtype to keep it)")  # fmt: skip
+                       f"picks it per device: pass --dtype {stored['compute_dtype']} to keep it)")  # fmt: skip
     if "teacher" in stored:
         before, after = stored["teacher"] or {}, _as_json(models["teacher"]) or {}
         before = {k: v for k, v in before.items() if k != "weights"}  # checked once on the device

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from .data import Batch, Datasets
 from .distill import TeacherHead, TopK
-from .distributed import Runtime, move_to, shard
+from .distributed import Runtime, local_shard, move_to, shard
+from .dtypes import dtype_name
 from .model import Gemma2ForCausalLM
 from .teacher_cache import TeacherCache
 
@@ -37,7 +38,7 @@ def teacher_record(source: Gemma2ForCausalLM | TeacherCache | None) -> dict | No
     if isinstance(source, TeacherCache):
         splits = {name: [s.fingerprint, s.teacher_ce] for name, s in source.splits.items()}
         return {"cache": {"k": source.k, "temperature": source.temperature, "splits": splits}}
-    return {"config": dataclasses.asdict(source.config), "dtype": str(source.dtype).removeprefix("torch.")}
+    return {"config": dataclasses.asdict(source.config), "dtype": dtype_name(source.dtype)}
 
 
 def check_teacher(source: Gemma2ForCausalLM | TeacherCache, vocab_size: int, temperature: float, objective: str,
@@ -130,13 +131,17 @@ class Teacher:
 
     @torch.no_grad()
     def checksum(self) -> list[float]:
-        """The sum and the sum of squares of every weight of a live teacher, in float64 over all
-        ranks' shards (FSDP2 pads a shard with zeros, which add nothing)."""
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
-        # Accumulated in float64 inside the reductions: no float64 copy of any weight.
-        f64 = torch.float64
-        sums = torch.stack([torch.stack([t.sum(dtype=f64), torch.linalg.vector_norm(t, dtype=f64) ** 2]) for t in local])
-        return self.rt.all_reduce(sums.sum(0).to(self.rt.device)).tolist()
+        """The sum of the absolute values and the sum of squares of every weight of a live teacher,
+        in float64 over all ranks' shards (FSDP2 pads a shard with zeros, which add nothing). Both
+        are sums of positive terms, so their rounding is relative to them (a plain sum can be near
+        zero), and fine-tuning moves both. A float64 copy of 4M values at a time, never of a whole
+        weight (the 27B embedding would be 9.4 GB)."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.model.output_weight.device)
+        for p in self.model.parameters():
+            for piece in local_shard(p).detach().reshape(-1).split(1 << 22):
+                x = piece.double()
+                sums += torch.stack([x.abs().sum(), x.square().sum()])
+        return self.rt.all_reduce(sums.to(self.rt.device)).tolist()
 
     def release(self) -> None:
         """Free the gathered teacher head once the loss that reads it is done."""

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from .corpus import document_key, heldout_count, iter_documents
 from .data import Datasets, load_datasets, pack_datasets
-from .files import atomic_file, remove_stale_temporaries, scratch_file, write_text_atomic
+from .files import atomic_file, followed, remove_stale_temporaries, scratch_file, write_text_atomic
 from .prompts import Examples, encode_examples, example_lines, load_prompt_datasets, parse_example, prompt_datasets
 from .tokenizer import Tokenizer
 
@@ -114,7 +114,7 @@ def _plan(groups: list[Sequence[str | os.PathLike]], holdout_fraction: float | N
             if n_held:  # as split_corpus: every copy of a held-out document is held out
                 last = np.partition(keys[kept], n_held - 1)[n_held - 1]
                 held[kept[keys[kept] <= last]] = True
-                if held.all():
+                if held[kept].all():
                     raise ValueError(f"holding out {n_held} of {len(kept)} documents holds out all of them (they "
                                      "are copies); pass more distinct documents, or holdout_fraction 0")  # fmt: skip
         keeps.append(keep)
@@ -225,7 +225,7 @@ def write_token_file(
     The held-out split is `eval_paths` when given (all of `paths` then trains), else
     `holdout_fraction` of the items, chosen as gemma2.data.load_datasets (gemma2.prompts.
     load_prompt_datasets) chooses them."""
-    out = Path(out)
+    out = followed(out)  # a symbolic link: its target is written, and its temporaries sit beside it
     if out.suffix != ".npy":
         raise ValueError(f"{out}: a token file is named NAME.npy; pick a name ending in .npy")
     if workers < 1:
@@ -280,7 +280,7 @@ def write_token_file(
 def _open(path: str | os.PathLike, tokenizer: Tokenizer, kind: str) -> tuple[np.ndarray, dict]:
     """Token file `path`, memory-mapped, and its sidecar; ValueError when it is no complete token
     file, holds the other kind, or was made with another tokenizer."""
-    path = Path(path)
+    path = followed(path)  # a symbolic link: its target's sidecar, as write_token_file wrote it
     side = sidecar_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such token file: {path}")

@@ -416,7 +416,7 @@ def train(
     rt = runtime(cfg.device)
     _check(cfg, student, teacher, data, rt)
     models = {"student": dataclasses.asdict(student.config), "teacher": teacher_record(teacher),
-              "compute_dtype": str(_compute_dtype(cfg, rt.device)).removeprefix("torch.")}  # dtype "auto" per device
+              "compute_dtype": dtype_name(_compute_dtype(cfg, rt.device))}  # dtype "auto": per device
     with open_run(cfg, data, models=models, resume=resume, overwrite=overwrite, main=rt.is_main, world=rt.world) as run:
         return _train(cfg, student, data, teacher, rt, run, progress)
 
@@ -424,6 +424,9 @@ def train(
 def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher, rt: Runtime, run: Run,
            progress: bool) -> list[dict]:  # fmt: skip
     out, ckpt = run.out, run.checkpoint
+    kd_teacher = Teacher(teacher, data, rt) if teacher is not None else None
+    if kd_teacher is not None and kd_teacher.model is not None:  # first: a resume may refuse it
+        run.check_teacher_weights(kd_teacher.checksum())
     if ckpt is not None:
         # Before sharding: fully_shard cuts every rank's shard out of these tensors, or a sharded
         # student (gemma2.sharded_load) reads its rows of them.
@@ -432,9 +435,6 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     loss_mod = _prepare_student(student, cfg, rt)
     optimizer = build_optimizer(student, cfg, rt.device)
     loader = BatchLoader(data.train, cfg.batch_size, seed=cfg.seed, rank=rt.rank, world_size=rt.world)
-    kd_teacher = Teacher(teacher, data, rt) if teacher is not None else None
-    if kd_teacher is not None and kd_teacher.model is not None:
-        run.check_teacher_weights(kd_teacher.checksum())
     start_step = 0
     if ckpt is not None:
         state = load_training_state(ckpt, student, optimizer)

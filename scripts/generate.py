@@ -135,15 +135,24 @@ def load(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, Tokenizer]:
         )
     tokenizer = Tokenizer(tokenizer_path)  # before the model: a bad tokenizer fails fast
     config = model_config(args.config, "--config") if args.config else None
+    known = config or stored_config(checkpoint)  # None: an official .ckpt, checked once loaded
+    if known is not None:
+        check_vocabulary(tokenizer, known)
     model = load_model(checkpoint, config=config, dtype=dtype, device=args.device, quantize=args.quantize)
-    check_tokenizer(tokenizer, model.config)  # before generating: a mismatch would fail mid-stream
-    if model.config.vocab_size != tokenizer.vocab_size:  # padded (gemma2.compatibility): fine for training
-        raise UsageError(
-            f"the model's vocabulary of {model.config.vocab_size} is padded beyond the tokenizer's "
-            f"{tokenizer.vocab_size} pieces, so generation could pick ids the tokenizer cannot decode; slice the "
-            f"embedding to its first {tokenizer.vocab_size} rows first (and vocab_size in config.json)"
-        )
+    check_vocabulary(tokenizer, model.config)
     return model, tokenizer
+
+
+def check_vocabulary(tokenizer: Tokenizer, config: Gemma2Config) -> None:
+    """The tokenizer is the model's (gemma2.compatibility), and its vocabulary not padded beyond
+    the pieces: a padded one trains fine, but sampling could pick an id no piece decodes."""
+    check_tokenizer(tokenizer, config)
+    if config.vocab_size != tokenizer.vocab_size:
+        raise UsageError(
+            f"the model's vocabulary of {config.vocab_size} is padded beyond the tokenizer's {tokenizer.vocab_size} "
+            f"pieces, so generation could pick ids the tokenizer cannot decode; slice the embedding to its first "
+            f"{tokenizer.vocab_size} rows first (and vocab_size in config.json)"
+        )
 
 
 class Meter:

@@ -9,7 +9,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,7 +20,7 @@ from gemma2 import Gemma2ForCausalLM
 from gemma2.data import IGNORE_INDEX, Batch, BatchLoader, Datasets
 from gemma2.distributed import Runtime
 from gemma2.on_policy import is_on_policy, sample_completions
-from gemma2.prompts import Examples, PromptRows, load_prompt_datasets
+from gemma2.prompts import load_prompt_datasets
 from gemma2.student import init_weights
 from gemma2.tokenizer import Tokenizer, train_tokenizer
 from gemma2.trainer import TrainConfig, train

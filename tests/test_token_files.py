@@ -137,6 +137,12 @@ def test_overwrite_replaces_the_pair(tmp_path, tok):
     write_token_file([tmp_path / "b.jsonl"], tok, tmp_path / "t.npy", overwrite=True, progress=False)
     _same(load_token_file(tmp_path / "t.npy", tok, 4), load_datasets([tmp_path / "b.jsonl"], tok, 4))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+    # Through a symbolic link: the target is replaced, the link stays, no temporary is left.
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "linked.npy").symlink_to(tmp_path / "disk/t.npy")
+    write_token_file([tmp_path / "a.jsonl"], tok, tmp_path / "linked.npy", progress=False)
+    assert (tmp_path / "linked.npy").is_symlink() and sorted(os.listdir(tmp_path / "disk")) == ["t.json", "t.npy"]
+    _same(load_token_file(tmp_path / "linked.npy", tok, 4), load_datasets([tmp_path / "a.jsonl"], tok, 4))
 
 
 def test_a_killed_run_leaves_nothing_a_trainer_accepts(tmp_path, tok):

@@ -197,7 +197,7 @@ def test_resume_refuses_another_teacher_or_student_config(tmp_path, data):
     cases = [
         (student(), teacher(seed=5), "the teacher's weights differ"),
         (student(), wider, "the teacher .*hidden 32,.* -> .*hidden 48"),
-        (student(), teacher().to(torch.bfloat16), "the teacher .*in float32 -> .*in bfloat16"),
+        (student(), teacher().to(torch.bfloat16), "the teacher .*in fp32 -> .*in bf16"),
         (student(), TeacherCache(cache), "the teacher .*-> a top-4 cache"),
         (student(sliding_window=2), teacher(), r"the student's config \(sliding_window 8 -> 2\)"),
     ]
@@ -208,13 +208,15 @@ def test_resume_refuses_another_teacher_or_student_config(tmp_path, data):
     state_file = tmp_path / "run/step-000002/trainer_state.json"
     saved = state_file.read_text()
     state = json.loads(saved)
-    state["run"]["models"]["compute_dtype"] = "bfloat16"
+    state["run"]["models"]["compute_dtype"] = "bf16"
     state_file.write_text(json.dumps(state))
-    with pytest.raises(ValueError, match=r"the compute dtype \(bfloat16 -> float32; dtype 'auto' picks it per device"):
+    with pytest.raises(ValueError, match=r"compute dtype \(bf16 -> fp32; dtype 'auto' picks it per device: pass --dtype bf16"):
         train(more, student(), data, teacher=teacher(), resume=True, progress=False)
     state_file.write_text(saved)
     assert (tmp_path / "run/metrics.jsonl").read_text() == log and latest_checkpoint(tmp_path / "run").name == "step-000002"
-    metrics = train(more, student(), data, teacher=teacher(), resume=True, progress=False)
+    # Naming the dtype "auto" gave (the fix that message suggests) resumes: the dtype it computes in decides.
+    metrics = train(config(tmp_path / "run", steps=3, save_every=2, eval_every=0, dtype="fp32"), student(), data,
+                    teacher=teacher(), resume=True, progress=False)  # fmt: skip
     assert [m["step"] for m in metrics] == [3]
 
 
