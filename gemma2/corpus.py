@@ -24,7 +24,7 @@ import json
 import sysconfig
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 MIN_CHARS = 40  # shorter docstrings ("Return self.") are noise, not prose
 # Directory names that hold tests rather than library code (test, tests, idlelib/idle_test ...),
@@ -98,14 +98,14 @@ def _dedup(docs: Iterable[str]) -> list[str]:
 
 
 def document_key(doc: str, seed: int = 0) -> bytes:
-    """The sha256 that ranks `doc` for the held-out split (split_corpus)."""
+    """The sha256 that ranks `doc` (a document, or a prompt) for the held-out split (held_out)."""
     # sha256 rather than hash(): Python salts str hashes per process, which would reshuffle the
     # split on every run.
     return hashlib.sha256(f"{seed}\0{doc}".encode()).digest()
 
 
 def heldout_count(n_docs: int, holdout_fraction: float) -> int:
-    """How many of `n_docs` documents split_corpus holds out: the fraction, rounded, at least one
+    """How many of `n_docs` items held_out holds out: the fraction, rounded, at least one
     when it is positive; ValueError when that leaves nothing to train on."""
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
@@ -118,25 +118,29 @@ def heldout_count(n_docs: int, holdout_fraction: float) -> int:
     return n_held
 
 
+def held_out(keys: Sequence[str], holdout_fraction: float = 0.02, seed: int = 0) -> list[bool]:
+    """Which items, named by `keys`, are held out: those whose key's seeded hash ranks in the lowest
+    `holdout_fraction` (at least one when the fraction is positive), so the split is the same in
+    every process and an item's side barely depends on the others. Items of one key go to the same
+    side: those sharing the key of the last one held out are held out too (a few more than the
+    fraction), so no held-out text (a document's copy, a prompt's other completion) is trained on."""
+    n_held = heldout_count(len(keys), holdout_fraction)
+    hashes = [document_key(k, seed) for k in keys]
+    last = sorted(hashes)[n_held - 1] if n_held else None
+    held = [last is not None and h <= last for h in hashes]
+    if keys and all(held):
+        raise ValueError(f"holding out {n_held} of {len(keys)} items holds out all of them (they are copies, or "
+                         "share one prompt); pass more distinct ones, or holdout_fraction 0")  # fmt: skip
+    return held
+
+
 def split_corpus(
     docs: list[str], *, holdout_fraction: float = 0.02, seed: int = 0
 ) -> tuple[list[str], list[str]]:
-    """Deterministic train / held-out split. A document is held out when its seeded hash ranks in
-    the lowest `holdout_fraction` (at least one document when the fraction is positive), so the
-    split is the same in every process and a document's side barely depends on the others. Copies
-    of a document share its hash, so they go to the same side: the copies of the last one held out
-    are held out too (a few more than the fraction), and no held-out text is trained on. Both
-    halves keep the input order."""
-    n_held = heldout_count(len(docs), holdout_fraction)
-    keys = [document_key(d, seed) for d in docs]
-    last = sorted(keys)[n_held - 1] if n_held else None
-    held = {i for i, key in enumerate(keys) if last is not None and key <= last}
-    if len(held) == len(docs) and docs:
-        raise ValueError(f"holding out {n_held} of {len(docs)} documents holds out all of them (they are copies); "
-                         "pass more distinct documents, or holdout_fraction 0")  # fmt: skip
-    train = [d for i, d in enumerate(docs) if i not in held]
-    heldout = [d for i, d in enumerate(docs) if i in held]
-    return train, heldout
+    """Deterministic train / held-out split of documents by their text (`held_out`): copies of a
+    document go to the same side. Both halves keep the input order."""
+    held = held_out(docs, holdout_fraction, seed)
+    return [d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]
 
 
 def corpus_fingerprint(docs: list[str]) -> str:

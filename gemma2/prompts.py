@@ -19,8 +19,9 @@ the width of the rows gemma2.on_policy samples from these prompts. Padding after
 stays valid: causal attention keeps it out of every counted position.
 
 Examples whose prompt is longer than P are dropped, with a count on stderr, never cut: the start of
-a chat holds its instructions. The held-out split is by a hash of each example's line
-(gemma2.corpus.split_corpus), the same in every process; a repeated line is kept once. Encoded
+a chat holds its instructions. The held-out split is by a hash of each example's prompt
+(`prompt_key`, gemma2.corpus.held_out), the same in every process, every completion of a prompt
+on the same side (the held-out prompts are unseen ones); a repeated line is kept once. Encoded
 examples are held ragged (`Examples`: one flat int32 array, each prompt then its whole completion,
 and their lengths), so a prompt dataset tokenized once into a token file (gemma2.token_files,
 scripts/tokenize_data.py --prompts) is memory-mapped as it is and laid out for any P and N; a
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .corpus import split_corpus
+from .corpus import held_out
 from .data import IGNORE_INDEX, Batch, Datasets
 from .tokenizer import Tokenizer
 
@@ -96,6 +97,18 @@ def parse_example(line: str, where: str) -> dict:
         f'{where}: expected {{"prompt": str, "completion": str}} (completion optional) or '
         '{"messages": [{"role": "user", "content": str}, ...]}'
     )
+
+
+def prompt_key(example: dict) -> str:
+    """What names a parsed example's prompt for the held-out split, so that every completion of one
+    prompt lands on the same side: its prompt text, or its conversation before a final assistant
+    turn (as canonical JSON)."""
+    if "messages" not in example:
+        return "prompt\0" + example["prompt"]
+    turns = example["messages"]
+    if isinstance(turns[-1], dict) and turns[-1].get("role") in ("assistant", "model"):
+        turns = turns[:-1]
+    return "messages\0" + json.dumps(turns, sort_keys=True, ensure_ascii=False)
 
 
 def encode_example(example: dict, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
@@ -215,12 +228,12 @@ def load_prompt_datasets(
     """Read, split and encode the prompt examples of `.jsonl` files, then lay them out
     (prompt_datasets). The held-out split is `eval_paths` when given, else `holdout_fraction` of
     the examples by hash."""
-    lines = read_examples(paths)
+    examples = list(read_examples(paths).values())
     if eval_paths is not None:
-        parts = [lines.values(), read_examples(eval_paths).values()]
+        parts = [examples, read_examples(eval_paths).values()]
     else:
-        train, held = split_corpus(list(lines), holdout_fraction=holdout_fraction)
-        parts = [[lines[x] for x in train], [lines[x] for x in held]]
+        held = held_out([prompt_key(example) for _, example in examples], holdout_fraction)
+        parts = [[e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h]]
     train, held = (encode_examples(part, tokenizer) for part in parts)
     return prompt_datasets(train, held if len(held.lengths) else None, tokenizer, max_new_tokens, prompt_len)
 

@@ -18,17 +18,16 @@ file is laid out at load time, for any prompt_len and max_new_tokens.
 
 `write_token_file` streams:
 - pass 1 reads the documents (or the prompt files' lines, each parsed, so a malformed one stops
-  the run before any tokenizing) only to rank them for the held-out split (split_corpus: the
-  items whose seeded sha256 is lowest, whole), keeping 8 bytes per item; a repeated prompt line
-  is kept once, as gemma2.prompts keeps it;
+  the run before any tokenizing) only to rank them for the held-out split (gemma2.corpus.held_out:
+  the items whose seeded sha256 of their text, or of their prompt, is lowest, whole), keeping 16
+  bytes per item; a repeated prompt line is kept once, as gemma2.prompts keeps it;
 - pass 2 reads them again and tokenizes them in `workers` processes, a bounded number of chunks
   in flight, appending each chunk's training tokens to the output and its held-out tokens to a
   scratch file that is appended at the end.
-Memory is a few chunks of text and tokens plus ~25 bytes per document (the split's keys and their
-ranking, the lengths) or ~33 per prompt example, never the corpus or the token array.
-(split_corpus compares whole digests; here the first 8 bytes, so the splits could differ only if
-two different items shared a 64-bit hash prefix right at the boundary, and two different prompt
-lines sharing one would be kept once.)
+Memory is a few chunks of text and tokens plus ~40 bytes per document or example (the keys, the
+masks, the lengths), never the corpus or the token array. (held_out compares whole digests; here
+the first 8 bytes, so the splits could differ only if two different items shared a 64-bit hash
+prefix right at the boundary, and two different prompt lines sharing one would be kept once.)
 
 Atomic: the `.npy` is written under a `.tmp-` name and renamed when complete, then the sidecar is
 written (atomically) last; an overwrite removes the old sidecar first. A killed run therefore
@@ -54,7 +53,15 @@ from tqdm.auto import tqdm
 from .corpus import document_key, heldout_count, iter_documents
 from .data import Datasets, load_datasets, pack_datasets
 from .files import atomic_file, followed, remove_stale_temporaries, scratch_file, write_text_atomic
-from .prompts import Examples, encode_examples, example_lines, load_prompt_datasets, parse_example, prompt_datasets
+from .prompts import (
+    Examples,
+    encode_examples,
+    example_lines,
+    load_prompt_datasets,
+    parse_example,
+    prompt_datasets,
+    prompt_key,
+)
 from .tokenizer import Tokenizer
 
 FORMAT = 1
@@ -84,12 +91,19 @@ def _items(paths: Sequence[str | os.PathLike], text_column: str, prompts: bool) 
     return example_lines(paths) if prompts else _documents(paths, text_column)
 
 
-def _key(item: Any, prompts: bool) -> int:
-    """The 64-bit prefix of an item's document_key (a prompt line is parsed here: checked early)."""
+def _keys(item: Any, prompts: bool) -> tuple[int, int]:
+    """The 64-bit prefixes of the document_key of an item, and of what ranks it for the held-out
+    split: a document's text; a prompt line and its prompt (`prompt_key`; the line is parsed here,
+    so a malformed one stops the run before any tokenizing)."""
     if prompts:
-        parse_example(item[1], item[0])
-        return int.from_bytes(document_key(item[1])[:8], "big")
-    return int.from_bytes(document_key(item)[:8], "big")
+        where, line = item
+        ranked = prompt_key(parse_example(line, where))
+        return _prefix(line), _prefix(ranked)
+    return _prefix(item), _prefix(item)
+
+
+def _prefix(text: str) -> int:
+    return int.from_bytes(document_key(text)[:8], "big")
 
 
 def _plan(groups: list[Sequence[str | os.PathLike]], holdout_fraction: float | None, text_column: str,
@@ -97,10 +111,11 @@ def _plan(groups: list[Sequence[str | os.PathLike]], holdout_fraction: float | N
     """Pass 1 over the items of the training paths (groups[0]) and the held-out ones (groups[1],
     when given): bool masks (keep, held) over all items, in order. keep: the item is tokenized
     (every document; the first of repeated prompt lines within a group); held: it is held out
-    (every item of groups[1], else split_corpus's choice, seed 0, among the kept training items)."""
+    (every item of groups[1], else held_out's choice, seed 0, among the kept training items)."""
     keeps, helds = [], []
     for g, paths in enumerate(groups):
-        keys = np.fromiter((_key(item, prompts) for item in _items(paths, text_column, prompts)), dtype=np.uint64)
+        pairs = (_keys(item, prompts) for item in _items(paths, text_column, prompts))
+        keys, ranks = np.fromiter(chain.from_iterable(pairs), dtype=np.uint64).reshape(-1, 2).T
         if len(keys) == 0:
             what = "prompt examples" if prompts else "text"
             raise ValueError(f"no {what} in {', '.join(map(str, paths))}: pass non-empty files")
@@ -111,12 +126,12 @@ def _plan(groups: list[Sequence[str | os.PathLike]], holdout_fraction: float | N
         if len(groups) == 1:
             kept = np.flatnonzero(keep)
             n_held = heldout_count(len(kept), holdout_fraction)
-            if n_held:  # as split_corpus: every copy of a held-out document is held out
-                last = np.partition(keys[kept], n_held - 1)[n_held - 1]
-                held[kept[keys[kept] <= last]] = True
+            if n_held:  # as gemma2.corpus.held_out: the items of one rank key go to one side
+                last = np.partition(ranks[kept], n_held - 1)[n_held - 1]
+                held[kept[ranks[kept] <= last]] = True
                 if held[kept].all():
-                    raise ValueError(f"holding out {n_held} of {len(kept)} documents holds out all of them (they "
-                                     "are copies); pass more distinct documents, or holdout_fraction 0")  # fmt: skip
+                    raise ValueError(f"holding out {n_held} of {len(kept)} items holds out all of them (they are "
+                                     "copies, or share one prompt); pass more distinct ones, or holdout_fraction 0")  # fmt: skip
         keeps.append(keep)
         helds.append(held)
     return np.concatenate(keeps), np.concatenate(helds)

@@ -255,6 +255,26 @@ def test_prompt_file_equals_the_in_memory_path(tmp_path, tok, workers, capsys):
     assert "dropped" in capsys.readouterr().err
 
 
+def test_every_completion_of_a_prompt_is_on_one_side(tmp_path, tok):
+    """Each prompt answered three times: the held-out prompts are unseen in training (a split by
+    line put a prompt's completions on both sides), in memory and in the token file alike."""
+    examples = _examples(60)
+    again = [{**e, "completion": f"another {k}"} if "prompt" in e else
+             {"messages": [e["messages"][0], {"role": "assistant", "content": f"another {k}"}]}
+             for k in range(2) for e in examples]  # fmt: skip
+    path = _jsonl(tmp_path / "a.jsonl", examples + again)
+    data = load_prompt_datasets([path], tok, 5, holdout_fraction=0.2)
+
+    def prompts(rows) -> set[tuple[int, ...]]:
+        batch, P = rows.batch(range(len(rows))), rows.prompt_len
+        return {tuple(row[valid].tolist()) for row, valid in zip(batch.inputs[:, :P], batch.valid[:, :P])}
+
+    held = prompts(data.heldout)
+    assert held and held.isdisjoint(prompts(data.train)) and len(data.heldout) == 3 * len(held)
+    write_token_file([path], tok, tmp_path / "p.npy", holdout_fraction=0.2, prompts=True, progress=False)
+    _same_rows(load_prompt_file(tmp_path / "p.npy", tok, 5, None), data)
+
+
 def test_prompt_file_with_held_out_files_and_refusals(tmp_path, tok):
     train, held = _jsonl(tmp_path / "t.jsonl", _examples(40)), _jsonl(tmp_path / "h.jsonl", _examples(8, seed=1))
     write_token_file([train], tok, tmp_path / "p.npy", eval_paths=[held], prompts=True, progress=False)
