@@ -43,8 +43,11 @@ def script(name: str, *args, env: dict = ENV, **kwargs) -> subprocess.CompletedP
 
 
 def start(name: str, *args, **kwargs) -> subprocess.Popen:
+    """A script as a user starts it from a terminal: Ctrl-C (SIGINT) interrupts it, even where this
+    test runs with SIGINT ignored (a background job of a shell without job control)."""
     cmd = [sys.executable, str(ROOT / "scripts" / name), *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, **kwargs)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)  # fmt: skip
 
 
 def one_line_error(done, code: int = 2) -> str:
