@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import sys
 import sysconfig
 import warnings
 from pathlib import Path
@@ -132,6 +133,17 @@ def held_out(keys: Sequence[str], holdout_fraction: float = 0.02, seed: int = 0)
         raise ValueError(f"holding out {n_held} of {len(keys)} items holds out all of them (they are copies, or "
                          "share one prompt); pass more distinct ones, or holdout_fraction 0")  # fmt: skip
     return held
+
+
+def note_overlap(shared: int, held: int, what: str) -> None:
+    """Say on stderr when `shared` of `held` held-out items (documents, or prompts) are also in the
+    training data, e.g. an eval file inside the training directory: the held-out figures would
+    then measure text the model trained on. A note, not an error: a few shared items (a licence
+    text) can be harmless."""
+    if shared:
+        print(f"note: {shared} of the {held} held-out {what} are also in the training data (is an eval file "
+              "inside the training paths?); held-out figures then measure text the model trained on",
+              file=sys.stderr)  # fmt: skip
 
 
 def split_corpus(

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .corpus import build_corpus, read_documents, split_corpus
+from .corpus import build_corpus, note_overlap, read_documents, split_corpus
 
 
 class TextEncoder(Protocol):
@@ -196,6 +196,7 @@ def split_datasets(
     split_corpus), tokenise and pack them."""
     if heldout_docs is not None:
         train_docs, held_docs = docs, heldout_docs
+        note_overlap(len(set(held_docs) & set(train_docs)), len(held_docs), "documents")
     else:
         train_docs, held_docs = split_corpus(docs, holdout_fraction=holdout_fraction)
     held_tokens = tokenize(held_docs, tokenizer) if held_docs else None

@@ -27,8 +27,10 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                              'or {"prompt": ..., "completion": ...} per line, or one token file NAME.npy from '
                              "scripts/tokenize_data.py --prompts; rows are --prompt-len + --max-new-tokens tokens, "
                              "the loss on the completion only")  # fmt: skip
-    p.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out documents (default: split from --data)")
-    p.add_argument("--eval-prompts", nargs="+", metavar="PATH", help="held-out prompts (default: split from --prompts)")
+    p.add_argument("--eval-data", nargs="+", metavar="PATH",
+                   help="held-out documents (default: split from --data); those also in --data are noted")
+    p.add_argument("--eval-prompts", nargs="+", metavar="PATH",
+                   help="held-out prompts (default: split from --prompts); those also in --prompts are noted")
     p.add_argument("--holdout-fraction", type=float, default=None,
                    help="documents or examples held out by hash (default 0.02; a token file carries its own split)")
     p.add_argument("--seq-len", type=int, default=None,

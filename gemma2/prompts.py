@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .corpus import held_out
+from .corpus import held_out, note_overlap
 from .data import IGNORE_INDEX, Batch, Datasets
 from .tokenizer import Tokenizer
 
@@ -230,7 +230,9 @@ def load_prompt_datasets(
     the examples by hash."""
     examples = list(read_examples(paths).values())
     if eval_paths is not None:
-        parts = [examples, read_examples(eval_paths).values()]
+        parts = [examples, list(read_examples(eval_paths).values())]
+        trained = {prompt_key(example) for _, example in examples}
+        note_overlap(sum(prompt_key(example) in trained for _, example in parts[1]), len(parts[1]), "prompts")
     else:
         held = held_out([prompt_key(example) for _, example in examples], holdout_fraction)
         parts = [[e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h]]

@@ -50,7 +50,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from .corpus import document_key, heldout_count, iter_documents
+from .corpus import document_key, heldout_count, iter_documents, note_overlap
 from .data import Datasets, load_datasets, pack_datasets
 from .files import atomic_file, followed, remove_stale_temporaries, scratch_file, write_text_atomic
 from .prompts import (
@@ -112,7 +112,7 @@ def _plan(groups: list[Sequence[str | os.PathLike]], holdout_fraction: float | N
     when given): bool masks (keep, held) over all items, in order. keep: the item is tokenized
     (every document; the first of repeated prompt lines within a group); held: it is held out
     (every item of groups[1], else held_out's choice, seed 0, among the kept training items)."""
-    keeps, helds = [], []
+    keeps, helds, ranked = [], [], []
     for g, paths in enumerate(groups):
         pairs = (_keys(item, prompts) for item in _items(paths, text_column, prompts))
         keys, ranks = np.fromiter(chain.from_iterable(pairs), dtype=np.uint64).reshape(-1, 2).T
@@ -134,6 +134,9 @@ def _plan(groups: list[Sequence[str | os.PathLike]], holdout_fraction: float | N
                                      "copies, or share one prompt); pass more distinct ones, or holdout_fraction 0")  # fmt: skip
         keeps.append(keep)
         helds.append(held)
+        ranked.append(ranks[keep])
+    if len(groups) == 2:
+        note_overlap(int(np.isin(ranked[1], ranked[0]).sum()), len(ranked[1]), "prompts" if prompts else "documents")
     return np.concatenate(keeps), np.concatenate(helds)
 
 

@@ -275,6 +275,28 @@ def test_every_completion_of_a_prompt_is_on_one_side(tmp_path, tok):
     _same_rows(load_prompt_file(tmp_path / "p.npy", tok, 5, None), data)
 
 
+def test_held_out_files_that_repeat_training_items_are_noted(tmp_path, tok, capsys):
+    """An eval file whose items are also in the training files (an eval file inside the data
+    directory): a note with the count, from the in-memory path and the token file alike."""
+    docs, examples = _docs(40), _examples(30)
+    _jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])
+    _jsonl(tmp_path / "e.jsonl", [{"text": d} for d in docs[:3] + _docs(5, seed=4)])
+    _jsonl(tmp_path / "p.jsonl", examples)
+    _jsonl(tmp_path / "q.jsonl", examples[:4] + _examples(6, seed=5))  # 4 prompts answered again, as they were
+    runs = [lambda: load_datasets([tmp_path / "d.jsonl"], tok, SEQ, eval_paths=[tmp_path / "e.jsonl"]),
+            lambda: write_token_file([tmp_path / "d.jsonl"], tok, tmp_path / "d.npy", eval_paths=[tmp_path / "e.jsonl"],
+                                     progress=False),
+            lambda: load_prompt_datasets([tmp_path / "p.jsonl"], tok, 4, eval_paths=[tmp_path / "q.jsonl"]),
+            lambda: write_token_file([tmp_path / "p.jsonl"], tok, tmp_path / "p.npy", eval_paths=[tmp_path / "q.jsonl"],
+                                     prompts=True, progress=False)]  # fmt: skip
+    for run, note in zip(runs, ["3 of the 8 held-out documents"] * 2 + ["4 of the 10 held-out prompts"] * 2):
+        run()
+        assert f"note: {note} are also in the training data" in capsys.readouterr().err
+    _jsonl(tmp_path / "f.jsonl", [{"text": d} for d in _docs(5, seed=4)])  # nothing repeated: no note
+    write_token_file([tmp_path / "d.jsonl"], tok, tmp_path / "x.npy", eval_paths=[tmp_path / "f.jsonl"], progress=False)
+    assert "also in the training data" not in capsys.readouterr().err
+
+
 def test_prompt_file_with_held_out_files_and_refusals(tmp_path, tok):
     train, held = _jsonl(tmp_path / "t.jsonl", _examples(40)), _jsonl(tmp_path / "h.jsonl", _examples(8, seed=1))
     write_token_file([train], tok, tmp_path / "p.npy", eval_paths=[held], prompts=True, progress=False)
