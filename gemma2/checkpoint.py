@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Container, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -107,13 +108,21 @@ def resolve_config(path: Path, config: Gemma2Config | str | None) -> Gemma2Confi
         raise CheckpointError(f"{directory / 'config.json'}: not a valid Gemma 2 config ({detail})") from None
 
 
-def _read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
+@contextmanager
+def _opened(file: Path) -> Iterator:
+    """safe_open(file), any failure to read it as one CheckpointError (safetensors raises its own
+    error types for truncated or corrupt files)."""
     try:
         with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            yield f
+    except Exception as e:
         raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from e
+
+
+def _read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
+    with _opened(file) as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
 
 
 def _load_pickle(file: Path) -> dict[str, Tensor]:
@@ -180,18 +189,15 @@ def stored_dtype(path: str | os.PathLike) -> torch.dtype:
     file read from its header, not its bytes: the 2B embedding is 1.2 GB)."""
     file = checkpoint_files(Path(path))[0]
     if file.suffix == ".safetensors":
-        try:
-            with safe_open(file, framework="pt") as f:
-                name = next(iter(f.keys()), None)
-                if name is not None:
-                    piece = f.get_slice(name)
-                    # An empty slice reads no tensor bytes (a scalar is read whole: it is tiny).
-                    return (piece[:0] if piece.get_shape() else f.get_tensor(name)).dtype
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from e
-    reader = _read_safetensors if file.suffix == ".safetensors" else _read_pickle
-    for _, tensor in reader(file):
-        return tensor.dtype
+        with _opened(file) as f:
+            name = next(iter(f.keys()), None)
+            if name is not None:
+                piece = f.get_slice(name)
+                # An empty slice reads no tensor bytes (a scalar is read whole: it is tiny).
+                return (piece[:0] if piece.get_shape() else f.get_tensor(name)).dtype
+    else:
+        for _, tensor in _read_pickle(file):
+            return tensor.dtype
     raise CheckpointError(f"{file}: holds no tensors")
 
 
@@ -266,12 +272,9 @@ def lazy_tensors(file: Path) -> Iterator[tuple[str, LazyRows]]:
     """The tensors of one checkpoint file, from its header alone: each read later, by rows, on demand.
     A `.ckpt`/`.bin` is memory-mapped, so only the rows read leave the disk, as with safetensors."""
     if file.suffix == ".safetensors":
-        try:
-            with safe_open(file, framework="pt") as f:
-                headers = [(name, f.get_slice(name)) for name in f.keys()]
-                listed = [(name, torch.Size(h.get_shape()), h.get_dtype() == "I8") for name, h in headers]
-        except Exception as e:
-            raise CheckpointError(f"{file}: cannot read safetensors file ({e}); is it truncated or corrupt?") from e
+        with _opened(file) as f:
+            headers = [(name, f.get_slice(name)) for name in f.keys()]
+            listed = [(name, torch.Size(h.get_shape()), h.get_dtype() == "I8") for name, h in headers]
     else:
         listed = [(name, t.shape, t.dtype == torch.int8) for name, t in _load_pickle(file).items()]
     for name, shape, int8 in listed:

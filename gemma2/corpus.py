@@ -130,9 +130,14 @@ def held_out(keys: Sequence[str], holdout_fraction: float = 0.02, seed: int = 0)
     last = sorted(hashes)[n_held - 1] if n_held else None
     held = [last is not None and h <= last for h in hashes]
     if keys and all(held):
-        raise ValueError(f"holding out {n_held} of {len(keys)} items holds out all of them (they are copies, or "
-                         "share one prompt); pass more distinct ones, or holdout_fraction 0")  # fmt: skip
+        raise all_held_out(n_held, len(keys))
     return held
+
+
+def all_held_out(n_held: int, n: int) -> ValueError:
+    """The error when holding out `n_held` of `n` items takes all of them (`held_out`)."""
+    return ValueError(f"holding out {n_held} of {n} items holds out all of them (they are copies, or share one "
+                      "prompt); pass more distinct ones, or holdout_fraction 0")
 
 
 def note_overlap(shared: int, held: int, what: str) -> None:
@@ -187,8 +192,8 @@ def iter_documents(path: str | Path, *, text_column: str = "text") -> Iterator[s
     """Documents from a file or a directory, one at a time (a file is never read whole unless it
     is one `.txt` document): a `.jsonl` file gives one document per line (its `text` field), a
     `.parquet` file one per row of its `text_column` (needs pyarrow: pip install -e '.[data]'),
-    structured or compressed data (`NOT_TEXT`) is refused, any other file is one document, a directory gives the files below it with those suffixes in
-    sorted path order."""
+    structured or compressed data (`NOT_TEXT`) is refused, any other file is one document, a
+    directory gives the files below it with those suffixes in sorted path order."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in DOCUMENT_SUFFIXES and p.is_file())

@@ -313,7 +313,8 @@ def plan_memory(
     if seq_len < 1 or (teacher_cache_k is not None and teacher_cache_k < 1):
         raise ValueError(f"seq_len and the cache's k must be >= 1, got seq_len {seq_len} and k {teacher_cache_k}")
     P = seq_len - max_new_tokens if prompt_len is None else prompt_len
-    if max_new_tokens < 0 or max_new_tokens and not 1 <= P <= seq_len - max_new_tokens:
+    # A sampled row holds P + N tokens: one more than a training row of a prompt dataset (P + N - 1).
+    if max_new_tokens < 0 or max_new_tokens and not 1 <= P <= seq_len + 1 - max_new_tokens:
         raise ValueError(f"max_new_tokens must be >= 0 and, with a prompt of >= 1 token, fit a row of seq_len "
                          f"{seq_len}; got {max_new_tokens} new tokens after a prompt of {P}")  # fmt: skip
     cfg = step_config(batch_size, distilling=teacher is not None or teacher_cache_k is not None, dtype=dtype,

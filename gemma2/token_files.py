@@ -50,7 +50,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from .corpus import document_key, heldout_count, iter_documents, note_overlap
+from .corpus import all_held_out, document_key, heldout_count, iter_documents, note_overlap
 from .data import Datasets, load_datasets, pack_datasets
 from .files import atomic_file, followed, remove_stale_temporaries, scratch_file, write_text_atomic
 from .prompts import (
@@ -130,8 +130,7 @@ def _plan(groups: list[Sequence[str | os.PathLike]], holdout_fraction: float | N
                 last = np.partition(ranks[kept], n_held - 1)[n_held - 1]
                 held[kept[ranks[kept] <= last]] = True
                 if held[kept].all():
-                    raise ValueError(f"holding out {n_held} of {len(kept)} items holds out all of them (they are "
-                                     "copies, or share one prompt); pass more distinct ones, or holdout_fraction 0")  # fmt: skip
+                    raise all_held_out(n_held, len(kept))
         keeps.append(keep)
         helds.append(held)
         ranked.append(ranks[keep])
