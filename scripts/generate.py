@@ -139,7 +139,8 @@ def load(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, Tokenizer]:
     if known is not None:
         check_vocabulary(tokenizer, known)
     model = load_model(checkpoint, config=config, dtype=dtype, device=args.device, quantize=args.quantize)
-    check_vocabulary(tokenizer, model.config)
+    if known is None:
+        check_vocabulary(tokenizer, model.config)
     return model, tokenizer
 
 
