@@ -91,6 +91,9 @@ class Batch(NamedTuple):
     inputs: Tensor  # [B, T] int64
     targets: Tensor  # [B, T] int64; entries equal to IGNORE_INDEX do not count
     valid: Tensor | None = None  # [B, T] bool, False on left padding (gemma2.prompts); None: none
+    # The column of the dataset's row layout where column 0 lies: prompt rows are cut to their
+    # batch's longest prompt and completion (gemma2.prompts), and a teacher cache reads from there.
+    start: int = 0
 
     def valid_on(self, device: torch.device | str, non_blocking: bool = False) -> Tensor | None:
         """The padding mask on `device` (None when the batch has no padding)."""
@@ -100,7 +103,7 @@ class Batch(NamedTuple):
 class Rows(Protocol):
     """What training reads from a dataset: PackedSequences, or gemma2.prompts.PromptRows."""
 
-    seq_len: int  # a batch's inputs and targets are [B, seq_len]
+    seq_len: int  # the row layout's width: a batch's inputs and targets are [B, seq_len] or narrower
     tokens: np.ndarray  # every token id it holds
 
     def __len__(self) -> int: ...

@@ -13,10 +13,11 @@ The settings are TrainConfig's and carry the names of TRL's GKDTrainer:
 Prompts come from the packed training rows: each row's first prompt_len tokens (None: seq_len -
 max_new_tokens, so a generated row is as long as a data row); or, from a prompt dataset
 (gemma2.prompts), each row's left-padded prompt, sampled with its padding mask, stopped also by the
-tokenizer's stop ids (`<end_of_turn>` for chats). The new row is the prompt followed by
-max_new_tokens sampled tokens; its loss mask, written into the targets (`targets != IGNORE_INDEX`,
-the mask the trainer's loss already reads), covers exactly the completion up to and including its
-first stop token (the generating model's eos ids); later columns are padding. The teacher then
+tokenizer's stop ids (`<end_of_turn>` for chats). The new row is the prompt followed by up to
+max_new_tokens sampled tokens, the batch's rows ending at the step where every row on every rank
+had stopped; its loss mask, written into the targets (`targets != IGNORE_INDEX`, the mask the
+trainer's loss already reads), covers exactly the completion up to and including its first stop
+token (the generating model's eos ids); later columns are padding. The teacher then
 scores the whole row, so the KD (and, when alpha < 1, CE against the sampled tokens) runs on the
 completion only.
 
@@ -178,21 +179,24 @@ def sample_completions(
     stop_ids: tuple[int, ...] = (),
     compiled: bool = False,
 ) -> Batch:
-    """The rows of `batch` cut to their first `prompt_len` tokens (with their padding mask
-    `batch.valid`, if any), each followed by `max_new_tokens` tokens sampled from `model` (at
+    """The rows of `batch` cut to their first `prompt_len` tokens of the row layout (columns from
+    `batch.start`: a batch of prompt rows may begin inside the padding), with their padding mask
+    `batch.valid`, if any, each followed by up to `max_new_tokens` tokens sampled from `model` (at
     `temperature`, 0 = greedy, with a generator seeded with `seed` on the model's device) and ended
     by the model's eos ids or `stop_ids`; targets count exactly the completion (see the module
     docstring). Returns a Batch on the model's device: inputs, targets (and valid)
-    `[B, prompt_len + max_new_tokens - 1]`.
+    `[B, prompt_len - batch.start + n - 1]`, n <= max_new_tokens the steps until every row on every
+    rank had stopped (the columns after them would be padding alone).
     compiled: decode through torch.compile (gemma2.static_decode: CUDA graphs on GPU; on CPU about
     2x for a few-million-parameter student), with the first call's seconds of compiling."""
     cfg = model.config
     device = model.output_weight.device
     generator = torch.Generator(device).manual_seed(seed)
     stop = torch.tensor([*cfg.eos_ids, *stop_ids], device=device)
-    prompts = batch.inputs[:, :prompt_len].to(device)  # [B, P]
-    mask = None if batch.valid is None else batch.valid[:, :prompt_len].to(device)
-    B, P, N = prompts.shape[0], prompt_len, max_new_tokens
+    P, N = prompt_len - batch.start, max_new_tokens
+    prompts = batch.inputs[:, :P].to(device)  # [B, P]
+    mask = None if batch.valid is None else batch.valid[:, :P].to(device)
+    B = prompts.shape[0]
     window = prompts.new_full((B, P + N), cfg.pad_token_id)
     window[:, :P] = prompts
     counted = torch.zeros(B, P + N, dtype=torch.bool, device=device)  # the completion's columns
@@ -200,15 +204,17 @@ def sample_completions(
     # stop_token_ids=(): generation must not end early on one rank only (see the module docstring).
     steps = stream(model, prompts, attention_mask=mask, max_new_tokens=N, temperature=temperature,
                    stop_token_ids=(), generator=generator, pad_id=cfg.pad_token_id, compiled=compiled)  # fmt: skip
-    for i, token in enumerate(steps):
-        counted[:, P + i] = ~done
-        window[:, P + i] = token.masked_fill(done, cfg.pad_token_id)
+    n = 0
+    for n, token in enumerate(steps, 1):
+        counted[:, P + n - 1] = ~done
+        window[:, P + n - 1] = token.masked_fill(done, cfg.pad_token_id)
         done |= torch.isin(token, stop)
-        if i + 1 < N and rt.all_reduce((~done).sum()).item() == 0:
+        if n < N and rt.all_reduce((~done).sum()).item() == 0:
             break  # every row on every rank has stopped: all ranks leave at this same step
+    window, counted = window[:, : P + n], counted[:, : P + n]
     targets = window[:, 1:].masked_fill(~counted[:, 1:], IGNORE_INDEX)
-    valid = None if mask is None else torch.cat([mask, mask.new_ones(B, N - 1)], dim=1)
-    return Batch(batch.indices, window[:, :-1], targets, valid)
+    valid = None if mask is None else torch.cat([mask, mask.new_ones(B, n - 1)], dim=1)
+    return Batch(batch.indices, window[:, :-1], targets, valid, batch.start)
 
 
 def _in_compute_dtype(model: Gemma2ForCausalLM, dtype: torch.dtype, fn: Callable) -> Callable:

@@ -16,7 +16,11 @@ RoPE positions start at the first real token) and its completion from column P, 
 and padded after its end. A batch's inputs are columns 0 .. P + N - 2 and its targets columns
 1 .. P + N - 1, counted (`!= IGNORE_INDEX`) exactly on the completion; so seq_len = P + N - 1,
 the width of the rows gemma2.on_policy samples from these prompts. Padding after the completion
-stays valid: causal attention keeps it out of every counted position.
+stays valid: causal attention keeps it out of every counted position. A batch holds only the
+columns its own rows reach, from its longest prompt's first column to its longest completion's
+end (one column past the prompts at least: a sampler cuts them there), `Batch.start` the first;
+as TRL pads each batch to its longest example: a wide prompt_len costs compute only where a
+batch's prompts fill it.
 
 Examples whose prompt is longer than P are dropped, with a count on stderr, never cut: the start of
 a chat holds its instructions. The held-out split is by a hash of each example's prompt
@@ -189,13 +193,17 @@ class PromptRows:
         return bool(len(self) and self.completion_lens.min() > 0)
 
     def batch(self, indices: torch.Tensor | Sequence[int]) -> Batch:
-        """The examples at `indices` as a Batch with `valid` (False on the left padding)."""
+        """The examples at `indices` as a Batch with `valid` (False on the left padding), cut to
+        the columns its rows reach (see the module docstring)."""
         idx = np.asarray(indices, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+        if idx.size == 0:
+            raise IndexError("a batch needs at least one example index")
+        if idx.min() < 0 or idx.max() >= len(self):
             raise IndexError(f"example indices must be in [0, {len(self)}), got {idx.min()}..{idx.max()}")
-        P, W = self.prompt_len, self.prompt_len + self.max_new_tokens
+        P = self.prompt_len
         plen, clen = self.prompt_lens[idx, None], self.completion_lens[idx, None]
-        col = np.arange(W)[None]
+        start, stop = P - int(plen.max()), P + max(int(clen.max()), 1)
+        col = np.arange(start, stop)[None]
         first = P - plen  # the column of each row's first prompt token
         real = (col >= first) & (col < P + clen)
         source = np.where(real, self.starts[idx, None] + col - first, 0)
@@ -203,7 +211,7 @@ class PromptRows:
         counted = torch.from_numpy((col >= P) & (col < P + clen))
         valid = torch.from_numpy(col >= first)
         targets = rows[:, 1:].masked_fill(~counted[:, 1:], IGNORE_INDEX)
-        return Batch(torch.from_numpy(idx), rows[:, :-1], targets, valid[:, :-1])
+        return Batch(torch.from_numpy(idx), rows[:, :-1], targets, valid[:, :-1], start)
 
     def fingerprint(self) -> str:
         """A short sha256 of the examples and the layout (a resumed run checks it): the same for a

@@ -218,11 +218,14 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, Rows], directory: Path,
         for shard in mine:
             start = shard["start"]
             stop = start + shard["count"]
-            ids = torch.empty(stop - start, T, k, dtype=id_dtype)
-            lps = torch.empty(stop - start, T, k, dtype=logprob_dtype)
-            tail = torch.empty(stop - start, T, dtype=torch.float32)
+            # Zeros where a batch of prompt rows stops short of the layout (padding: never counted).
+            ids = torch.zeros(stop - start, T, k, dtype=id_dtype)
+            lps = torch.zeros(stop - start, T, k, dtype=logprob_dtype)
+            tail = torch.zeros(stop - start, T, dtype=torch.float32)
             for lo in range(start, stop, batch_size):
                 batch = data.batch(range(lo, min(lo + batch_size, stop)))
+                width = batch.inputs.shape[1]
+                cols = slice(batch.start, batch.start + width)
                 hidden = teacher.hidden_states(batch.inputs.to(device), batch.valid_on(device))
                 hidden = hidden.flatten(0, 1)  # [B T, D]
                 targets = batch.targets.to(device).flatten()
@@ -236,9 +239,9 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, Rows], directory: Path,
                     top = teacher_topk(logits, k, temperature)
                     for o, t in zip(out, top):
                         o.append(t)
-                ids[rows] = torch.cat(out[0]).view(-1, T, k).to("cpu", id_dtype)
-                lps[rows] = torch.cat(out[1]).view(-1, T, k).to("cpu", logprob_dtype)
-                tail[rows] = torch.cat(out[2]).view(-1, T).cpu()
+                ids[rows, cols] = torch.cat(out[0]).view(-1, width, k).to("cpu", id_dtype)
+                lps[rows, cols] = torch.cat(out[1]).view(-1, width, k).to("cpu", logprob_dtype)
+                tail[rows, cols] = torch.cat(out[2]).view(-1, width).cpu()
                 bar.update(len(batch.indices))
             save_file({"ids": ids, "logprobs": lps, "tail": tail}, directory / shard["file"])
         bar.close()
@@ -292,15 +295,16 @@ class CacheSplit:
             self._open[name] = safe_open(self.directory / name, framework="pt")
         return self._open[name]
 
-    def topk(self, indices: Tensor, device: torch.device | str = "cpu") -> TopK:
-        """TopK with ids int64 [B, T, k], log-probs and tail float32, for sequences `indices`."""
+    def topk(self, indices: Tensor, device: torch.device | str = "cpu", columns: slice = slice(None)) -> TopK:
+        """TopK with ids int64 [B, T, k], log-probs and tail float32, for sequences `indices`
+        (positions `columns` of them: a batch of prompt rows holds only some, `Batch.start` on)."""
         ids, lps, tail = [], [], []
         for i in indices.tolist():
             shard = self.shards[self._shard_of(i)]
             f, row = self._file(shard["file"]), i - shard["start"]
-            ids.append(f.get_slice("ids")[row : row + 1])
-            lps.append(f.get_slice("logprobs")[row : row + 1])
-            tail.append(f.get_slice("tail")[row : row + 1])
+            ids.append(f.get_slice("ids")[row : row + 1, columns])
+            lps.append(f.get_slice("logprobs")[row : row + 1, columns])
+            tail.append(f.get_slice("tail")[row : row + 1, columns])
         return TopK(
             torch.cat(ids).to(device, torch.int64, non_blocking=True),
             torch.cat(lps).to(device, torch.float32, non_blocking=True),

@@ -48,8 +48,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -310,14 +312,19 @@ def _clip_gradients(student: Gemma2ForCausalLM, grad_clip: float) -> Tensor:
 
 
 def _accumulate_gradients(
-    loss_mod: _StudentLoss, micro: list[Batch], teacher: Teacher | None, alpha: float, rt: Runtime
-) -> tuple[float, Tensor]:
+    loss_mod: _StudentLoss, micro: list[Batch], teacher: Teacher | None, alpha: float, rt: Runtime,
+    flops_per_token: Callable[[int], float],
+) -> tuple[float, float, float, Tensor]:
     """Forward and backward over one step's micro-batches. The gradients left in the student are
     those of the mean loss over every counted token of every micro-batch on every rank.
-    Returns (counted tokens, [loss, kd_sum, ce_sum] summed over micro-batches and ranks)."""
+    flops_per_token(T): the model FLOPs per token of a row T wide (rows differ in width: prompts).
+    Returns (counted tokens, tokens in the rows, their model FLOPs, [loss, kd_sum, ce_sum]), each
+    summed over micro-batches and ranks."""
     # Count all micro-batches' tokens first (data targets are still on the host: no device sync).
-    counted = torch.tensor(float(sum(int((b.targets != IGNORE_INDEX).sum()) for b in micro)), device=rt.device)
-    n_counted = rt.all_reduce(counted).item()
+    work = torch.tensor([[float((b.targets != IGNORE_INDEX).sum()), b.inputs.numel(),
+                          b.inputs.numel() * flops_per_token(b.inputs.shape[1])] for b in micro],
+                        dtype=torch.float64, device=rt.device)  # fmt: skip
+    n_counted, n_tokens, flops = rt.all_reduce(work.sum(0)).tolist()
     if n_counted == 0:
         raise ValueError(f"a training batch has no counted tokens (every target is {IGNORE_INDEX})")
     # Each micro-batch's loss is its token SUM over this; FSDP then averages the ranks' gradients,
@@ -335,7 +342,7 @@ def _accumulate_gradients(
             teacher.release()
         loss.backward()
         sums += torch.stack([loss.detach(), st.kd_sum, st.ce_sum])
-    return n_counted, rt.all_reduce(sums)
+    return n_counted, n_tokens, flops, rt.all_reduce(sums)
 
 
 def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets, rt: Runtime) -> None:
@@ -399,7 +406,9 @@ def train(
 
     Returns this call's metrics, also appended to out_dir/metrics.jsonl (one JSON object a line):
       training, every step:  step, lr, loss, ce (None if alpha = 1), kd (None if alpha = 0),
-                             grad_norm, tokens, tokens_per_s (all devices), tokens_per_s_per_device,
+                             grad_norm, tokens (in the step's rows on all devices: prompt rows
+                             and sampled ones are cut to what each batch's rows reach),
+                             tokens_per_s (all devices), tokens_per_s_per_device,
                              mfu (model FLOPs utilisation, gemma2.throughput; None if the peak is unknown)
       with lmbda > 0 or seq_kd, every step also: on_policy_fraction (of the steps so far),
                              completion_len (mean sampled tokens per row; None on a step of data)
@@ -458,11 +467,10 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
 
     if cfg.eval_every and start_step == 0:
         evaluate(0, first=True)
-    tokens_per_step = cfg.batch_size * data.train.seq_len * cfg.grad_accum * rt.world
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not progress or not rt.is_main)
     train_teacher = kd_teacher if cfg.alpha > 0 else None  # alpha = 0: the teacher only evaluates
     live_teacher = train_teacher.model.config if train_teacher is not None and train_teacher.model is not None else None
-    flops_per_token = training_flops_per_token(student.config, data.train.seq_len, live_teacher)
+    flops_per_token = partial(training_flops_per_token, student.config, teacher=live_teacher)
     peak = cfg.peak_flops or peak_flops(rt.device, loss_mod.dtype)
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
@@ -470,7 +478,8 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = rollouts([next(loader) for _ in range(cfg.grad_accum)], step)
-        n_counted, sums = _accumulate_gradients(loss_mod, micro, train_teacher, cfg.alpha, rt)
+        n_counted, tokens, flops, sums = _accumulate_gradients(loss_mod, micro, train_teacher, cfg.alpha, rt,
+                                                               flops_per_token)  # fmt: skip
         norm = _clip_gradients(student, cfg.grad_clip)
         loss_sum, kd_sum, ce_sum, grad_norm = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()  # one sync
         loss_value = loss_sum / rt.world
@@ -479,16 +488,17 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        per_device = tokens_per_step / dt / rt.world
+        per_device = tokens / dt / rt.world
+        utilisation = mfu(flops / tokens, per_device, peak)
         log({
             "step": step + 1, "lr": lr, "loss": loss_value,
             "ce": ce_sum / n_counted if cfg.alpha < 1 else None,
             "kd": kd_sum / n_counted * cfg.temperature**2 if cfg.alpha > 0 else None,
-            "grad_norm": grad_norm, "tokens": tokens_per_step, "tokens_per_s": tokens_per_step / dt,
-            "tokens_per_s_per_device": per_device, "mfu": mfu(flops_per_token, per_device, peak),
+            "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / dt,
+            "tokens_per_s_per_device": per_device, "mfu": utilisation,
         } | rollouts.metrics(step, n_counted))  # fmt: skip
         bar.update(1)
-        util = "" if peak is None else f", mfu={mfu(flops_per_token, per_device, peak):.1%}"
+        util = "" if peak is None else f", mfu={utilisation:.1%}"
         util += rollouts.postfix(metrics.records[-1])
         bar.set_postfix_str(f"loss={loss_value:.4f}, tok/s/device={per_device:,.0f}{util}", refresh=False)
         done = step + 1 == cfg.steps

@@ -70,14 +70,23 @@ def test_rows_hold_each_prompt_right_aligned_and_count_only_its_completion(tmp_p
     P = max(len(p) for p, _ in pairs)
     assert data.heldout is None and len(rows) == 4 and rows.prompt_len == P and rows.seq_len == P + N - 1
     assert len(pairs[2][1]) > N  # the third completion is cut to N tokens
-    batch = rows.batch(range(4))
-    for b, (prompt, completion) in enumerate(pairs):
-        completion = completion[:N]
-        row = [tok.pad_id] * (P - len(prompt)) + prompt + completion + [tok.pad_id] * (N - len(completion))
-        counted = [P <= j < P + len(completion) for j in range(P + N)]
-        assert batch.inputs[b].tolist() == row[:-1]
-        assert batch.targets[b].tolist() == [t if c else IGNORE_INDEX for t, c in zip(row[1:], counted[1:])]
-        assert batch.valid[b].tolist() == [j >= P - len(prompt) for j in range(P + N - 1)]
+    # A batch spans its own longest prompt and completion: the whole layout for all four, fewer
+    # prompt columns for the two shortest prompts, and fewer completion columns too for the one
+    # short answer; it says where in the layout it starts.
+    assert len(pairs[3][0]) < len(pairs[0][0]) < len(pairs[1][0]) < P and len(pairs[1][1]) < N
+    for indices in ([0, 1, 2, 3], [3, 0], [1]):
+        batch = rows.batch(indices)
+        wide = max(len(pairs[i][0]) for i in indices)  # the batch's prompt columns
+        C = max(min(len(pairs[i][1]), N) for i in indices)  # its completion columns
+        assert batch.start == P - wide and batch.inputs.shape == (len(indices), wide + C - 1)
+        for b, i in enumerate(indices):
+            prompt, completion = pairs[i][0], pairs[i][1][:N]
+            row = [tok.pad_id] * (wide - len(prompt)) + prompt + completion + [tok.pad_id] * (C - len(completion))
+            counted = [wide <= j < wide + len(completion) for j in range(wide + C)]
+            assert batch.inputs[b].tolist() == row[:-1]
+            assert batch.targets[b].tolist() == [t if c else IGNORE_INDEX for t, c in zip(row[1:], counted[1:])]
+            assert batch.valid[b].tolist() == [j >= wide - len(prompt) for j in range(wide + C - 1)]
+    assert rows.batch([0, 1, 2, 3]).start == 0 and rows.batch([0, 1, 2, 3]).inputs.shape[1] == P + N - 1
     assert rows.has_completions and rows.stop_ids == (tok.eos_id, tok.end_of_turn_id)
 
 
@@ -87,7 +96,7 @@ def test_left_padding_changes_no_loss_and_no_gradient(tmp_path, tok, attention, 
     """The summed CE of a padded batch and its gradients equal the sums over each example run
     alone without padding (fp32, 1e-5); on CUDA through compiled FlexAttention, forward and backward."""
     rows = load_prompt_datasets([write_jsonl(tmp_path / "p.jsonl", EXAMPLES)], tok, N, holdout_fraction=0).train
-    batch = Batch(*(t.to(device) for t in rows.batch(range(4))))
+    batch = Batch(*(t.to(device) for t in rows.batch(range(4))[:4]))
     assert (~batch.valid).any(dim=1).sum() >= 2  # at least two rows are padded
 
     def ce_sum(m, inputs, targets, valid):
@@ -123,23 +132,33 @@ def test_sampling_from_padded_prompts_gives_each_prompt_its_own_completion(tmp_p
     uncached forwards; each stops at its first stop id (the model's eos or the given ones)."""
     rows = load_prompt_datasets([write_jsonl(tmp_path / "p.jsonl", EXAMPLES)], tok, N, holdout_fraction=0).train
     m = model(tok, 3).eval()
-    batch = rows.batch(range(4))
-    P = rows.prompt_len
+    rt = Runtime(0, 1, torch.device("cpu"), False)
     # Stop ids from the tokens the rows would sample anyway, so some rows stop early.
-    free = sample_completions(m, batch, P, N, 0.0, 0, Runtime(0, 1, torch.device("cpu"), False))
+    P = rows.prompt_len
+    free = sample_completions(m, rows.batch(range(4)), P, N, 0.0, 0, rt)
     stops = (int(free.inputs[0, P + 1]), int(free.inputs[1, P]))
-    out = sample_completions(m, batch, P, N, 0.0, 0, Runtime(0, 1, torch.device("cpu"), False), stop_ids=stops)
-    lengths = []
-    for b in range(4):
-        new = greedy_alone(m, batch.inputs[b, :P][batch.valid[b, :P]], N, (*stops, m.config.eos_token_id))
-        n = len(new)
-        lengths.append(n)
-        full = torch.cat([out.inputs[b], out.targets[b, -1:].clamp(min=0)])
-        assert full[P : P + n].tolist() == new
-        counted = out.targets[b] != IGNORE_INDEX
-        assert counted.tolist() == [P <= j + 1 < P + n for j in range(P + N - 1)]
-        assert torch.equal(out.valid[b], torch.cat([batch.valid[b, :P], torch.ones(N - 1, dtype=torch.bool)]))
-    assert min(lengths) < N  # the stop ids ended some rows
+    # All four rows; the two shortest prompts alone, a batch that starts inside the padding; two
+    # rows that both stop early, whose sampled rows end there.
+    longest = []
+    for indices in ([0, 1, 2, 3], [3, 0], [0, 1]):
+        batch = rows.batch(indices)
+        out = sample_completions(m, batch, rows.prompt_len, N, 0.0, 0, rt, stop_ids=stops)
+        P = rows.prompt_len - batch.start  # the batch's prompt columns
+        lengths = []
+        for b in range(len(indices)):
+            new = greedy_alone(m, batch.inputs[b, :P][batch.valid[b, :P]], N, (*stops, m.config.eos_token_id))
+            n = len(new)
+            lengths.append(n)
+            full = torch.cat([out.inputs[b], out.targets[b, -1:].clamp(min=0)])
+            assert full[P : P + n].tolist() == new
+            counted = out.targets[b] != IGNORE_INDEX
+            assert counted.tolist() == [P <= j + 1 < P + n for j in range(out.inputs.shape[1])]
+            sampled = torch.ones(out.inputs.shape[1] - P, dtype=torch.bool)
+            assert torch.equal(out.valid[b], torch.cat([batch.valid[b, :P], sampled]))
+        # The rows end with the last step any row took: no column of padding alone after them.
+        assert out.start == batch.start and out.inputs.shape[1] == P + max(lengths) - 1
+        longest.append(max(lengths))
+    assert batch.start > 0 and longest[0] == N > longest[-1]  # the stop ids ended some rows, or all
 
 
 def config(out: Path, **overrides) -> TrainConfig:
@@ -207,8 +226,9 @@ def test_evaluation_scores_the_file_and_the_students_own_completions(tmp_path, t
     assert metrics[0]["eval_kd"] == pytest.approx(kd / count, rel=1e-5)
     stops = (student.config.eos_token_id, *tok.stop_ids)
     kd, lengths = 0.0, []
+    P = chats.heldout.prompt_len - held.start  # the batch's prompt columns
     for b in range(len(held.inputs)):
-        prompt = held.inputs[b, : chats.heldout.prompt_len][held.valid[b, : chats.heldout.prompt_len]]
+        prompt = held.inputs[b, :P][held.valid[b, :P]]
         completion = greedy_alone(student, prompt, N, stops)
         row = torch.tensor([*prompt.tolist(), *completion])[None]
         with torch.no_grad():
@@ -431,4 +451,8 @@ def test_two_ranks_train_on_prompts_like_one_process(tmp_path):
     single = train(fsdp_train_config(tmp_path / "single", 4, **RANKED), student, _ranked_data(), teacher=teacher,
                    progress=False)  # fmt: skip
     assert any(m.get("completion_len") for m in single) and any("eval_kd" in m for m in single)
-    assert_same_metrics(sharded, single, rel=1e-5, abs=1e-6)
+    # Each rank cuts its own rows to their longest prompt and completion: fewer tokens than one
+    # process's batch of both ranks' rows, the same loss.
+    assert_same_metrics(sharded, single, rel=1e-5, abs=1e-6, skip=("tokens",))
+    steps = [(a["tokens"], b["tokens"]) for a, b in zip(sharded, single) if "tokens" in a]
+    assert all(a <= b for a, b in steps) and any(a < b for a, b in steps)

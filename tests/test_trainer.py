@@ -139,8 +139,10 @@ def test_gradient_accumulation_normalises_over_all_counted_tokens(tmp_path, data
     grads = []
     for micro in ([whole], halves):
         model = student()
-        n, sums = T._accumulate_gradients(T._StudentLoss(model, cfg, torch.float32, False), micro, kd_teacher, 0.5, rt)
-        assert n == 39
+        n, tokens, flops, sums = T._accumulate_gradients(T._StudentLoss(model, cfg, torch.float32, False), micro,
+                                                         kd_teacher, 0.5, rt, lambda width: 10.0 * width)  # fmt: skip
+        width = batch.inputs.shape[1]
+        assert n == 39 and tokens == 4 * width and flops == 4 * width * 10.0 * width
         grads.append(_grads(model))
     # Reference: full logits through plain autograd, one mean over the 39 counted tokens.
     model = student()
