@@ -80,6 +80,19 @@ def test_official_ckpt_loads_with_same_logits(twin, inputs, tmp_path):
     assert_same_logits(load_model(tmp_path / "model.ckpt", config=CFG), hf, inputs)
 
 
+def test_ckpt_in_the_format_before_torch_1_6_names_the_fix_and_the_fix_loads(twin, inputs, tmp_path):
+    """torch.save's old format cannot be memory-mapped: refused with the one-line re-save, which
+    then loads (not 'truncated or corrupt?')."""
+    hf, _ = twin
+    old = tmp_path / "old.ckpt"
+    torch.save({"model_state_dict": official_state(hf)}, old, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"old\.ckpt: saved in PyTorch's format from before 1\.6") as e:
+        load_model(old, config=CFG)
+    command = str(e.value).split("python -c ")[1].strip('"')
+    subprocess.run([sys.executable, "-c", command], cwd=tmp_path, check=True)
+    assert_same_logits(load_model(tmp_path / "model.ckpt", config=CFG), hf, inputs)
+
+
 def test_official_bin_shards_load(twin, inputs, tmp_path):
     hf, _ = twin
     state = official_state(hf)
