@@ -12,8 +12,10 @@ With `max_new_tokens` (on-policy distillation, gemma2.on_policy) the student's s
 micro-batch is traced too, after the step (the optimizer state alive, the gradients freed, as
 between the trainer's steps), through the trainer's own sampler (`student_sampler`: under FSDP2
 every unit gathered for the whole call; one process in mixed precision: a cast copy of the
-weights): its KV cache, the prompts' prefill and one decode step (later steps reuse the cache). A
-run needs the larger of the two peaks.
+weights): its KV cache, the prompts' prefill and one decode step (later steps reuse the cache).
+With `seq_kd` the live teacher's sampling is traced the same way, through `teacher_sampler` (in
+its own dtype, one Block gathered at a time): its KV cache is the teacher's, often the larger. A
+run needs the largest of the peaks.
 
 The peak is broken down by what the live bytes were at that moment: the student's parameters,
 gradients and optimizer state, the teacher's weights (all as this rank's shards), and the rest:
@@ -49,7 +51,7 @@ from .distributed import Runtime, local_shard
 from .dtypes import to_dtype
 from .kv_cache import KVCache
 from .model import Gemma2ForCausalLM
-from .on_policy import student_sampler
+from .on_policy import student_sampler, teacher_sampler
 from .teacher import Teacher
 from .trainer import TrainConfig, _clip_gradients, _prepare_student, _StudentLoss, build_optimizer
 
@@ -163,36 +165,47 @@ def _fake_world(world: int) -> Iterator[None]:
 
 
 @dataclass
+class Phase:
+    """One rank's memory over a traced sampling call between steps."""
+
+    at_peak: dict[str, int]  # category -> bytes alive at the call's peak (they sum to `peak`)
+    peak: int
+
+
+@dataclass
 class MemoryPlan:
-    """One rank's memory over a traced training step."""
+    """One rank's memory over a traced training step (and the sampling between steps)."""
 
     at_peak: dict[str, int]  # category -> bytes alive at the step's peak (they sum to `peak`)
     held: dict[str, int]  # category -> bytes held once the step is done (before zero_grad)
     peak: int  # the most tensor bytes alive at once on one rank
     largest_allocation: int  # the largest single tensor the step created
     world: int
-    sampling_at_peak: dict[str, int] | None = None  # the same for on-policy sampling (None: not traced)
-    sampling_peak: int = 0
+    phases: dict[str, Phase]  # "sampling" (the student's), "teacher sampling" (seq_kd): those traced
 
     def required(self) -> int:
-        """What a device needs: the larger traced peak (step or sampling) plus the CUDA context."""
-        return max(self.peak, self.sampling_peak) + CUDA_CONTEXT
+        """What a device needs: the largest traced peak (the step's or a sampling's) plus the CUDA context."""
+        return max([self.peak, *(phase.peak for phase in self.phases.values())]) + CUDA_CONTEXT
 
     def fits(self, device_bytes: float) -> bool:
         """True when the peak plus the CUDA context leaves MARGIN of the device free."""
         return self.required() <= (1 - MARGIN) * device_bytes
 
     def table(self, device_bytes: float | None = None) -> str:
-        """The plan as a text table (GiB per rank), with a verdict when `device_bytes` is given."""
-        sampling = self.sampling_at_peak or {}
-        head = f"{'GiB per rank, ' + str(self.world) + ' rank(s)':<30} {'at peak':>8} {'after step':>11}"
-        lines = [head + (f" {'sampling':>9}" if sampling else "")]
-        for name in {**self.at_peak, **sampling}:
-            cells = [self.at_peak.get(name), self.held.get(name)] + ([sampling.get(name)] if sampling else [])
-            lines.append(f"{name:<30} " + " ".join(f"{'-' if b is None else f'{b / GiB:.2f}':>{w}}"
-                                                    for b, w in zip(cells, (8, 11, 9))))  # fmt: skip
-        peaks = f"{self.peak / GiB:8.2f}" + (f" {'':>11} {self.sampling_peak / GiB:9.2f}" if sampling else "")
-        lines += [f"{'peak (traced tensors)':<30} {peaks}",
+        """The plan as a text table (GiB per rank), a column per traced phase, with a verdict when
+        `device_bytes` is given."""
+        phases = self.phases.values()
+        widths = [8, 11] + [max(9, len(name)) for name in self.phases]
+
+        def row(label: str, cells: list, missing: str = "-") -> str:
+            return f"{label:<30} " + " ".join(f"{missing if b is None else f'{b / GiB:.2f}':>{w}}"
+                                              for b, w in zip(cells, widths))  # fmt: skip
+
+        head = ["at peak", "after step", *self.phases]
+        lines = [f"{'GiB per rank, ' + str(self.world) + ' rank(s)':<30} " + " ".join(map(str.rjust, head, widths))]
+        for name in dict.fromkeys([*self.at_peak, *(name for phase in phases for name in phase.at_peak)]):
+            lines.append(row(name, [self.at_peak.get(name), self.held.get(name), *(p.at_peak.get(name) for p in phases)]))
+        lines += [row("peak (traced tensors)", [self.peak, None, *(p.peak for p in phases)], missing=""),
                   f"{'  largest single tensor':<30} {self.largest_allocation / GiB:8.2f}",
                   f"{'+ CUDA context':<30} {CUDA_CONTEXT / GiB:8.2f}",
                   f"{'= needed':<30} {self.required() / GiB:8.2f}"]  # fmt: skip
@@ -221,7 +234,7 @@ def training_step(
     teacher_cache_k: int | None = None,
     device_type: str = "cuda",
     started: Callable[[], None] = lambda: None,
-) -> tuple[torch.optim.AdamW, _StudentLoss]:
+) -> tuple[torch.optim.AdamW, _StudentLoss, Teacher | None]:
     """One optimizer step on one micro-batch through the trainer's own pieces: `_prepare_student`,
     the teacher (a live model; or, with teacher_cache_k, the TopK tensors a top-k cache hands the
     loss, a uniform distribution here: memory does not depend on the values; or neither), the chunked
@@ -229,8 +242,8 @@ def training_step(
 
     `plan_memory` traces it on fake tensors; scripts/bench_preset.py runs it on a device to measure
     the peak the plan predicts. `started()` is called once the set-up is done: the step's peak
-    begins there. Returns the optimizer (its state is part of the plan) and the student's loss
-    module (what `sampling_step` samples through)."""
+    begins there. Returns the optimizer (its state is part of the plan), the student's loss
+    module and the live teacher (what `sampling_step` samples through)."""
     loss_mod = _prepare_student(student, cfg, rt)
     source = Teacher(teacher, None, rt) if teacher is not None else None
     optimizer = build_optimizer(student, cfg, torch.device(device_type))
@@ -252,7 +265,7 @@ def training_step(
     del loss, src
     _clip_gradients(student, cfg.grad_clip)
     optimizer.step()
-    return optimizer, loss_mod
+    return optimizer, loss_mod, source
 
 
 @torch.inference_mode()
@@ -269,11 +282,15 @@ def _decode_start(model: Gemma2ForCausalLM, batch_size: int, prompt_len: int, ma
 
 
 def sampling_step(loss_mod: _StudentLoss, student: Gemma2ForCausalLM, rt: Runtime, batch_size: int,
-                  prompt_len: int, max_new_tokens: int, per_token: bool = False) -> KVCache:  # fmt: skip
-    """The start of one micro-batch's on-policy sampling through the trainer's own sampler
-    (gemma2.on_policy.student_sampler; per_token: TrainConfig.sample_sharded); returns the KV
-    cache it filled."""
-    sampler = student_sampler(loss_mod, student, _decode_start, per_token)
+                  prompt_len: int, max_new_tokens: int, per_token: bool = False,
+                  teacher: Teacher | None = None) -> KVCache:  # fmt: skip
+    """The start of one micro-batch's sampling through the trainer's own sampler: the student's
+    (gemma2.on_policy.student_sampler; per_token: TrainConfig.sample_sharded), or with `teacher`
+    the teacher's (seq_kd: teacher_sampler); returns the KV cache it filled."""
+    if teacher is not None:
+        sampler = teacher_sampler(teacher, _decode_start)
+    else:
+        sampler = student_sampler(loss_mod, student, _decode_start, per_token)
     return sampler(batch_size, prompt_len, max_new_tokens, rt.device)
 
 
@@ -294,6 +311,7 @@ def plan_memory(
     max_new_tokens: int = 0,
     prompt_len: int | None = None,
     sample_sharded: bool = False,
+    seq_kd: bool = False,
 ) -> MemoryPlan:
     """Trace one training step (one micro-batch, forward, backward, clip, AdamW) of the trainer on
     fake tensors on rank 0 of `world` and return its peak memory per rank.
@@ -307,7 +325,7 @@ def plan_memory(
     FlexAttention; neither keeps a score matrix for backward. max_new_tokens: on-policy, the student
     also samples that many tokens after prompt_len of each row (None: seq_len - max_new_tokens, the
     trainer's default); 0: nothing is sampled. sample_sharded: as TrainConfig's (FSDP2 gathers one
-    Block at a time while sampling)."""
+    Block at a time while sampling). seq_kd: the live teacher samples too (as many tokens)."""
     if teacher is not None and teacher_cache_k is not None:
         raise ValueError("pass a live teacher's config or a cache's k, not both")
     if seq_len < 1 or (teacher_cache_k is not None and teacher_cache_k < 1):
@@ -317,6 +335,8 @@ def plan_memory(
     if max_new_tokens < 0 or max_new_tokens and not 1 <= P <= seq_len + 1 - max_new_tokens:
         raise ValueError(f"max_new_tokens must be >= 0 and, with a prompt of >= 1 token, fit a row of seq_len "
                          f"{seq_len}; got {max_new_tokens} new tokens after a prompt of {P}")  # fmt: skip
+    if seq_kd and (teacher is None or not max_new_tokens):
+        raise ValueError("seq_kd samples from a live teacher: pass its config (--teacher) and max_new_tokens")
     cfg = step_config(batch_size, distilling=teacher is not None or teacher_cache_k is not None, dtype=dtype,
                       chunk_size=chunk_size, activation_checkpointing=activation_checkpointing)  # fmt: skip
     cpu = torch.device("cpu")
@@ -334,8 +354,9 @@ def plan_memory(
         if t_model is not None:
             t_model.to_empty(device=cpu)
         # The step's peak, not the set-up's (each rank builds the full models before sharding).
-        optimizer, loss_mod = training_step(model, cfg, rt, batch, teacher=t_model, teacher_cache_k=teacher_cache_k,
-                                            device_type=device_type, started=tracker.reset_peak)  # fmt: skip
+        optimizer, loss_mod, source = training_step(model, cfg, rt, batch, teacher=t_model,
+                                                    teacher_cache_k=teacher_cache_k, device_type=device_type,
+                                                    started=tracker.reset_peak)  # fmt: skip
         states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
         groups = {
             "student parameters": tracker.serials(model.parameters()),
@@ -345,15 +366,18 @@ def plan_memory(
         }
         held = {name: sum(tracker.live[k] for k in ids) for name, ids in groups.items()}
         at_peak = _breakdown(tracker, groups, "activations and transients")
-        peak, largest, sampling, sampling_peak = tracker.peak, tracker.largest, None, 0
-        if max_new_tokens:
-            optimizer.zero_grad(set_to_none=True)  # as the trainer does after each step
+        peak, largest, phases = tracker.peak, tracker.largest, {}
+        optimizer.zero_grad(set_to_none=True)  # as the trainer does after each step
+        # The student samples on-policy and in evaluation; with seq_kd the teacher too (one at a time).
+        samplers = ({"sampling": None} if max_new_tokens else {}) | ({"teacher sampling": source} if seq_kd else {})
+        for name, teacher_source in samplers.items():
             tracker.reset_peak()
-            cache = sampling_step(loss_mod, model, rt, batch_size, P, max_new_tokens, sample_sharded)
-            groups["KV cache"] = tracker.serials([*cache.keys, *cache.values])
-            sampling = _breakdown(tracker, groups, "sampling weights, transients")
-            sampling_peak = tracker.peak
-    return MemoryPlan(at_peak, held, peak, largest, world, sampling, sampling_peak)
+            cache = sampling_step(loss_mod, model, rt, batch_size, P, max_new_tokens, sample_sharded, teacher_source)
+            kv = tracker.serials([*cache.keys, *cache.values])
+            del cache  # freed before the next sampling, as each sampling call's cache is
+            phases[name] = Phase(_breakdown(tracker, groups | {"KV cache": kv}, "sampling weights, transients"),
+                                 tracker.peak)  # fmt: skip
+    return MemoryPlan(at_peak, held, peak, largest, world, phases)
 
 
 def _breakdown(tracker: _LiveBytes, groups: dict[str, set[int]], rest: str) -> dict[str, int]:
@@ -367,14 +391,14 @@ def suggestions(device_bytes: float, **run) -> list[str]:
     """For a run (plan_memory's keyword arguments) that does not fit `device_bytes`: the single
     changes that make it fit, each checked with its own plan. Of each kind the mildest is named:
     activation checkpointing, the largest smaller loss chunk, a teacher cache instead of a live
-    teacher, sampling with the student sharded (on-policy, several devices), the fewest devices
-    (powers of two up to 64)."""
+    teacher (when nothing is sampled: scoring samples needs the live one), sampling with the student
+    sharded (on-policy, several devices), the fewest devices (powers of two up to 64)."""
     kinds: list[list[tuple[str, dict]]] = []
     if not run.get("activation_checkpointing"):
         kinds.append([("--activation-checkpointing", {"activation_checkpointing": True})])
     chunks = [c for c in (512, 256, 128) if c < run.get("chunk_size", 1024)]
     kinds.append([(f"--chunk-size {c}", {"chunk_size": c}) for c in chunks])
-    if run.get("teacher") is not None:
+    if run.get("teacher") is not None and not run.get("max_new_tokens"):  # sampling needs the live teacher
         kinds.append([("a teacher cache (scripts/cache_teacher.py --k 32) instead of the live teacher",
                        {"teacher": None, "teacher_cache_k": 32})])  # fmt: skip
     if run.get("max_new_tokens") and run.get("world", 1) > 1 and not run.get("sample_sharded"):

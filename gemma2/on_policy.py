@@ -288,6 +288,13 @@ def student_sampler(
     return _as_forward(loss_mod, sampler, per_token)
 
 
+def teacher_sampler(teacher: Teacher, fn: Callable) -> Callable:
+    """`fn(model, ...)` with `model` the live teacher as seq_kd samples from it: in its own dtype
+    and, under FSDP2, one forward of its root with each Block gathered per new token (gathered
+    whole, the run's largest model would be held at once on every rank: a 27B, 50 GiB)."""
+    return _as_forward(teacher.root, partial(fn, teacher.model), True)
+
+
 class Rollouts:
     """The trainer's entry point: each step's micro-batches, replaced by sampled ones when the step
     is on-policy (or, with seq_kd, by the teacher's samples), and the metrics of that; and the
@@ -310,9 +317,7 @@ class Rollouts:
         sample = partial(sample_completions, stop_ids=stop_ids, compiled=cfg.compile_sampling)
         wanted = cfg.lmbda > 0 or self.evaluates
         self.sample_student = student_sampler(loss_mod, student, sample, cfg.sample_sharded) if wanted else None
-        # The teacher (seq_kd) gathers one Block per token: gathered whole it would hold the largest
-        # model's weights at once on every rank (a 27B: 50 GiB), which no plan accounts for.
-        self.sample_teacher = _as_forward(teacher.root, partial(sample, teacher.model), True) if cfg.seq_kd else None
+        self.sample_teacher = teacher_sampler(teacher, sample) if cfg.seq_kd else None
         self.on_policy_steps = sum(is_on_policy(cfg.seed, s, cfg.lmbda) for s in range(start_step))
         self.generated = False  # whether this step's rows were sampled
 

@@ -6,8 +6,8 @@
 --student and --teacher are presets, config.json files or checkpoint directories. Traces one step
 (forward, chunked loss, backward, clipping, AdamW) on fake tensors under a fake process group of
 --gpus ranks and prints a per-GPU table; with --max-new-tokens also the student's on-policy
-sampling after it (its own column); when the run does not fit, the single changes that would
-make it fit. Library: gemma2.memory_plan.plan_memory.
+sampling after it (its own column), and with --seq-kd the teacher's (another); when the run does
+not fit, the single changes that would make it fit. Library: gemma2.memory_plan.plan_memory.
 """
 
 import argparse
@@ -38,6 +38,8 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, help="with --max-new-tokens: prompt tokens per row (default: seq-len "
                    "minus max-new-tokens)")  # fmt: skip
     p.add_argument("--sample-sharded", action="store_true", help="with --max-new-tokens: as scripts/distill.py's")
+    p.add_argument("--seq-kd", action="store_true",
+                   help="with --teacher and --max-new-tokens: the teacher samples too (as scripts/distill.py's)")
     args = p.parse_args()
 
     if args.gpus < 1 or args.gpu_memory <= 0:
@@ -47,7 +49,7 @@ def main() -> int:
                world=args.gpus, dtype=args.dtype, teacher_dtype=args.teacher_dtype,
                activation_checkpointing=args.activation_checkpointing, chunk_size=args.chunk_size,
                max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len,
-               sample_sharded=args.sample_sharded)  # fmt: skip
+               sample_sharded=args.sample_sharded, seq_kd=args.seq_kd)  # fmt: skip
     device_bytes = args.gpu_memory * 1e9
     plan = plan_memory(**run)
     print(plan.table(device_bytes))

@@ -100,9 +100,10 @@ SAMPLER_TEACHER = SAMPLER.replace(hidden_size=640, intermediate_size=2560, num_h
 SAMPLING = dict(seq_len=64, prompt_len=32, max_new_tokens=8, batch_size=4)
 
 
-def _measure_sampling(rank: int, world: int, dtype: str, sample_sharded: bool, tmp: str) -> None:
-    """One rank: two on-policy steps (lmbda 1) with the live teacher; the peak RSS growth during
-    the second step's sampling (the optimizer state alive, as the plan traces it)."""
+def _measure_sampling(rank: int, world: int, dtype: str, sample_sharded: bool, seq_kd: bool, tmp: str) -> None:
+    """One rank: two on-policy steps (lmbda 1) with the live teacher, or with seq_kd two steps on
+    the teacher's samples (lmbda 0); the peak RSS growth during the second step's sampling (the
+    optimizer state alive, as the plan traces it)."""
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
@@ -127,9 +128,9 @@ def _measure_sampling(rank: int, world: int, dtype: str, sample_sharded: bool, t
         data = Datasets(PackedSequences(tokens.astype(np.int32), T), None)
         student = init_weights(Gemma2ForCausalLM(student_cfg))
         teacher = init_weights(Gemma2ForCausalLM(teacher_cfg or student_cfg)).to(torch.bfloat16)
-        cfg = trainer.TrainConfig(out_dir=f"{tmp}/{name}", steps=2, batch_size=B, eval_every=0, lmbda=1.0,
-                                  max_new_tokens=N, prompt_len=P, dtype=dtype, device="cpu",
-                                  sample_sharded=sample_sharded)  # fmt: skip
+        cfg = trainer.TrainConfig(out_dir=f"{tmp}/{name}", steps=2, batch_size=B, eval_every=0,
+                                  lmbda=0.0 if seq_kd else 1.0, seq_kd=seq_kd, max_new_tokens=N, prompt_len=P,
+                                  dtype=dtype, device="cpu", sample_sharded=sample_sharded)  # fmt: skip
         trainer.train(cfg, student, data, teacher=teacher, progress=False)
 
     run(tiny_training_config(max_position_embeddings=T), "warm-up")  # see _measure
@@ -142,20 +143,24 @@ def _measure_sampling(rank: int, world: int, dtype: str, sample_sharded: bool, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, dtype, sample_sharded", [(1, "fp32", False), (1, "bf16", False), (2, "fp32", False),
-                                                          (2, "fp32", True)])  # fmt: skip
-def test_sampling_plan_is_within_10_percent_of_the_measured_peak(tmp_path, monkeypatch, world, dtype, sample_sharded):
+@pytest.mark.parametrize("world, dtype, sample_sharded, seq_kd", [
+    (1, "fp32", False, False), (1, "bf16", False, False), (2, "fp32", False, False), (2, "fp32", True, False),
+    (1, "fp32", False, True), (2, "fp32", False, True)])  # fmt: skip
+def test_sampling_plan_is_within_10_percent_of_the_measured_peak(tmp_path, monkeypatch, world, dtype, sample_sharded,
+                                                                 seq_kd):  # fmt: skip
     """On-policy sampling's peak (one process: the student itself, or in bf16 a cast copy; two ranks:
-    the whole student gathered, or one Block at a time) against the plan's, as the step's above."""
+    the whole student gathered, or one Block at a time), or the teacher's (seq_kd: in its own
+    dtype, one Block at a time on two ranks), against the plan's, as the step's above."""
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(256 * 1024))
-    mp.spawn(_measure_sampling, args=(world, dtype, sample_sharded, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_measure_sampling, args=(world, dtype, sample_sharded, seq_kd, str(tmp_path)), nprocs=world, join=True)
     measured = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in range(world)]
     plan = plan_memory(SAMPLER, teacher=SAMPLER_TEACHER, world=world, dtype=dtype, teacher_dtype="bf16",
-                       device_type="cpu", sample_sharded=sample_sharded, **SAMPLING)  # fmt: skip
-    assert plan.sampling_at_peak is not None
+                       device_type="cpu", sample_sharded=sample_sharded, seq_kd=seq_kd, **SAMPLING)  # fmt: skip
+    phase = plan.phases["teacher sampling" if seq_kd else "sampling"]
+    assert list(plan.phases) == ["sampling", "teacher sampling"][: 1 + seq_kd]
     for m in measured:
-        assert abs(plan.sampling_peak - m) <= 0.10 * m, (
-            f"planned {plan.sampling_peak / GiB:.3f} GiB, measured {m / GiB:.3f} GiB", plan.sampling_at_peak)
+        assert abs(phase.peak - m) <= 0.10 * m, (
+            f"planned {phase.peak / GiB:.3f} GiB, measured {m / GiB:.3f} GiB", phase.at_peak)
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -181,13 +186,44 @@ def test_sampling_that_does_not_fit_gathered_is_suggested_sharded():
     run = dict(student=cfg, seq_len=32, batch_size=2, world=4, dtype="fp32", device_type="cpu",
                activation_checkpointing=True, max_new_tokens=16)  # fmt: skip
     gathered, sharded = plan_memory(**run), plan_memory(**run, sample_sharded=True)
-    assert gathered.sampling_peak > max(gathered.peak, sharded.sampling_peak)
+    assert gathered.phases["sampling"].peak > max(gathered.peak, sharded.phases["sampling"].peak)
     # Every Block's fp32 weights are alive at the gathered peak, on top of this rank's state.
     blocks = sum(p.numel() for p in Gemma2ForCausalLM(cfg).model.layers.parameters()) * 4
-    assert gathered.sampling_at_peak["sampling weights, transients"] >= blocks
+    assert gathered.phases["sampling"].at_peak["sampling weights, transients"] >= blocks
     device = (gathered.required() + sharded.required()) / 2 / (1 - MARGIN)  # between the two
     assert not gathered.fits(device) and sharded.fits(device)
     assert "--sample-sharded" in suggestions(device, **run)
+
+
+def test_seq_kd_traces_the_teachers_sampling_with_the_teachers_kv_cache():
+    """seq_kd adds a column: the teacher's KV cache, in its dtype and of its layers (its local
+    layers' rings hold the window), counted by hand; a run that samples is never told to use a
+    teacher cache (scoring samples needs the live teacher)."""
+    student = tiny_training_config(max_position_embeddings=64)
+    teacher = student.replace(num_hidden_layers=6, num_key_value_heads=4, head_dim=32)
+    B, P, N = 3, 20, 12
+    plan = plan_memory(student, teacher=teacher, seq_len=P + N, batch_size=B, dtype="fp32", teacher_dtype="bf16",
+                       device_type="cpu", max_new_tokens=N, prompt_len=P, seq_kd=True)  # fmt: skip
+
+    def kv_bytes(cfg, itemsize: int) -> int:
+        columns = [min(cfg.sliding_window, P + N) if i % 2 == 0 else P + N for i in range(cfg.num_hidden_layers)]
+        return 2 * B * cfg.num_key_value_heads * cfg.head_dim * itemsize * sum(columns)  # keys and values
+
+    assert student.sliding_window < P + N and student.is_local(0) and not student.is_local(1)
+    assert list(plan.phases) == ["sampling", "teacher sampling"]
+    assert plan.phases["sampling"].at_peak["KV cache"] == kv_bytes(student, 4)  # fp32: sampled as it is
+    assert plan.phases["teacher sampling"].at_peak["KV cache"] == kv_bytes(teacher, 2)
+    assert "teacher sampling" in plan.table()
+    with pytest.raises(ValueError, match="seq_kd samples from a live teacher"):
+        plan_memory(student, seq_len=P + N, batch_size=B, max_new_tokens=N, seq_kd=True, device_type="cpu")
+    # A wide teacher whose cache would fit where the live one does not: suggested unless sampling.
+    wide = teacher.replace(hidden_size=512, intermediate_size=4096)
+    tight = dict(student=student, seq_len=P + N, batch_size=B, dtype="fp32", device_type="cpu")
+    live, cached = plan_memory(**tight, teacher=wide), plan_memory(**tight, teacher_cache_k=32)
+    device = (live.required() + cached.required()) / 2 / (1 - MARGIN)
+    tight["teacher"] = wide
+    assert not live.fits(device) and any("teacher cache" in s for s in suggestions(device, **tight))
+    assert not any("teacher cache" in s for s in suggestions(device, **tight, max_new_tokens=N))
 
 
 def test_script_prints_the_table_and_suggests_what_fits(tmp_path):
