@@ -204,7 +204,8 @@ class MemoryPlan:
         head = ["at peak", "after step", *self.phases]
         lines = [f"{'GiB per rank, ' + str(self.world) + ' rank(s)':<30} " + " ".join(map(str.rjust, head, widths))]
         for name in dict.fromkeys([*self.at_peak, *(name for phase in phases for name in phase.at_peak)]):
-            lines.append(row(name, [self.at_peak.get(name), self.held.get(name), *(p.at_peak.get(name) for p in phases)]))
+            cells = [self.at_peak.get(name), self.held.get(name), *(phase.at_peak.get(name) for phase in phases)]
+            lines.append(row(name, cells))
         lines += [row("peak (traced tensors)", [self.peak, None, *(p.peak for p in phases)], missing=""),
                   f"{'  largest single tensor':<30} {self.largest_allocation / GiB:8.2f}",
                   f"{'+ CUDA context':<30} {CUDA_CONTEXT / GiB:8.2f}",

@@ -11,7 +11,7 @@ The settings are TrainConfig's and carry the names of TRL's GKDTrainer:
   the objective are the trainer's (gemma2.distill).
 
 Prompts come from the packed training rows: each row's first prompt_len tokens (None: seq_len -
-max_new_tokens, so a generated row is as long as a data row); or, from a prompt dataset
+max_new_tokens, so a generated row is at most as long as a data row); or, from a prompt dataset
 (gemma2.prompts), each row's left-padded prompt, sampled with its padding mask, stopped also by the
 tokenizer's stop ids (`<end_of_turn>` for chats). The new row is the prompt followed by up to
 max_new_tokens sampled tokens, the batch's rows ending at the step where every row on every rank

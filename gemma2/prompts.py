@@ -1,5 +1,5 @@
 """Prompt datasets for on-policy distillation: prompts (and optional reference completions) from
-JSON Lines files, as fixed-width, left-padded training rows.
+JSON Lines files, as left-padded training rows of one layout, each batch cut to what its rows reach.
 
 Each line of a `.jsonl` file is one example, in one of TRL's two forms:
 - `{"prompt": str, "completion": str}`: plain text. The prompt is encoded with bos, the completion
@@ -13,7 +13,7 @@ only be trained on-policy or on the teacher's samples (lmbda = 1, or seq_kd).
 Row layout, P = prompt_len and N = max_new_tokens: a row holds P + N tokens, its prompt
 right-aligned in the first P columns (left padding, marked invalid so no query attends to it and
 RoPE positions start at the first real token) and its completion from column P, cut to N tokens
-and padded after its end. A batch's inputs are columns 0 .. P + N - 2 and its targets columns
+and padded after its end. The layout's inputs are columns 0 .. P + N - 2 and its targets columns
 1 .. P + N - 1, counted (`!= IGNORE_INDEX`) exactly on the completion; so seq_len = P + N - 1,
 the width of the rows gemma2.on_policy samples from these prompts. Padding after the completion
 stays valid: causal attention keeps it out of every counted position. A batch holds only the

@@ -1,5 +1,6 @@
 """An offline teacher: its top-k next-token log-probs for every packed sequence (or every row of a
-prompt dataset, gemma2.prompts: padding masked, stored but never read), run once.
+prompt dataset, gemma2.prompts: padding masked, and stored as zeros where a batch of the rows
+stopped short of the layout; the loss reads neither), run once.
 
 Distilling from a cache costs no teacher forward per step and no teacher memory, at the price of
 keeping k of the V probabilities (plus one bucket for the rest: gemma2.distill.topk_kd_loss).

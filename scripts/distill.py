@@ -130,8 +130,9 @@ def main(args: argparse.Namespace) -> int:
     if rank == 0:
         n = sum(p.numel() for p in student.parameters())
         held = len(data.heldout) if data.heldout is not None else 0
+        width = f"{'up to ' if args.prompts else ''}{data.train.seq_len}"  # prompt rows: cut per batch
         print(f"student {args.student}: {n / 1e6:.2f} M parameters; data: {len(data.train)} training and "
-              f"{held} held-out sequences of {data.train.seq_len} tokens", file=sys.stderr)  # fmt: skip
+              f"{held} held-out sequences of {width} tokens", file=sys.stderr)  # fmt: skip
         if data.heldout is None and args.eval_every:
             print("note: no held-out split (--holdout-fraction 0, or a token file made without one): no "
                   "evaluation", file=sys.stderr)  # fmt: skip

@@ -8,6 +8,8 @@ eager reference's own fp32 rounding moves the logits by 1.1e-5 (eager fp32 again
 an fp32 model comparison at 1e-5 would measure summation order, not the kernel.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -144,6 +146,26 @@ def test_compiled_flex_kernel_matches_eager_on_cpu(window):
     want = eager(q, k, v, may_attend(cols, cols, window=window, key_valid=valid), 0.35, 2.0)
     got = flex(q, k, v, flex_block_mask(cols, cols, window, valid), 0.35, 2.0, compiled=True)
     assert ((got - want) * valid[:, None, :, None]).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_flex_stays_compiled_past_dynamos_recompile_limit(monkeypatch):
+    """Each batch size is a shape the kernel is compiled for; prompt rows cut per batch make
+    several per run. Dynamo's limit (1 here, 8 by default) must not send the kernel to flex's
+    unfused fallback, which holds the whole score matrix (torch warns when it runs)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    g = torch.Generator().manual_seed(4)
+    H, KV, T, hd = 4, 2, 29, 8
+    cols = torch.arange(T)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for B in (1, 2, 3):
+            q, k, v = (torch.randn(B, n, T, hd, generator=g) for n in (H, KV, KV))
+            valid = torch.ones(B, T, dtype=torch.bool)
+            want = eager(q, k, v, may_attend(cols, cols, window=7, key_valid=valid), 0.35, 2.0)
+            got = flex(q, k, v, flex_block_mask(cols, cols, 7, valid), 0.35, 2.0, compiled=True)
+            assert (got - want).abs().max() <= 1e-5
+    assert not [w for w in caught if "without torch.compile" in str(w.message)]
 
 
 @pytest.mark.cuda
