@@ -11,9 +11,12 @@ and the addresses of the one before, and torch.compile traces it without a posit
 with CUDA graphs (`mode="reduce-overhead"`, every buffer marked static), on CPU with inductor,
 which fuses the element-wise work between the matmuls. Dynamo traces the first request's shapes as
 they are; another batch size or cache length traces once more with them symbolic (once for
-batch 1, once for larger batches): three traces for the test's requests of five shapes. On CUDA each new cache
-is recorded as a new graph (its buffers are new addresses); a long-running server should keep its
-sessions rather than open one per request.
+batch 1, once for larger batches): three traces for the test's requests of five shapes. Models of
+one config share the traces (the weights are inputs: five models, one trace); each other config is
+traced anew (its layers unrolled), and past dynamo's limit of 8 traces per process
+(`torch._dynamo.config.recompile_limit`) the step runs eagerly: as exact, a few percent slower. On
+CUDA each new cache is recorded as a new graph (its buffers are new addresses); a long-running
+server should keep its sessions rather than open one per request.
 
 Measured on 2 CPU threads, the benchmark config (150M parameters, bf16, ~1050 positions), one
 process, interleaved rounds: 15.1 against 16.4 ms a step eager (8%), and 18.8 against 19.8 (5%)
