@@ -14,7 +14,7 @@ they are; another batch size or cache length traces once more with them symbolic
 batch 1, once for larger batches): three traces for the test's requests of five shapes. Models of
 one config share the traces (the weights are inputs: five models, one trace); each other config is
 traced anew (its layers unrolled), and past dynamo's limit of 8 traces per process
-(`torch._dynamo.config.recompile_limit`) the step runs eagerly: as exact, a few percent slower. On
+(`torch._dynamo.config.recompile_limit`) the step runs eagerly: as exact, without the speed-up. On
 CUDA each new cache is recorded as a new graph (its buffers are new addresses); a long-running
 server should keep its sessions rather than open one per request.
 
