@@ -278,7 +278,8 @@ def prompt_datasets(train: Examples, heldout: Examples | None, tokenizer: Tokeni
     if padding(prompt_len) > 0.5 and shorter < prompt_len:
         hint = (f"; prompt_len {shorter} would keep {np.mean(lengths <= shorter):.1%} of the examples, with "
                 f"{padding(shorter):.0%} padding")  # fmt: skip
-    say(f"prompts: rows of prompt_len {prompt_len} + max_new_tokens {max_new_tokens} tokens; the prompts' median "
-        f"length is {int(np.median(lengths))}, so about {padding(prompt_len):.0%} of the prompt columns are padding "
-        f"(prompt_len sets it){hint}")  # fmt: skip
+    say(f"prompts: rows of prompt_len {prompt_len} + max_new_tokens {max_new_tokens} tokens, each batch cut to its "
+        f"longest prompt and completion; the prompts' median length is {int(np.median(lengths))}, so about "
+        f"{padding(prompt_len):.0%} of the layout's prompt columns are padding (paid for by a batch that holds the "
+        f"longest prompt, the memory plan and a teacher cache){hint}")  # fmt: skip
     return Datasets(splits["training"], splits["held-out"])

@@ -149,15 +149,15 @@ def test_compiled_flex_kernel_matches_eager_on_cpu(window):
 
 
 @pytest.mark.slow
-def test_compiled_flex_stays_compiled_past_dynamos_recompile_limit(monkeypatch):
+def test_compiled_flex_stays_compiled_past_dynamos_recompile_limit():
     """Each batch size is a shape the kernel is compiled for; prompt rows cut per batch make
     several per run. Dynamo's limit (1 here, 8 by default) must not send the kernel to flex's
     unfused fallback, which holds the whole score matrix (torch warns when it runs)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     g = torch.Generator().manual_seed(4)
     H, KV, T, hd = 4, 2, 29, 8
     cols = torch.arange(T)
-    with warnings.catch_warnings(record=True) as caught:
+    # config.patch, not monkeypatch: undoing a monkeypatch deletes the setting, which hides it.
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for B in (1, 2, 3):
             q, k, v = (torch.randn(B, n, T, hd, generator=g) for n in (H, KV, KV))
