@@ -28,6 +28,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .compiling import with_more_traces
 from torch.utils.checkpoint import checkpoint
 
 from .masks import keep
@@ -116,26 +118,11 @@ def _capped(cap: float) -> Callable:
     return score_mod
 
 
-# Shapes the compiled kernel may be specialised to in one process: each (batch size, length
-# bucket, heads, head_dim, dtype, grad mode) is one. A distillation run on prompts sees a few of
-# each of the student's training, the teacher's forward and the sampler's prefill (rows are cut per
-# batch, gemma2.prompts): past dynamo's default of 8, flex_attention would run unfused, holding the
-# whole score matrix.
-FLEX_SHAPES = 64
-
-
 @functools.cache
 def _compiled_flex() -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
-    compiled = torch.compile(flex_attention, dynamic=False)
-
-    @functools.wraps(flex_attention)
-    def kernel(*args, **kwargs):
-        with torch._dynamo.config.patch(recompile_limit=max(FLEX_SHAPES, torch._dynamo.config.recompile_limit)):
-            return compiled(*args, **kwargs)
-
-    return kernel
+    return with_more_traces(torch.compile(flex_attention, dynamic=False))
 
 
 def flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, cap: float, *, compiled: bool) -> Tensor:

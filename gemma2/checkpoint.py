@@ -125,14 +125,15 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
             yield name, f.get_tensor(name)
 
 
-# How torch.save's format from before PyTorch 1.6 (not a zip archive) begins: its magic number pickled.
+# How torch.save's format from before PyTorch 1.6 (not a zip archive) begins, in its default pickle
+# protocol 2 (the only one torch.load's weights_only reader takes): its magic number pickled.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
-def _starts_with(file: Path, prefix: bytes) -> bool:
+def _is_legacy_torch_save(file: Path) -> bool:
     try:
         with open(file, "rb") as f:
-            return f.read(len(prefix)) == prefix
+            return f.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
     except OSError:
         return False
 
@@ -142,11 +143,12 @@ def _load_pickle(file: Path) -> dict[str, Tensor]:
         # weights_only: never unpickle arbitrary objects; mmap: never hold two copies.
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        if _starts_with(file, _LEGACY_MAGIC):
+        if _is_legacy_torch_save(file):
+            new = file.with_name(file.stem + ".resaved.ckpt")
             raise CheckpointError(
                 f"{file}: saved in PyTorch's format from before 1.6, which cannot be memory-mapped (checkpoints "
-                "are read in place, never copied whole into memory); save it again in the current format: "
-                f"python -c \"import torch; torch.save(torch.load('{file}', weights_only=True), 'model.ckpt')\""
+                "are read in place, never copied whole into memory); save it again in the current format and "
+                f"load that: python -c \"import torch; torch.save(torch.load('{file}', weights_only=True), '{new}')\""
             ) from e
         raise CheckpointError(f"{file}: cannot read PyTorch checkpoint ({e}); is it truncated or corrupt?") from e
     state = obj.get("model_state_dict", obj) if isinstance(obj, dict) else None

@@ -14,8 +14,10 @@ between the trainer's steps), through the trainer's own sampler (`student_sample
 every unit gathered for the whole call; one process in mixed precision: a cast copy of the
 weights): its KV cache, the prompts' prefill and one decode step (later steps reuse the cache).
 With `seq_kd` the live teacher's sampling is traced the same way, through `teacher_sampler` (in
-its own dtype, one Block gathered at a time): its KV cache is the teacher's, often the larger. A
-run needs the largest of the peaks.
+its own dtype, one Block gathered at a time): its KV cache is the teacher's, often the larger. It
+is traced after the student's, as it runs in the first step after an evaluation: FSDP2 keeps the
+root of the student (its embedding) gathered after a forward without backward. A run needs the
+largest of the peaks.
 
 The peak is broken down by what the live bytes were at that moment: the student's parameters,
 gradients and optimizer state, the teacher's weights (all as this rank's shards), and the rest:
@@ -337,7 +339,8 @@ def plan_memory(
         raise ValueError(f"max_new_tokens must be >= 0 and, with a prompt of >= 1 token, fit a row of seq_len "
                          f"{seq_len}; got {max_new_tokens} new tokens after a prompt of {P}")  # fmt: skip
     if seq_kd and (teacher is None or not max_new_tokens):
-        raise ValueError("seq_kd samples from a live teacher: pass its config (--teacher) and max_new_tokens")
+        raise ValueError("seq_kd samples from a live teacher: pass its config (--teacher) and how many tokens "
+                         "it samples (--max-new-tokens)")
     cfg = step_config(batch_size, distilling=teacher is not None or teacher_cache_k is not None, dtype=dtype,
                       chunk_size=chunk_size, activation_checkpointing=activation_checkpointing)  # fmt: skip
     cpu = torch.device("cpu")
@@ -375,7 +378,7 @@ def plan_memory(
             tracker.reset_peak()
             cache = sampling_step(loss_mod, model, rt, batch_size, P, max_new_tokens, sample_sharded, teacher_source)
             kv = tracker.serials([*cache.keys, *cache.values])
-            del cache  # freed before the next sampling, as each sampling call's cache is
+            del cache  # freed before the next sampling (what FSDP2 left gathered stays: see the docstring)
             phases[name] = Phase(_breakdown(tracker, groups | {"KV cache": kv}, "sampling weights, transients"),
                                  tracker.peak)  # fmt: skip
     return MemoryPlan(at_peak, held, peak, largest, world, phases)

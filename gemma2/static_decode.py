@@ -13,8 +13,7 @@ which fuses the element-wise work between the matmuls. Dynamo traces the first r
 they are; another batch size or cache length traces once more with them symbolic (once for
 batch 1, once for larger batches): three traces for the test's requests of five shapes. Models of
 one config share the traces (the weights are inputs: five models, one trace); each other config is
-traced anew (its layers unrolled), and past dynamo's limit of 8 traces per process
-(`torch._dynamo.config.recompile_limit`) the step runs eagerly: as exact, without the speed-up. On
+traced anew (its layers unrolled), up to 64 traces per process (gemma2.compiling). On
 CUDA each new cache is recorded as a new graph (its buffers are new addresses); a long-running
 server should keep its sessions rather than open one per request.
 
@@ -39,6 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .compiling import with_more_traces
 from .kv_cache import KVCache
 from .masks import Columns, ring_columns
 
@@ -83,7 +83,7 @@ _compiled: dict[str, object] = {}  # one compiled step per device type: dynamo k
 def _compiled_step(device: torch.device):
     if device.type not in _compiled:
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs
-        _compiled[device.type] = torch.compile(_step, mode=mode, fullgraph=True)
+        _compiled[device.type] = with_more_traces(torch.compile(_step, mode=mode, fullgraph=True))
     return _compiled[device.type]
 
 

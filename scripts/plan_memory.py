@@ -55,8 +55,10 @@ def main() -> int:
     print(plan.table(device_bytes))
     if not plan.fits(device_bytes):
         found = suggestions(device_bytes, **run)
-        print("would fit with: " + ("; ".join(found) if found else "none of checkpointing, a smaller chunk, "
-                                    "a teacher cache or up to 64 GPUs alone: combine them"), file=sys.stderr)  # fmt: skip
+        tried = "checkpointing, a smaller chunk, " + ("" if args.max_new_tokens else "a teacher cache, ")
+        tried += "--sample-sharded, " if args.max_new_tokens and args.gpus > 1 and not args.sample_sharded else ""
+        print("would fit with: " + ("; ".join(found) if found else f"none of {tried}or up to 64 GPUs alone: "
+                                    "combine them"), file=sys.stderr)  # fmt: skip
         return 1
     return 0
 

@@ -90,7 +90,7 @@ def test_ckpt_in_the_format_before_torch_1_6_names_the_fix_and_the_fix_loads(twi
         load_model(old, config=CFG)
     command = str(e.value).split("python -c ")[1].strip('"')
     subprocess.run([sys.executable, "-c", command], cwd=tmp_path, check=True)
-    assert_same_logits(load_model(tmp_path / "model.ckpt", config=CFG), hf, inputs)
+    assert_same_logits(load_model(tmp_path / "old.resaved.ckpt", config=CFG), hf, inputs)
 
 
 def test_official_bin_shards_load(twin, inputs, tmp_path):

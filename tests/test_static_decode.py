@@ -23,6 +23,23 @@ def model():
     return m
 
 
+@pytest.mark.slow
+def test_compiled_steps_of_many_configs_stay_compiled_past_dynamos_trace_limit():
+    """One compiled step serves every model; each config is a trace of its own. Past dynamo's
+    limit (1 here, 8 by default) a fullgraph step would raise: the step keeps its own limit."""
+    before = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(cache_size_limit=1), torch.no_grad():
+        for layers in (5, 6):  # layer counts no other test compiles
+            cfg = CFG.replace(num_hidden_layers=layers)
+            m = Gemma2ForCausalLM(cfg).eval()
+            randomize_(m, seed=7)
+            ids, mask = left_padded([11, 6], cfg.vocab_size, seed=3)
+            want = generate(m, ids, attention_mask=mask, max_new_tokens=4, stop_token_ids=())
+            got = generate(m, ids, attention_mask=mask, max_new_tokens=4, stop_token_ids=(), compiled=True)
+            assert torch.equal(got, want)
+    assert counters["stats"]["unique_graphs"] - before >= 2
+
+
 def test_static_steps_equal_a_forward_without_cache(model):
     """Left-padded rows, decoding 4 windows past W: each step's logits against a full forward of
     the sequence so far (the reference), through the static view run eagerly."""
