@@ -239,11 +239,23 @@ class BatchLoader:
     size resumes at the same place with another (as long as the global batch divides evenly).
     Sequences left over at the end of an epoch (fewer than a global batch) are skipped that epoch;
     the next permutation puts different ones there.
+
+    group > 0 (rows of different lengths: gemma2.prompts, whose batches are cut to their rows):
+    within each run of `group` rows of the permutation, the rows go longest first, so a batch holds
+    rows of like lengths and little padding (TRL's group_by_length, with a run fixed in rows, so the
+    order does not depend on how a step's rows are split into ranks and micro-batches). The steps
+    of a run go from its longest rows to its shortest.
     """
 
-    def __init__(self, data: Rows, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, data: Rows, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 group: int = 0) -> None:  # fmt: skip
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if group < 0:
+            raise ValueError(f"group must be >= 0 rows (0: no grouping by length), got {group}")
+        if group and not hasattr(data, "lengths"):
+            raise ValueError("grouping by length needs rows of different lengths (a prompt dataset, --prompts); "
+                             "packed rows are all seq_len long: drop group_by_length (--group-by-length)")  # fmt: skip
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size = {world_size})")
         self.global_batch = batch_size * world_size
@@ -253,14 +265,20 @@ class BatchLoader:
                 f"{batch_size} x {world_size} ranks); lower the batch size, or add data (for packed text, "
                 "a lower seq_len makes more rows)"
             )
-        self.data, self.batch_size, self.seed, self.rank = data, batch_size, seed, rank
+        self.data, self.batch_size, self.seed, self.rank, self.group = data, batch_size, seed, rank, group
         self.epoch, self.offset = 0, 0
         self._perm: np.ndarray | None = None  # the permutation of self.epoch, built lazily
 
     def _permutation(self) -> np.ndarray:
         if self._perm is None:
             # SeedSequence([seed, epoch]) keeps the streams of different (seed, epoch) pairs apart.
-            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data))
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data))
+            if self.group:
+                lengths = self.data.lengths()[perm]
+                for lo in range(0, len(perm), self.group):
+                    run = slice(lo, lo + self.group)
+                    perm[run] = perm[run][np.argsort(-lengths[run], kind="stable")]
+            self._perm = perm
         return self._perm
 
     def __iter__(self) -> Iterator[Batch]:

@@ -187,6 +187,11 @@ class PromptRows:
     def __len__(self) -> int:
         return len(self.prompt_lens)
 
+    def lengths(self) -> np.ndarray:
+        """Each row's tokens, prompt and completion (cut to max_new_tokens): what its batch's width
+        follows (gemma2.data.BatchLoader groups by it)."""
+        return self.prompt_lens + self.completion_lens
+
     @property
     def has_completions(self) -> bool:
         """Whether every example has a reference completion to train on off-policy."""

@@ -110,6 +110,7 @@ class TrainConfig:
     prompt_len: int | None = None  # each row's first tokens kept as the prompt; None = seq_len - max_new_tokens
     compile_sampling: bool = False  # completions decode through torch.compile (gemma2.static_decode); one process
     sample_sharded: bool = False  # FSDP2: gather each Block per new token (its memory alone), not the student once
+    group_by_length: int = 0  # prompts: rows sorted longest first within runs of this many (gemma2.data.BatchLoader)
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "chunk_size")
@@ -150,6 +151,8 @@ class TrainConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0.0 <= self.gen_temperature < math.inf:
             raise ValueError(f"gen_temperature must be a finite number >= 0 (0 = greedy), got {self.gen_temperature}")
+        if self.group_by_length < 0:
+            raise ValueError(f"group_by_length must be >= 0 rows (0: off), got {self.group_by_length}")
         if self.prompt_len is not None and self.prompt_len < 1:
             raise ValueError(f"prompt_len must be >= 1 or None (seq_len - max_new_tokens), got {self.prompt_len}")
         self.betas = tuple(self.betas)  # JSON gives a list back
@@ -355,7 +358,8 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
         )
     if teacher is not None:
         check_teacher(teacher, V, cfg.temperature, cfg.objective, data)
-    BatchLoader(data.train, cfg.batch_size, world_size=world)  # refuses data smaller than one global batch
+    # Refuses data smaller than one global batch, and grouping rows that are all one length.
+    BatchLoader(data.train, cfg.batch_size, world_size=world, group=cfg.group_by_length)
     top = max(int(d.tokens.max()) for d in (data.train, data.heldout) if d is not None)
     if top >= V:
         raise ValueError(
@@ -443,7 +447,8 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
 
     loss_mod = _prepare_student(student, cfg, rt)
     optimizer = build_optimizer(student, cfg, rt.device)
-    loader = BatchLoader(data.train, cfg.batch_size, seed=cfg.seed, rank=rt.rank, world_size=rt.world)
+    loader = BatchLoader(data.train, cfg.batch_size, seed=cfg.seed, rank=rt.rank, world_size=rt.world,
+                         group=cfg.group_by_length)  # fmt: skip
     start_step = 0
     if ckpt is not None:
         state = load_training_state(ckpt, student, optimizer)

@@ -74,6 +74,9 @@ def parse_args() -> argparse.Namespace:
     gkd.add_argument("--sample-sharded", action="store_true",
                      help="under torchrun: gather each student block per sampled token (the memory of one block, "
                           "slower) instead of the whole student once per micro-batch")
+    p.add_argument("--group-by-length", type=int, default=0, metavar="N",
+                   help="prompts: sort the rows longest first within each run of N rows of the shuffled order, so "
+                   "a batch holds rows of like lengths (0: off)")  # fmt: skip
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-sequences", type=int, default=None, help="cap on held-out sequences per evaluation")
     p.add_argument("--save-every", type=int, default=0, help="0: only at the end")
@@ -148,6 +151,7 @@ def main(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, gen_temperature=args.gen_temperature,
         prompt_len=data.train.prompt_len if args.prompts else args.prompt_len,  # a prompt dataset's layout
         compile_sampling=args.compile_sampling, sample_sharded=args.sample_sharded,
+        group_by_length=args.group_by_length,
     )  # fmt: skip
     try:
         metrics = train(cfg, student, data, teacher=teacher, resume=args.resume, overwrite=args.overwrite,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_prompt_rows
 from gemma2.data import BatchLoader, PackedSequences, eval_batches, load_datasets, read_texts, tokenize
 
 BOS, EOS = 2, 1
@@ -172,6 +173,39 @@ def test_position_resumes_exactly_even_across_epochs():
     assert all(torch.equal(a, next(resumed).indices) for a in expected)
     with pytest.raises(ValueError, match="seed"):
         BatchLoader(data, batch_size=3, seed=6).load_state_dict(state)
+
+
+def test_grouping_by_length_reorders_each_run_longest_first_and_nothing_else():
+    """group = 32: within each run of 32 rows of an epoch's order the rows go longest first (each
+    row's length measured on its batch alone), the runs hold the rows the ungrouped order has
+    there, an epoch still visits every row once, the order does not depend on how the global batch
+    is split into ranks or micro-batches, and a resume continues it; packed rows are refused."""
+    rows = random_prompt_rows(96, 0, 64)
+    # Alone, a row is its prompt and completion unpadded: inputs are one token shorter.
+    length = {i: rows.batch([i]).inputs.shape[1] + 1 for i in range(len(rows))}
+
+    def order(loader, batches: int) -> list[int]:
+        return [i for _ in range(batches) for i in next(loader).indices.tolist()]
+
+    grouped, plain = order(BatchLoader(rows, 4, seed=1, group=32), 48), order(BatchLoader(rows, 4, seed=1), 48)
+    for epoch in (grouped[:96], grouped[96:]):
+        assert sorted(epoch) == list(range(96))
+    for lo in range(0, 192, 32):
+        run = grouped[lo : lo + 32]
+        assert [length[i] for i in run] == sorted((length[i] for i in run), reverse=True)
+        assert sorted(run) == sorted(plain[lo : lo + 32])
+    widths = [[rows.batch(o[lo : lo + 4]).inputs.shape[1] for lo in range(0, 192, 4)] for o in (grouped, plain)]
+    assert np.mean(widths[0]) < np.mean(widths[1])
+    ranks = [BatchLoader(rows, 1, seed=1, rank=r, world_size=4, group=32) for r in range(4)]
+    assert [i for _ in range(48) for r in ranks for i in next(r).indices.tolist()] == grouped
+    assert order(BatchLoader(rows, 2, seed=1, group=32), 96) == grouped
+    loader = BatchLoader(rows, 4, seed=1, group=32)
+    order(loader, 30)  # into the second epoch
+    resumed = BatchLoader(rows, 4, seed=1, group=32)
+    resumed.load_state_dict(loader.state_dict())
+    assert order(resumed, 18) == grouped[120:]
+    with pytest.raises(ValueError, match="packed rows are all seq_len long"):
+        BatchLoader(_loader_data(n=20), 4, group=8)
 
 
 def test_eval_batches_split_ranks_evenly():

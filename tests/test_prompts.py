@@ -241,19 +241,21 @@ def test_evaluation_scores_the_file_and_the_students_own_completions(tmp_path, t
     assert min(lengths) >= 1
 
 
-def test_on_policy_training_on_prompts_runs_and_resumes_exactly(tmp_path, tok, chats):
+@pytest.mark.parametrize("group", [0, 8])  # rows in batches of like lengths (gemma2.data.BatchLoader), or not
+def test_on_policy_training_on_prompts_runs_and_resumes_exactly(tmp_path, tok, chats, group):
     assert chats.heldout is not None and len(chats.heldout) >= 1
     # A seed whose coin puts on-policy steps before and after the resume, and one step that is not.
     coins = {s: [is_on_policy(s, step, 0.5) for step in range(4)] for s in range(64)}
     seed = next(s for s, c in coins.items() if any(c[:2]) and any(c[2:]) and not all(c))
-    whole = train(config(tmp_path / "a", seed=seed), model(tok, 0), chats, teacher=model(tok, 1), progress=False)
+    run = dict(seed=seed, group_by_length=group)
+    whole = train(config(tmp_path / "a", **run), model(tok, 0), chats, teacher=model(tok, 1), progress=False)
     steps = [r for r in whole if "loss" in r]
     assert len(steps) == 4 and 0 < steps[-1]["on_policy_fraction"] < 1  # both kinds of step ran
     assert all(r["completion_len"] is None or 0 < r["completion_len"] <= N for r in steps)
     assert all(math.isfinite(r["loss"]) for r in steps) and any("eval_kd" in r for r in whole)
-    first = train(config(tmp_path / "b", steps=2, seed=seed), model(tok, 0), chats, teacher=model(tok, 1),
+    first = train(config(tmp_path / "b", steps=2, **run), model(tok, 0), chats, teacher=model(tok, 1),
                   progress=False)  # fmt: skip
-    rest = train(config(tmp_path / "b", seed=seed), model(tok, 0), chats, teacher=model(tok, 1), resume=True,
+    rest = train(config(tmp_path / "b", **run), model(tok, 0), chats, teacher=model(tok, 1), resume=True,
                  progress=False)  # fmt: skip
     assert strip(first + rest) == strip(whole)
 

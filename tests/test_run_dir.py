@@ -169,7 +169,8 @@ def test_resume_refuses_every_other_change_listing_them(tmp_path):
     old = TrainConfig(out_dir=str(tmp_path), steps=4)
     meaning = dict(batch_size=4, grad_accum=2, lr=1e-3, min_lr=1e-5, warmup=5, weight_decay=0.0, betas=(0.8, 0.9),
                    grad_clip=0.5, alpha=0.5, objective="jsd", temperature=2.0, beta=0.3, chunk_size=64, dtype="fp32",
-                   seed=3, lmbda=0.5, seq_kd=True, max_new_tokens=8, gen_temperature=0.5, prompt_len=4)  # fmt: skip
+                   seed=3, lmbda=0.5, seq_kd=True, max_new_tokens=8, gen_temperature=0.5, prompt_len=4,
+                   group_by_length=16)  # fmt: skip
     safe = set(R.SAFE_TO_CHANGE)
     assert set(meaning) | safe == {f.name for f in dataclasses.fields(TrainConfig)}  # every field is classified
     for name, value in meaning.items():
