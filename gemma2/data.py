@@ -241,10 +241,12 @@ class BatchLoader:
     the next permutation puts different ones there.
 
     group > 0 (rows of different lengths: gemma2.prompts, whose batches are cut to their rows):
-    within each run of `group` rows of the permutation, the rows go longest first, so a batch holds
-    rows of like lengths and little padding (TRL's group_by_length, with a run fixed in rows, so the
-    order does not depend on how a step's rows are split into ranks and micro-batches). The steps
-    of a run go from its longest rows to its shortest.
+    within each run of `group` rows of the permutation, the rows go longest first (prompt plus
+    completion), so a batch holds rows of like lengths and little padding (TRL's group_by_length,
+    with a run fixed in rows, so the order does not depend on how a step's rows are split into
+    ranks and micro-batches). The steps of a run go from its longest rows to its shortest, and one
+    batch per run straddles two. The epoch's order is then rotated by a seeded offset, so the rows
+    an epoch leaves over are not always the shortest of its last run.
     """
 
     def __init__(self, data: Rows, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
@@ -272,12 +274,14 @@ class BatchLoader:
     def _permutation(self) -> np.ndarray:
         if self._perm is None:
             # SeedSequence([seed, epoch]) keeps the streams of different (seed, epoch) pairs apart.
-            perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data))
+            rng = np.random.default_rng([self.seed, self.epoch])
+            perm = rng.permutation(len(self.data))
             if self.group:
                 lengths = self.data.lengths()[perm]
                 for lo in range(0, len(perm), self.group):
                     run = slice(lo, lo + self.group)
                     perm[run] = perm[run][np.argsort(-lengths[run], kind="stable")]
+                perm = np.roll(perm, -int(rng.integers(len(perm))))
             self._perm = perm
         return self._perm
 

@@ -76,7 +76,7 @@ def parse_args() -> argparse.Namespace:
                           "slower) instead of the whole student once per micro-batch")
     p.add_argument("--group-by-length", type=int, default=0, metavar="N",
                    help="prompts: sort the rows longest first within each run of N rows of the shuffled order, so "
-                   "a batch holds rows of like lengths (0: off)")  # fmt: skip
+                   "a batch holds rows of like lengths (0: off; N many global batches)")  # fmt: skip
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-sequences", type=int, default=None, help="cap on held-out sequences per evaluation")
     p.add_argument("--save-every", type=int, default=0, help="0: only at the end")
@@ -116,6 +116,8 @@ def interrupted(out: str) -> str:
 def main(args: argparse.Namespace) -> int:
     if args.device is not None:
         device_arg(args.device)
+    if args.group_by_length and args.prompts is None:
+        raise ValueError("--group-by-length goes with --prompts: packed rows (--data) are all --seq-len long")
     rank, world = init_distributed()
     tok_path = tokenizer_path(args)
     tokenizer = Tokenizer(tok_path)

@@ -188,12 +188,18 @@ def test_grouping_by_length_reorders_each_run_longest_first_and_nothing_else():
         return [i for _ in range(batches) for i in next(loader).indices.tolist()]
 
     grouped, plain = order(BatchLoader(rows, 4, seed=1, group=32), 48), order(BatchLoader(rows, 4, seed=1), 48)
-    for epoch in (grouped[:96], grouped[96:]):
+    for e in (0, 96):  # each epoch: its three runs, rotated by some offset
+        epoch = grouped[e : e + 96]
         assert sorted(epoch) == list(range(96))
-    for lo in range(0, 192, 32):
-        run = grouped[lo : lo + 32]
-        assert [length[i] for i in run] == sorted((length[i] for i in run), reverse=True)
-        assert sorted(run) == sorted(plain[lo : lo + 32])
+
+        def runs_at(offset: int) -> bool:
+            cyclic = epoch[offset:] + epoch[:offset]
+            return all([length[i] for i in cyclic[lo : lo + 32]] == sorted((length[i] for i in cyclic[lo : lo + 32]),
+                                                                             reverse=True)
+                       and sorted(cyclic[lo : lo + 32]) == sorted(plain[e + lo : e + lo + 32])
+                       for lo in range(0, 96, 32))  # fmt: skip
+
+        assert any(runs_at(offset) for offset in range(96))
     widths = [[rows.batch(o[lo : lo + 4]).inputs.shape[1] for lo in range(0, 192, 4)] for o in (grouped, plain)]
     assert np.mean(widths[0]) < np.mean(widths[1])
     ranks = [BatchLoader(rows, 1, seed=1, rank=r, world_size=4, group=32) for r in range(4)]
@@ -206,6 +212,15 @@ def test_grouping_by_length_reorders_each_run_longest_first_and_nothing_else():
     assert order(resumed, 18) == grouped[120:]
     with pytest.raises(ValueError, match="packed rows are all seq_len long"):
         BatchLoader(_loader_data(n=20), 4, group=8)
+
+
+def test_grouping_by_length_leaves_over_random_rows_not_the_shortest():
+    """10 rows, a global batch of 4: each epoch leaves 2 over. Grouped in one run of all 10 rows,
+    the two shortest must not be the ones left over every epoch (they would never be trained)."""
+    rows = random_prompt_rows(10, 2, 64)
+    loader = BatchLoader(rows, 4, seed=0, group=10)
+    seen = np.bincount([i for _ in range(2 * 200) for i in next(loader).indices.tolist()], minlength=10)
+    assert seen.sum() == 200 * 8 and seen.min() > 0.6 * seen.max()
 
 
 def test_eval_batches_split_ranks_evenly():

@@ -260,6 +260,12 @@ def test_rotation_spares_step_directories_the_run_did_not_write(tmp_path, docs):
     assert (out / "step-000000" / "mine.txt").read_text() == "mine"
 
 
+def test_grouping_packed_rows_by_length_is_one_line_before_any_work(tmp_path, docs):
+    done = distill(docs, tmp_path / "out", "--steps", 1, "--group-by-length", 8)
+    assert "--group-by-length goes with --prompts" in one_line_error(done)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_step_directory_in_the_way_is_refused(tmp_path, docs):
     second = tmp_path / "b"
     (second / "step-000002").mkdir(parents=True)  # the user's, or another tool's

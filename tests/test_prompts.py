@@ -260,6 +260,16 @@ def test_on_policy_training_on_prompts_runs_and_resumes_exactly(tmp_path, tok, c
     assert strip(first + rest) == strip(whole)
 
 
+def test_the_trainer_reads_its_rows_grouped_by_length_when_asked(tmp_path, tok, chats, monkeypatch):
+    import gemma2.trainer as trainer
+
+    groups, real = [], trainer.BatchLoader
+    monkeypatch.setattr(trainer, "BatchLoader", lambda *a, **k: groups.append(k.get("group")) or real(*a, **k))
+    train(config(tmp_path / "run", steps=1, lmbda=0.0, eval_every=0, group_by_length=8), model(tok, 0), chats,
+          teacher=model(tok, 1), progress=False)  # fmt: skip
+    assert groups and set(groups) == {8}  # the check before any work, and the run's loader
+
+
 @pytest.mark.cuda
 def test_on_policy_training_on_prompts_on_cuda_in_bf16(tmp_path, tok, chats):
     """Padding masks and sampled rows on the device, compiled FlexAttention under bf16 autocast."""
