@@ -95,6 +95,11 @@ class Batch(NamedTuple):
     # batch's longest prompt and completion (gemma2.prompts), and a teacher cache reads from there.
     start: int = 0
 
+    @property
+    def columns(self) -> slice:
+        """The columns of the dataset's row layout this batch holds (a teacher cache's positions)."""
+        return slice(self.start, self.start + self.inputs.shape[1])
+
     def valid_on(self, device: torch.device | str, non_blocking: bool = False) -> Tensor | None:
         """The padding mask on `device` (None when the batch has no padding)."""
         return None if self.valid is None else self.valid.to(device, non_blocking=non_blocking)

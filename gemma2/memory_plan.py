@@ -246,7 +246,7 @@ def training_step(
     `plan_memory` traces it on fake tensors; scripts/bench_preset.py runs it on a device to measure
     the peak the plan predicts. `started()` is called once the set-up is done: the step's peak
     begins there. Returns the optimizer (its state is part of the plan), the student's loss
-    module and the live teacher (what `sampling_step` samples through)."""
+    module and the live teacher (what `plan_memory`'s sampling goes through)."""
     loss_mod = _prepare_student(student, cfg, rt)
     source = Teacher(teacher, None, rt) if teacher is not None else None
     optimizer = build_optimizer(student, cfg, torch.device(device_type))
@@ -282,19 +282,6 @@ def _decode_start(model: Gemma2ForCausalLM, batch_size: int, prompt_len: int, ma
     token = model.last_logits(prompts, None, cache).argmax(-1, keepdim=True)
     model.last_logits(token, None, cache)
     return cache
-
-
-def sampling_step(loss_mod: _StudentLoss, student: Gemma2ForCausalLM, rt: Runtime, batch_size: int,
-                  prompt_len: int, max_new_tokens: int, per_token: bool = False,
-                  teacher: Teacher | None = None) -> KVCache:  # fmt: skip
-    """The start of one micro-batch's sampling through the trainer's own sampler: the student's
-    (gemma2.on_policy.student_sampler; per_token: TrainConfig.sample_sharded), or with `teacher`
-    the teacher's (seq_kd: teacher_sampler); returns the KV cache it filled."""
-    if teacher is not None:
-        sampler = teacher_sampler(teacher, _decode_start)
-    else:
-        sampler = student_sampler(loss_mod, student, _decode_start, per_token)
-    return sampler(batch_size, prompt_len, max_new_tokens, rt.device)
 
 
 def plan_memory(
@@ -372,11 +359,16 @@ def plan_memory(
         at_peak = _breakdown(tracker, groups, "activations and transients")
         peak, largest, phases = tracker.peak, tracker.largest, {}
         optimizer.zero_grad(set_to_none=True)  # as the trainer does after each step
-        # The student samples on-policy and in evaluation; with seq_kd the teacher too (one at a time).
-        samplers = ({"sampling": None} if max_new_tokens else {}) | ({"teacher sampling": source} if seq_kd else {})
-        for name, teacher_source in samplers.items():
+        # The start of a micro-batch's sampling through the trainer's own samplers: the student's
+        # (on-policy and in evaluation), and with seq_kd the teacher's (one at a time).
+        samplers = {}
+        if max_new_tokens:
+            samplers["sampling"] = student_sampler(loss_mod, model, _decode_start, sample_sharded)
+        if seq_kd:
+            samplers["teacher sampling"] = teacher_sampler(source, _decode_start)
+        for name, sample in samplers.items():
             tracker.reset_peak()
-            cache = sampling_step(loss_mod, model, rt, batch_size, P, max_new_tokens, sample_sharded, teacher_source)
+            cache = sample(batch_size, P, max_new_tokens, rt.device)
             kv = tracker.serials([*cache.keys, *cache.values])
             del cache  # freed before the next sampling (what FSDP2 left gathered stays: see the docstring)
             phases[name] = Phase(_breakdown(tracker, groups | {"KV cache": kv}, "sampling weights, transients"),
@@ -393,26 +385,33 @@ def _breakdown(tracker: _LiveBytes, groups: dict[str, set[int]], rest: str) -> d
 
 def suggestions(device_bytes: float, **run) -> list[str]:
     """For a run (plan_memory's keyword arguments) that does not fit `device_bytes`: the single
-    changes that make it fit, each checked with its own plan. Of each kind the mildest is named:
-    activation checkpointing, the largest smaller loss chunk, a teacher cache instead of a live
-    teacher (when nothing is sampled: scoring samples needs the live one), sampling with the student
-    sharded (on-policy, several devices), the fewest devices (powers of two up to 64)."""
-    kinds: list[list[tuple[str, dict]]] = []
-    if not run.get("activation_checkpointing"):
-        kinds.append([("--activation-checkpointing", {"activation_checkpointing": True})])
-    chunks = [c for c in (512, 256, 128) if c < run.get("chunk_size", 1024)]
-    kinds.append([(f"--chunk-size {c}", {"chunk_size": c}) for c in chunks])
-    if run.get("teacher") is not None and not run.get("max_new_tokens"):  # sampling needs the live teacher
-        kinds.append([("a teacher cache (scripts/cache_teacher.py --k 32) instead of the live teacher",
-                       {"teacher": None, "teacher_cache_k": 32})])  # fmt: skip
-    if run.get("max_new_tokens") and run.get("world", 1) > 1 and not run.get("sample_sharded"):
-        kinds.append([("--sample-sharded", {"sample_sharded": True})])
-    worlds = [w for w in (2, 4, 8, 16, 32, 64) if w > run.get("world", 1)]
-    kinds.append([(f"{w} devices", {"world": w}) for w in worlds])
+    changes that make it fit, each checked with its own plan; of each kind (`change_kinds`) the
+    mildest is named."""
     found = []
-    for options in kinds:
+    for _, options in change_kinds(**run):
         for label, change in options:
             if plan_memory(**(run | change)).fits(device_bytes):
                 found.append(label)
                 break
     return found
+
+
+def change_kinds(**run) -> list[tuple[str, list[tuple[str, dict]]]]:
+    """The kinds of single change `suggestions` tries for a run, each (its name, its options from
+    the mildest: (label, plan_memory's changed arguments)): activation checkpointing, a smaller
+    loss chunk, a teacher cache instead of a live teacher (when nothing is sampled: scoring samples
+    needs the live one), sampling with the student sharded (on-policy, several devices), more
+    devices (powers of two up to 64)."""
+    kinds = []
+    if not run.get("activation_checkpointing"):
+        kinds.append(("checkpointing", [("--activation-checkpointing", {"activation_checkpointing": True})]))
+    chunks = [c for c in (512, 256, 128) if c < run.get("chunk_size", 1024)]
+    kinds.append(("a smaller chunk", [(f"--chunk-size {c}", {"chunk_size": c}) for c in chunks]))
+    if run.get("teacher") is not None and not run.get("max_new_tokens"):  # sampling needs the live teacher
+        kinds.append(("a teacher cache", [("a teacher cache (scripts/cache_teacher.py --k 32) instead of the live "
+                                           "teacher", {"teacher": None, "teacher_cache_k": 32})]))  # fmt: skip
+    if run.get("max_new_tokens") and run.get("world", 1) > 1 and not run.get("sample_sharded"):
+        kinds.append(("--sample-sharded", [("--sample-sharded", {"sample_sharded": True})]))
+    worlds = [w for w in (2, 4, 8, 16, 32, 64) if w > run.get("world", 1)]
+    kinds.append(("up to 64 GPUs", [(f"{w} devices", {"world": w}) for w in worlds]))
+    return kinds

@@ -119,7 +119,7 @@ class Teacher:
     def __call__(self, batch: Batch, split: str) -> TeacherHead | TopK:
         if self.cache is not None:
             part = self.cache.split("train") if split == "train" else self.heldout
-            return part.topk(batch.indices, self.rt.device, slice(batch.start, batch.start + batch.inputs.shape[1]))
+            return part.topk(batch.indices, self.rt.device, batch.columns)
         inputs = batch.inputs.to(self.device, non_blocking=True)
         hidden = self.root(inputs, batch.valid_on(self.device, non_blocking=True)).to(self.rt.device)
         if self.rt.sharded:

@@ -225,8 +225,7 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, Rows], directory: Path,
             tail = torch.zeros(stop - start, T, dtype=torch.float32)
             for lo in range(start, stop, batch_size):
                 batch = data.batch(range(lo, min(lo + batch_size, stop)))
-                width = batch.inputs.shape[1]
-                cols = slice(batch.start, batch.start + width)
+                width, cols = batch.inputs.shape[1], batch.columns
                 hidden = teacher.hidden_states(batch.inputs.to(device), batch.valid_on(device))
                 hidden = hidden.flatten(0, 1)  # [B T, D]
                 targets = batch.targets.to(device).flatten()

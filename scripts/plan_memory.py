@@ -15,7 +15,7 @@ import sys
 
 from gemma2.cli import run_cli
 from gemma2.dtypes import dtype_argument
-from gemma2.memory_plan import plan_memory, suggestions
+from gemma2.memory_plan import change_kinds, plan_memory, suggestions
 from gemma2.student import model_config
 
 
@@ -55,10 +55,9 @@ def main() -> int:
     print(plan.table(device_bytes))
     if not plan.fits(device_bytes):
         found = suggestions(device_bytes, **run)
-        tried = "checkpointing, a smaller chunk, " + ("" if args.max_new_tokens else "a teacher cache, ")
-        tried += "--sample-sharded, " if args.max_new_tokens and args.gpus > 1 and not args.sample_sharded else ""
-        print("would fit with: " + ("; ".join(found) if found else f"none of {tried}or up to 64 GPUs alone: "
-                                    "combine them"), file=sys.stderr)  # fmt: skip
+        tried = ", ".join(name for name, _ in change_kinds(**run))
+        print("would fit with: " + ("; ".join(found) if found else f"none of {tried} alone: combine them"),
+              file=sys.stderr)  # fmt: skip
         return 1
     return 0
 
