@@ -117,6 +117,11 @@ class Rows(Protocol):
 
     def fingerprint(self) -> str: ...
 
+    @property
+    def counted_columns(self) -> slice:
+        """The layout's columns whose targets can count: the only ones a teacher cache stores."""
+        ...
+
 
 IGNORE_INDEX = -100
 
@@ -145,6 +150,11 @@ class PackedSequences:
         T = self.seq_len
         windows = torch.from_numpy(np.asarray(self.tokens[idx[:, None] * T + np.arange(T + 1)], dtype=np.int64))
         return Batch(torch.from_numpy(idx), windows[:, :-1], windows[:, 1:])
+
+    @property
+    def counted_columns(self) -> slice:
+        """Every column's target counts."""
+        return slice(0, self.seq_len)
 
     def fingerprint(self) -> str:
         """A short sha256 of the tokens and seq_len: a teacher cache is valid only for these."""

@@ -197,6 +197,12 @@ class PromptRows:
         """Whether every example has a reference completion to train on off-policy."""
         return bool(len(self) and self.completion_lens.min() > 0)
 
+    @property
+    def counted_columns(self) -> slice:
+        """The completions' columns: targets count from the prompts' last column (the first
+        completion token) on."""
+        return slice(self.prompt_len - 1, self.seq_len)
+
     def batch(self, indices: torch.Tensor | Sequence[int]) -> Batch:
         """The examples at `indices` as a Batch with `valid` (False on the left padding), cut to
         the columns its rows reach (see the module docstring)."""
@@ -286,5 +292,5 @@ def prompt_datasets(train: Examples, heldout: Examples | None, tokenizer: Tokeni
     say(f"prompts: rows of prompt_len {prompt_len} + max_new_tokens {max_new_tokens} tokens, each batch cut to its "
         f"longest prompt and completion; the prompts' median length is {int(np.median(lengths))}, so about "
         f"{padding(prompt_len):.0%} of the layout's prompt columns are padding (paid for by a batch that holds the "
-        f"longest prompt, the memory plan and a teacher cache){hint}")  # fmt: skip
+        f"longest prompt and by the memory plan){hint}")  # fmt: skip
     return Datasets(splits["training"], splits["held-out"])

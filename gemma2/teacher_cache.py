@@ -1,6 +1,6 @@
-"""An offline teacher: its top-k next-token log-probs for every packed sequence (or every row of a
-prompt dataset, gemma2.prompts: padding masked, and stored as zeros where a batch of the rows
-stopped short of the layout; the loss reads neither), run once.
+"""An offline teacher: its top-k next-token log-probs for every packed sequence, or for the
+completion columns of every row of a prompt dataset (gemma2.prompts: the only columns whose targets
+count; a prompt's columns are never stored, and a completion's padding is stored as zeros), run once.
 
 Distilling from a cache costs no teacher forward per step and no teacher memory, at the price of
 keeping k of the V probabilities (plus one bucket for the rest: gemma2.distill.topk_kd_loss).
@@ -10,9 +10,13 @@ and the tail log-mass (float32). With Gemma's 256000-way vocabulary and k = 32 t
 
 Layout of a cache directory:
     cache.json                                 what the cache holds (see `TeacherCache`)
-    {split}-{i:05d}.safetensors                ids [n, T, k], logprobs [n, T, k], tail [n, T]
+    {split}-{i:05d}.safetensors                ids [n, C, k], logprobs [n, C, k], tail [n, C]
 Shards hold consecutive sequences of one split ("train", "heldout") of a `Datasets`; sequence j
-of the split is row j - start of its shard. The cache records each split's token fingerprint,
+of the split is row j - start of its shard. The C stored columns are the split's `counted_columns`
+(its index's "columns": [first, end)): all seq_len of packed sequences; max_new_tokens of prompt
+rows, whose prompt_len - 1 prompt columns would otherwise be stored for nothing (with long-tailed
+chat prompts most of a row). A format 1 cache (written before prompt columns were left out) holds
+every column and is still read. The cache records each split's token fingerprint,
 so it cannot be read against other data, another tokenizer or another seq_len.
 
 The writer checks every argument before it touches the directory, builds the new cache beside it
@@ -46,6 +50,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -55,7 +60,8 @@ from .files import atomic_directory, remove_stale_temporaries
 from .model import Gemma2ForCausalLM
 
 INDEX = "cache.json"
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)  # format 1: every column of the layout stored, no "columns" in the index
 
 
 def bytes_per_token(k: int, vocab_size: int, logprob_dtype: torch.dtype = torch.float16) -> int:
@@ -207,8 +213,9 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, Rows], directory: Path,
                    "bytes_per_token": bytes_per_token(k, V, logprob_dtype), "splits": {}}  # fmt: skip
     ce_sums = []
     for name, data in splits.items():
-        T = data.seq_len
-        per_shard = max(batch_size, shard_bytes // (T * index["bytes_per_token"]) // batch_size * batch_size)
+        kept = data.counted_columns  # the layout's columns stored (a loss reads no other)
+        C = kept.stop - kept.start
+        per_shard = max(batch_size, shard_bytes // (C * index["bytes_per_token"]) // batch_size * batch_size)
         starts = range(0, len(data), per_shard)
         shards = [{"file": f"{name}-{i:05d}.safetensors", "start": start, "count": min(per_shard, len(data) - start)}
                   for i, start in enumerate(starts)]  # fmt: skip
@@ -220,16 +227,18 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, Rows], directory: Path,
             start = shard["start"]
             stop = start + shard["count"]
             # Zeros where a batch of prompt rows stops short of the layout (padding: never counted).
-            ids = torch.zeros(stop - start, T, k, dtype=id_dtype)
-            lps = torch.zeros(stop - start, T, k, dtype=logprob_dtype)
-            tail = torch.zeros(stop - start, T, dtype=torch.float32)
+            ids = torch.zeros(stop - start, C, k, dtype=id_dtype)
+            lps = torch.zeros(stop - start, C, k, dtype=logprob_dtype)
+            tail = torch.zeros(stop - start, C, dtype=torch.float32)
             for lo in range(start, stop, batch_size):
                 batch = data.batch(range(lo, min(lo + batch_size, stop)))
-                width, cols = batch.inputs.shape[1], batch.columns
                 hidden = teacher.hidden_states(batch.inputs.to(device), batch.valid_on(device))
-                hidden = hidden.flatten(0, 1)  # [B T, D]
-                targets = batch.targets.to(device).flatten()
-                rows = slice(lo - start, lo - start + len(batch.indices))
+                # The batch's columns that are stored: only there the head and top-k run.
+                a, b = max(batch.columns.start, kept.start), min(batch.columns.stop, kept.stop)
+                width, here = b - a, slice(a - batch.start, b - batch.start)
+                hidden = hidden[:, here].flatten(0, 1)  # [B width, D]
+                targets = batch.targets[:, here].to(device).flatten()
+                rows, cols = slice(lo - start, lo - start + len(batch.indices)), slice(a - kept.start, b - kept.start)
                 out = [], [], []
                 for c in range(0, hidden.shape[0], chunk_size):
                     logits = teacher.logits(hidden[c : c + chunk_size])  # [C, V] fp32, soft-capped
@@ -245,8 +254,8 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, Rows], directory: Path,
                 bar.update(len(batch.indices))
             save_file({"ids": ids, "logprobs": lps, "tail": tail}, directory / shard["file"])
         bar.close()
-        index["splits"][name] = {"seq_len": T, "num_sequences": len(data), "fingerprint": data.fingerprint(),
-                                 "teacher_ce": None, "shards": shards}  # fmt: skip
+        index["splits"][name] = {"seq_len": data.seq_len, "num_sequences": len(data), "fingerprint": data.fingerprint(),
+                                 "columns": [kept.start, kept.stop], "teacher_ce": None, "shards": shards}  # fmt: skip
         ce_sums += ce_sum.tolist()
     return index, ce_sums
 
@@ -274,6 +283,7 @@ class CacheSplit:
     fingerprint: str
     teacher_ce: float
     shards: list[dict]
+    columns: tuple[int, int]  # the layout's columns stored, [first, end)
 
     def __post_init__(self) -> None:
         self._open: dict[str, object] = {}
@@ -297,18 +307,25 @@ class CacheSplit:
 
     def topk(self, indices: Tensor, device: torch.device | str = "cpu", columns: slice = slice(None)) -> TopK:
         """TopK with ids int64 [B, T, k], log-probs and tail float32, for sequences `indices`
-        (positions `columns` of them: a batch of prompt rows holds only some, `Batch.start` on)."""
+        (positions `columns` of them: a batch of prompt rows holds only some, `Batch.start` on);
+        zeros at the columns not stored (a prompt's: no loss reads them)."""
+        first, end, _ = columns.indices(self.seq_len)
+        lo, hi = max(first, self.columns[0]), min(end, self.columns[1])  # the columns read
+        if hi <= lo:
+            lo = hi = end  # none is stored: all zeros
+        stored = slice(lo - self.columns[0], hi - self.columns[0]) if hi > lo else slice(0, 0)
         ids, lps, tail = [], [], []
         for i in indices.tolist():
             shard = self.shards[self._shard_of(i)]
             f, row = self._file(shard["file"]), i - shard["start"]
-            ids.append(f.get_slice("ids")[row : row + 1, columns])
-            lps.append(f.get_slice("logprobs")[row : row + 1, columns])
-            tail.append(f.get_slice("tail")[row : row + 1, columns])
+            ids.append(f.get_slice("ids")[row : row + 1, stored])
+            lps.append(f.get_slice("logprobs")[row : row + 1, stored])
+            tail.append(f.get_slice("tail")[row : row + 1, stored])
+        pad = (0, 0, lo - first, end - hi)  # zeros before and after, along the columns
         return TopK(
-            torch.cat(ids).to(device, torch.int64, non_blocking=True),
-            torch.cat(lps).to(device, torch.float32, non_blocking=True),
-            torch.cat(tail).to(device, torch.float32, non_blocking=True),
+            F.pad(torch.cat(ids), pad).to(device, torch.int64, non_blocking=True),
+            F.pad(torch.cat(lps), pad).to(device, torch.float32, non_blocking=True),
+            F.pad(torch.cat(tail), pad[2:]).to(device, torch.float32, non_blocking=True),
         )
 
     def _shard_of(self, i: int) -> int:
@@ -330,15 +347,16 @@ class TeacherCache:
                 "scripts/cache_teacher.py (an interrupted run leaves none)"
             )
         index = json.loads(index_file.read_text())
-        if index.get("format") != FORMAT:
-            raise ValueError(f"{index_file}: cache format {index.get('format')!r}, expected {FORMAT}; rebuild the cache")
+        if index.get("format") not in READS:
+            raise ValueError(f"{index_file}: cache format {index.get('format')!r}, this code reads {READS}; "
+                             "rebuild the cache")
         self.k: int = index["k"]
         self.temperature: float = index["temperature"]
         self.vocab_size: int = index["vocab_size"]
         self.bytes_per_token: int = index["bytes_per_token"]
         self.splits = {
             name: CacheSplit(name, self.directory, s["seq_len"], s["num_sequences"], s["fingerprint"],
-                             s["teacher_ce"], s["shards"])
+                             s["teacher_ce"], s["shards"], tuple(s.get("columns", (0, s["seq_len"]))))
             for name, s in index["splits"].items()
         }  # fmt: skip
 

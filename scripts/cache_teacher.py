@@ -81,8 +81,8 @@ def cache(args: argparse.Namespace, device: torch.device) -> int:
     )  # fmt: skip
     if not runtime().is_main:
         return 0
-    tokens = sum(s["num_sequences"] * s["seq_len"] for s in index["splits"].values())
-    print(f"wrote {args.out}: {tokens:,} tokens, {index['bytes_per_token']} bytes per token "
+    tokens = sum(s["num_sequences"] * (s["columns"][1] - s["columns"][0]) for s in index["splits"].values())
+    print(f"wrote {args.out}: {tokens:,} positions, {index['bytes_per_token']} bytes per position "
           f"({tokens * index['bytes_per_token'] / 2**20:.1f} MiB; full {index['vocab_size']}-way bf16 "
           f"distributions would take {2 * index['vocab_size']} bytes per token)", file=sys.stderr)  # fmt: skip
     if "heldout" in index["splits"] and index["splits"]["heldout"]["teacher_ce"] is not None:

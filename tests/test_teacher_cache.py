@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 
 from conftest import random_prompt_rows
 from gemma2 import Gemma2Config, Gemma2ForCausalLM
-from gemma2.data import Datasets, PackedSequences
+from gemma2.data import IGNORE_INDEX, Datasets, PackedSequences
 from gemma2.distill import chunked_distill_loss, teacher_topk
 from gemma2.teacher_cache import TeacherCache, bytes_per_token, write_teacher_cache
 from gemma2.student import init_weights
@@ -101,6 +102,48 @@ def test_a_cache_refuses_other_data_temperature_or_an_interrupted_write(tmp_path
     (tmp_path / "c" / "cache.json").unlink()
     with pytest.raises(FileNotFoundError, match="no complete teacher cache"):
         TeacherCache(tmp_path / "c")
+
+
+def test_prompt_rows_store_their_completion_columns_alone(tmp_path, setup):
+    """A prompt dataset's cache holds max_new_tokens columns a row, never a prompt's: batches other
+    than the writer's read the teacher's top-k wherever a target counts, and zeros in the prompts'
+    columns. A format 1 cache (every column of the layout stored) reads the same."""
+    _, teacher, _ = setup
+    rows = random_prompt_rows(40, 0, V)  # prompt_len 8, max_new_tokens 6: 13 columns, 6 stored
+    P, N = rows.prompt_len, rows.max_new_tokens
+    write_teacher_cache(teacher, {"train": rows}, tmp_path / "new", k=K, batch_size=7, progress=False,
+                        logprob_dtype=torch.float32)  # fmt: skip
+    stored = {p.name: load_file(p) for p in (tmp_path / "new").glob("train-*.safetensors")}
+    assert sum(len(t["tail"]) for t in stored.values()) == len(rows)
+    assert {t["ids"].shape[1:] for t in stored.values()} == {(N, K)}
+    assert {t["tail"].shape[1] for t in stored.values()} == {N}
+    # The same cache in format 1: each row's whole layout, the completion columns from P - 1 on.
+    (tmp_path / "old").mkdir()
+    for name, tensors in stored.items():
+        full = {key: torch.zeros(len(t), rows.seq_len, *t.shape[2:], dtype=t.dtype) for key, t in tensors.items()}
+        for key, t in tensors.items():
+            full[key][:, P - 1 :] = t
+        save_file(full, tmp_path / "old" / name)
+    index = json.loads((tmp_path / "new" / "cache.json").read_text())
+    del index["splits"]["train"]["columns"]
+    (tmp_path / "old" / "cache.json").write_text(json.dumps(index | {"format": 1}))
+    new, old = TeacherCache(tmp_path / "new").split("train"), TeacherCache(tmp_path / "old").split("train")
+    for indices in ([0, 1, 2], [5, 17, 33, 39], [12], list(range(40))):
+        batch = rows.batch(indices)
+        got = new.topk(batch.indices, columns=batch.columns)
+        with torch.no_grad():
+            want = teacher_topk(teacher(batch.inputs, batch.valid), K)
+        counted = batch.targets != IGNORE_INDEX
+        assert counted.any() and got.ids.shape == want.ids.shape
+        assert torch.equal(got.ids[counted], want.ids[counted])
+        torch.testing.assert_close(got.logprobs[counted], want.logprobs[counted], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.tail_logprob[counted], want.tail_logprob[counted], rtol=0, atol=1e-5)
+        prompts = slice(0, P - 1 - batch.start)  # the batch's columns before the completions'
+        assert not any(t[:, prompts].any() for t in got)
+        for a, b in zip(got, old.topk(batch.indices, columns=batch.columns)):
+            assert torch.equal(a, b)
+    none = new.topk(torch.tensor([3]), columns=slice(0, P - 1))  # columns none of which is stored
+    assert none.ids.shape == (1, P - 1, K) and not none.ids.any() and not none.tail_logprob.any()
 
 
 @pytest.mark.parametrize("rows", ["packed", "prompts"])
