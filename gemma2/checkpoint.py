@@ -154,6 +154,12 @@ def _load_pickle(file: Path) -> dict[str, Tensor]:
     state = obj.get("model_state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: expected a dict of tensors (optionally under 'model_state_dict')")
+    for name, value in state.items():
+        if not isinstance(value, Tensor):  # e.g. a training checkpoint's {"state_dict": ..., "epoch": 3}
+            raise CheckpointError(
+                f"{file}: entry {name!r} is not a tensor ({type(value).__name__}); a Gemma 2 checkpoint is a "
+                "dict of tensors, at its top level or under 'model_state_dict': save the model's weights alone"
+            )
     return state
 
 
@@ -205,20 +211,25 @@ def _finite(t: Tensor) -> bool:
 
 
 def stored_dtype(path: str | os.PathLike) -> torch.dtype:
-    """The dtype a checkpoint's tensors are stored in (that of its first tensor; of a safetensors
-    file read from its header, not its bytes: the 2B embedding is 1.2 GB)."""
+    """The dtype a checkpoint's weights are stored in: that of its first weight (not the official
+    RoPE table, complex; int8 for an int8 checkpoint), read from a safetensors file's header, not
+    its bytes (the 2B embedding is 1.2 GB)."""
     file = checkpoint_files(Path(path))[0]
+
+    def weight(name: str, dtype: torch.dtype) -> bool:
+        return name not in SKIPPED and (dtype.is_floating_point or dtype == torch.int8)
+
     if file.suffix == ".safetensors":
         with _opened(file) as f:
-            name = next(iter(f.keys()), None)
-            if name is not None:
-                piece = f.get_slice(name)
-                # An empty slice reads no tensor bytes (a scalar is read whole: it is tiny).
-                return (piece[:0] if piece.get_shape() else f.get_tensor(name)).dtype
+            pieces = ((name, f.get_slice(name)) for name in f.keys())
+            # An empty slice reads no tensor bytes (a scalar is read whole: it is tiny).
+            tensors = ((name, piece[:0] if piece.get_shape() else f.get_tensor(name)) for name, piece in pieces)
+            dtype = next((t.dtype for name, t in tensors if weight(name, t.dtype)), None)
     else:
-        for _, tensor in _read_pickle(file):
-            return tensor.dtype
-    raise CheckpointError(f"{file}: holds no tensors")
+        dtype = next((t.dtype for name, t in _read_pickle(file) if weight(name, t.dtype)), None)
+    if dtype is None:
+        raise CheckpointError(f"{file}: holds no weights")
+    return dtype
 
 
 def skipped(raw_name: str, expected: dict[str, torch.Size]) -> bool:
@@ -335,19 +346,19 @@ def load_model(
     expected = {name: p.shape for name, p in model.state_dict().items()}
     placing = Int8Loading(model, quantize, expected, dtype, device)  # casts, or quantises, each tensor
     state: dict[str, Tensor] = {}
-    bar = tqdm(total=len(expected), desc="loading", unit="tensor", disable=not progress)
-    for file in files:
-        reader = _read_safetensors if file.suffix == ".safetensors" else _read_pickle
-        for raw_name, raw in reader(file):
-            if skipped(raw_name, expected):
-                continue
-            for name, tensor in placing.place_all(official_to_hf(raw_name, raw, config)):
-                check_tensor(file, raw_name, name, tensor.shape, expected, state)
-                state[name] = tensor  # cast (or quantised) by `placing`
-                if check_finite:
-                    check_finite_values(file, raw_name, state[name])
-                bar.update()
-    bar.close()
+    # Closed however the loop ends: an error's line then starts a line of its own.
+    with tqdm(total=len(expected), desc="loading", unit="tensor", disable=not progress) as bar:
+        for file in files:
+            reader = _read_safetensors if file.suffix == ".safetensors" else _read_pickle
+            for raw_name, raw in reader(file):
+                if skipped(raw_name, expected):
+                    continue
+                for name, tensor in placing.place_all(official_to_hf(raw_name, raw, config)):
+                    check_tensor(file, raw_name, name, tensor.shape, expected, state)
+                    state[name] = tensor  # cast (or quantised) by `placing`
+                    if check_finite:
+                        check_finite_values(file, raw_name, state[name])
+                    bar.update()
     placing.check()
     check_complete(path, expected, state)
     model.load_state_dict(state, strict=True, assign=True)

@@ -102,6 +102,11 @@ class Gemma2Config:
         act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ValueError(f"{source}: hidden_activation {act!r} is not Gemma 2's gelu_pytorch_tanh")
+        if raw.get("tie_word_embeddings") is False:
+            raise ValueError(f"{source}: tie_word_embeddings is false (a separate output head, lm_head.weight); "
+                             "Gemma 2 ties its head to the embedding, and this library loads only tied models")
+        if raw.get("rope_scaling") is not None:  # transformers 4.x; 5.x: rope_parameters' rope_type, below
+            raise ValueError(f"{source}: rope_scaling {raw['rope_scaling']} is not supported (Gemma 2 has none)")
         if "rope_theta" in raw:  # transformers 4.x
             rope_theta = raw["rope_theta"]
         else:  # transformers 5.x

@@ -141,7 +141,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def followed(path: str | os.PathLike) -> Path:
     """`path`, or where it points when it is a symbolic link: the write replaces the target, not
     the link (renaming over a link would replace the link itself)."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." or "..": a name to put a temporary sibling beside
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
@@ -175,6 +175,10 @@ def atomic_directory(path: str | os.PathLike, keep: Iterable[str] = ()) -> Itera
     path = followed(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
+    here = Path(os.getcwd())
+    if Path(os.path.realpath(path)) in (here, *here.parents):
+        raise ValueError(f"{path} is or holds the current directory, and a write replaces its directory as a "
+                         "whole (the shell would be left in a deleted one): name a directory of its own")  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _claim(path, directory=True)
     try:

@@ -6,9 +6,11 @@
   to int8, once:   convert_checkpoint.py --input gemma-2-2b-hf --output gemma-2-2b-int8 --quantize int8
 
 An int8 output holds int8 weights and per-row `weight_scaler`s (gemma2.quantize); --dtype is then
-the dtype of the scales and of the remaining tensors (the norms).
+the dtype of the scales and of the remaining tensors (the norms). An int8 input stays int8 (its
+float weights are gone; convert the original checkpoint for bf16 or fp32 weights), and only this
+library reads int8 checkpoints.
 
-A tokenizer.model next to the input is copied next to the output. An existing output (a non-empty
+A tokenizer.model next to the input is copied next to the output (over one there with --overwrite). An existing output (a non-empty
 directory, or a .ckpt file) is replaced only with --overwrite, and converting a directory into
 itself only when the dtype stays the same (or with --overwrite); the output is written beside its
 place and swapped in at once, so a failure leaves what was there before.
@@ -17,6 +19,7 @@ place and swapped in at once, so a failure leaves what was there before.
 import argparse
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -81,6 +84,9 @@ def main() -> int:
 
         config = Gemma2Config.from_json(config)
     model = load_model(source, dtype=to_dtype(args.dtype), config=config, progress=True, quantize=args.quantize)
+    if not args.quantize and stored_dtype(source) == torch.int8:
+        print(f"{source} holds int8 weights: written as int8 with {args.dtype} scales (int8 weights cannot be made "
+              "bf16 or fp32 again; convert the original checkpoint for those)", file=sys.stderr)  # fmt: skip
     if args.to_official:
         target.parent.mkdir(parents=True, exist_ok=True)
         save_official(model, target)
@@ -88,9 +94,9 @@ def main() -> int:
     else:
         save_model(model, target, max_shard_bytes=int(args.max_shard_gb * 2**30))
         out_dir = target
-    tokenizer = (source if source.is_dir() else source.parent) / "tokenizer.model"
-    if tokenizer.exists() and not (out_dir / "tokenizer.model").exists():
-        with atomic_file(out_dir / "tokenizer.model") as tmp:
+    tokenizer, copy = (source if source.is_dir() else source.parent) / "tokenizer.model", out_dir / "tokenizer.model"
+    if tokenizer.exists() and (not copy.exists() or args.overwrite and not copy.samefile(tokenizer)):
+        with atomic_file(copy) as tmp:
             shutil.copyfile(tokenizer, tmp)
     print(f"wrote {target}")
     return 0

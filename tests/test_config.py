@@ -104,6 +104,15 @@ def test_from_json_names_what_is_wrong(tmp_path):
         Gemma2Config.from_json(path)
     with pytest.raises(FileNotFoundError, match="nope.json: no such config file"):
         Gemma2Config.from_json(tmp_path / "nope.json")
+    # What Gemma 2 never has, and this model would silently not compute: an untied head, RoPE scaling.
+    path.write_text(json.dumps(HF4_CONFIG | {"tie_word_embeddings": False}))
+    with pytest.raises(ValueError, match="tie_word_embeddings is false .* loads only tied models"):
+        Gemma2Config.from_json(path)
+    path.write_text(json.dumps(HF4_CONFIG | {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}))
+    with pytest.raises(ValueError, match="rope_scaling .* is not supported"):
+        Gemma2Config.from_json(path)
+    path.write_text(json.dumps(HF4_CONFIG | {"rope_scaling": None, "tie_word_embeddings": True}))
+    assert Gemma2Config.from_json(path) == Gemma2Config.from_hf_dict(HF4_CONFIG)
 
 
 def test_several_eos_ids_as_a_list_are_a_tuple():

@@ -166,6 +166,39 @@ def test_convert_in_place_refuses_a_dtype_change_and_keeps_the_weights(fp32_chec
     assert (fp32_checkpoint / "README.md").is_file() and (fp32_checkpoint / "tokenizer.model").is_file()
 
 
+def test_a_save_never_replaces_the_directory_it_runs_in(fp32_checkpoint, tmp_path):
+    """A directory is saved by swapping a new one in: "." or ".." would leave the shell in a deleted
+    directory. Refused, with nothing written; "out/.." names tmp_path's own child as it should."""
+    here = tmp_path / "here"
+    (here / "inner").mkdir(parents=True)
+    (here / "mine.txt").write_text("mine")
+    for output, cwd in ((".", here), ("..", here / "inner"), (here, here / "inner")):
+        done = script("convert_checkpoint.py", "--input", fp32_checkpoint, "--output", output, "--overwrite", cwd=cwd)
+        assert "is or holds the current directory" in one_line_error(done), output
+        assert sorted(p.name for p in here.iterdir()) == ["inner", "mine.txt"]
+    done = script("convert_checkpoint.py", "--input", fp32_checkpoint, "--output", "new/../made", cwd=here)
+    assert done.returncode == 0, done.stderr
+    assert stored_dtype(here / "made") == torch.bfloat16 and not (here / "new").exists()
+
+
+def test_a_checkpoint_of_more_than_tensors_is_refused_naming_the_entry(tmp_path):
+    """A training checkpoint (weights beside other state) is not a model: one line naming what is
+    not a tensor, not an AttributeError from deep inside the loader."""
+    weights = load_model(TEACHER).state_dict()
+    torch.save({"state_dict": weights, "epoch": 3}, tmp_path / "trained.ckpt")
+    done = script("convert_checkpoint.py", "--input", tmp_path / "trained.ckpt", "--config", TEACHER / "config.json",
+                  "--output", tmp_path / "out")  # fmt: skip
+    assert "entry 'state_dict' is not a tensor (OrderedDict)" in one_line_error(done)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_stored_dtype_is_the_weights_not_the_official_rope_table(tmp_path):
+    """The official reference's state dict begins with its complex RoPE table (freqs_cis)."""
+    weights = {k: v.to(torch.bfloat16) for k, v in load_model(TEACHER).state_dict().items()}
+    torch.save({"model_state_dict": {"freqs_cis": torch.zeros(4, 2, dtype=torch.complex64), **weights}}, tmp_path / "m.ckpt")
+    assert stored_dtype(tmp_path / "m.ckpt") == torch.bfloat16
+
+
 def test_benchmark_refuses_an_existing_json_before_any_work(tmp_path):
     out = tmp_path / "bench.json"
     out.write_text("mine")
@@ -186,6 +219,11 @@ def test_convert_refuses_an_existing_output_without_overwrite(fp32_checkpoint, t
     done = script("convert_checkpoint.py", "--input", fp32_checkpoint, "--output", out, "--overwrite")
     assert done.returncode == 0, done.stderr
     assert (out / "keep.txt").read_text() == "mine" and stored_dtype(out) == torch.bfloat16
+    # The input's tokenizer replaces another one only with --overwrite: it belongs to these weights.
+    (out / "tokenizer.model").write_bytes(b"another model's")
+    done = script("convert_checkpoint.py", "--input", fp32_checkpoint, "--output", out, "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert (out / "tokenizer.model").read_bytes() == (fp32_checkpoint / "tokenizer.model").read_bytes()
     # --to-official onto an existing .ckpt
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"old")
