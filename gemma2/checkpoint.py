@@ -378,6 +378,14 @@ def _written_by_save(directory: Path) -> set[str]:
     return owned
 
 
+def check_save_directory(directory: str | os.PathLike) -> None:
+    """Refuse a directory that holds official weights: a Hugging Face save beside them would leave
+    two models there, which load_model refuses to choose between."""
+    if (Path(directory) / OFFICIAL_INDEX).exists():
+        raise ValueError(f"{directory} holds official weights ({OFFICIAL_INDEX}); the Hugging Face layout beside "
+                         "them would leave two models in one directory: save into another directory")  # fmt: skip
+
+
 def save_model(
     model: Gemma2ForCausalLM, directory: str | os.PathLike, *, max_shard_bytes: int = 4 * 2**30
 ) -> None:
@@ -387,6 +395,7 @@ def save_model(
     step; a crash leaves the previous content whole. Files of an existing `directory` that a
     previous save did not write are kept (see the module docstring)."""
     directory = Path(directory)
+    check_save_directory(directory)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     dtype = str(model.dtype).removeprefix("torch.")  # the activations' (an int8 model's scales')
     shards: list[dict[str, Tensor]] = [{}]

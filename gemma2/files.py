@@ -36,6 +36,7 @@ import itertools
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -203,7 +204,10 @@ def publish_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
 
 def _swap(tmp: Path, path: Path) -> None:
     """Put the finished directory `tmp` in place of `path`: exchanged in one rename where the OS
-    allows, else the old one moved aside first."""
+    allows, else the old one moved aside first. A replaced directory's permissions carry over (a
+    private 0700 one stays private)."""
+    if path.is_dir():
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
     fsync(tmp)
     if not path.exists():
         os.replace(tmp, path)

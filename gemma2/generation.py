@@ -17,6 +17,7 @@ next turn): a session holds it as `pending`, and counts it in `length`.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
@@ -37,6 +38,17 @@ if TYPE_CHECKING:
 def _check_max_new_tokens(n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+
+
+def stop_ids(stop_token_ids: Sequence[int] | int | None) -> tuple[int, ...]:
+    """The ids that end a row: a sequence of ints, one int, or None (none: run to max_new_tokens)."""
+    ids = () if stop_token_ids is None else (stop_token_ids,) if isinstance(stop_token_ids, int) else stop_token_ids
+    try:
+        return tuple(operator.index(i) for i in ids)  # ints, numpy or 0-dim tensor integers
+    except TypeError:
+        raise ValueError(
+            f"stop_token_ids must be token ids (a list of ints, one int, or None), got {stop_token_ids!r}"
+        ) from None
 
 
 class Session:
@@ -146,7 +158,7 @@ class Session:
             if not valid.all():
                 raise ValueError("only a session's first call may pad: pass attention_mask=None when continuing")
         pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device)
+        stop = torch.tensor(stop_ids(stop_token_ids), dtype=torch.long, device=device)
         return self._steps(input_ids, valid, max_new_tokens, pick, stop, pad_id)
 
     @torch.inference_mode()
@@ -336,6 +348,9 @@ class Chat:
         """
         ids = self.turn_ids(text)
         room = self.tokens_left - len(ids)
+        if room < 1 and self.session.length == 0:
+            raise ValueError(f"this turn needs {len(ids)} tokens and a reply at least one more, but the chat "
+                             f"holds {self.session.max_len}: shorten it")  # fmt: skip
         if room < 1:
             raise ValueError(
                 f"the chat is full: {self.session.length} of {self.session.max_len} tokens used and this turn "

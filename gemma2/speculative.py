@@ -26,7 +26,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .generation import stream
+from .generation import stop_ids, stream
 from .kv_cache import KVCache
 from .model import Gemma2ForCausalLM
 from .sampling import is_greedy, probabilities
@@ -113,7 +113,7 @@ def speculative_stream(
     pick = partial(probabilities, temperature=temperature, top_k=top_k, top_p=top_p)
     stats = SpeculativeStats()
     steps = _rounds(target, draft, prompt, draft_tokens, max_new_tokens, pick, is_greedy(temperature),
-                    set(stop_token_ids), generator, stats, compiled)  # fmt: skip
+                    set(stop_ids(stop_token_ids)), generator, stats, compiled)  # fmt: skip
     return steps, stats
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from gemma2 import load_model, save_model
-from gemma2.checkpoint import OFFICIAL_INDEX, save_official, stored_dtype
+from gemma2.checkpoint import check_save_directory, save_official, stored_dtype
 from gemma2.cli import run_cli
 from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.files import atomic_file
@@ -42,9 +42,7 @@ def check_output(source: Path, target: Path, dtype: torch.dtype, args: argparse.
         if target.exists() and not target.is_dir():
             raise ValueError(f"--output {target} is a file; the Hugging Face layout is a directory")
         exists = target.is_dir() and any(target.iterdir())
-        if (target / OFFICIAL_INDEX).exists():
-            raise ValueError(f"--output {target} holds official weights ({OFFICIAL_INDEX}); the Hugging Face "
-                             "layout beside them would leave two models in one directory: pass another --output")  # fmt: skip
+        check_save_directory(target)  # before loading anything
     if target.resolve() == source.resolve():
         old = stored_dtype(source)
         if old != dtype and not args.quantize and not args.overwrite:

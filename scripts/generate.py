@@ -12,7 +12,8 @@ generation, so the text can be piped on its own.
 
 --chat wraps each prompt as a user turn and stops on <end_of_turn> or eos. --interactive reads one
 user turn per stdin line and keeps the KV cache between turns (sized for the model's whole
-context); an empty line, "/exit" or end of input ends it. Defaults: greedy decoding, float32 on
+context); "/new" starts a new chat (a turn that does not fit says so, and the chat goes on), and an
+empty line, "/exit" or end of input ends it. Defaults: greedy decoding, float32 on
 CPU (bfloat16 with --quantize int8) and bfloat16 on CUDA.
 
 --draft DIR: speculative decoding (gemma2.speculative) with a smaller model of the same vocabulary
@@ -127,7 +128,9 @@ def load(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, Tokenizer]:
             "*.safetensors (scripts/convert_checkpoint.py converts an official .ckpt)"
         )
     directory = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    tokenizer_path = Path(args.tokenizer) if args.tokenizer else directory / "tokenizer.model"
+    tokenizer_path = Path(args.tokenizer) if args.tokenizer else directory
+    if tokenizer_path.is_dir():  # a checkpoint directory, as for Tokenizer()
+        tokenizer_path /= "tokenizer.model"
     if not tokenizer_path.is_file():
         raise UsageError(
             f"tokenizer {tokenizer_path} not found; put tokenizer.model in the checkpoint directory "
@@ -243,13 +246,17 @@ def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generato
             text = line.strip()
             if not line or not text or text == "/exit":
                 return
+            if text == "/new":
+                chat = Chat(model, tokenizer, compiled=args.compile)
+                print("(a new chat)", file=sys.stderr)
+                continue
         try:
             turn = len(chat.turn_ids(text))  # the tokens this turn feeds (for the figures)
             steps = chat.reply(text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, generator=generator)  # fmt: skip
-        except ValueError as e:  # the context is full (the arguments were checked up front)
-            print(e, file=sys.stderr)
-            return
+        except ValueError as e:  # the turn does not fit (the arguments were checked up front)
+            print(f"{e} (/new starts a new chat, /exit ends)", file=sys.stderr)
+            continue
         meter, decoder = Meter(turn, compiling=args.compile and chat.session.decoder is None), StreamDecoder(tokenizer)
         for token in steps:
             meter.step(1)
@@ -269,6 +276,9 @@ def generate_main(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     check_sampling_args(args.temperature, args.top_k, args.top_p)  # before minutes of loading
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise UsageError("--top-k and --top-p shape sampling, but --temperature 0 (the default) decodes greedily: "
+                         "pass --temperature > 0 (e.g. 0.7) to sample")  # fmt: skip
     if args.draft:
         check_draft_args(args)
     elif args.draft_tokens is not None:

@@ -1,6 +1,7 @@
 """Loading and saving checkpoints: both layouts, both directions with transformers, every error."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,9 +105,13 @@ def test_official_bin_shards_load(twin, inputs, tmp_path):
         weight_map |= dict.fromkeys(keys, file)
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     assert_same_logits(load_model(tmp_path, config=CFG), hf, inputs)
-    # A Hugging Face save beside them (convert_checkpoint.py refuses to write one there): which
-    # weights are the model is ambiguous, refused rather than guessed.
-    save_model(load_model(tmp_path, config=CFG), tmp_path)
+    # A Hugging Face save beside them (save_model and convert_checkpoint.py refuse to write one
+    # there): which weights are the model is ambiguous, refused rather than guessed.
+    with pytest.raises(ValueError, match="holds official weights .* save into another directory"):
+        save_model(load_model(tmp_path, config=CFG), tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
+    save_model(load_model(tmp_path, config=CFG), tmp_path / "hf")
+    shutil.copy(tmp_path / "hf" / "model.safetensors", tmp_path)
     with pytest.raises(CheckpointError, match=f"{tmp_path} holds more than one set of weights .*model.safetensors, "
                                               "pytorch_model.bin.index.json"):  # fmt: skip
         load_model(tmp_path)

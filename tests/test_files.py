@@ -42,6 +42,15 @@ def test_files_get_the_default_mode_whatever_the_writer_chose(tmp_path):
     assert _mode(tmp_path / "a") == _mode(tmp_path / "d" / "b") == _default_mode()
 
 
+def test_a_replaced_directory_keeps_its_permissions(tmp_path):
+    for mode in (0o700, 0o750):
+        (tmp_path / "d").mkdir(exist_ok=True)
+        os.chmod(tmp_path / "d", mode)  # a private checkpoint directory stays private
+        with atomic_directory(tmp_path / "d") as tmp:
+            (tmp / "w").write_text("new")
+        assert _mode(tmp_path / "d") == mode and (tmp_path / "d" / "w").read_text() == "new"
+
+
 def test_a_directory_write_keeps_named_entries_and_never_writes_through_them(tmp_path):
     target = tmp_path / "d"
     target.mkdir()

@@ -95,6 +95,26 @@ def test_interactive_chat_keeps_its_cache_between_turns(checkpoint):
     assert len(FIGURES.findall(result.stderr)) == 2  # one figures line per turn, nothing after /exit
 
 
+def test_a_tokenizer_directory_is_its_tokenizer_model(checkpoint):
+    plain = run_cli("--checkpoint", str(checkpoint), "--prompt", "Hi", "--max-new-tokens", "4")
+    named = run_cli("--checkpoint", str(checkpoint), "--tokenizer", str(checkpoint), "--prompt", "Hi", "--max-new-tokens", "4")
+    assert plain.returncode == named.returncode == 0, named.stderr
+    assert named.stdout == plain.stdout
+
+
+def test_interactive_chat_goes_on_after_a_turn_that_does_not_fit(checkpoint):
+    """A turn longer than the context is refused with the reason and the chat reads on; /new starts
+    a new chat (the same first reply again)."""
+    result = run_cli("--checkpoint", str(checkpoint), "--interactive", "--max-new-tokens", "8",
+                     stdin="word " * 400 + "\nHi\n/new\nHi\n")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "tokens and a reply at least one more, but the chat holds 128: shorten it (/new" in result.stderr
+    tok, model = Tokenizer(checkpoint / "tokenizer.model"), load_model(checkpoint)
+    first = tok.decode(list(Chat(model, tok).reply("Hi", max_new_tokens=8)))
+    assert result.stdout == first + "\n" + first + "\n"
+    assert len(FIGURES.findall(result.stderr)) == 2 and "(a new chat)" in result.stderr
+
+
 def test_float16_is_refused_with_the_reason(checkpoint):
     result = run_cli("--checkpoint", str(checkpoint), "--prompt", "Hi", "--dtype", "float16")
     assert result.returncode == 2
@@ -147,6 +167,8 @@ def load_script():
         (["--checkpoint", "{ckpt}"], "pass --prompt TEXT"),
         (["--checkpoint", "{ckpt}", "--prompt", "Hi", "--max-new-tokens", "500"], "exceed the model's context of 128"),
         (["--checkpoint", "{ckpt}", "--prompt", "Hi", "--temperature", "1", "--top-p", "0"], "top_p must be in"),
+        (["--checkpoint", "{ckpt}", "--prompt", "Hi", "--top-p", "0.9"], "decodes greedily: pass --temperature > 0"),
+        (["--checkpoint", "{ckpt}", "--prompt", "Hi", "--top-k", "5"], "decodes greedily: pass --temperature > 0"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(checkpoint, tmp_path, capsys, args, message):

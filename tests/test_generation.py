@@ -88,6 +88,21 @@ def test_stop_ids_pad_the_row_afterwards(twin):
         assert (out[row, end:] == 0).all()
 
 
+def test_stop_ids_come_as_a_list_one_id_or_none(twin):
+    """As transformers users write them: None runs to max_new_tokens, one id is a list of one."""
+    _, model = twin
+    ids, mask = left_padded([12, 8, 5], CFG.vocab_size)
+    run = lambda stops: generate(model, ids, attention_mask=mask, max_new_tokens=12, stop_token_ids=stops)  # noqa: E731
+    free = run(())
+    assert torch.equal(run(None), free)
+    stop_id = int(free[0, -9])
+    assert torch.equal(run(stop_id), run([stop_id])) and torch.equal(run(torch.tensor([stop_id])), run([stop_id]))
+    assert not torch.equal(run(stop_id), free)
+    for bad in ("1", 1.5, [1, "x"]):
+        with pytest.raises(ValueError, match="stop_token_ids must be token ids"):
+            run(bad)
+
+
 def test_generation_ends_when_every_row_has_stopped(twin):
     _, model = twin
     ids, mask = left_padded([12, 8, 5], CFG.vocab_size)
