@@ -196,8 +196,10 @@ def checkpoint_files(path: Path) -> list[Path]:
     ckpts = sorted(path.glob("*.ckpt"))
     if len(ckpts) == 1:
         return ckpts
+    inner = sorted(p.parent for p in path.glob("*/config.json"))  # a training run's step-XXXXXX, say
+    hint = f"; its subdirectories hold models: pass one of them, such as {inner[-1]}" if inner else ""
     raise CheckpointError(
-        f"{path}: found no {HF_SINGLE}, {HF_INDEX}, {OFFICIAL_INDEX} or single .ckpt file to load"
+        f"{path}: found no {HF_SINGLE}, {HF_INDEX}, {OFFICIAL_INDEX} or single .ckpt file to load{hint}"
     )
 
 

@@ -6,7 +6,9 @@ messages name the fix, and no write in this project leaves a half-written file b
 gemma2.files), which the full-disk message says. Ctrl-C ends a script with one line and exit status
 130 (the shell's code for SIGINT), also when a library it interrupted re-raised it as another
 exception; `on_interrupt` may add what the user needs to know (where to resume). Anything else is
-a bug and keeps its traceback. With GEMMA2_TRACEBACK=1 in the environment a user error prints its
+a bug and keeps its traceback. SIGTERM (`kill`, a scheduler ending the job) unwinds the same way
+(`Terminated`: every cleanup runs, a run's lock is released) and ends with status 143; a training
+loop first saves a checkpoint (gemma2.preemption). With GEMMA2_TRACEBACK=1 in the environment a user error prints its
 traceback above the line too (for a failure deep inside a compiler, which may surface as a
 ValueError). `device_arg` checks a --device before any work.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -23,7 +26,16 @@ from typing import NoReturn
 import torch
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as the shell reports a process Ctrl-C ended
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds as from Ctrl-C."""
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated()
 
 
 def describe_os_error(e: OSError) -> str:
@@ -41,38 +53,44 @@ def describe_os_error(e: OSError) -> str:
 
 
 def run_cli(main: Callable[[], int | None], on_interrupt: Callable[[], str] | None = None) -> NoReturn:
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = main()
     except BaseException as e:
-        if _from_ctrl_c(e):
+        interrupt = _interrupt_in(e)
+        if interrupt is not None:
             extra = on_interrupt() if on_interrupt is not None else ""
-            print(f"interrupted{'; ' + extra if extra else ''}", file=sys.stderr)
-            sys.exit(EXIT_INTERRUPTED)
+            what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+            print(f"{what}{'; ' + extra if extra else ''}", file=sys.stderr)
+            sys.exit(EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED)
         if not isinstance(e, (ValueError, OSError)):
             raise  # a bug (or SystemExit): its traceback is kept
         if os.environ.get("GEMMA2_TRACEBACK") == "1":
             traceback.print_exc()
         print(f"error: {e if isinstance(e, ValueError) else describe_os_error(e)}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # the caller's again (a test that calls main, say)
     sys.exit(code or 0)
 
 
-def _from_ctrl_c(e: BaseException | None) -> bool:
-    """Whether `e` is Ctrl-C's KeyboardInterrupt or was raised while unwinding from one: torch's
-    distributed checkpoint wraps it in a CheckpointException (`failures`: rank -> (exception,
-    traceback)), and torch.save's zip writer, interrupted mid-file, raises a RuntimeError in its
-    cleanup."""
+def _interrupt_in(e: BaseException | None) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (Ctrl-C's, or SIGTERM's `Terminated`) that `e` is or was raised while
+    unwinding from, else None: torch's distributed checkpoint wraps it in a CheckpointException
+    (`failures`: rank -> (exception, traceback)), and torch.save's zip writer, interrupted
+    mid-file, raises a RuntimeError in its cleanup."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, KeyboardInterrupt):
-            return True
+            return e
         failures = getattr(e, "failures", None)  # DCP's: rank -> (exception, traceback)
         wrapped = [f[0] for f in failures.values() if isinstance(f, tuple) and f] if isinstance(failures, dict) else []
-        if any(_from_ctrl_c(w) for w in wrapped):
-            return True
+        for inner in map(_interrupt_in, wrapped):
+            if inner is not None:
+                return inner
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def device_arg(name: str) -> torch.device:

@@ -56,6 +56,13 @@ def model_config(spec: str | os.PathLike, role: str = "student") -> Gemma2Config
         ) from None
 
 
+def student_config(spec: str | os.PathLike, vocab_size: int | None = None) -> Gemma2Config:
+    """The config of the student `spec` names (as load_student reads it): a fresh student's
+    vocabulary size replaced by `vocab_size` when given, a checkpoint's kept."""
+    config = model_config(spec)
+    return config if vocab_size is None or Path(spec).is_dir() else config.replace(vocab_size=vocab_size)
+
+
 def load_student(
     spec: str | os.PathLike, *, vocab_size: int | None = None, seed: int = 0, sharded: bool = False
 ) -> Gemma2ForCausalLM:
@@ -65,9 +72,7 @@ def load_student(
     the same weights, loaded shard by shard when the trainer shards the student (gemma2.sharded_load)."""
     if Path(spec).is_dir():
         return load_sharded(spec) if sharded else load_model(spec)
-    config = model_config(spec)
-    if vocab_size is not None:
-        config = config.replace(vocab_size=vocab_size)
+    config = student_config(spec, vocab_size)
     if sharded:
         return init_sharded(config, partial(initial_values, seed=seed))
     return init_weights(Gemma2ForCausalLM(config), seed)

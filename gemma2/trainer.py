@@ -66,6 +66,7 @@ from .dtypes import dtype_name, to_dtype
 from .files import write_text_atomic
 from .model import Gemma2ForCausalLM, RMSNorm
 from .on_policy import Rollouts, check_on_policy
+from .preemption import StopSignals, TrainingStopped
 from .run_dir import METRICS_FILE, Run, json_line, open_run, read_metrics
 from .sharded_load import load_weights
 from .teacher import Teacher, check_teacher, teacher_record
@@ -424,7 +425,8 @@ def train(
                              when held-out prompts lack completions
     `step` counts optimizer updates done; evaluation runs at step 0 (with the teacher's numbers),
     every eval_every steps and at the end. Raises NonFiniteLossError if the loss or the gradient
-    norm stops being finite.
+    norm stops being finite, and TrainingStopped after saving a checkpoint when the job is asked to
+    end (SIGTERM or SIGUSR1 during the loop: gemma2.preemption).
     """
     rt = runtime(cfg.device)
     _check(cfg, student, teacher, data, rt)
@@ -477,42 +479,50 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     live_teacher = train_teacher.model.config if train_teacher is not None and train_teacher.model is not None else None
     flops_per_token = partial(training_flops_per_token, student.config, teacher=live_teacher)
     peak = cfg.peak_flops or peak_flops(rt.device, loss_mod.dtype)
-    for step in range(start_step, cfg.steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro = rollouts([next(loader) for _ in range(cfg.grad_accum)], step)
-        n_counted, tokens, flops, sums = _accumulate_gradients(loss_mod, micro, train_teacher, cfg.alpha, rt,
-                                                               flops_per_token)  # fmt: skip
-        norm = _clip_gradients(student, cfg.grad_clip)
-        loss_sum, kd_sum, ce_sum, grad_norm = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()  # one sync
-        loss_value = loss_sum / rt.world
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            raise NonFiniteLossError(run.nonfinite_message(step + 1, start_step + 1, loss_value, grad_norm, student))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        per_device = tokens / dt / rt.world
-        utilisation = mfu(flops / tokens, per_device, peak)
-        log({
-            "step": step + 1, "lr": lr, "loss": loss_value,
-            "ce": ce_sum / n_counted if cfg.alpha < 1 else None,
-            "kd": kd_sum / n_counted * cfg.temperature**2 if cfg.alpha > 0 else None,
-            "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / dt,
-            "tokens_per_s_per_device": per_device, "mfu": utilisation,
-        } | rollouts.metrics(step, n_counted))  # fmt: skip
-        bar.update(1)
-        util = "" if peak is None else f", mfu={utilisation:.1%}"
-        util += rollouts.postfix(metrics.records[-1])
-        bar.set_postfix_str(f"loss={loss_value:.4f}, tok/s/device={per_device:,.0f}{util}", refresh=False)
-        done = step + 1 == cfg.steps
-        if cfg.eval_every and (done or (step + 1) % cfg.eval_every == 0):
-            evaluate(step + 1, first=False)
-        if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            state = {"data": loader.state_dict(), "config": dataclasses.asdict(cfg), "run": run.record}
-            with run.saving(student):
-                save_checkpoint(out, step + 1, student, optimizer, state, tokenizer_file=cfg.tokenizer_file,
-                                keep_last=cfg.keep_last)  # fmt: skip
+    with StopSignals() as stop:
+        for step in range(start_step, cfg.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = rollouts([next(loader) for _ in range(cfg.grad_accum)], step)
+            n_counted, tokens, flops, sums = _accumulate_gradients(loss_mod, micro, train_teacher, cfg.alpha, rt,
+                                                                   flops_per_token)  # fmt: skip
+            norm = _clip_gradients(student, cfg.grad_clip)
+            loss_sum, kd_sum, ce_sum, grad_norm = torch.cat([sums, norm.reshape(1).to(sums)]).tolist()  # one sync
+            loss_value = loss_sum / rt.world
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                message = run.nonfinite_message(step + 1, start_step + 1, loss_value, grad_norm, student)
+                raise NonFiniteLossError(message)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            per_device = tokens / dt / rt.world
+            utilisation = mfu(flops / tokens, per_device, peak)
+            log({
+                "step": step + 1, "lr": lr, "loss": loss_value,
+                "ce": ce_sum / n_counted if cfg.alpha < 1 else None,
+                "kd": kd_sum / n_counted * cfg.temperature**2 if cfg.alpha > 0 else None,
+                "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / dt,
+                "tokens_per_s_per_device": per_device, "mfu": utilisation,
+            } | rollouts.metrics(step, n_counted))  # fmt: skip
+            bar.update(1)
+            util = "" if peak is None else f", mfu={utilisation:.1%}"
+            util += rollouts.postfix(metrics.records[-1])
+            bar.set_postfix_str(f"loss={loss_value:.4f}, tok/s/device={per_device:,.0f}{util}", refresh=False)
+            done = step + 1 == cfg.steps
+            if cfg.eval_every and (done or (step + 1) % cfg.eval_every == 0):
+                evaluate(step + 1, first=False)
+            stopping = stop.requested(rt)  # a scheduler's SIGTERM or SIGUSR1 (gemma2.preemption)
+            if done or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                state = {"data": loader.state_dict(), "config": dataclasses.asdict(cfg), "run": run.record}
+                with run.saving(student):
+                    saved = save_checkpoint(out, step + 1, student, optimizer, state,
+                                            tokenizer_file=cfg.tokenizer_file, keep_last=cfg.keep_last)  # fmt: skip
+            if stopping and not done:
+                bar.close()
+                asked = stop.received or "a stop signal (on another rank)"
+                raise TrainingStopped(f"stopped by {asked} after step {step + 1} of {cfg.steps}; saved {saved}: "
+                                      "continue with the same command and --resume", stop.received or "SIGTERM")
     bar.close()
     return metrics.records

@@ -16,9 +16,15 @@
 --student is a preset name, a config.json or a checkpoint directory; a fresh student takes the
 teacher's vocabulary size (else the tokenizer's). Checkpoints land in OUT/step-XXXXXX (Hugging Face
 layout plus trainer state), metrics in OUT/metrics.jsonl. Library: gemma2.trainer.train.
+
+A scheduler ending the job (SIGTERM; SLURM's --signal=USR1@SECONDS warns with SIGUSR1) stops the
+training after the step in progress, with a checkpoint saved there and named, exit status 128 + the
+signal's number; continue with --resume (gemma2.preemption). Ctrl-C stops at once and names the
+newest complete checkpoint.
 """
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -27,8 +33,9 @@ import torch
 from gemma2.checkpoint import load_model
 from gemma2.cli import device_arg, run_cli
 from gemma2.data_args import add_data_arguments, datasets_from_args
-from gemma2.distributed import close_distributed, init_distributed
+from gemma2.distributed import close_distributed, init_distributed, launched_world
 from gemma2.dtypes import compute_dtype_argument, dtype_argument, to_dtype
+from gemma2.preemption import TrainingStopped
 from gemma2.sharded_load import load_sharded
 from gemma2.teacher import teacher_vocab_size
 from gemma2.teacher_cache import TeacherCache
@@ -61,7 +68,9 @@ def parse_args() -> argparse.Namespace:
                    help="KD weight: loss = (1 - alpha) CE + alpha KD (default 1 with a teacher, 0 without)")
     p.add_argument("--objective", choices=("forward_kl", "reverse_kl", "jsd"), default="forward_kl")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight")
+    p.add_argument("--beta", type=float, default=0.5,
+                   help="--objective jsd: the teacher's weight B in the mixture B p_T + (1 - B) p_S; the JSD is "
+                        "divided by B (1 - B): 0 is the forward KL, 1 the reverse KL")  # fmt: skip
     gkd = p.add_argument_group("on-policy distillation (GKD; TRL GKDTrainer's names; gemma2/on_policy.py)")
     gkd.add_argument("--lmbda", type=float, default=0.0,
                      help="probability that a step trains on completions the student samples (default 0: never)")
@@ -93,7 +102,29 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="start in a non-empty --out that holds no previous run (nothing in it is deleted)")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args()
+    args = p.parse_args()
+    args.given = {name for name, value in vars(args).items() if value != p.get_default(name)}  # see check_unused
+    return args
+
+
+def check_unused(args: argparse.Namespace) -> None:
+    """Refuse flags given that this run would ignore (and a resume then compare): one line naming
+    what each goes with. --sample-sharded in one process is only noted: a command line may be
+    shared by one-process and torchrun runs."""
+    samples = args.lmbda > 0 or args.seq_kd
+    evaluates = args.prompts is not None and args.teacher is not None  # eval_sample_kd: the student samples
+    needs = {"beta": ("--objective jsd", args.objective == "jsd"),
+             "gen_temperature": ("--lmbda > 0 or --seq-kd (sampling)", samples)}  # fmt: skip
+    for name in ("compile_sampling", "sample_sharded"):
+        needs[name] = ("--lmbda > 0, --seq-kd, or --prompts with a --teacher (sampling)", samples or evaluates)
+    for name in ("prompt_len", "max_new_tokens"):
+        needs[name] = ("--lmbda > 0, --seq-kd or --prompts", samples or args.prompts is not None)
+    unused = [(name, what) for name, (what, used) in needs.items() if name in args.given and not used]
+    if unused:
+        flags = "; ".join(f"--{name.replace('_', '-')} goes with {what}" for name, what in unused)
+        raise ValueError(f"{flags}: this run would ignore it, so drop it (or add what it goes with)")
+    if args.sample_sharded and launched_world() == 1:
+        print("note: --sample-sharded changes nothing in one process (it is for torchrun's ranks)", file=sys.stderr)
 
 
 def tokenizer_path(args: argparse.Namespace) -> Path:
@@ -116,8 +147,12 @@ def interrupted(out: str) -> str:
 def main(args: argparse.Namespace) -> int:
     if args.device is not None:
         device_arg(args.device)
+    check_unused(args)
     if args.group_by_length and args.prompts is None:
         raise ValueError("--group-by-length goes with --prompts: packed rows (--data) are all --seq-len long")
+    for flag, path in (("--teacher", args.teacher), ("--teacher-cache", args.teacher_cache)):
+        if path is not None and not Path(path).exists():  # before the tokenizer, which may be sought there
+            raise ValueError(f"{flag} {path}: no such file or directory")
     rank, world = init_distributed()
     tok_path = tokenizer_path(args)
     tokenizer = Tokenizer(tok_path)
@@ -161,6 +196,11 @@ def main(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:  # not a usage error: the run diverged (exit 1, message kept short)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except TrainingStopped as e:  # a scheduler's SIGTERM / SIGUSR1, at a checkpoint saved for it
+        if rank == 0:
+            print(str(e), file=sys.stderr)
+        close_distributed()
+        return 128 + signal.Signals[e.signal_name]
     if rank == 0:
         evals = [m for m in metrics if "eval_ce" in m or "eval_sample_kd" in m]
         if evals:

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from gemma2 import Gemma2Config, Gemma2ForCausalLM, load_model
+from gemma2.checkpoint import checkpoint_files
 from gemma2.cli import device_arg, run_cli
 from gemma2.compatibility import check_tokenizer
 from gemma2.dtypes import to_dtype
@@ -127,6 +128,7 @@ def load(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, Tokenizer]:
             f"checkpoint {checkpoint} not found; pass --checkpoint a directory with config.json and "
             "*.safetensors (scripts/convert_checkpoint.py converts an official .ckpt)"
         )
+    checkpoint_files(checkpoint)  # a directory without weights (a run's, say) is named before its tokenizer
     directory = checkpoint if checkpoint.is_dir() else checkpoint.parent
     tokenizer_path = Path(args.tokenizer) if args.tokenizer else directory
     if tokenizer_path.is_dir():  # a checkpoint directory, as for Tokenizer()

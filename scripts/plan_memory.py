@@ -16,7 +16,7 @@ import sys
 from gemma2.cli import run_cli
 from gemma2.dtypes import dtype_argument
 from gemma2.memory_plan import change_kinds, plan_memory, suggestions
-from gemma2.student import model_config
+from gemma2.student import model_config, student_config
 
 
 def main() -> int:
@@ -44,7 +44,10 @@ def main() -> int:
 
     if args.gpus < 1 or args.gpu_memory <= 0:
         raise ValueError(f"--gpus must be >= 1 and --gpu-memory > 0, got {args.gpus} and {args.gpu_memory}")
-    run = dict(student=model_config(args.student), teacher=model_config(args.teacher, "teacher") if args.teacher else None,
+    teacher = model_config(args.teacher, "teacher") if args.teacher else None
+    # A fresh student speaks the teacher's vocabulary, as scripts/distill.py makes it.
+    student = student_config(args.student, teacher.vocab_size if teacher is not None else None)
+    run = dict(student=student, teacher=teacher,
                teacher_cache_k=args.teacher_cache_k, seq_len=args.seq_len, batch_size=args.batch_size,
                world=args.gpus, dtype=args.dtype, teacher_dtype=args.teacher_dtype,
                activation_checkpointing=args.activation_checkpointing, chunk_size=args.chunk_size,

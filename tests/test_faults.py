@@ -1,7 +1,7 @@
 """Faults and bad input, as a user meets them: the commands never destroy a file they did not
 write, never train on silently changed settings, and end every user error in one line.
 
-The command-line cases run the scripts in subprocesses (signals are real: SIGKILL, SIGINT) on the
+The command-line cases run the scripts in subprocesses (signals are real: SIGKILL, SIGINT, SIGTERM, SIGUSR1) on the
 shipped tiny teacher and a ~0.4M-parameter student, so each takes a few seconds.
 """
 
@@ -29,7 +29,7 @@ from gemma2.generation import Session, generate
 from gemma2.sampling import sample
 from gemma2.teacher_cache import TeacherCache
 
-from conftest import TIMINGS
+from conftest import TIMINGS, assert_same_metrics
 
 ROOT = Path(__file__).parents[1]
 TEACHER = ROOT / "checkpoints" / "tiny-teacher"
@@ -197,6 +197,38 @@ def test_the_stored_dtype_is_the_weights_not_the_official_rope_table(tmp_path):
     weights = {k: v.to(torch.bfloat16) for k, v in load_model(TEACHER).state_dict().items()}
     torch.save({"model_state_dict": {"freqs_cis": torch.zeros(4, 2, dtype=torch.complex64), **weights}}, tmp_path / "m.ckpt")
     assert stored_dtype(tmp_path / "m.ckpt") == torch.bfloat16
+
+
+def test_a_directory_of_checkpoints_names_one_to_pass(tmp_path):
+    """A training run's directory where a checkpoint is expected: the error names its newest."""
+    run = tmp_path / "run"
+    for step in ("step-000002", "step-000010"):
+        shutil.copytree(TEACHER, run / step)
+    newest = run / "step-000010"
+    with pytest.raises(CheckpointError, match=f"subdirectories hold models: pass one of them, such as {newest}"):
+        load_model(run)
+    done = script("generate.py", "--checkpoint", run, "--prompt", "Hi")
+    assert f"such as {newest}" in one_line_error(done)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta", "0.2"], "--beta goes with --objective jsd"),
+    (["--gen-temperature", "0.5", "--max-new-tokens", "8"], "--gen-temperature goes with --lmbda > 0 or --seq-kd "
+                                                             "(sampling); --max-new-tokens goes with"),
+    (["--compile-sampling"], "--compile-sampling goes with --lmbda > 0, --seq-kd, or --prompts with a --teacher"),
+])
+def test_flags_the_run_would_ignore_are_refused(docs, tmp_path, flags, message):
+    """They would do nothing, then block a --resume that changes them: one line before any work."""
+    done = distill(docs, tmp_path / "out", "--steps", 1, *flags)
+    assert message in one_line_error(done) and "this run would ignore it" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_teacher_is_named_before_the_tokenizer_sought_beside_it(tmp_path):
+    for flag in ("--teacher", "--teacher-cache"):
+        done = script("distill.py", "--student", "tiny", flag, tmp_path / "nope", "--out", tmp_path / "out")
+        assert one_line_error(done) == f"error: {flag} {tmp_path / 'nope'}: no such file or directory"
+        assert not (tmp_path / "out").exists()
 
 
 def test_benchmark_refuses_an_existing_json_before_any_work(tmp_path):
@@ -686,6 +718,47 @@ def test_ctrl_c_in_generate_is_one_line_with_status_130():
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "interrupted", err
+
+
+def test_sigterm_outside_training_is_one_line_with_status_143():
+    """A scheduler's SIGTERM unwinds like Ctrl-C (here while a model waits on stdin)."""
+    proc = start("generate.py", "--checkpoint", TEACHER, "--interactive", stdin=subprocess.PIPE)
+    seen = ""
+    while not seen.endswith("> "):
+        seen += proc.stderr.read(1)
+        assert proc.poll() is None, seen
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip() == "terminated (SIGTERM)", err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_schedulers_signal_saves_a_checkpoint_and_the_resume_is_exact(tmp_path, docs, signum):
+    """The step in progress ends, a checkpoint is saved there (none was due: --save-every 0), the
+    lock is released, and --resume continues exactly as an uninterrupted run."""
+    args = ("--steps", 60, "--save-every", 0)
+    whole = distill(docs, tmp_path / "whole", *args)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "run"
+    proc = start("distill.py", *distill_args(docs, out, *args))
+    logged = lambda: len(R.read_metrics(out / "metrics.jsonl")) if (out / "metrics.jsonl").exists() else 0  # noqa: E731
+    while logged() < 3:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum and "Traceback" not in err, err
+    step = logged()
+    assert 3 <= step < 60
+    name = signal.Signals(signum).name
+    saved = out / f"step-{step:06d}"
+    assert err.strip().splitlines()[-1] == (f"stopped by {name} after step {step} of 60; saved {saved}: continue with "
+                                            "the same command and --resume")  # fmt: skip
+    assert R.latest_complete(out)[0].name == f"step-{step:06d}" and not (out / ".lock").exists()
+    resumed = distill(docs, out, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_metrics(R.read_metrics(out / "metrics.jsonl"), R.read_metrics(tmp_path / "whole" / "metrics.jsonl"),
+                        rel=0, abs=0)  # fmt: skip
 
 
 def test_ctrl_c_in_distill_names_the_latest_checkpoint(tmp_path, docs):

@@ -243,3 +243,8 @@ def test_script_prints_the_table_and_suggests_what_fits(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: --gpus must be >= 1")
     bad = subprocess.run([*common, "--gpu-memory", "80", "--teacher-cache-k", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: seq_len and the cache's k must be >= 1"), bad.stderr
+    # A fresh preset student gets the teacher's vocabulary, as distill.py gives it (tiny's own is 512).
+    teacher = Path(__file__).parents[1] / "checkpoints/tiny-teacher"
+    paired = subprocess.run([sys.executable, str(script), "--student", "tiny", "--teacher", str(teacher), "--seq-len",
+                             "128", "--gpu-memory", "80"], capture_output=True, text=True)  # fmt: skip
+    assert paired.returncode == 0 and "fits in 74.5 GiB" in paired.stdout, paired.stderr

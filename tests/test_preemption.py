@@ -1,0 +1,66 @@
+"""A scheduler's SIGTERM (or SLURM's SIGUSR1) during training: the step in progress finishes, every
+rank stops after the same step (the signal reaches one rank here), a checkpoint is saved there and
+TrainingStopped names it. The command line's side (exit status, the resume) is in test_faults.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import gemma2.trainer as trainer
+from conftest import tiny_training_config
+from gemma2 import Gemma2ForCausalLM
+from gemma2.data import Datasets, PackedSequences
+from gemma2.preemption import TrainingStopped
+from gemma2.student import init_weights
+from gemma2.train_state import latest_checkpoint
+from gemma2.trainer import TrainConfig, train
+
+WORLD = 2
+
+
+def _run(rank: int, tmp: str, signalled_rank: int, signum: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
+    lr_at = trainer.lr_at
+
+    def lr_signalling(step: int, cfg: TrainConfig) -> float:  # the start of each step
+        if step == 2 and rank == signalled_rank:
+            os.kill(os.getpid(), signum)  # handled at once: the flag is set before the step's work
+        return lr_at(step, cfg)
+
+    trainer.lr_at = lr_signalling
+    tokens = np.random.default_rng(0).integers(3, 96, size=2000).astype(np.int32)
+    data = Datasets(PackedSequences(tokens, 16), None)
+    student = init_weights(Gemma2ForCausalLM(tiny_training_config(vocab_size=96, max_position_embeddings=32)), seed=2)
+    cfg = TrainConfig(out_dir=str(Path(tmp) / "run"), steps=6, batch_size=2, lr=1e-2, warmup=1, alpha=0.0,
+                      eval_every=0, save_every=0)  # fmt: skip
+    try:
+        train(cfg, student, data, progress=False)
+        result = {"finished": True}
+    except TrainingStopped as e:
+        result = {"message": str(e), "signal": e.signal_name}
+    (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(result))
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_at_a_checkpoint(tmp_path):
+    mp.spawn(_run, args=(str(tmp_path), 1, signal.SIGTERM), nprocs=WORLD, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    saved = tmp_path / "run" / "step-000003"
+    assert results[1] == {"message": f"stopped by SIGTERM after step 3 of 6; saved {saved}: continue with the same "
+                                     "command and --resume", "signal": "SIGTERM"}  # fmt: skip
+    assert results[0]["message"].startswith("stopped by a stop signal (on another rank) after step 3 of 6")
+    assert latest_checkpoint(tmp_path / "run") == saved  # the only one: save_every 0 saves only at the end
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert not (tmp_path / "run" / ".lock").exists()
