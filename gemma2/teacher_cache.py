@@ -205,8 +205,6 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, Rows], directory: Path,
     rank, world = part
     dealt = 0  # shards of the splits before this one: the deal runs over all splits' shards in order
     V = teacher.config.vocab_size
-    id_dtype = torch.int16 if V <= 2**15 else torch.int32
-    device = teacher.output_weight.device
     teacher.eval()
     index: dict = {"format": FORMAT, "k": k, "temperature": temperature, "vocab_size": V,
                    "logprob_dtype": str(logprob_dtype).removeprefix("torch."),
@@ -214,50 +212,58 @@ def _write(teacher: Gemma2ForCausalLM, splits: dict[str, Rows], directory: Path,
     ce_sums = []
     for name, data in splits.items():
         kept = data.counted_columns  # the layout's columns stored (a loss reads no other)
-        C = kept.stop - kept.start
-        per_shard = max(batch_size, shard_bytes // (C * index["bytes_per_token"]) // batch_size * batch_size)
+        per_shard = max(batch_size, shard_bytes // ((kept.stop - kept.start) * index["bytes_per_token"])
+                        // batch_size * batch_size)  # fmt: skip
         starts = range(0, len(data), per_shard)
         shards = [{"file": f"{name}-{i:05d}.safetensors", "start": start, "count": min(per_shard, len(data) - start)}
                   for i, start in enumerate(starts)]  # fmt: skip
         mine = [sh for i, sh in enumerate(shards, dealt) if i % world == rank]
         dealt += len(shards)
-        ce_sum = torch.zeros(2, dtype=torch.float64, device=device)  # cross-entropy, counted tokens
+        ce_sum = torch.zeros(2, dtype=torch.float64, device=teacher.output_weight.device)  # CE, counted tokens
         bar = tqdm(total=sum(sh["count"] for sh in mine), desc=f"caching {name}", unit="seq", disable=not progress)
-        for shard in mine:
-            start = shard["start"]
-            stop = start + shard["count"]
-            # Zeros where a batch of prompt rows stops short of the layout (padding: never counted).
-            ids = torch.zeros(stop - start, C, k, dtype=id_dtype)
-            lps = torch.zeros(stop - start, C, k, dtype=logprob_dtype)
-            tail = torch.zeros(stop - start, C, dtype=torch.float32)
-            for lo in range(start, stop, batch_size):
-                batch = data.batch(range(lo, min(lo + batch_size, stop)))
-                hidden = teacher.hidden_states(batch.inputs.to(device), batch.valid_on(device))
-                # The batch's columns that are stored: only there the head and top-k run.
-                a, b = max(batch.columns.start, kept.start), min(batch.columns.stop, kept.stop)
-                width, here = b - a, slice(a - batch.start, b - batch.start)
-                hidden = hidden[:, here].flatten(0, 1)  # [B width, D]
-                targets = batch.targets[:, here].to(device).flatten()
-                rows, cols = slice(lo - start, lo - start + len(batch.indices)), slice(a - kept.start, b - kept.start)
-                out = [], [], []
-                for c in range(0, hidden.shape[0], chunk_size):
-                    logits = teacher.logits(hidden[c : c + chunk_size])  # [C, V] fp32, soft-capped
-                    chunk = targets[c : c + chunk_size]
-                    ce = torch.nn.functional.cross_entropy(logits, chunk, ignore_index=IGNORE_INDEX, reduction="sum")
-                    ce_sum += torch.stack([ce.double(), (chunk != IGNORE_INDEX).sum().double()])
-                    top = teacher_topk(logits, k, temperature)
-                    for o, t in zip(out, top):
-                        o.append(t)
-                ids[rows, cols] = torch.cat(out[0]).view(-1, width, k).to("cpu", id_dtype)
-                lps[rows, cols] = torch.cat(out[1]).view(-1, width, k).to("cpu", logprob_dtype)
-                tail[rows, cols] = torch.cat(out[2]).view(-1, width).cpu()
-                bar.update(len(batch.indices))
-            save_file({"ids": ids, "logprobs": lps, "tail": tail}, directory / shard["file"])
-        bar.close()
+        with bar:  # closed however the loop ends: an error's line is its own
+            for shard in mine:
+                tensors = _shard_topk(teacher, data, range(shard["start"], shard["start"] + shard["count"]), ce_sum,
+                                      bar, k=k, temperature=temperature, batch_size=batch_size, chunk_size=chunk_size,
+                                      logprob_dtype=logprob_dtype)  # fmt: skip
+                save_file(tensors, directory / shard["file"])
         index["splits"][name] = {"seq_len": data.seq_len, "num_sequences": len(data), "fingerprint": data.fingerprint(),
                                  "columns": [kept.start, kept.stop], "teacher_ce": None, "shards": shards}  # fmt: skip
         ce_sums += ce_sum.tolist()
     return index, ce_sums
+
+
+def _shard_topk(teacher: Gemma2ForCausalLM, data: Rows, sequences: range, ce_sum: Tensor, bar: tqdm, *, k: int,
+                temperature: float, batch_size: int, chunk_size: int, logprob_dtype: torch.dtype) -> dict[str, Tensor]:
+    """One shard's tensors: the teacher's top-k of `sequences` at the split's stored columns (the
+    head and top-k run there alone); adds their cross-entropy and counted tokens to `ce_sum`."""
+    kept, device = data.counted_columns, teacher.output_weight.device
+    id_dtype = torch.int16 if teacher.config.vocab_size <= 2**15 else torch.int32
+    n, C = len(sequences), kept.stop - kept.start
+    # Zeros where a batch of prompt rows stops short of the layout (padding: never counted).
+    ids, lps = torch.zeros(n, C, k, dtype=id_dtype), torch.zeros(n, C, k, dtype=logprob_dtype)
+    tail = torch.zeros(n, C, dtype=torch.float32)
+    for lo in range(0, n, batch_size):
+        batch = data.batch(sequences[lo : lo + batch_size])
+        hidden = teacher.hidden_states(batch.inputs.to(device), batch.valid_on(device))
+        a, b = max(batch.columns.start, kept.start), min(batch.columns.stop, kept.stop)  # stored columns here
+        width, here = b - a, slice(a - batch.start, b - batch.start)
+        hidden = hidden[:, here].flatten(0, 1)  # [B width, D]
+        targets = batch.targets[:, here].to(device).flatten()
+        out = [], [], []
+        for c in range(0, hidden.shape[0], chunk_size):
+            logits = teacher.logits(hidden[c : c + chunk_size])  # [chunk, V] fp32, soft-capped
+            chunk = targets[c : c + chunk_size]
+            ce = torch.nn.functional.cross_entropy(logits, chunk, ignore_index=IGNORE_INDEX, reduction="sum")
+            ce_sum += torch.stack([ce.double(), (chunk != IGNORE_INDEX).sum().double()])
+            for o, t in zip(out, teacher_topk(logits, k, temperature)):
+                o.append(t)
+        rows, cols = slice(lo, lo + len(batch.indices)), slice(a - kept.start, b - kept.start)
+        ids[rows, cols] = torch.cat(out[0]).view(-1, width, k).to("cpu", id_dtype)
+        lps[rows, cols] = torch.cat(out[1]).view(-1, width, k).to("cpu", logprob_dtype)
+        tail[rows, cols] = torch.cat(out[2]).view(-1, width).cpu()
+        bar.update(len(batch.indices))
+    return {"ids": ids, "logprobs": lps, "tail": tail}
 
 
 def _finish_index(index: dict, ce_sums: list[float], directory: Path, write_index: bool = True) -> dict:

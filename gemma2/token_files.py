@@ -262,11 +262,10 @@ def write_token_file(
     unit = "example" if prompts else "doc"
     bar = tqdm(total=len(held_mask), unit=unit, desc=f"tokenize {out.name}", disable=not progress)
     with atomic_file(out) as tmp, scratch_file(out.with_name(out.name + ".heldout")) as held_tmp:
-        with open(tmp, "wb") as f_train, open(held_tmp, "wb") as f_held:
+        with open(tmp, "wb") as f_train, open(held_tmp, "wb") as f_held, bar:  # the bar closed however this ends
             f_train.write(b"\0" * _HEADER_BYTES)  # the header, written once the length is known
             chunks = _encoded_chunks(kept, tokenizer, workers, prompts)
             counts, tables = _write_splits(chunks, held_mask, f_train, f_held, bar)
-        bar.close()
         with open(tmp, "r+b") as f:
             f.seek(0, os.SEEK_END)
             with open(held_tmp, "rb") as f_held:

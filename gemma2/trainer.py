@@ -474,12 +474,12 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
 
     if cfg.eval_every and start_step == 0:
         evaluate(0, first=True)
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not progress or not rt.is_main)
     train_teacher = kd_teacher if cfg.alpha > 0 else None  # alpha = 0: the teacher only evaluates
     live_teacher = train_teacher.model.config if train_teacher is not None and train_teacher.model is not None else None
     flops_per_token = partial(training_flops_per_token, student.config, teacher=live_teacher)
     peak = cfg.peak_flops or peak_flops(rt.device, loss_mod.dtype)
-    with StopSignals() as stop:
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not progress or not rt.is_main)
+    with StopSignals() as stop, bar:  # the bar closed however the loop ends: an error's line is its own
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
@@ -520,9 +520,7 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
                     saved = save_checkpoint(out, step + 1, student, optimizer, state,
                                             tokenizer_file=cfg.tokenizer_file, keep_last=cfg.keep_last)  # fmt: skip
             if stopping and not done:
-                bar.close()
                 asked = stop.received or "a stop signal (on another rank)"
                 raise TrainingStopped(f"stopped by {asked} after step {step + 1} of {cfg.steps}; saved {saved}: "
                                       "continue with the same command and --resume", stop.received or "SIGTERM")
-    bar.close()
     return metrics.records
