@@ -196,7 +196,7 @@ def iter_documents(path: str | Path, *, text_column: str = "text") -> Iterator[s
     directory gives the files below it with those suffixes in sorted path order."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in DOCUMENT_SUFFIXES and p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in DOCUMENT_SUFFIXES and p.is_file())
         if not files:
             raise ValueError(f"{path} holds no {', '.join(DOCUMENT_SUFFIXES)} files")
         for f in files:
@@ -204,28 +204,38 @@ def iter_documents(path: str | Path, *, text_column: str = "text") -> Iterator[s
         return
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
-    if path.suffix.lower() in NOT_TEXT:
-        raise ValueError(f"{path}: a {path.suffix} file is not read as text: {NOT_TEXT[path.suffix.lower()]}")
-    if path.suffix == ".parquet":
+    suffix = path.suffix.lower()  # x.JSONL is JSON Lines too
+    if suffix in NOT_TEXT:
+        raise ValueError(f"{path}: a {path.suffix} file is not read as text: {NOT_TEXT[suffix]}")
+    if suffix == ".parquet":
         yield from _parquet_documents(path, text_column)
-    elif path.suffix != ".jsonl":
-        yield path.read_text(encoding="utf-8")
-    else:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(
-                        f'{path}:{lineno}: expected a JSON object with a "text" field per line ({e})'
-                    ) from e
-                if not isinstance(text, str):
-                    raise ValueError(
-                        f'{path}:{lineno}: "text" must be a string, got {type(text).__name__} {text!r:.40}'
-                    )
-                yield text
+        return
+    try:  # utf-8-sig: a byte-order mark is not part of the text
+        if suffix != ".jsonl":
+            yield path.read_text(encoding="utf-8-sig")
+        else:
+            yield from _jsonl_documents(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8 or pass other files") from None
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    """One document per non-blank line: its JSON object's "text" field."""
+    with path.open(encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f'{path}:{lineno}: expected a JSON object with a "text" field per line ({e})'
+                ) from e
+            if not isinstance(text, str):
+                raise ValueError(
+                    f'{path}:{lineno}: "text" must be a string, got {type(text).__name__} {text!r:.40}'
+                )
+            yield text
 
 
 def _parquet_documents(path: Path, column: str, rows_per_batch: int = 1024) -> Iterator[str]:
@@ -241,8 +251,12 @@ def _parquet_documents(path: Path, column: str, rows_per_batch: int = 1024) -> I
         )
     for batch in file.iter_batches(batch_size=rows_per_batch, columns=[column]):
         for text in batch.column(0).to_pylist():
-            if text is not None:  # a null row is no document
-                yield text
+            if text is None:  # a null row is no document
+                continue
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: column {column!r} holds {type(text).__name__} values, not text; name a "
+                                 "text column with --text-column (or cast this one to string)")  # fmt: skip
+            yield text
 
 
 def read_documents(path: str | Path) -> list[str]:

@@ -59,9 +59,7 @@ def read_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
     docs: list[str] = []
     for path in paths:
         try:
-            docs += read_documents(path)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8 or pass other files") from None
+            docs += read_documents(path)  # a file that is not UTF-8: read_documents' message names it
         except FileNotFoundError:
             raise  # read_documents' message names the path
         except OSError as e:

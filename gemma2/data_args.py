@@ -50,8 +50,16 @@ def packed_seq_len(args: argparse.Namespace) -> int | None:
     return DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len
 
 
+def check_heldout(eval_paths: object, holdout_fraction: float | None) -> None:
+    """Refuse --holdout-fraction beside held-out files, which it would not split."""
+    if eval_paths is not None and holdout_fraction is not None:
+        raise ValueError("--holdout-fraction splits the training files, but --eval-data / --eval-prompts name the "
+                         "held-out set instead: pass one or the other")  # fmt: skip
+
+
 def datasets_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> Datasets:
     """The Datasets the flags of `add_data_arguments` name; ValueError for flags that do not go together."""
+    check_heldout(args.eval_data if args.prompts is None else args.eval_prompts, args.holdout_fraction)
     if args.prompts is None:
         if args.eval_prompts is not None:
             raise ValueError("--eval-prompts goes with --prompts; held-out documents for --data are --eval-data")

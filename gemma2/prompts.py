@@ -49,7 +49,7 @@ import torch
 from . import distributed
 from .corpus import held_out, note_overlap
 from .data import IGNORE_INDEX, Batch, Datasets
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, chat_pairs
 
 
 def example_lines(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, str]]:
@@ -103,16 +103,21 @@ def parse_example(line: str, where: str) -> dict:
     )
 
 
-def prompt_key(example: dict) -> str:
+def prompt_key(example: dict, where: str) -> str:
     """What names a parsed example's prompt for the held-out split, so that every completion of one
     prompt lands on the same side: its prompt text, or its conversation before a final assistant
-    turn (as canonical JSON)."""
+    turn as the chat template reads it (gemma2.tokenizer.chat_pairs: "assistant" and "model" one
+    role, contents trimmed, a system message folded in), as JSON; a ValueError starting with
+    `where` for a conversation the template refuses."""
     if "messages" not in example:
         return "prompt\0" + example["prompt"]
     turns = example["messages"]
-    if isinstance(turns[-1], dict) and turns[-1].get("role") in ("assistant", "model"):
+    if isinstance(turns[-1], dict) and turns[-1].get("role") in ("assistant", "model") and len(turns) > 1:
         turns = turns[:-1]
-    return "messages\0" + json.dumps(turns, sort_keys=True, ensure_ascii=False)
+    try:
+        return "messages\0" + json.dumps(chat_pairs(turns), ensure_ascii=False)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def encode_example(example: dict, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
@@ -250,10 +255,11 @@ def load_prompt_datasets(
     examples = list(read_examples(paths).values())
     if eval_paths is not None:
         parts = [examples, list(read_examples(eval_paths).values())]
-        trained = {prompt_key(example) for _, example in examples}
-        note_overlap(sum(prompt_key(example) in trained for _, example in parts[1]), len(parts[1]), "prompts")
+        trained = {prompt_key(example, where) for where, example in examples}
+        seen = sum(prompt_key(example, where) in trained for where, example in parts[1])
+        note_overlap(seen, len(parts[1]), "prompts")
     else:
-        held = held_out([prompt_key(example) for _, example in examples], holdout_fraction)
+        held = held_out([prompt_key(example, where) for where, example in examples], holdout_fraction)
         parts = [[e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h]]
     train, held = (encode_examples(part, tokenizer) for part in parts)
     return prompt_datasets(train, held if len(held.lengths) else None, tokenizer, max_new_tokens, prompt_len)

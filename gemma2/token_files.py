@@ -77,12 +77,9 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 def _documents(paths: Sequence[str | os.PathLike], text_column: str) -> Iterator[str]:
     """The non-empty documents of `paths`, in order: what gemma2.data.read_texts keeps."""
     for path in paths:
-        try:
-            for doc in iter_documents(path, text_column=text_column):
-                if doc.strip():
-                    yield doc
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8 or pass other files") from None
+        for doc in iter_documents(path, text_column=text_column):
+            if doc.strip():
+                yield doc
 
 
 def _items(paths: Sequence[str | os.PathLike], text_column: str, prompts: bool) -> Iterator[Any]:
@@ -97,7 +94,7 @@ def _keys(item: Any, prompts: bool) -> tuple[int, int]:
     so a malformed one stops the run before any tokenizing)."""
     if prompts:
         where, line = item
-        ranked = prompt_key(parse_example(line, where))
+        ranked = prompt_key(parse_example(line, where), where)
         return _prefix(line), _prefix(ranked)
     return _prefix(item), _prefix(item)
 

@@ -48,6 +48,43 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tens
     return ids, mask
 
 
+def chat_pairs(turns: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
+    """A chat's validated (role, content) pairs, as Gemma's template writes them: roles "user" and
+    "model" ("assistant" an alias) alternating from "user", contents trimmed, a leading system
+    message folded into the first user turn (Gemma 2's own template refuses a system role; this
+    is the usual convention, Gemma 3's)."""
+    if len(turns) == 0:
+        raise ValueError(
+            "a chat needs at least one turn, e.g. [{'role': 'user', 'content': 'Hi'}]"
+        )
+    pairs = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, Mapping):
+            raise ValueError(f"turn {i} must be an object with role and content, got {type(turn).__name__}")
+        role, content = turn.get("role"), turn.get("content")
+        if role not in ROLES:
+            raise ValueError(f"turn {i} has role {role!r}; use one of {ROLES}")
+        if not isinstance(content, str):
+            raise ValueError(f"turn {i} content must be a str, got {type(content).__name__}")
+        # Trimmed like the published Gemma chat template, so prompts match it token for token.
+        pairs.append(("model" if role == "assistant" else role, content.strip()))
+    # Gemma has no system role. The usual convention, followed here: the system message
+    # becomes the start of the first user turn, separated by a blank line.
+    if pairs[0][0] == "system":
+        if len(pairs) < 2 or pairs[1][0] != "user":
+            raise ValueError("a system message must be followed by a user turn")
+        pairs[:2] = [("user", f"{pairs[0][1]}\n\n{pairs[1][1]}")]
+    for i, (role, _) in enumerate(pairs):
+        expected = "user" if i % 2 == 0 else "model"
+        if role != expected:
+            where = "only as the first turn" if role == "system" else "in alternation"
+            raise ValueError(
+                f"chat turn {i} is {role!r} where {expected!r} was expected: Gemma chats are "
+                f"user and model turns in alternation starting with user (system {where})"
+            )
+    return pairs
+
+
 class Tokenizer:
     """A SentencePiece model with Gemma's special tokens, chat format and batching."""
 
@@ -178,44 +215,14 @@ class Tokenizer:
     # -- chat -------------------------------------------------------------------------------------
 
     def _chat_turns(self, turns: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
-        """Validated (role, content) pairs: roles "user"/"model" alternating from "user", contents
-        trimmed, a leading system message folded into the first user turn."""
+        """`chat_pairs(turns)`, once this tokenizer is known to have the turn markers."""
         if self.start_of_turn_id is None or self.end_of_turn_id is None:
             raise ValueError(
                 f"{self.path} has no {START_OF_TURN} / {END_OF_TURN} pieces, so it cannot format "
                 "chats; use an instruction-tuned Gemma tokenizer or train one with "
                 "scripts/train_tokenizer.py"
             )
-        if len(turns) == 0:
-            raise ValueError(
-                "a chat needs at least one turn, e.g. [{'role': 'user', 'content': 'Hi'}]"
-            )
-        pairs = []
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, Mapping):
-                raise ValueError(f"turn {i} must be an object with role and content, got {type(turn).__name__}")
-            role, content = turn.get("role"), turn.get("content")
-            if role not in ROLES:
-                raise ValueError(f"turn {i} has role {role!r}; use one of {ROLES}")
-            if not isinstance(content, str):
-                raise ValueError(f"turn {i} content must be a str, got {type(content).__name__}")
-            # Trimmed like the published Gemma chat template, so prompts match it token for token.
-            pairs.append(("model" if role == "assistant" else role, content.strip()))
-        # Gemma has no system role. The usual convention, followed here: the system message
-        # becomes the start of the first user turn, separated by a blank line.
-        if pairs[0][0] == "system":
-            if len(pairs) < 2 or pairs[1][0] != "user":
-                raise ValueError("a system message must be followed by a user turn")
-            pairs[:2] = [("user", f"{pairs[0][1]}\n\n{pairs[1][1]}")]
-        for i, (role, _) in enumerate(pairs):
-            expected = "user" if i % 2 == 0 else "model"
-            if role != expected:
-                where = "only as the first turn" if role == "system" else "in alternation"
-                raise ValueError(
-                    f"chat turn {i} is {role!r} where {expected!r} was expected: Gemma chats are "
-                    f"user and model turns in alternation starting with user (system {where})"
-                )
-        return pairs
+        return chat_pairs(turns)
 
     def format_chat(self, turns: Sequence[Mapping[str, str]]) -> str:
         """The chat as Gemma-formatted text, for display and logging:

@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from gemma2.cli import run_cli
+from gemma2.data_args import check_heldout
 from gemma2.token_files import sidecar_path, write_token_file
 from gemma2.tokenizer import Tokenizer
 
@@ -34,8 +35,8 @@ def main() -> int:
     held.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out documents (default: split from --data)")
     held.add_argument("--eval-prompts", nargs="+", metavar="PATH",
                       help="held-out prompt datasets (default: split from --prompts)")
-    p.add_argument("--holdout-fraction", type=float, default=0.02,
-                   help="documents or examples held out by hash (default 0.02)")
+    p.add_argument("--holdout-fraction", type=float, default=None,
+                   help="documents or examples held out by hash (default 0.02; not with --eval-data/--eval-prompts)")
     p.add_argument("--text-column", default="text", help="Parquet column holding the text (default: text)")
     p.add_argument("--out", required=True, help="token file to write, NAME.npy (sidecar: NAME.json)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
@@ -47,9 +48,11 @@ def main() -> int:
     if (args.eval_prompts if not prompts else args.eval_data) is not None:
         raise ValueError("held-out prompts (--eval-prompts) go with --prompts, held-out documents (--eval-data) "
                          "with --data")  # fmt: skip
+    eval_paths = args.eval_prompts if prompts else args.eval_data
+    check_heldout(eval_paths, args.holdout_fraction)
     info = write_token_file(
         args.prompts if prompts else args.data, Tokenizer(args.tokenizer), args.out,
-        holdout_fraction=args.holdout_fraction, eval_paths=args.eval_prompts if prompts else args.eval_data,
+        holdout_fraction=0.02 if args.holdout_fraction is None else args.holdout_fraction, eval_paths=eval_paths,
         text_column=args.text_column, prompts=prompts, workers=args.workers, overwrite=args.overwrite,
         progress=not args.no_progress,
     )  # fmt: skip

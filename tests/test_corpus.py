@@ -129,3 +129,25 @@ def test_write_and_read_documents(tmp_path, monkeypatch):
         C.read_documents(tmp_path / "train.json")
     with pytest.raises(ValueError, match=r"rows.CSV: a .CSV file is not read as text: convert it to .jsonl"):
         C.read_documents(tmp_path / "rows.CSV")
+
+
+def test_suffixes_in_any_case_a_byte_order_mark_and_bad_bytes(tmp_path):
+    """x.JSONL is JSON Lines and B.TXT a document, in a directory or given alone; a byte-order mark
+    is not text; a file that is not UTF-8 (or a Parquet column of bytes) is named, with the fix."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "B.TXT").write_text("upper-case text")
+    (tmp_path / "d" / "x.JSONL").write_text(json.dumps({"text": "a line"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+    assert C.read_documents(tmp_path / "d") == ["upper-case text", "a line", "two"]
+    assert C.read_documents(tmp_path / "d" / "x.JSONL") == ["a line", "two"]
+    (tmp_path / "bom.txt").write_bytes("\ufeffno mark".encode())
+    (tmp_path / "bom.jsonl").write_bytes(("\ufeff" + json.dumps({"text": "no mark"}) + "\n").encode())
+    assert C.read_documents(tmp_path / "bom.txt") == C.read_documents(tmp_path / "bom.jsonl") == ["no mark"]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8 text .*convert it to UTF-8"):
+        C.read_documents(tmp_path / "latin1.txt")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"text": [b"bytes, not text"]}), tmp_path / "bytes.parquet")
+    with pytest.raises(ValueError, match=r"bytes.parquet: column 'text' holds bytes values, not text; .*--text-column"):
+        C.read_documents(tmp_path / "bytes.parquet")

@@ -224,6 +224,19 @@ def test_flags_the_run_would_ignore_are_refused(docs, tmp_path, flags, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["tokenize_data.py", "distill.py"])
+def test_a_holdout_fraction_beside_held_out_files_is_refused(docs, tmp_path, name):
+    """It would split nothing: the held-out set is the files named."""
+    if name == "distill.py":
+        args = distill_args(docs, tmp_path / "out", "--eval-data", docs, "--holdout-fraction", 0.5)
+    else:
+        args = ["--tokenizer", TOKENIZER, "--data", docs, "--eval-data", docs, "--holdout-fraction", 0.5,
+                "--out", tmp_path / "out.npy"]  # fmt: skip
+    done = script(name, *args)
+    assert "--holdout-fraction splits the training files, but --eval-data" in one_line_error(done)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_missing_teacher_is_named_before_the_tokenizer_sought_beside_it(tmp_path):
     for flag in ("--teacher", "--teacher-cache"):
         done = script("distill.py", "--student", "tiny", flag, tmp_path / "nope", "--out", tmp_path / "out")

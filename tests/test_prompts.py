@@ -20,7 +20,7 @@ from gemma2 import Gemma2ForCausalLM
 from gemma2.data import IGNORE_INDEX, Batch, BatchLoader, Datasets
 from gemma2.distributed import Runtime
 from gemma2.on_policy import is_on_policy, sample_completions
-from gemma2.prompts import load_prompt_datasets
+from gemma2.prompts import encode_example, load_prompt_datasets, prompt_key
 from gemma2.student import init_weights
 from gemma2.tokenizer import Tokenizer, train_tokenizer
 from gemma2.trainer import TrainConfig, train
@@ -169,6 +169,27 @@ def config(out: Path, **overrides) -> TrainConfig:
 
 def strip(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+def test_a_prompt_written_two_ways_is_one_prompt_for_the_held_out_split(tok):
+    """The split's key is the prompt the template encodes: "assistant" or "model", spaces around a
+    turn, a system message folded in: keys equal exactly when the prompt tokens are."""
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    examples = [
+        {"messages": [turn("user", "Hi there"), turn("assistant", "A")]},
+        {"messages": [turn("user", " Hi there\n"), turn("model", "B")]},
+        {"messages": [turn("user", "Hi there")]},
+        {"messages": [turn("system", "Be brief."), turn("user", "Hi there"), turn("assistant", "C")]},
+        {"messages": [turn("user", "Be brief.\n\nHi there")]},
+        {"messages": [turn("user", "Hi"), turn("model", "Hello"), turn("user", "Hi there")]},
+        {"prompt": "Hi there", "completion": " A"},
+    ]
+    for a in examples:
+        for b in examples:
+            same_tokens = encode_example(a, tok)[0] == encode_example(b, tok)[0]
+            assert (prompt_key(a, "a") == prompt_key(b, "b")) == same_tokens, (a, b)
+    with pytest.raises(ValueError, match="x.jsonl:3: chat turn 0 is 'model'"):
+        prompt_key({"messages": [turn("model", "A")]}, "x.jsonl:3")
 
 
 @pytest.fixture(scope="module")
