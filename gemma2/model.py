@@ -38,6 +38,7 @@ from .kv_cache import KVCache
 from .masks import Columns, flex_block_mask, may_attend, own_columns
 
 ATTENTION_IMPLS = ("eager", "flex", "banded", "auto")
+FLEX_MIN_HEAD_DIM = 16  # compiled FlexAttention's CUDA (Triton) kernel refuses smaller heads (torch 2.13)
 
 
 class RMSNorm(nn.Module):
@@ -215,21 +216,27 @@ class Gemma2ForCausalLM(nn.Module):
 
         "auto" is what measured fastest (scripts/benchmark.py, README "Figures"): eager for one-token
         decoding (one row of scores; nothing to skip) and chunked prefills (short chat turns);
-        compiled FlexAttention for CUDA prompts and training; otherwise "banded". On CPU banded beats
+        compiled FlexAttention for CUDA prompts and training (heads of at least 16: every Gemma 2's);
+        otherwise "banded". On CPU banded beats
         even compiled FlexAttention (benchmark config, bf16, one thread, whole forward: 2.14 s
         against 2.60 s at 1024 tokens, 17.5 s against 26.1 s at 4096), and FlexAttention has no CPU
         backward; per layer it is 10x faster than eager at 1024 (it skips the masked half of the
         causal scores and works in place).
         """
         impl = self.attention
+        triton = device.type == "cuda" and self.compiles(device)  # compiled flex on CUDA: a Triton kernel
         if impl == "auto":
             if T == 1 or not self_attending:
                 return "eager"
-            if device.type == "cuda" and self.compiles(device):
+            if triton and self.config.head_dim >= FLEX_MIN_HEAD_DIM:
                 return "flex"
             return "banded"
         if impl == "flex" and T == 1 or impl == "banded" and not self_attending:
             return "eager"  # banded needs keys at the queries' own columns (not a chunked prefill)
+        if impl == "flex" and triton and self.config.head_dim < FLEX_MIN_HEAD_DIM:
+            raise ValueError(f"compiled FlexAttention on CUDA needs head_dim >= {FLEX_MIN_HEAD_DIM} (its Triton "
+                             f"kernel's limit), this model's is {self.config.head_dim}: use attention='auto' "
+                             "or 'banded'")  # fmt: skip
         return impl
 
     def compiles(self, device: torch.device) -> bool:

@@ -64,7 +64,7 @@ def _rng_state() -> dict:
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],  # this rank's device
         "python": random.getstate(),
         # As a tensor and plain numbers, so the file loads with weights_only=True.
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
@@ -73,8 +73,12 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state["cuda"]
+    if saved and torch.cuda.is_available():
+        # One state, this rank's device's; older checkpoints hold every device's, and a resume
+        # may run on a machine with fewer devices.
+        here = torch.cuda.current_device()
+        torch.cuda.set_rng_state(saved[here if len(saved) > here else 0])
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))

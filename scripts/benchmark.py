@@ -188,10 +188,18 @@ def main() -> None:
     linear_params = sum(t.numel() for n, t in ours.named_parameters() if "norm" not in n)  # embed = head
     figures, compile_s = {}, {}
 
+    def save(complete: bool) -> None:
+        """The --json file with the figures so far: a run stopped by a time limit keeps them."""
+        if args.json:
+            result = {"device": str(device), "limits": lim, "figures": figures, "compile_s": compile_s,
+                      "complete": complete}  # fmt: skip
+            write_text_atomic(args.json, json.dumps(result, indent=1))
+
     def put(name, ours_v, theirs_v, limit_fraction=None):
         print(f"{name}: ours {ours_v:.4g}, theirs {theirs_v:.4g}", file=sys.stderr, flush=True)
         figures[name] = {"ours": ours_v, "transformers": theirs_v, "ratio": ours_v / theirs_v,
                          "limit_fraction": limit_fraction}  # fmt: skip
+        save(complete=False)
 
     with torch.inference_mode():
         for T in (1024, 4096):
@@ -273,9 +281,7 @@ def main() -> None:
         frac = "" if f["limit_fraction"] is None else f"{f['limit_fraction']:.2f}"
         comp = f"{compile_s[name]:.1f}" if name in compile_s else ""
         print(f"| {name} | {f['ours']:.4g} | {f['transformers']:.4g} | {f['ratio']:.2f} | {frac} | {comp} |")
-    if args.json:
-        result = {"device": str(device), "limits": lim, "figures": figures, "compile_s": compile_s}
-        write_text_atomic(args.json, json.dumps(result, indent=1))
+    save(complete=True)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def test_left_padding_changes_no_loss_and_no_gradient(tmp_path, tok, attention, 
         logits = m(inputs, valid)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
-    padded, alone = model(tok, 0).to(device), model(tok, 0).to(device)
+    wide = dict(head_dim=16, query_pre_attn_scalar=16)  # CUDA's compiled FlexAttention takes heads of 16 up
+    padded, alone = model(tok, 0, **wide).to(device), model(tok, 0, **wide).to(device)
     padded.attention = alone.attention = attention
     loss = ce_sum(padded, batch.inputs, batch.targets, batch.valid)
     loss.backward()
@@ -295,7 +296,9 @@ def test_the_trainer_reads_its_rows_grouped_by_length_when_asked(tmp_path, tok, 
 def test_on_policy_training_on_prompts_on_cuda_in_bf16(tmp_path, tok, chats):
     """Padding masks and sampled rows on the device, compiled FlexAttention under bf16 autocast."""
     cfg = config(tmp_path / "run", steps=2, lmbda=1.0, device="cuda", dtype="bf16")
-    metrics = train(cfg, model(tok, 0), chats, teacher=model(tok, 1).cuda(), progress=False)
+    student, teacher = (model(tok, seed, head_dim=16, query_pre_attn_scalar=16) for seed in (0, 1))
+    student.attention = teacher.attention = "auto"  # compiled FlexAttention on CUDA (heads of 16 up)
+    metrics = train(cfg, student, chats, teacher=teacher.cuda(), progress=False)
     steps = [r for r in metrics if "loss" in r]
     assert all(r["on_policy_fraction"] == 1.0 and 1 <= r["completion_len"] <= N for r in steps)
     assert all(math.isfinite(r["loss"]) for r in steps) and any("eval_kd" in r for r in metrics)

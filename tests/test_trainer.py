@@ -373,3 +373,24 @@ def test_script_trains_and_reports_user_errors(tmp_path, monkeypatch, capsys):
     assert "error: student 'nope' is neither" in capsys.readouterr().err
     assert run_script(monkeypatch, "--student", "tiny", "--out", str(tmp_path / "t"), *common) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_a_rank_saves_and_restores_its_own_cuda_rng_state(monkeypatch):
+    """Saving every device's state (as before) made a resume on a machine with fewer GPUs fail;
+    CUDA is faked here: which state goes to which device is plain bookkeeping."""
+    from gemma2.train_state import _rng_state, _set_rng_state
+
+    device, restored = [1], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(int(state[0])))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("sets every device"))
+    state = _rng_state()
+    assert [int(t[0]) for t in state["cuda"]] == [7]
+    _set_rng_state(state)
+    every = state | {"cuda": [torch.tensor([i]) for i in range(8)]}  # an older checkpoint: 8 devices
+    _set_rng_state(every)
+    device[0] = 9  # resumed where this device's index is beyond what was saved
+    _set_rng_state(every)
+    assert restored == [7, 1, 0]
