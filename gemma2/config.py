@@ -105,15 +105,16 @@ class Gemma2Config:
         if raw.get("tie_word_embeddings") is False:
             raise ValueError(f"{source}: tie_word_embeddings is false (a separate output head, lm_head.weight); "
                              "Gemma 2 ties its head to the embedding, and this library loads only tied models")
-        if raw.get("rope_scaling") is not None:  # transformers 4.x; 5.x: rope_parameters' rope_type, below
-            raise ValueError(f"{source}: rope_scaling {raw['rope_scaling']} is not supported (Gemma 2 has none)")
+        # RoPE scaling: transformers 4.x's rope_scaling, 5.x's rope_parameters; Gemma 2 has none.
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = raw.get(key) or {}
+            kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
+            if kind != "default":
+                raise ValueError(f"{source}: {key} {raw[key]} is not supported (Gemma 2's RoPE has no scaling)")
         if "rope_theta" in raw:  # transformers 4.x
             rope_theta = raw["rope_theta"]
         else:  # transformers 5.x
-            rope = raw.get("rope_parameters") or {}
-            if rope.get("rope_type", "default") != "default":
-                raise ValueError(f"{source}: rope_type {rope['rope_type']!r} is not supported")
-            rope_theta = rope.get("rope_theta", cls.rope_theta)
+            rope_theta = (raw.get("rope_parameters") or {}).get("rope_theta", cls.rope_theta)
         layer_types = raw.get("layer_types")
         n_layers = raw["num_hidden_layers"]
         if layer_types is not None:

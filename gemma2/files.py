@@ -176,8 +176,11 @@ def atomic_directory(path: str | os.PathLike, keep: Iterable[str] = ()) -> Itera
     path = followed(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
-    here = Path(os.getcwd())
-    if Path(os.path.realpath(path)) in (here, *here.parents):
+    try:
+        here = Path(os.getcwd())
+    except FileNotFoundError:  # the current directory was deleted: the write cannot replace it
+        here = None
+    if here is not None and Path(os.path.realpath(path)) in (here, *here.parents):
         raise ValueError(f"{path} is or holds the current directory, and a write replaces its directory as a "
                          "whole (the shell would be left in a deleted one): name a directory of its own")  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,9 +42,14 @@ def _check_max_new_tokens(n: int) -> None:
 
 def stop_ids(stop_token_ids: Sequence[int] | int | None) -> tuple[int, ...]:
     """The ids that end a row: a sequence of ints, one int, or None (none: run to max_new_tokens)."""
-    ids = () if stop_token_ids is None else (stop_token_ids,) if isinstance(stop_token_ids, int) else stop_token_ids
+    if stop_token_ids is None:
+        return ()
+    try:  # ints, numpy or 0-dim tensor integers
+        return (operator.index(stop_token_ids),)
+    except TypeError:
+        pass
     try:
-        return tuple(operator.index(i) for i in ids)  # ints, numpy or 0-dim tensor integers
+        return tuple(operator.index(i) for i in stop_token_ids)
     except TypeError:
         raise ValueError(
             f"stop_token_ids must be token ids (a list of ints, one int, or None), got {stop_token_ids!r}"

@@ -5,8 +5,9 @@ passes it on to every rank), and SLURM can warn ahead with SIGUSR1 (`--signal=US
 the trainer's loop runs, `StopSignals` turns either into a request: the step in progress finishes,
 every rank agrees after the same step (`requested`: one all-reduce of a flag, as the signal may
 reach the ranks at different moments), the trainer saves a checkpoint there and raises
-`TrainingStopped`, which names it. Outside the loop (loading, say) SIGTERM unwinds the process as
-Ctrl-C does (gemma2.cli). Ctrl-C itself keeps its meaning: stop now, keep the last complete
+`TrainingStopped`, which names it. Before the loop (loading the models, say) SIGTERM unwinds the
+process as Ctrl-C does (gemma2.cli), while a SIGUSR1 warning noted since `note_warnings` stops the
+loop at its first check. Ctrl-C itself keeps its meaning: stop now, keep the last complete
 checkpoint.
 """
 
@@ -20,6 +21,22 @@ import torch
 from .distributed import Runtime
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_received: list[str] = []  # the stop signals noted and not yet acted on (signals are per process)
+
+
+def _note(signum: int, frame) -> None:
+    _received.append(signal.Signals(signum).name)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+
+
+def note_warnings() -> None:
+    """From now on SIGUSR1 (SLURM's warning) is noted for the training loop instead of ending the
+    process at once; a script calls this at its start."""
+    if _main_thread():
+        signal.signal(signal.SIGUSR1, _note)
 
 
 class TrainingStopped(Exception):
@@ -32,23 +49,26 @@ class TrainingStopped(Exception):
 
 class StopSignals:
     """`with StopSignals() as stop:` SIGTERM and SIGUSR1 only note that a stop was asked for (in the
-    main thread; elsewhere nothing changes); the handlers before are restored on leaving."""
+    main thread; elsewhere nothing changes); the handlers before are restored on leaving, and what
+    was noted is then consumed."""
 
     def __init__(self) -> None:
-        self.received: str | None = None  # the first signal's name
         self._previous: dict = {}
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._note) for s in SIGNALS}
+        if _main_thread():
+            self._previous = {s: signal.signal(s, _note) for s in SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        _received.clear()
 
-    def _note(self, signum: int, frame) -> None:
-        self.received = self.received or signal.Signals(signum).name
+    @property
+    def received(self) -> str | None:
+        """The first stop signal this process was sent, by name (None: none)."""
+        return _received[0] if _received else None
 
     def requested(self, rt: Runtime) -> bool:
         """Whether any rank was asked to stop: the same answer on every rank (a collective, so

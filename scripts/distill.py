@@ -35,7 +35,7 @@ from gemma2.cli import device_arg, run_cli
 from gemma2.data_args import add_data_arguments, datasets_from_args
 from gemma2.distributed import close_distributed, init_distributed, launched_world
 from gemma2.dtypes import compute_dtype_argument, dtype_argument, to_dtype
-from gemma2.preemption import TrainingStopped
+from gemma2.preemption import TrainingStopped, note_warnings
 from gemma2.sharded_load import load_sharded
 from gemma2.teacher import teacher_vocab_size
 from gemma2.teacher_cache import TeacherCache
@@ -109,8 +109,9 @@ def parse_args() -> argparse.Namespace:
 
 def check_unused(args: argparse.Namespace) -> None:
     """Refuse flags given that this run would ignore (and a resume then compare): one line naming
-    what each goes with. --sample-sharded in one process is only noted: a command line may be
-    shared by one-process and torchrun runs."""
+    what each goes with. A resume from a checkpoint is left to the resume's own check against what
+    the checkpoint recorded (a run started before this check may hold such a flag). --sample-sharded
+    in one process is only noted: a command line may be shared by one-process and torchrun runs."""
     samples = args.lmbda > 0 or args.seq_kd
     evaluates = args.prompts is not None and args.teacher is not None  # eval_sample_kd: the student samples
     needs = {"beta": ("--objective jsd", args.objective == "jsd"),
@@ -120,7 +121,7 @@ def check_unused(args: argparse.Namespace) -> None:
     for name in ("prompt_len", "max_new_tokens"):
         needs[name] = ("--lmbda > 0, --seq-kd or --prompts", samples or args.prompts is not None)
     unused = [(name, what) for name, (what, used) in needs.items() if name in args.given and not used]
-    if unused:
+    if unused and not (args.resume and latest_checkpoint(args.out) is not None):
         flags = "; ".join(f"--{name.replace('_', '-')} goes with {what}" for name, what in unused)
         raise ValueError(f"{flags}: this run would ignore it, so drop it (or add what it goes with)")
     if args.sample_sharded and launched_world() == 1:
@@ -145,6 +146,7 @@ def interrupted(out: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    note_warnings()  # SLURM's SIGUSR1 while the models load: the training loop stops at its first check
     if args.device is not None:
         device_arg(args.device)
     check_unused(args)

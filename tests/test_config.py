@@ -111,8 +111,12 @@ def test_from_json_names_what_is_wrong(tmp_path):
     path.write_text(json.dumps(HF4_CONFIG | {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}))
     with pytest.raises(ValueError, match="rope_scaling .* is not supported"):
         Gemma2Config.from_json(path)
-    path.write_text(json.dumps(HF4_CONFIG | {"rope_scaling": None, "tie_word_embeddings": True}))
-    assert Gemma2Config.from_json(path) == Gemma2Config.from_hf_dict(HF4_CONFIG)
+    path.write_text(json.dumps(HF4_CONFIG | {"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}))
+    with pytest.raises(ValueError, match="rope_parameters .* is not supported"):  # 5.x's spelling, beside rope_theta
+        Gemma2Config.from_json(path)
+    for none in (None, {"rope_type": "default"}, {"type": "default"}):  # what tools write for no scaling
+        path.write_text(json.dumps(HF4_CONFIG | {"rope_scaling": none, "tie_word_embeddings": True}))
+        assert Gemma2Config.from_json(path) == Gemma2Config.from_hf_dict(HF4_CONFIG)
 
 
 def test_several_eos_ids_as_a_list_are_a_tuple():

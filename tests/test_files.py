@@ -42,6 +42,15 @@ def test_files_get_the_default_mode_whatever_the_writer_chose(tmp_path):
     assert _mode(tmp_path / "a") == _mode(tmp_path / "d" / "b") == _default_mode()
 
 
+def test_a_directory_write_works_from_a_deleted_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "gone").mkdir()
+    monkeypatch.chdir(tmp_path / "gone")
+    (tmp_path / "gone").rmdir()
+    with atomic_directory(tmp_path / "d") as tmp:
+        (tmp / "w").write_text("new")
+    assert (tmp_path / "d" / "w").read_text() == "new"
+
+
 def test_a_replaced_directory_keeps_its_permissions(tmp_path):
     for mode in (0o700, 0o750):
         (tmp_path / "d").mkdir(exist_ok=True)

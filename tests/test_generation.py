@@ -97,6 +97,7 @@ def test_stop_ids_come_as_a_list_one_id_or_none(twin):
     assert torch.equal(run(None), free)
     stop_id = int(free[0, -9])
     assert torch.equal(run(stop_id), run([stop_id])) and torch.equal(run(torch.tensor([stop_id])), run([stop_id]))
+    assert torch.equal(run(torch.tensor(stop_id)), run([stop_id]))  # one id as a 0-dim tensor
     assert not torch.equal(run(stop_id), free)
     for bad in ("1", 1.5, [1, "x"]):
         with pytest.raises(ValueError, match="stop_token_ids must be token ids"):

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -18,7 +19,7 @@ import gemma2.trainer as trainer
 from conftest import tiny_training_config
 from gemma2 import Gemma2ForCausalLM
 from gemma2.data import Datasets, PackedSequences
-from gemma2.preemption import TrainingStopped
+from gemma2.preemption import TrainingStopped, note_warnings
 from gemma2.student import init_weights
 from gemma2.train_state import latest_checkpoint
 from gemma2.trainer import TrainConfig, train
@@ -62,5 +63,27 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_at_a_checkpoi
                                      "command and --resume", "signal": "SIGTERM"}  # fmt: skip
     assert results[0]["message"].startswith("stopped by a stop signal (on another rank) after step 3 of 6")
     assert latest_checkpoint(tmp_path / "run") == saved  # the only one: save_every 0 saves only at the end
-    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in logged] == [1, 2, 3]
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_warning_before_the_loop_stops_it_at_its_first_check(tmp_path):
+    """SLURM's SIGUSR1 while the models load is not lost (nor fatal): one step, a checkpoint, a stop."""
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        note_warnings()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        tokens = np.random.default_rng(0).integers(3, 96, size=2000).astype(np.int32)
+        student = init_weights(Gemma2ForCausalLM(tiny_training_config(vocab_size=96, max_position_embeddings=32)), 2)
+        cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=6, batch_size=2, lr=1e-2, warmup=1, alpha=0.0,
+                          eval_every=0, save_every=0)  # fmt: skip
+        with pytest.raises(TrainingStopped, match="stopped by SIGUSR1 after step 1 of 6; saved .*step-000001"):
+            train(cfg, student, Datasets(PackedSequences(tokens, 16), None), progress=False)
+        assert latest_checkpoint(tmp_path / "run").name == "step-000001"
+        # Acted on, the warning is gone: the resumed run trains to the end.
+        student = init_weights(Gemma2ForCausalLM(tiny_training_config(vocab_size=96, max_position_embeddings=32)), 2)
+        metrics = train(cfg, student, Datasets(PackedSequences(tokens, 16), None), resume=True, progress=False)
+        assert [m["step"] for m in metrics] == [2, 3, 4, 5, 6]
+    finally:
+        signal.signal(signal.SIGUSR1, before)
