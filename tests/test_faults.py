@@ -237,6 +237,27 @@ def test_a_holdout_fraction_beside_held_out_files_is_refused(docs, tmp_path, nam
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_that_recorded_an_ignored_flag_resumes_with_it(tmp_path, docs, monkeypatch):
+    """A run started before such flags were refused holds one in its checkpoint: --resume with the
+    same command goes on (the resume check compares it with the checkpoint's, and they agree)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("distill_script", ROOT / "scripts" / "distill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "check_unused", lambda args: None)  # as before the check existed
+    args = [str(a) for a in distill_args(docs, tmp_path / "out", "--steps", 2, "--beta", 0.3)]
+    monkeypatch.setattr(sys, "argv", ["distill.py", *args])
+    usr1 = signal.getsignal(signal.SIGUSR1)
+    try:
+        assert module.main(module.parse_args()) == 0
+    finally:
+        signal.signal(signal.SIGUSR1, usr1)  # main notes SIGUSR1 (gemma2.preemption)
+    resumed = distill(docs, tmp_path / "out", "--steps", 4, "--beta", 0.3, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [m["step"] for m in R.read_metrics(tmp_path / "out" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
 def test_a_missing_teacher_is_named_before_the_tokenizer_sought_beside_it(tmp_path):
     for flag in ("--teacher", "--teacher-cache"):
         done = script("distill.py", "--student", "tiny", flag, tmp_path / "nope", "--out", tmp_path / "out")
