@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from gemma2.cli import run_cli
 from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.distill import TeacherHead, chunked_distill_loss, kd_loss
 
@@ -156,4 +157,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one line (gemma2.cli)

@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 
 from gemma2 import Gemma2Config, Gemma2ForCausalLM, load_model, save_model
 from gemma2.checkpoint import save_official
+from gemma2.cli import run_cli
 from gemma2.distributed import runtime, shard
 from gemma2.dtypes import to_dtype
 from gemma2.sharded_load import load_sharded
@@ -123,4 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one line (gemma2.cli)

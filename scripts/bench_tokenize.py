@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from gemma2.cli import run_cli
 from gemma2.corpus import build_corpus
 from gemma2.demo import TEACHER_DIR
 from gemma2.prompts import load_prompt_datasets
@@ -86,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error is one line (gemma2.cli)

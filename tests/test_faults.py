@@ -265,6 +265,11 @@ def test_a_missing_teacher_is_named_before_the_tokenizer_sought_beside_it(tmp_pa
         assert not (tmp_path / "out").exists()
 
 
+def test_a_bench_scripts_user_error_is_one_line(tmp_path):
+    done = script("bench_tokenize.py", "--tokenizer", tmp_path / "missing.model", "--mb", 1)
+    assert "missing.model" in one_line_error(done)
+
+
 def test_benchmark_refuses_an_existing_json_before_any_work(tmp_path):
     out = tmp_path / "bench.json"
     out.write_text("mine")
