@@ -8,9 +8,9 @@ gemma2.files), which the full-disk message says. Ctrl-C ends a script with one l
 exception; `on_interrupt` may add what the user needs to know (where to resume). Anything else is
 a bug and keeps its traceback. SIGTERM (`kill`, a scheduler ending the job) unwinds the same way
 (`Terminated`: every cleanup runs, a run's lock is released) and ends with status 143; a training
-loop first saves a checkpoint (gemma2.preemption). With GEMMA2_TRACEBACK=1 in the environment a user error prints its
-traceback above the line too (for a failure deep inside a compiler, which may surface as a
-ValueError). `device_arg` checks a --device before any work.
+loop first saves a checkpoint (gemma2.preemption). With GEMMA2_TRACEBACK=1 in the environment a
+user error prints its traceback above the line too (for a failure deep inside a compiler, which
+may surface as a ValueError). `device_arg` checks a --device before any work.
 """
 
 from __future__ import annotations

@@ -217,11 +217,10 @@ class Gemma2ForCausalLM(nn.Module):
         "auto" is what measured fastest (scripts/benchmark.py, README "Figures"): eager for one-token
         decoding (one row of scores; nothing to skip) and chunked prefills (short chat turns);
         compiled FlexAttention for CUDA prompts and training (heads of at least 16: every Gemma 2's);
-        otherwise "banded". On CPU banded beats
-        even compiled FlexAttention (benchmark config, bf16, one thread, whole forward: 2.14 s
-        against 2.60 s at 1024 tokens, 17.5 s against 26.1 s at 4096), and FlexAttention has no CPU
-        backward; per layer it is 10x faster than eager at 1024 (it skips the masked half of the
-        causal scores and works in place).
+        otherwise "banded". On CPU banded beats even compiled FlexAttention (benchmark config, bf16,
+        one thread, whole forward: 2.14 s against 2.60 s at 1024 tokens, 17.5 s against 26.1 s at
+        4096), and FlexAttention has no CPU backward; per layer it is 10x faster than eager at 1024
+        (it skips the masked half of the causal scores and works in place).
         """
         impl = self.attention
         triton = device.type == "cuda" and self.compiles(device)  # compiled flex on CUDA: a Triton kernel

@@ -112,6 +112,7 @@ def prompt_key(example: dict, where: str) -> str:
     if "messages" not in example:
         return "prompt\0" + example["prompt"]
     turns = example["messages"]
+    # The completion is a final model turn; a lone model turn stays, for chat_pairs to refuse.
     if isinstance(turns[-1], dict) and turns[-1].get("role") in ("assistant", "model") and len(turns) > 1:
         turns = turns[:-1]
     try:

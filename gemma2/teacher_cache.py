@@ -317,9 +317,11 @@ class CacheSplit:
         zeros at the columns not stored (a prompt's: no loss reads them)."""
         first, end, _ = columns.indices(self.seq_len)
         lo, hi = max(first, self.columns[0]), min(end, self.columns[1])  # the columns read
-        if hi <= lo:
-            lo = hi = end  # none is stored: all zeros
-        stored = slice(lo - self.columns[0], hi - self.columns[0]) if hi > lo else slice(0, 0)
+        if hi > lo:
+            stored = slice(lo - self.columns[0], hi - self.columns[0])
+        else:  # none of them is stored: all zeros
+            lo = hi = end
+            stored = slice(0, 0)
         ids, lps, tail = [], [], []
         for i in indices.tolist():
             shard = self.shards[self._shard_of(i)]

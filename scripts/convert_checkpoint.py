@@ -10,10 +10,11 @@ the dtype of the scales and of the remaining tensors (the norms). An int8 input 
 float weights are gone; convert the original checkpoint for bf16 or fp32 weights), and only this
 library reads int8 checkpoints.
 
-A tokenizer.model next to the input is copied next to the output (over one there with --overwrite). An existing output (a non-empty
-directory, or a .ckpt file) is replaced only with --overwrite, and converting a directory into
-itself only when the dtype stays the same (or with --overwrite); the output is written beside its
-place and swapped in at once, so a failure leaves what was there before.
+A tokenizer.model next to the input is copied next to the output (over one there with
+--overwrite). An existing output (a non-empty directory, or a .ckpt file) is replaced only with
+--overwrite, and converting a directory into itself only when the dtype stays the same (or with
+--overwrite); the output is written beside its place and swapped in at once, so a failure leaves
+what was there before.
 """
 
 import argparse
@@ -82,7 +83,7 @@ def main() -> int:
 
         config = Gemma2Config.from_json(config)
     model = load_model(source, dtype=to_dtype(args.dtype), config=config, progress=True, quantize=args.quantize)
-    if not args.quantize and stored_dtype(source) == torch.int8:
+    if not args.quantize and model.output_weight.dtype == torch.int8:  # an int8 checkpoint loads as int8
         print(f"{source} holds int8 weights: written as int8 with {args.dtype} scales (int8 weights cannot be made "
               "bf16 or fp32 again; convert the original checkpoint for those)", file=sys.stderr)  # fmt: skip
     if args.to_official:
