@@ -104,6 +104,23 @@ def local_shard(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+@torch.no_grad()
+def weights_checksum(module: nn.Module) -> Tensor:
+    """The sum of the absolute values and the sum of squares of every weight of `module` (int8
+    weights and their scales, which are buffers, included), float64 [2], over this rank's shards
+    (FSDP2 pads a shard with zeros, which add nothing; all-reduce it for the whole model). Both are
+    sums of positive terms, so their rounding is relative to them (a plain sum can be near zero),
+    and fine-tuning moves both. A float64 copy of 4M values at a time, never of a whole weight (the
+    27B embedding would be 9.4 GB)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    sums = torch.zeros(2, dtype=torch.float64, device=tensors[0].device if tensors else None)
+    for t in tensors:
+        for piece in local_shard(t).detach().reshape(-1).split(1 << 22):
+            x = piece.double()
+            sums += torch.stack([x.abs().sum(), x.square().sum()])
+    return sums
+
+
 def move_to(module: nn.Module, device: torch.device) -> None:
     """module.to(device), skipped when every parameter is already there: then it would change
     nothing, and the fake tensors that gemma2.memory_plan traces with cannot be moved. A model on

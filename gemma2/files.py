@@ -13,7 +13,10 @@ never half of either; a failure removes the temporary and leaves the destination
   The entries of the old directory named in `keep` (files the write does not own: a tokenizer, a
   README, someone else's shards) are carried into the new one as hard links, so nothing that the
   write did not produce is ever deleted.
-- `publish_directory(tmp, path)`: the same last step for a directory several processes filled.
+- `publish_directory(tmp, path, keep=...)`: the same last step for a directory several processes
+  filled, or one that outlived the process that started it.
+- `acquire_lock(directory)` / `release_lock(lock)`: one writer at a time (`directory/.lock` holds
+  "pid host"; a lock whose process is gone is taken over with a `notice`).
 - `fsync(path)`: make a file's bytes, or a directory's entries, durable.
 - `process_alive(pid)`: whether a process exists (is a temporary's or a lock's writer still at work?).
 - `followed(path)`: where a write of `path` lands (the target of a symbolic link).
@@ -36,12 +39,15 @@ import itertools
 import os
 import re
 import shutil
+import socket
 import stat
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".lock"
 _TEMPORARY = re.compile(r"\.tmp-(?P<kind>new|old)-(?P<name>.+)-(?P<pid>\d+)-\d+")
 
 
@@ -162,6 +168,22 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def directory_destination(path: str | os.PathLike) -> Path:
+    """Where a directory written for `path` lands (`followed`), refused before any work when it
+    cannot be replaced as a whole: an existing file, or the current directory or one above it."""
+    path = followed(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
+    try:
+        here = Path(os.getcwd())
+    except FileNotFoundError:  # the current directory was deleted: the write cannot replace it
+        here = None
+    if here is not None and Path(os.path.realpath(path)) in (here, *here.parents):
+        raise ValueError(f"{path} is or holds the current directory, and a write replaces its directory as a "
+                         "whole (the shell would be left in a deleted one): name a directory of its own")  # fmt: skip
+    return path
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike, keep: Iterable[str] = ()) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `path` for the caller to fill; then fsync it and
@@ -173,36 +195,29 @@ def atomic_directory(path: str | os.PathLike, keep: Iterable[str] = ()) -> Itera
     keep: names of entries of the existing `path` to carry over (hard-linked after the caller has
     written, so a name the caller wrote is the caller's new file, and the old file's bytes are
     never written through the link)."""
-    path = followed(path)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
-    try:
-        here = Path(os.getcwd())
-    except FileNotFoundError:  # the current directory was deleted: the write cannot replace it
-        here = None
-    if here is not None and Path(os.path.realpath(path)) in (here, *here.parents):
-        raise ValueError(f"{path} is or holds the current directory, and a write replaces its directory as a "
-                         "whole (the shell would be left in a deleted one): name a directory of its own")  # fmt: skip
+    path = directory_destination(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _claim(path, directory=True)
     try:
         yield tmp
-        _finish_tree(tmp)
-        for name in keep:  # after _finish_tree: a kept file keeps its owner's mode
-            if not (tmp / name).exists() and os.path.lexists(path / name):
-                _link_or_copy(path / name, tmp / name)
-        _swap(tmp, path)
+        publish_directory(tmp, path, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def publish_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Fsync the filled directory `tmp` and put it in place of `path` in one step (the second
-    half of `atomic_directory`, for a directory that several processes fill, such as a training
-    checkpoint: they agree on `tmp`'s name, one process publishes it)."""
-    _finish_tree(Path(tmp))
-    _swap(Path(tmp), Path(path))
+def publish_directory(tmp: str | os.PathLike, path: str | os.PathLike, keep: Iterable[str] = ()) -> None:
+    """Fsync the filled directory `tmp` and put it in place of `path` in one step, carrying over
+    the entries of the old `path` named in `keep` (the second half of `atomic_directory`, for a
+    directory that several processes fill, such as a training checkpoint, or that outlives its
+    process, such as a teacher cache's finished shards: its writers agree on `tmp`'s name, one
+    process publishes it)."""
+    tmp, path = Path(tmp), Path(path)
+    _finish_tree(tmp)
+    for name in keep:  # after _finish_tree: a kept file keeps its owner's mode
+        if not (tmp / name).exists() and os.path.lexists(path / name):
+            _link_or_copy(path / name, tmp / name)
+    _swap(tmp, path)
 
 
 def _swap(tmp: Path, path: Path) -> None:
@@ -258,3 +273,67 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def notice(message: str) -> None:
+    """A line on stderr about something the user should know but that stops nothing."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def acquire_lock(directory: Path) -> Path:
+    """Create directory/.lock holding "pid host"; refuse when a live process holds it, take it over
+    (with a notice) when its process is gone. Returns the lock file."""
+    lock = directory / LOCK_FILE
+    me = f"{os.getpid()} {socket.gethostname()}\n"
+    for _ in range(3):  # later tries follow the removal of a stale lock
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                held = lock.read_text()
+            except FileNotFoundError:
+                continue  # released meanwhile
+            try:
+                pid_text, host = held.split()
+                pid = int(pid_text)
+            except ValueError:
+                pid, host = None, None  # torn by a kill between create and write: nobody holds it
+            if pid is not None and (host != socket.gethostname() or process_alive(pid)):
+                raise ValueError(
+                    f"{directory} is in use by process {pid} on {host} (lock file {lock}); wait for it to "
+                    f"end or write elsewhere. If that process is gone, delete {lock}"
+                ) from None
+            notice(f"{lock} was left by process {pid} on {host}, which is gone; taking it over")
+            _remove_stale_lock(lock, held)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return lock
+    raise ValueError(f"{lock}: another process took the lock at the same moment; retry")
+
+
+def _remove_stale_lock(lock: Path, stale: str) -> None:
+    """Remove `lock` if it still holds `stale`. Of several processes taking over one stale lock, one
+    moves it aside (a rename); a lock that another process took in the meantime is given back.
+    The name aside is a temporary of gemma2.files: killed before removing it, this process leaves
+    a file the next start clears, not one that makes the directory look like someone else's."""
+    aside = lock.with_name(f"{TMP_PREFIX}new-{lock.name}-{os.getpid()}-0")  # removed at cleanup, never put back
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return  # another process moved it first; the next try meets that process's lock
+    if aside.read_text() != stale:  # a live process's new lock, taken since we read it
+        try:
+            os.link(aside, lock)  # back in place, unless yet another lock is there now
+        except FileExistsError:
+            pass
+    aside.unlink()
+
+
+def release_lock(lock: Path) -> None:
+    """Remove `lock` if this process holds it (a lock another process took over is left alone)."""
+    try:
+        if lock.read_text() == f"{os.getpid()} {socket.gethostname()}\n":
+            lock.unlink()
+    except FileNotFoundError:
+        pass

@@ -30,8 +30,6 @@ import math
 import os
 import re
 import shutil
-import socket
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,13 +42,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from .config import Gemma2Config
 from .distributed import local_shard
-from .files import TMP_PREFIX, process_alive, remove_stale_temporaries
+from .files import LOCK_FILE, TMP_PREFIX, acquire_lock, notice, release_lock, remove_stale_temporaries
 
 if TYPE_CHECKING:
     from .data import Datasets
     from .trainer import TrainConfig
 
-LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"step-(\d{6})")
@@ -64,72 +61,6 @@ SAFE_TO_CHANGE = ("steps", "save_every", "eval_every", "eval_sequences", "keep_l
 # Only their product with the number of ranks, the global batch, changes the run: one step's
 # gradient is the mean over its sequences however they are split (gemma2.trainer).
 BATCH_SPLIT = ("batch_size", "grad_accum")
-
-
-def notice(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# The lock
-
-
-def acquire_lock(out: Path) -> Path:
-    """Create out/.lock holding "pid host"; refuse when a live process holds it, take it over (with
-    a notice) when its process is gone. Returns the lock file."""
-    lock = out / LOCK_FILE
-    me = f"{os.getpid()} {socket.gethostname()}\n"
-    for _ in range(3):  # later tries follow the removal of a stale lock
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            try:
-                held = lock.read_text()
-            except FileNotFoundError:
-                continue  # released meanwhile
-            try:
-                pid_text, host = held.split()
-                pid = int(pid_text)
-            except ValueError:
-                pid, host = None, None  # torn by a kill between create and write: nobody holds it
-            if pid is not None and (host != socket.gethostname() or process_alive(pid)):
-                raise ValueError(
-                    f"{out} is in use by process {pid} on {host} (lock file {lock}); wait for that run to "
-                    f"end or choose another out_dir. If that process is gone, delete {lock}"
-                ) from None
-            notice(f"{lock} was left by process {pid} on {host}, which is gone; taking it over")
-            _remove_stale_lock(lock, held)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return lock
-    raise ValueError(f"{lock}: another process took the lock at the same moment; retry")
-
-
-def _remove_stale_lock(lock: Path, stale: str) -> None:
-    """Remove `lock` if it still holds `stale`. Of several processes taking over one stale lock, one
-    moves it aside (a rename); a lock that another process took in the meantime is given back.
-    The name aside is a temporary of gemma2.files: killed before removing it, this process leaves
-    a file the next start clears, not one that makes the directory look like someone else's."""
-    aside = lock.with_name(f"{TMP_PREFIX}new-{lock.name}-{os.getpid()}-0")  # removed at cleanup, never put back
-    try:
-        os.rename(lock, aside)
-    except FileNotFoundError:
-        return  # another process moved it first; the next try meets that process's lock
-    if aside.read_text() != stale:  # a live process's new lock, taken since we read it
-        try:
-            os.link(aside, lock)  # back in place, unless yet another lock is there now
-        except FileExistsError:
-            pass
-    aside.unlink()
-
-
-def release_lock(lock: Path) -> None:
-    try:
-        if lock.read_text() == f"{os.getpid()} {socket.gethostname()}\n":
-            lock.unlink()
-    except FileNotFoundError:
-        pass
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .data import Batch, Datasets
 from .distill import TeacherHead, TopK
-from .distributed import Runtime, local_shard, move_to, shard
+from .distributed import Runtime, move_to, shard, weights_checksum
 from .dtypes import dtype_name
 from .model import Gemma2ForCausalLM
 from .teacher_cache import TeacherCache
@@ -129,19 +129,9 @@ class Teacher:
             weight = self._weight
         return TeacherHead(hidden, weight, self.model.config.final_logit_softcapping)
 
-    @torch.no_grad()
     def checksum(self) -> list[float]:
-        """The sum of the absolute values and the sum of squares of every weight of a live teacher,
-        in float64 over all ranks' shards (FSDP2 pads a shard with zeros, which add nothing). Both
-        are sums of positive terms, so their rounding is relative to them (a plain sum can be near
-        zero), and fine-tuning moves both. A float64 copy of 4M values at a time, never of a whole
-        weight (the 27B embedding would be 9.4 GB)."""
-        sums = torch.zeros(2, dtype=torch.float64, device=self.model.output_weight.device)
-        for p in self.model.parameters():
-            for piece in local_shard(p).detach().reshape(-1).split(1 << 22):
-                x = piece.double()
-                sums += torch.stack([x.abs().sum(), x.square().sum()])
-        return self.rt.all_reduce(sums.to(self.rt.device)).tolist()
+        """A live teacher's `weights_checksum` over all ranks' shards."""
+        return self.rt.all_reduce(weights_checksum(self.model).to(self.rt.device)).tolist()
 
     def release(self) -> None:
         """Free the gathered teacher head once the loss that reads it is done."""

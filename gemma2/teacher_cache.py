@@ -19,18 +19,24 @@ chat prompts most of a row). A format 1 cache (written before prompt columns wer
 every column and is still read. The cache records each split's token fingerprint,
 so it cannot be read against other data, another tokenizer or another seq_len.
 
-The writer checks every argument before it touches the directory, builds the new cache beside it
-and swaps it in at once (gemma2.files.atomic_directory): a failed or killed write leaves the old
-cache whole, and an existing cache is replaced only when asked (`overwrite`).
+The writer checks every argument before it touches anything, then fills `NAME.partial`, beside the
+cache directory NAME: `plan.json` (the index to be, the teacher's weights' checksum included) and
+each shard as it is finished (a file is whole or absent; its teacher cross-entropy in its
+metadata). The last shard done, cache.json is written and the partial directory swapped in for
+NAME at once (gemma2.files.publish_directory): a failed or killed write leaves an old cache whole,
+and the same call again (the same teacher, data and settings, else it is refused with the
+difference) writes only the shards still missing. An existing cache is replaced only when asked
+(`overwrite`); a lock keeps a second writer out.
 
-Under torchrun every rank runs the same call: the shards of all splits, in one list, are dealt
-round-robin (no rank has more than one shard more than another), each rank runs its own copy of the
-teacher over its shards and writes them into one temporary directory (rank 0 makes it; on several
-machines it must be on a filesystem they share), and rank 0 writes cache.json and swaps the
-directory in once every rank has finished without error. The shards are those one process writes,
-byte for byte (the same batches); the index too, but for the teacher's cross-entropy, summed in
-another order (equal to ~1e-7). The ranks agree over a gloo group with no practical timeout, so a
-rank that finishes early waits for the slowest (NCCL's default timeout is 10 minutes).
+Under torchrun every rank runs the same call: the shards still missing, of all splits in one list,
+are dealt round-robin (no rank has more than one shard more than another), each rank runs its own
+copy of the teacher over its shards and writes them into the partial directory (rank 0 takes it; on
+several machines it must be on a filesystem they share), and rank 0 writes cache.json and swaps the
+directory in once every rank has finished without error. The cache is the one a single process
+writes, byte for byte (the same batches; the cross-entropy summed from the shards in order), and
+a write may be resumed with another number of ranks. The ranks agree over a gloo group with no
+practical timeout, so a rank that finishes early waits for the slowest (NCCL's default timeout is
+10 minutes).
 """
 
 from __future__ import annotations
@@ -38,8 +44,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -56,10 +61,14 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import IGNORE_INDEX, Rows
 from .distill import TopK, teacher_topk
-from .files import atomic_directory, remove_stale_temporaries
+from .files import (LOCK_FILE, acquire_lock, atomic_file, directory_destination, notice, publish_directory,
+                    release_lock, remove_stale_temporaries, write_text_atomic)  # fmt: skip
 from .model import Gemma2ForCausalLM
 
 INDEX = "cache.json"
+PLAN = "plan.json"  # in the partial directory: what is being written there
+PARTIAL = ".partial"  # the partial directory's suffix
+CE_KEY = "teacher_ce"  # a shard's metadata: "SUM COUNT", its teacher cross-entropy summed over its counted tokens
 FORMAT = 2
 READS = (1, 2)  # format 1: every column of the layout stored, no "columns" in the index
 
@@ -68,6 +77,11 @@ def bytes_per_token(k: int, vocab_size: int, logprob_dtype: torch.dtype = torch.
     """Storage per token: k ids, k log-probs and one float32 tail."""
     id_bytes = 2 if vocab_size <= 2**15 else 4
     return k * (id_bytes + torch.finfo(logprob_dtype).bits // 8) + 4
+
+
+def partial_directory(directory: Path) -> Path:
+    """Where the cache for `directory` is written until it is complete."""
+    return directory.with_name(directory.name + PARTIAL)
 
 
 @torch.no_grad()
@@ -92,7 +106,9 @@ def write_teacher_cache(
     `temperature` (training must use the same one). The held-out split's teacher cross-entropy is
     recorded too, so the trainer can report the teacher's perplexity without the teacher.
     A non-empty `directory` (an earlier cache, say) is refused unless `overwrite`; then its cache
-    files are replaced and anything else in it kept. Returns the index written to cache.json.
+    files are replaced and anything else in it kept. Shards an interrupted call with the same
+    arguments finished are not computed again (see the module docstring). Returns the index
+    written to cache.json.
     """
     if logprob_dtype not in (torch.float16, torch.float32):
         raise ValueError(f"logprob_dtype must be torch.float16 or torch.float32, got {logprob_dtype}")
@@ -110,83 +126,174 @@ def write_teacher_cache(
                 f"some {name} examples have no completion: a teacher cache scores only the file's completions "
                 "(training on them, lmbda 0), so give every example one, or train on-policy with a live teacher"
             )
-    directory = Path(directory).resolve()  # the same path on every rank, whatever their working directories
-    write = partial(_write, teacher, splits, k=k, temperature=temperature, batch_size=batch_size,
-                    chunk_size=chunk_size, logprob_dtype=logprob_dtype, shard_bytes=shard_bytes)  # fmt: skip
-    if not distributed.is_distributed():
-        with _temporary(directory, overwrite) as tmp:
-            index, ce_sums = write(tmp, progress=progress)
-            return _finish_index(index, ce_sums, tmp)
-    return _write_on_every_rank(directory, write, len(splits), overwrite, progress)
+    # Resolved: the same path on every rank, whatever their working directories.
+    directory = directory_destination(Path(directory).resolve())
+    plan = _plan(teacher, splits, k=k, temperature=temperature, logprob_dtype=logprob_dtype, batch_size=batch_size,
+                 chunk_size=chunk_size, shard_bytes=shard_bytes)  # fmt: skip
+    shard_topk = partial(_shard_topk, teacher, k=k, temperature=temperature, batch_size=batch_size,
+                         chunk_size=chunk_size, logprob_dtype=logprob_dtype)  # fmt: skip
+    if distributed.is_distributed():
+        return _write_on_every_rank(directory, plan, splits, shard_topk, overwrite, progress)
+    lock, done = _take_partial(directory, plan, overwrite)
+    try:
+        work = lock.parent
+        _write_shards(shard_topk, splits, work, _missing(plan, done), progress)
+        return _publish(work, directory)
+    finally:
+        release_lock(lock)
 
 
-@contextmanager
-def _temporary(directory: Path, overwrite: bool) -> Iterator[Path]:
-    """`atomic_directory(directory)` once a killed earlier write's leftovers are cleared (which may put
-    a previous cache back in place) and `overwrite` allows replacing what is there."""
-    remove_stale_temporaries(directory.parent, directory.name)
+def _plan(teacher: Gemma2ForCausalLM, splits: dict[str, Rows], *, k: int, temperature: float,
+          logprob_dtype: torch.dtype, batch_size: int, chunk_size: int, shard_bytes: int) -> dict:  # fmt: skip
+    """The index the cache will have, but for the teacher's cross-entropy (None): the settings, the
+    teacher's `weights_checksum` and each split's shards (at most `shard_bytes`, whole batches)."""
+    V = teacher.config.vocab_size
+    per_token = bytes_per_token(k, V, logprob_dtype)
+    plan: dict = {"format": FORMAT, "k": k, "temperature": temperature, "vocab_size": V,
+                  "logprob_dtype": str(logprob_dtype).removeprefix("torch."), "bytes_per_token": per_token,
+                  "batch_size": batch_size, "chunk_size": chunk_size,
+                  "teacher_checksum": distributed.weights_checksum(teacher).tolist(), "splits": {}}  # fmt: skip
+    for name, data in splits.items():
+        kept = data.counted_columns  # the layout's columns stored (a loss reads no other)
+        per_shard = max(batch_size, shard_bytes // ((kept.stop - kept.start) * per_token) // batch_size * batch_size)
+        shards = [{"file": f"{name}-{i:05d}.safetensors", "start": start, "count": min(per_shard, len(data) - start)}
+                  for i, start in enumerate(range(0, len(data), per_shard))]  # fmt: skip
+        plan["splits"][name] = {"seq_len": data.seq_len, "num_sequences": len(data), "fingerprint": data.fingerprint(),
+                                "columns": [kept.start, kept.stop], "teacher_ce": None, "shards": shards}  # fmt: skip
+    return plan
+
+
+def _take_partial(directory: Path, plan: dict, overwrite: bool) -> tuple[Path, set[str]]:
+    """Refuse an existing cache in `directory` unless `overwrite`; then take the lock of the partial
+    directory beside it, made with `plan` if there is none, else checked to be for `plan`. Returns
+    the lock and the names of the shards an earlier write finished there."""
+    remove_stale_temporaries(directory.parent, directory.name)  # a killed swap's old cache is put back
     if directory.is_dir() and any(directory.iterdir()) and not overwrite:
         what = "a complete teacher cache" if (directory / INDEX).is_file() else "files"
         raise ValueError(f"{directory} already holds {what}; pass overwrite=True (--overwrite) to replace it")
-    with atomic_directory(directory, keep=_foreign_entries(directory)) as tmp:
-        yield tmp
+    work = partial_directory(directory)
+    if work.exists() and not work.is_dir():
+        raise ValueError(f"{work} is a file, in the way of the directory the cache is written in first: move it")
+    work.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(work)
+    try:
+        remove_stale_temporaries(work)  # a shard a killed write had begun
+        names = {shard["file"] for split in plan["splits"].values() for shard in split["shards"]}
+        done = {p.name for p in work.iterdir() if p.name in names}
+        if any(p.suffix == ".safetensors" for p in work.iterdir()):  # finished work: go on with it or refuse
+            _check_plan(work, plan)
+        elif any(p.name not in (LOCK_FILE, PLAN) for p in work.iterdir()):
+            raise ValueError(f"{work} holds files that are not a teacher cache's (the cache for {directory.name} is "
+                             "written there first): move them")  # fmt: skip
+        else:  # new, or only begun: nothing to lose
+            write_text_atomic(work / PLAN, json.dumps(plan, indent=2) + "\n")
+        if done:
+            notice(f"resuming the teacher cache in {work}: {len(done)} of its {len(names)} shards were finished "
+                   "by an earlier run")  # fmt: skip
+    except BaseException:
+        release_lock(lock)
+        raise
+    return lock, done
 
 
-def _write_on_every_rank(directory: Path, write: Callable, n_splits: int, overwrite: bool, progress: bool) -> dict:
-    """`write` (a partial `_write`) of this rank's shards into one temporary directory, which rank 0
-    makes, completes with cache.json and swaps in once every rank has reported success. Every rank
-    returns the index, or every rank raises (the temporary removed, `directory` as it was): the
-    ranks agree at three fixed points, so a failing rank never leaves the others waiting."""
+def _check_plan(work: Path, plan: dict) -> None:
+    """Refuse to go on with a partial cache written for another teacher, other data or settings."""
+    try:
+        old = json.loads((work / PLAN).read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{work} holds teacher cache shards but no readable {PLAN} saying what they are: "
+                         f"remove {work} to start over") from None  # fmt: skip
+    differ = [f"{key} (was {old.get(key)}, now {plan.get(key)})" for key in sorted(plan.keys() | old.keys())
+              if key not in ("teacher_checksum", "splits") and old.get(key) != plan.get(key)]  # fmt: skip
+    if old.get("splits") != plan["splits"]:
+        differ.append("the data (its tokens, row layout or held-out split) or the shard size")
+    stored = old.get("teacher_checksum") or [math.nan] * 2
+    if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(stored, plan["teacher_checksum"])):
+        differ.append("the teacher's weights")
+    if differ:
+        raise ValueError(f"{work} holds part of a teacher cache that differs from this one in {'; '.join(differ)}: "
+                         f"finish it with its teacher, data and settings, or remove {work} to start over")  # fmt: skip
+
+
+def _missing(plan: dict, done: set[str]) -> list[tuple[str, dict]]:
+    """(split, shard) of every shard not in `done`, all splits' in order."""
+    return [(name, shard) for name, split in plan["splits"].items() for shard in split["shards"]
+            if shard["file"] not in done]  # fmt: skip
+
+
+def _write_shards(shard_topk: Callable, splits: dict[str, Rows], work: Path, todo: list[tuple[str, dict]],
+                  progress: bool) -> None:  # fmt: skip
+    """Compute the shards `todo` (a partial `_shard_topk` each) and write each into `work` (whole
+    or not at all), its teacher cross-entropy sum and counted tokens in its metadata."""
+    bar = tqdm(total=sum(shard["count"] for _, shard in todo), desc="caching the teacher", unit="seq",
+               disable=not progress)  # fmt: skip
+    with bar:  # closed however the loop ends: an error's line is its own
+        for name, shard in todo:
+            sequences = range(shard["start"], shard["start"] + shard["count"])
+            tensors, (ce, counted) = shard_topk(splits[name], sequences, bar)
+            with atomic_file(work / shard["file"]) as tmp:
+                # One key: safetensors writes several in an order that varies from process to process.
+                save_file(tensors, tmp, metadata={CE_KEY: f"{ce!r} {counted!r}"})
+
+
+def _write_on_every_rank(directory: Path, plan: dict, splits: dict[str, Rows], shard_topk: Callable,
+                         overwrite: bool, progress: bool) -> dict:  # fmt: skip
+    """This rank's deal of the missing shards, written into the partial directory that rank 0 takes;
+    rank 0 publishes it once every rank has reported success. Every rank returns the index, or
+    every rank raises (`directory` as it was, the finished shards kept for a rerun): the ranks
+    agree at three fixed points, so a failing rank never leaves the others waiting."""
     rank, world = distributed.rank(), distributed.world_size()
     group = dist.new_group(backend="gloo", timeout=timedelta(days=7))  # CPU tensors; waits for the slowest rank
-    written, late_error = False, None
+    work, lock, failure = partial_directory(directory), None, None
+    found: list = [None]  # the shards finished before, or why there is no partial directory to write in
     try:
-        with ExitStack() as stack:
-            made, failure = [None], None
-            if rank == 0:  # only rank 0 can tell whether the processes that left temporaries are gone
-                try:
-                    made[0] = str(stack.enter_context(_temporary(directory, overwrite)))
-                except Exception as e:
-                    failure, made[0] = e, e if isinstance(e, ValueError) else None
-            dist.broadcast_object_list(made, src=0, group=group)  # the temporary's path, or why there is none
-            if not isinstance(made[0], str):
-                raise failure or made[0] or ValueError(f"rank 0 could not make a temporary directory beside {directory}; see its error")
-            tmp = Path(made[0])
-            index, ce_sums = None, [0.0] * (2 * n_splits)
+        if rank == 0:  # only rank 0 can tell whether the processes that left files are gone
             try:
-                if not tmp.is_dir():
-                    raise ValueError(f"rank {rank} cannot see {tmp}: the cache directory must be on a filesystem every rank shares")
-                index, ce_sums = write(tmp, part=(rank, world), progress=progress and rank == 0)
-            except Exception as e:  # told to the other ranks first, so that none waits for this one
+                lock, done = _take_partial(directory, plan, overwrite)
+                found[0] = sorted(done)
+            except Exception as e:
+                failure, found[0] = e, e if isinstance(e, ValueError) else None
+        dist.broadcast_object_list(found, src=0, group=group)
+        if not isinstance(found[0], list):
+            raise failure or found[0] or ValueError(f"rank 0 could not start the teacher cache in {work}; see its error")
+        try:
+            if not (work / PLAN).is_file():
+                raise ValueError(f"rank {rank} cannot see {work / PLAN}: the cache directory must be on a filesystem "
+                                 "every rank shares")  # fmt: skip
+            _write_shards(shard_topk, splits, work, _missing(plan, set(found[0]))[rank::world], progress and rank == 0)
+        except Exception as e:  # told to the other ranks first, so that none waits for this one
+            failure = e
+        failed = torch.tensor([float(failure is not None)])
+        dist.all_reduce(failed, group=group)  # every rank's shards written?
+        if failure is not None:
+            raise failure
+        if n := int(failed.item()):
+            raise ValueError(f"{n} of {world} ranks failed to write their teacher cache shards (their errors are in "
+                             f"their own output); {directory} is unchanged, and the shards finished are kept in "
+                             f"{work}: the same command again writes the rest")  # fmt: skip
+        published: list = [None]
+        if rank == 0:
+            try:
+                published[0] = _publish(work, directory)
+            except Exception as e:  # the others hear of it first
                 failure = e
-            sums = torch.tensor([*ce_sums, failure is not None], dtype=torch.float64)
-            dist.all_reduce(sums, group=group)  # every rank's shards written? and the cross-entropy sums
-            if failure is not None:
-                raise failure
-            if failed := int(sums[-1].item()):
-                raise ValueError(f"{failed} of {world} ranks failed to write their teacher cache shards (their "
-                                 f"errors are in their own output); {directory} is unchanged")  # fmt: skip
-            written = True
-            index = _finish_index(index, sums[:-1].tolist(), tmp, write_index=rank == 0)
-        # Leaving the block, rank 0 swapped the new directory in.
-    except Exception as e:
-        if not written:
-            raise  # every rank raises at the same point
-        late_error = e  # rank 0's cache.json or swap failed: the others hear of it first
-    done = torch.tensor([float(late_error is None)])
-    dist.all_reduce(done, op=dist.ReduceOp.MIN, group=group)  # the cache is in place
-    if late_error is not None:
-        raise late_error
-    if done.item() == 0:
-        raise ValueError(f"rank 0 could not put the teacher cache in place at {directory} (see its error); it is unchanged")
-    return index
+        dist.broadcast_object_list(published, src=0, group=group)  # the index: the cache is in place
+        if failure is not None:
+            raise failure
+        if published[0] is None:
+            raise ValueError(f"rank 0 could not put the teacher cache in place at {directory} (see its error); it "
+                             "is unchanged")  # fmt: skip
+        return published[0]
+    finally:
+        if lock is not None:
+            release_lock(lock)
 
 
 def _foreign_entries(directory: Path) -> list[str]:
     """The entries of an existing directory that are not an earlier cache's (kept on overwrite)."""
     if not directory.is_dir():
         return []
-    ours = {INDEX}
+    ours = {INDEX, PLAN, LOCK_FILE}  # the last two: a write killed right after its swap
     try:
         index = json.loads((directory / INDEX).read_text())
         ours |= {shard["file"] for split in index["splits"].values() for shard in split["shards"]}
@@ -195,54 +302,18 @@ def _foreign_entries(directory: Path) -> list[str]:
     return [p.name for p in directory.iterdir() if p.name not in ours]
 
 
-def _write(teacher: Gemma2ForCausalLM, splits: dict[str, Rows], directory: Path, *, k: int,
-           temperature: float, batch_size: int, chunk_size: int, logprob_dtype: torch.dtype, shard_bytes: int,
-           progress: bool, part: tuple[int, int] = (0, 1)) -> tuple[dict, list[float]]:  # fmt: skip
-    """Every `world`-th shard from the `rank`-th on (part = (rank, world)) of all splits' shards in
-    order, written into `directory`, and the index that lists every shard, all ranks' included.
-    Returns the index and, per split, the teacher's cross-entropy summed over the counted tokens of
-    the sequences written here and their number."""
-    rank, world = part
-    dealt = 0  # shards of the splits before this one: the deal runs over all splits' shards in order
-    V = teacher.config.vocab_size
-    teacher.eval()
-    index: dict = {"format": FORMAT, "k": k, "temperature": temperature, "vocab_size": V,
-                   "logprob_dtype": str(logprob_dtype).removeprefix("torch."),
-                   "bytes_per_token": bytes_per_token(k, V, logprob_dtype), "splits": {}}  # fmt: skip
-    ce_sums = []
-    for name, data in splits.items():
-        kept = data.counted_columns  # the layout's columns stored (a loss reads no other)
-        per_shard = max(batch_size, shard_bytes // ((kept.stop - kept.start) * index["bytes_per_token"])
-                        // batch_size * batch_size)  # fmt: skip
-        starts = range(0, len(data), per_shard)
-        shards = [{"file": f"{name}-{i:05d}.safetensors", "start": start, "count": min(per_shard, len(data) - start)}
-                  for i, start in enumerate(starts)]  # fmt: skip
-        mine = [sh for i, sh in enumerate(shards, dealt) if i % world == rank]
-        dealt += len(shards)
-        ce_sum = torch.zeros(2, dtype=torch.float64, device=teacher.output_weight.device)  # CE, counted tokens
-        bar = tqdm(total=sum(sh["count"] for sh in mine), desc=f"caching {name}", unit="seq", disable=not progress)
-        with bar:  # closed however the loop ends: an error's line is its own
-            for shard in mine:
-                tensors = _shard_topk(teacher, data, range(shard["start"], shard["start"] + shard["count"]), ce_sum,
-                                      bar, k=k, temperature=temperature, batch_size=batch_size, chunk_size=chunk_size,
-                                      logprob_dtype=logprob_dtype)  # fmt: skip
-                save_file(tensors, directory / shard["file"])
-        index["splits"][name] = {"seq_len": data.seq_len, "num_sequences": len(data), "fingerprint": data.fingerprint(),
-                                 "columns": [kept.start, kept.stop], "teacher_ce": None, "shards": shards}  # fmt: skip
-        ce_sums += ce_sum.tolist()
-    return index, ce_sums
-
-
-def _shard_topk(teacher: Gemma2ForCausalLM, data: Rows, sequences: range, ce_sum: Tensor, bar: tqdm, *, k: int,
-                temperature: float, batch_size: int, chunk_size: int, logprob_dtype: torch.dtype) -> dict[str, Tensor]:
+def _shard_topk(teacher: Gemma2ForCausalLM, data: Rows, sequences: range, bar: tqdm, *, k: int, temperature: float,
+                batch_size: int, chunk_size: int, logprob_dtype: torch.dtype) -> tuple[dict[str, Tensor], list[float]]:
     """One shard's tensors: the teacher's top-k of `sequences` at the split's stored columns (the
-    head and top-k run there alone); adds their cross-entropy and counted tokens to `ce_sum`."""
+    head and top-k run there alone), and their cross-entropy summed over the counted tokens and the
+    number of those."""
     kept, device = data.counted_columns, teacher.output_weight.device
     id_dtype = torch.int16 if teacher.config.vocab_size <= 2**15 else torch.int32
     n, C = len(sequences), kept.stop - kept.start
     # Zeros where a batch of prompt rows stops short of the layout (padding: never counted).
     ids, lps = torch.zeros(n, C, k, dtype=id_dtype), torch.zeros(n, C, k, dtype=logprob_dtype)
     tail = torch.zeros(n, C, dtype=torch.float32)
+    ce_sum = torch.zeros(2, dtype=torch.float64, device=device)  # CE, counted tokens
     for lo in range(0, n, batch_size):
         batch = data.batch(sequences[lo : lo + batch_size])
         hidden = teacher.hidden_states(batch.inputs.to(device), batch.valid_on(device))
@@ -263,18 +334,26 @@ def _shard_topk(teacher: Gemma2ForCausalLM, data: Rows, sequences: range, ce_sum
         lps[rows, cols] = torch.cat(out[1]).view(-1, width, k).to("cpu", logprob_dtype)
         tail[rows, cols] = torch.cat(out[2]).view(-1, width).cpu()
         bar.update(len(batch.indices))
-    return {"ids": ids, "logprobs": lps, "tail": tail}
+    return {"ids": ids, "logprobs": lps, "tail": tail}, ce_sum.tolist()
 
 
-def _finish_index(index: dict, ce_sums: list[float], directory: Path, write_index: bool = True) -> dict:
-    """Put each split's teacher cross-entropy (from `ce_sums`: its sum over every counted token and
-    their number, split after split) into the index and write cache.json into `directory` (its
-    presence: the cache is complete); returns the index."""
-    for i, split in enumerate(index["splits"].values()):
-        counted = ce_sums[2 * i + 1]
-        split["teacher_ce"] = ce_sums[2 * i] / counted if counted else None  # None: no completions to score
-    if write_index:
-        (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+def _publish(work: Path, directory: Path) -> dict:
+    """Complete the partial directory `work` and put it in place of `directory` (files of an older
+    cache there that are not its own kept). The index is the plan recorded in `work` with each
+    split's teacher cross-entropy, summed from its shards' metadata in order (the same sum whichever
+    rank or run wrote which shard); returns it."""
+    index = json.loads((work / PLAN).read_text())
+    for split in index["splits"].values():
+        ce, counted = 0.0, 0.0
+        for shard in split["shards"]:
+            with safe_open(work / shard["file"], framework="pt") as f:
+                shard_ce, shard_counted = map(float, f.metadata()[CE_KEY].split())
+            ce, counted = ce + shard_ce, counted + shard_counted
+        split["teacher_ce"] = ce / counted if counted else None  # None: no completions to score
+    write_text_atomic(work / INDEX, json.dumps(index, indent=2) + "\n")  # its presence: the cache is complete
+    publish_directory(work, directory, keep=_foreign_entries(directory))
+    for name in (PLAN, LOCK_FILE):  # the lock was held until the swap: no other writer could start on `work`
+        (directory / name).unlink(missing_ok=True)
     return index
 
 
@@ -352,7 +431,8 @@ class TeacherCache:
         if not index_file.is_file():
             raise FileNotFoundError(
                 f"{self.directory}: no {INDEX}, so no complete teacher cache; write one with "
-                "scripts/cache_teacher.py (an interrupted run leaves none)"
+                f"scripts/cache_teacher.py (an interrupted run leaves its finished shards in "
+                f"{partial_directory(self.directory.resolve()).name}: the same command again finishes it)"
             )
         index = json.loads(index_file.read_text())
         if index.get("format") not in READS:

@@ -9,6 +9,10 @@ steps that train on its completions): the cache is keyed by row and checks the t
 fingerprint. Both splits are cached (the held-out one gives the student's held-out KD and the
 teacher's perplexity).
 
+Shards are written into OUT.partial/ as they are finished and OUT appears (or is replaced) when the
+last one is: a run that fails or is killed loses only the shards in progress, and the same command
+again computes the rest.
+
 Under torchrun each GPU holds a whole teacher and writes its share of the shards (the same cache
 as one process writes, in 1/N of the time; on several machines --out must be on a shared
 filesystem):

@@ -352,6 +352,30 @@ def test_cache_teacher_overwrite_replaces_the_cache(tmp_path, docs):
     assert all(f.stat().st_mode & 0o777 == mode for f in out.iterdir())
 
 
+def test_cache_teacher_killed_midway_is_finished_by_the_same_command(tmp_path, docs):
+    """SIGKILL once some shards are written: the same command then takes over the dead process's
+    lock, computes the missing shards alone and writes the cache an uninterrupted run writes."""
+    args = ["--teacher", TEACHER, "--data", docs, "--seq-len", 16, "--k", 4, "--batch-size", 1, "--shard-mb", 0.0005]
+    proc = start("cache_teacher.py", *args, "--out", tmp_path / "c")
+    partial, deadline = tmp_path / "c.partial", time.monotonic() + 120
+    while len(list(partial.glob("train-*.safetensors"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.communicate()
+    finished = len(list(partial.glob("*.safetensors")))
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "c").exists() and finished >= 3
+    done = script("cache_teacher.py", *args, "--out", tmp_path / "c")
+    assert done.returncode == 0, done.stderr
+    assert f"was left by process {proc.pid}" in done.stderr
+    total = sum(len(s["shards"]) for s in json.loads((tmp_path / "c" / "cache.json").read_text())["splits"].values())
+    assert f"resuming the teacher cache in {partial}: {finished} of its {total} shards" in done.stderr
+    whole = script("cache_teacher.py", *args, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()} == {
+        p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "whole"]
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. The trainer touches only its own step-XXXXXX directories
 

@@ -1,4 +1,4 @@
-"""gemma2.run_dir: the lock, what a run owns, the resume comparison, robust reading of its files."""
+"""gemma2.run_dir: the lock (gemma2.files), what a run owns, the resume comparison, robust reading of its files."""
 
 from __future__ import annotations
 
@@ -26,17 +26,17 @@ def _dead_pid() -> int:
 
 
 def test_the_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, capsys):
-    lock = R.acquire_lock(tmp_path)
+    lock = files.acquire_lock(tmp_path)
     assert lock.read_text() == f"{os.getpid()} {HOST}\n"
     with pytest.raises(ValueError, match=f"in use by process {os.getpid()} on {HOST}"):
-        R.acquire_lock(tmp_path)
-    R.release_lock(lock)
+        files.acquire_lock(tmp_path)
+    files.release_lock(lock)
     assert not lock.exists()
     dead = _dead_pid()
     lock.write_text(f"{dead} {HOST}\n")
-    R.acquire_lock(tmp_path)
+    files.acquire_lock(tmp_path)
     assert f"left by process {dead} on {HOST}, which is gone; taking it over" in capsys.readouterr().err
-    R.release_lock(lock)
+    files.release_lock(lock)
 
 
 def test_taking_over_a_stale_lock_never_removes_one_a_live_process_took_meanwhile(tmp_path, monkeypatch):
@@ -53,9 +53,9 @@ def test_taking_over_a_stale_lock_never_removes_one_a_live_process_took_meanwhil
             f.write(live)  # ... and holds it now
         real_rename(src, dst)
 
-    monkeypatch.setattr(R.os, "rename", rename)
+    monkeypatch.setattr(files.os, "rename", rename)
     with pytest.raises(ValueError, match=f"in use by process {os.getppid()}"):
-        R.acquire_lock(tmp_path)
+        files.acquire_lock(tmp_path)
     monkeypatch.undo()
     assert lock.read_text() == live and os.listdir(tmp_path) == [".lock"]
 
@@ -71,7 +71,7 @@ def test_a_takeover_killed_midway_leaves_a_temporary_the_next_start_clears(tmp_p
 
     monkeypatch.setattr(R.Path, "unlink", killed)
     with pytest.raises(KeyboardInterrupt):
-        R.acquire_lock(tmp_path)
+        files.acquire_lock(tmp_path)
     monkeypatch.undo()
     [left] = os.listdir(tmp_path)
     assert left.startswith(".tmp-") and R._non_empty_foreign(tmp_path) == []
@@ -83,8 +83,8 @@ def test_a_takeover_killed_midway_leaves_a_temporary_the_next_start_clears(tmp_p
 def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
     (tmp_path / ".lock").write_text(f"{_dead_pid()} elsewhere\n")
     with pytest.raises(ValueError, match="on elsewhere"):
-        R.acquire_lock(tmp_path)
-    R.release_lock(tmp_path / ".lock")  # not ours: stays
+        files.acquire_lock(tmp_path)
+    files.release_lock(tmp_path / ".lock")  # not ours: stays
     assert (tmp_path / ".lock").exists()
 
 

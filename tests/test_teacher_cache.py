@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +106,82 @@ def test_a_cache_refuses_other_data_temperature_or_an_interrupted_write(tmp_path
         TeacherCache(tmp_path / "c")
 
 
+def _interrupted(tmp_path, setup, monkeypatch, out: Path, after: int) -> Path:
+    """A write into `out` that a Ctrl-C stops while it computes shard `after` (0-based); returns the
+    partial directory it leaves."""
+    import gemma2.teacher_cache as tc
+
+    real = tc._shard_topk
+
+    def stopped(*args, **kwargs):
+        if len(calls) == after:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    calls: list = []
+    monkeypatch.setattr(tc, "_shard_topk", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        _write(out, setup, overwrite=True)
+    monkeypatch.undo()
+    return out.with_name(out.name + ".partial")
+
+
+def test_an_interrupted_write_keeps_the_old_cache_and_the_same_call_finishes_it(tmp_path, setup, monkeypatch,
+                                                                                capsys):  # fmt: skip
+    """Stopped at its fourth shard, a write leaves the old cache whole and three shards beside it; the
+    same call again computes the other shards alone and writes the cache one call writes."""
+    _write(tmp_path / "c", setup, k=3)
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    before = _files(tmp_path / "c")
+    partial = _interrupted(tmp_path, setup, monkeypatch, tmp_path / "c", after=3)
+    assert _files(tmp_path / "c") == before
+    _write(tmp_path / "one", setup)
+    order = _shard_order(tmp_path / "one")
+    assert sorted(p.name for p in partial.iterdir()) == sorted(["plan.json", *order[:3]])  # no lock, no temporary
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    computed = _count_shards(monkeypatch)
+    _write(tmp_path / "c", setup, overwrite=True)
+    assert len(computed) == len(order) - 3 >= 1
+    assert f"resuming the teacher cache in {partial}: 3 of its {len(order)} shards" in capsys.readouterr().err
+    assert (tmp_path / "c" / "notes.txt").read_text() == "mine"  # not the cache's: kept
+    (tmp_path / "c" / "notes.txt").unlink()
+    _assert_same_cache(tmp_path / "one", tmp_path / "c")
+    assert not partial.exists()
+
+
+def test_a_partial_cache_goes_on_only_with_its_teacher_data_and_settings(tmp_path, setup, monkeypatch):
+    data, teacher, _ = setup
+    partial = _interrupted(tmp_path, setup, monkeypatch, tmp_path / "c", after=2)
+    kept = _files(partial)
+    other_teacher = init_weights(Gemma2ForCausalLM(_config()), seed=5, std=0.3).eval()
+    other_data = {"train": PackedSequences(data.train.tokens[1:], 16), "heldout": data.heldout}
+    values = dict(k=K, batch_size=5, chunk_size=24, shard_bytes=20 * 16 * 52, progress=False)
+    for change, message in [({"k": 3}, "k (was 8, now 3)"), ({"chunk_size": 16}, "chunk_size (was 24, now 16)"),
+                            ({"teacher": other_teacher}, "the teacher's weights"),
+                            ({"splits": other_data}, "the data")]:  # fmt: skip
+        args = {"teacher": teacher, "splits": {"train": data.train, "heldout": data.heldout}} | values | change
+        with pytest.raises(ValueError, match=f"differs from this one in .*{re.escape(message)}.*remove .* to start "
+                                             "over"):  # fmt: skip
+            write_teacher_cache(directory=tmp_path / "c", **args)
+    assert _files(partial) == kept and not (tmp_path / "c").exists()
+    (partial / ".lock").write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live writer (pytest's parent)
+    with pytest.raises(ValueError, match=f"in use by process {os.getppid()}"):
+        _write(tmp_path / "c", setup)
+    (partial / ".lock").unlink()
+    _write(tmp_path / "c", setup)  # its own settings: finished
+    _write(tmp_path / "one", setup)
+    _assert_same_cache(tmp_path / "one", tmp_path / "c")
+
+
+def test_a_partial_directory_that_is_not_a_caches_is_refused(tmp_path, setup):
+    (tmp_path / "c.partial").mkdir()
+    (tmp_path / "c.partial" / "thesis.tex").write_text("mine")
+    with pytest.raises(ValueError, match="holds files that are not a teacher cache's .* move them"):
+        _write(tmp_path / "c", setup)
+    assert os.listdir(tmp_path / "c.partial") == ["thesis.tex"] and not (tmp_path / "c").exists()
+
+
 def test_prompt_rows_store_their_completion_columns_alone(tmp_path, setup):
     """A prompt dataset's cache holds max_new_tokens columns a row, never a prompt's: batches other
     than the writer's read the teacher's top-k wherever a target counts, and zeros in the prompts'
@@ -193,7 +271,7 @@ def _rank_writes(rank: int, tmp: str, out: str, failing_rank: int | None) -> Non
     if rank == failing_rank:
         def fail(*args, **kwargs):
             raise ValueError(f"rank {rank} cannot write")
-        tc._write = fail
+        tc._write_shards = fail
     teacher, splits = _rank_setup()
     try:
         result = {"index": tc.write_teacher_cache(teacher, splits, out, overwrite=True, **WRITE)}
@@ -213,16 +291,26 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 def _assert_same_cache(one: Path, two: Path) -> None:
-    """The same shards, byte for byte, and the same index but for the cross-entropy's summation order."""
+    """The same files, byte for byte: the index too (its cross-entropy is summed from the shards' in order)."""
     a, b = _files(one), _files(two)
-    assert a.keys() == b.keys() and len(a) > 4
+    assert a.keys() == b.keys() and len(a) > 4 and "cache.json" in a
     for name in a:
-        if name != "cache.json":
-            assert a[name] == b[name], name
-    ia, ib = json.loads(a["cache.json"]), json.loads(b["cache.json"])
-    for split in ia["splits"]:
-        assert ib["splits"][split].pop("teacher_ce") == pytest.approx(ia["splits"][split].pop("teacher_ce"), rel=1e-6)
-    assert ia == ib
+        assert a[name] == b[name], name
+
+
+def _shard_order(directory: Path) -> list[str]:
+    """A cache's shards in the order they are dealt to ranks: every split's, split after split."""
+    index = json.loads((directory / "cache.json").read_text())
+    return [shard["file"] for split in index["splits"].values() for shard in split["shards"]]
+
+
+def _count_shards(monkeypatch) -> list:
+    """The shards computed from here on (the teacher run over them), one entry each."""
+    import gemma2.teacher_cache as tc
+
+    computed, real = [], tc._shard_topk
+    monkeypatch.setattr(tc, "_shard_topk", lambda *a, **kw: computed.append(a[2]) or real(*a, **kw))
+    return computed
 
 
 def test_two_ranks_write_the_cache_one_process_writes(tmp_path):
@@ -233,15 +321,29 @@ def test_two_ranks_write_the_cache_one_process_writes(tmp_path):
     assert results[0] == results[1] == {"index": json.loads((tmp_path / "two" / "cache.json").read_text())}
 
 
-def test_a_failing_rank_fails_every_rank_and_keeps_the_old_cache(tmp_path):
+def test_a_failing_rank_fails_every_rank_and_keeps_the_old_cache_and_the_finished_shards(tmp_path, monkeypatch,
+                                                                                          capsys):  # fmt: skip
+    """Rank 1 fails: every rank raises, the old cache is as it was, rank 0's shards are kept, and
+    one process then finishes the cache computing rank 1's shards alone: the cache two ranks write."""
     teacher, splits = _rank_setup()
     write_teacher_cache(teacher, splits, tmp_path / "cache", **(WRITE | {"k": 3}))
     before = _files(tmp_path / "cache")
     results = _spawn_writers(tmp_path, tmp_path / "cache", failing_rank=1)
     assert results[1] == {"error": "ValueError: rank 1 cannot write"}
     assert results[0]["error"].startswith("ValueError: 1 of 2 ranks failed") and "is unchanged" in results[0]["error"]
+    assert "the same command again writes the rest" in results[0]["error"]
     assert _files(tmp_path / "cache") == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    write_teacher_cache(teacher, splits, tmp_path / "one", **WRITE)
+    order = _shard_order(tmp_path / "one")
+    partial = tmp_path / "cache.partial"
+    assert sorted(p.name for p in partial.iterdir()) == sorted(["plan.json", *order[0::2]])  # no lock left
+    computed = _count_shards(monkeypatch)
+    write_teacher_cache(teacher, splits, tmp_path / "cache", overwrite=True, **WRITE)
+    assert len(computed) == len(order[1::2])
+    assert f"{len(order[0::2])} of its {len(order)} shards were finished" in capsys.readouterr().err
+    _assert_same_cache(tmp_path / "one", tmp_path / "cache")
+    assert not partial.exists()
 
 
 def _rank_zero_fails(rank: int, tmp: str, out: str, where: str) -> None:
@@ -252,7 +354,7 @@ def _rank_zero_fails(rank: int, tmp: str, out: str, where: str) -> None:
     if rank == 0 and where == "index":
         def fail(*args, **kwargs):
             raise OSError(28, "No space left on device")
-        tc._finish_index = fail
+        tc._publish = fail
     teacher, splits = _rank_setup()
     try:
         result = {"index": tc.write_teacher_cache(teacher, splits, out, overwrite=where == "index", **WRITE)}
