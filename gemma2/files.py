@@ -74,9 +74,13 @@ def _finish(path: Path, mode: int) -> None:
 
 
 def _finish_tree(root: Path) -> None:
+    """`_finish` every file under `root` (fsync each directory) but hard links: a file of the
+    caller's is new (one link), while a second link is a kept file (`publish_directory`'s `keep`)
+    that an earlier, killed publish of a directory that outlives its process linked, whose owner's
+    mode must not change."""
     mode = _default_mode()
     for p in sorted(root.rglob("*"), reverse=True):  # children before their directory
-        if p.is_symlink():
+        if p.is_symlink() or p.is_file() and p.stat().st_nlink > 1:
             continue
         _finish(p, mode) if p.is_file() else fsync(p)
     fsync(root)
@@ -223,14 +227,18 @@ def publish_directory(tmp: str | os.PathLike, path: str | os.PathLike, keep: Ite
 def _swap(tmp: Path, path: Path) -> None:
     """Put the finished directory `tmp` in place of `path`: exchanged in one rename where the OS
     allows, else the old one moved aside first. A replaced directory's permissions carry over (a
-    private 0700 one stays private)."""
+    private 0700 one stays private). The old version is removed under a temporary's name, and a
+    failure to remove it (a file still open on NFS) does not fail the write: the next write's
+    `remove_stale_temporaries` clears what is left."""
     if path.is_dir():
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
     fsync(tmp)
     if not path.exists():
         os.replace(tmp, path)
     elif _exchange(tmp, path):
-        shutil.rmtree(tmp)  # now the old directory
+        old = _claim(path, directory=True, old=True)
+        os.replace(tmp, old)  # the previous version, now at tmp (a name a caller may reuse), under a temporary's
+        shutil.rmtree(old, ignore_errors=True)
     else:
         old = _claim(path, directory=True, old=True)
         os.replace(path, old)  # onto the empty directory claimed for it
@@ -239,7 +247,7 @@ def _swap(tmp: Path, path: Path) -> None:
         except BaseException:
             os.replace(old, path)  # the previous version, whole, back in its place
             raise
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     fsync(path.parent)
 
 

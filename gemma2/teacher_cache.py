@@ -20,13 +20,15 @@ every column and is still read. The cache records each split's token fingerprint
 so it cannot be read against other data, another tokenizer or another seq_len.
 
 The writer checks every argument before it touches anything, then fills `NAME.partial`, beside the
-cache directory NAME: `plan.json` (the index to be, the teacher's weights' checksum included) and
-each shard as it is finished (a file is whole or absent; its teacher cross-entropy in its
-metadata). The last shard done, cache.json is written and the partial directory swapped in for
-NAME at once (gemma2.files.publish_directory): a failed or killed write leaves an old cache whole,
-and the same call again (the same teacher, data and settings, else it is refused with the
-difference) writes only the shards still missing. An existing cache is replaced only when asked
-(`overwrite`); a lock keeps a second writer out.
+cache directory NAME (beside its target if NAME is a symbolic link): `plan.json` (the index to be,
+with the teacher's dtype and weights' checksum) and each shard as it is finished (a file is whole
+or absent; its teacher cross-entropy in its metadata). The last shard done, cache.json is written
+and the partial directory swapped in for NAME at once (gemma2.files.publish_directory): a failed or
+killed write leaves an old cache whole, and the same call again (the same teacher, dtype, data and
+settings, else it is refused with the difference; `batch_size` and `chunk_size` may change, say
+after running out of memory, and only move the last bits of the shards computed after the change)
+writes only the shards still missing. An existing cache is replaced only when asked (`overwrite`);
+a lock keeps a second writer out.
 
 Under torchrun every rank runs the same call: the shards still missing, of all splits in one list,
 are dealt round-robin (no rank has more than one shard more than another), each rank runs its own
@@ -45,6 +47,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -128,8 +131,7 @@ def write_teacher_cache(
             )
     # Resolved: the same path on every rank, whatever their working directories.
     directory = directory_destination(Path(directory).resolve())
-    plan = _plan(teacher, splits, k=k, temperature=temperature, logprob_dtype=logprob_dtype, batch_size=batch_size,
-                 chunk_size=chunk_size, shard_bytes=shard_bytes)  # fmt: skip
+    plan = _plan(teacher, splits, k=k, temperature=temperature, logprob_dtype=logprob_dtype, shard_bytes=shard_bytes)
     shard_topk = partial(_shard_topk, teacher, k=k, temperature=temperature, batch_size=batch_size,
                          chunk_size=chunk_size, logprob_dtype=logprob_dtype)  # fmt: skip
     if distributed.is_distributed():
@@ -144,18 +146,19 @@ def write_teacher_cache(
 
 
 def _plan(teacher: Gemma2ForCausalLM, splits: dict[str, Rows], *, k: int, temperature: float,
-          logprob_dtype: torch.dtype, batch_size: int, chunk_size: int, shard_bytes: int) -> dict:  # fmt: skip
+          logprob_dtype: torch.dtype, shard_bytes: int) -> dict:  # fmt: skip
     """The index the cache will have, but for the teacher's cross-entropy (None): the settings, the
-    teacher's `weights_checksum` and each split's shards (at most `shard_bytes`, whole batches)."""
+    teacher's dtype (the activations': a bf16 checkpoint run in fp32 has the same weights) and
+    `weights_checksum`, and each split's shards (at most `shard_bytes`, at least one sequence)."""
     V = teacher.config.vocab_size
     per_token = bytes_per_token(k, V, logprob_dtype)
     plan: dict = {"format": FORMAT, "k": k, "temperature": temperature, "vocab_size": V,
                   "logprob_dtype": str(logprob_dtype).removeprefix("torch."), "bytes_per_token": per_token,
-                  "batch_size": batch_size, "chunk_size": chunk_size,
+                  "teacher_dtype": str(teacher.dtype).removeprefix("torch."),
                   "teacher_checksum": distributed.weights_checksum(teacher).tolist(), "splits": {}}  # fmt: skip
     for name, data in splits.items():
         kept = data.counted_columns  # the layout's columns stored (a loss reads no other)
-        per_shard = max(batch_size, shard_bytes // ((kept.stop - kept.start) * per_token) // batch_size * batch_size)
+        per_shard = max(1, shard_bytes // ((kept.stop - kept.start) * per_token))
         shards = [{"file": f"{name}-{i:05d}.safetensors", "start": start, "count": min(per_shard, len(data) - start)}
                   for i, start in enumerate(range(0, len(data), per_shard))]  # fmt: skip
         plan["splits"][name] = {"seq_len": data.seq_len, "num_sequences": len(data), "fingerprint": data.fingerprint(),
@@ -178,15 +181,24 @@ def _take_partial(directory: Path, plan: dict, overwrite: bool) -> tuple[Path, s
     lock = acquire_lock(work)
     try:
         remove_stale_temporaries(work)  # a shard a killed write had begun
+        entries = {p.name for p in work.iterdir()} - {LOCK_FILE}
         names = {shard["file"] for split in plan["splits"].values() for shard in split["shards"]}
-        done = {p.name for p in work.iterdir() if p.name in names}
-        if any(p.suffix == ".safetensors" for p in work.iterdir()):  # finished work: go on with it or refuse
-            _check_plan(work, plan)
-        elif any(p.name not in (LOCK_FILE, PLAN) for p in work.iterdir()):
-            raise ValueError(f"{work} holds files that are not a teacher cache's (the cache for {directory.name} is "
-                             "written there first): move them")  # fmt: skip
-        else:  # new, or only begun: nothing to lose
+        if not any(name.endswith(".safetensors") for name in entries):  # new, or only begun: nothing to lose
+            if entries - {PLAN, INDEX}:
+                raise ValueError(f"{work} holds files that are not a teacher cache's ({', '.join(sorted(entries))}), "
+                                 f"where the cache for {directory.name} is written first: move them")  # fmt: skip
             write_text_atomic(work / PLAN, json.dumps(plan, indent=2) + "\n")
+        elif (recorded := _recorded_plan(work)) is None:
+            raise ValueError(f"{work} holds .safetensors files but no {PLAN} or {INDEX} saying what they are, "
+                             f"where the cache for {directory.name} is written first: move it aside")  # fmt: skip
+        else:
+            _check_plan(work, recorded, plan)
+            if stray := entries - names - {PLAN, INDEX}:
+                raise ValueError(f"{work} holds files that are not this cache's ({', '.join(sorted(stray))}): "
+                                 "move them")  # fmt: skip
+            if not (work / PLAN).is_file():
+                write_text_atomic(work / PLAN, json.dumps(recorded, indent=2) + "\n")
+        done = entries & names
         if done:
             notice(f"resuming the teacher cache in {work}: {len(done)} of its {len(names)} shards were finished "
                    "by an earlier run")  # fmt: skip
@@ -196,17 +208,34 @@ def _take_partial(directory: Path, plan: dict, overwrite: bool) -> tuple[Path, s
     return lock, done
 
 
-def _check_plan(work: Path, plan: dict) -> None:
+def _recorded_plan(work: Path) -> dict | None:
+    """What the shards in `work` were computed for: its plan.json, else its cache.json (an older
+    cache's, which a publish killed midway left here: its shards are as good as a partial write's)
+    without the cross-entropy; None if neither reads."""
+    for name in (PLAN, INDEX):
+        try:
+            recorded = json.loads((work / name).read_text())
+            for split in recorded["splits"].values():
+                split["teacher_ce"] = None
+            return recorded
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return None
+
+
+def _check_plan(work: Path, old: dict, plan: dict) -> None:
     """Refuse to go on with a partial cache written for another teacher, other data or settings."""
-    try:
-        old = json.loads((work / PLAN).read_text())
-    except (OSError, ValueError):
-        raise ValueError(f"{work} holds teacher cache shards but no readable {PLAN} saying what they are: "
-                         f"remove {work} to start over") from None  # fmt: skip
+    derived = ("bytes_per_token", "teacher_checksum", "splits")  # of the settings, or compared below
     differ = [f"{key} (was {old.get(key)}, now {plan.get(key)})" for key in sorted(plan.keys() | old.keys())
-              if key not in ("teacher_checksum", "splits") and old.get(key) != plan.get(key)]  # fmt: skip
-    if old.get("splits") != plan["splits"]:
-        differ.append("the data (its tokens, row layout or held-out split) or the shard size")
+              if key not in derived and old.get(key) != plan.get(key)]  # fmt: skip
+
+    def data(index: dict) -> dict:
+        return {name: {k: v for k, v in split.items() if k != "shards"} for name, split in index["splits"].items()}
+
+    if data(old) != data(plan):
+        differ.append("the data (its tokens, row layout or held-out split)")
+    elif old["splits"] != plan["splits"] and not differ:  # shards of another size, not of another k
+        differ.append("the shard size (--shard-mb)")
     stored = old.get("teacher_checksum") or [math.nan] * 2
     if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(stored, plan["teacher_checksum"])):
         differ.append("the teacher's weights")
@@ -293,10 +322,11 @@ def _foreign_entries(directory: Path) -> list[str]:
     """The entries of an existing directory that are not an earlier cache's (kept on overwrite)."""
     if not directory.is_dir():
         return []
-    ours = {INDEX, PLAN, LOCK_FILE}  # the last two: a write killed right after its swap
+    ours = {INDEX}
     try:
         index = json.loads((directory / INDEX).read_text())
         ours |= {shard["file"] for split in index["splits"].values() for shard in split["shards"]}
+        ours.add(LOCK_FILE)  # beside a cache: the lock of a write killed right after its swap
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no readable index: it names no files of ours
     return [p.name for p in directory.iterdir() if p.name not in ours]
@@ -351,9 +381,11 @@ def _publish(work: Path, directory: Path) -> dict:
             ce, counted = ce + shard_ce, counted + shard_counted
         split["teacher_ce"] = ce / counted if counted else None  # None: no completions to score
     write_text_atomic(work / INDEX, json.dumps(index, indent=2) + "\n")  # its presence: the cache is complete
+    (work / PLAN).unlink()  # killed from here to the swap, `work` is still resumed: from cache.json
     publish_directory(work, directory, keep=_foreign_entries(directory))
-    for name in (PLAN, LOCK_FILE):  # the lock was held until the swap: no other writer could start on `work`
-        (directory / name).unlink(missing_ok=True)
+    # Held until the swap, so that no other writer could start on `work`; a leftover is harmless.
+    with suppress(OSError):
+        release_lock(directory / LOCK_FILE)
     return index
 
 
@@ -432,7 +464,7 @@ class TeacherCache:
             raise FileNotFoundError(
                 f"{self.directory}: no {INDEX}, so no complete teacher cache; write one with "
                 f"scripts/cache_teacher.py (an interrupted run leaves its finished shards in "
-                f"{partial_directory(self.directory.resolve()).name}: the same command again finishes it)"
+                f"{partial_directory(self.directory.resolve())}: the same command again finishes it)"
             )
         index = json.loads(index_file.read_text())
         if index.get("format") not in READS:

@@ -195,3 +195,40 @@ def test_a_swap_that_fails_after_moving_the_old_version_aside_puts_it_back(tmp_p
     with pytest.raises(OSError, match="Input/output"), atomic_directory(tmp_path / "ckpt") as tmp:
         (tmp / "weights").write_text("new")
     assert os.listdir(tmp_path) == ["ckpt"] and (tmp_path / "ckpt" / "weights").read_text() == "the only copy"
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_publishing_frees_the_filled_directorys_name_at_once_and_survives_a_failed_cleanup(tmp_path, monkeypatch,
+                                                                                        exchange):  # fmt: skip
+    """publish_directory of a directory under a name of its own (a teacher cache's `NAME.partial`,
+    which a later write reuses): the swapped-out old version is removed under a temporary's name,
+    never left under that name, and a failure to remove it (a file still open on NFS) does not fail
+    the write; the next cleanup clears it once this process is gone."""
+    if not exchange:
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "old").write_text("old")
+    (tmp_path / "cache.partial").mkdir()
+    (tmp_path / "cache.partial" / "new").write_text("new")
+    monkeypatch.setattr(files.shutil, "rmtree", lambda path, ignore_errors=False: None)  # removes nothing
+    files.publish_directory(tmp_path / "cache.partial", tmp_path / "cache")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path / "cache") == ["new"] and not (tmp_path / "cache.partial").exists()
+    [left] = [p for p in tmp_path.iterdir() if p.name != "cache"]
+    assert left.name.startswith(f".tmp-old-cache-{os.getpid()}-") and os.listdir(left) == ["old"]
+    monkeypatch.setattr(files, "process_alive", lambda pid: False)  # as the next process sees it
+    remove_stale_temporaries(tmp_path)
+    assert os.listdir(tmp_path) == ["cache"]
+
+
+def test_publishing_never_changes_the_mode_of_a_kept_file_linked_before(tmp_path):
+    """A publish killed after it linked the kept files leaves links to the user's files in the
+    directory it fills; publishing it again must not chmod them (the user's own inodes)."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "run.sh").write_text("#!/bin/sh\n")
+    os.chmod(tmp_path / "cache" / "run.sh", 0o700)
+    (tmp_path / "cache.partial").mkdir()
+    (tmp_path / "cache.partial" / "shard").write_text("new")
+    os.link(tmp_path / "cache" / "run.sh", tmp_path / "cache.partial" / "run.sh")  # the killed publish's link
+    files.publish_directory(tmp_path / "cache.partial", tmp_path / "cache", keep=["run.sh"])
+    assert _mode(tmp_path / "cache" / "run.sh") == 0o700 and _mode(tmp_path / "cache" / "shard") == _default_mode()

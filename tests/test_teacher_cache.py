@@ -147,19 +147,48 @@ def test_an_interrupted_write_keeps_the_old_cache_and_the_same_call_finishes_it(
     assert (tmp_path / "c" / "notes.txt").read_text() == "mine"  # not the cache's: kept
     (tmp_path / "c" / "notes.txt").unlink()
     _assert_same_cache(tmp_path / "one", tmp_path / "c")
+    assert sorted(os.listdir(tmp_path / "c")) == sorted(["cache.json", *order])  # no plan.json, no lock
     assert not partial.exists()
 
 
+def test_an_old_cache_that_a_killed_publish_left_in_the_partial_directory_serves_as_one(tmp_path, setup,
+                                                                                        monkeypatch):  # fmt: skip
+    """Killed after its swap, a publish may leave the replaced cache under NAME.partial: its
+    index says what its shards are, so a write of that cache goes on from them (none computed)
+    and one of another is refused, naming the difference."""
+    _write(tmp_path / "old", setup)
+    _write(tmp_path / "c", setup, k=3)  # the new cache in place
+    os.rename(tmp_path / "old", tmp_path / "c.partial")
+    with pytest.raises(ValueError, match=r"differs from this one in k \(was 8, now 3\)"):
+        _write(tmp_path / "c", setup, k=3, overwrite=True)
+    computed = _count_shards(monkeypatch)
+    _write(tmp_path / "c", setup, overwrite=True)
+    assert computed == []
+    _write(tmp_path / "one", setup)
+    _assert_same_cache(tmp_path / "one", tmp_path / "c")
+
+
+def test_overwriting_a_directory_without_a_cache_keeps_every_file_in_it(tmp_path, setup):
+    (tmp_path / "c").mkdir()
+    for name in ("plan.json", "notes.txt"):
+        (tmp_path / "c" / name).write_text(f"the user's {name}")
+    _write(tmp_path / "c", setup, overwrite=True)
+    for name in ("plan.json", "notes.txt"):
+        assert (tmp_path / "c" / name).read_text() == f"the user's {name}"
+
+
 def test_a_partial_cache_goes_on_only_with_its_teacher_data_and_settings(tmp_path, setup, monkeypatch):
+    """Another k, shard size, teacher or data is refused, naming it, and the partial kept; a live
+    writer's lock too; a smaller batch and chunk (after running out of memory, say) go on."""
     data, teacher, _ = setup
     partial = _interrupted(tmp_path, setup, monkeypatch, tmp_path / "c", after=2)
     kept = _files(partial)
     other_teacher = init_weights(Gemma2ForCausalLM(_config()), seed=5, std=0.3).eval()
     other_data = {"train": PackedSequences(data.train.tokens[1:], 16), "heldout": data.heldout}
     values = dict(k=K, batch_size=5, chunk_size=24, shard_bytes=20 * 16 * 52, progress=False)
-    for change, message in [({"k": 3}, "k (was 8, now 3)"), ({"chunk_size": 16}, "chunk_size (was 24, now 16)"),
+    for change, message in [({"k": 3}, "k (was 8, now 3)"), ({"shard_bytes": 999}, "the shard size (--shard-mb)"),
                             ({"teacher": other_teacher}, "the teacher's weights"),
-                            ({"splits": other_data}, "the data")]:  # fmt: skip
+                            ({"splits": other_data}, "the data (its tokens")]:  # fmt: skip
         args = {"teacher": teacher, "splits": {"train": data.train, "heldout": data.heldout}} | values | change
         with pytest.raises(ValueError, match=f"differs from this one in .*{re.escape(message)}.*remove .* to start "
                                              "over"):  # fmt: skip
@@ -169,9 +198,32 @@ def test_a_partial_cache_goes_on_only_with_its_teacher_data_and_settings(tmp_pat
     with pytest.raises(ValueError, match=f"in use by process {os.getppid()}"):
         _write(tmp_path / "c", setup)
     (partial / ".lock").unlink()
-    _write(tmp_path / "c", setup)  # its own settings: finished
+    computed = _count_shards(monkeypatch)
+    cache = _write(tmp_path / "c", setup, batch_size=3, chunk_size=16)
+    assert len(computed) == 2
     _write(tmp_path / "one", setup)
-    _assert_same_cache(tmp_path / "one", tmp_path / "c")
+    assert sorted(_files(tmp_path / "c")) == sorted(_files(tmp_path / "one"))
+    indices = torch.arange(len(data.train))
+    got, want = cache.split("train").topk(indices), TeacherCache(tmp_path / "one").split("train").topk(indices)
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-3)  # float16 storage
+
+
+def test_a_partial_cache_goes_on_only_in_its_teacher_dtype(tmp_path, setup):
+    """A bf16 checkpoint run in fp32 has the weights (and the checksum) of the bf16 model, not its numbers."""
+    data, teacher, _ = setup
+    bf16 = Gemma2ForCausalLM(_config()).to(torch.bfloat16)
+    bf16.load_state_dict(teacher.state_dict())  # rounded to bf16
+    fp32 = Gemma2ForCausalLM(_config())
+    fp32.load_state_dict(bf16.state_dict())  # exactly the bf16 values
+    splits = {"train": data.train, "heldout": data.heldout}
+    values = dict(k=K, batch_size=5, chunk_size=24, shard_bytes=20 * 16 * 52, progress=False)
+    (tmp_path / "c.partial").mkdir()
+    write_teacher_cache(bf16, splits, tmp_path / "c", **values)  # a whole cache, then its shards as a partial one's
+    os.rename(tmp_path / "c", tmp_path / "c.partial")
+    (tmp_path / "c.partial" / "cache.json").rename(tmp_path / "c.partial" / "plan.json")
+    with pytest.raises(ValueError, match=re.escape("teacher_dtype (was bfloat16, now float32)")):
+        write_teacher_cache(fp32, splits, tmp_path / "c", **values)
 
 
 def test_a_partial_directory_that_is_not_a_caches_is_refused(tmp_path, setup):
