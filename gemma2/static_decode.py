@@ -35,6 +35,8 @@ eager and 64/43/58/2/64 compiled, neither closer to fp32 than the other.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -87,6 +89,16 @@ def _compiled_step(device: torch.device):
     return _compiled[device.type]
 
 
+def _compile_cache() -> str:
+    """Where inductor keeps compiled kernels between processes (TORCHINDUCTOR_CACHE_DIR, or a
+    directory under the system's temporary one)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # moved in another torch
+        return os.environ.get("TORCHINDUCTOR_CACHE_DIR", "the directory TORCHINDUCTOR_CACHE_DIR names")
+    return cache_dir()
+
+
 class StaticDecoder:
     """`decoder(token [B, 1]) -> logits [B, V]`: one decode step of `model` over `cache`,
     compiled (`compiled=True`) or run eagerly through the same static view (the test of one
@@ -115,7 +127,9 @@ class StaticDecoder:
             reason = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
             raise ValueError(
                 f"compiling the decode step failed ({reason}); decode without compiling (drop --compile, or "
-                "compiled=False), or give torch.compile what it needs: a working C++ compiler on CPU, Triton on CUDA"
+                "compiled=False), or give torch.compile what it needs: a working C++ compiler on CPU, Triton on CUDA. "
+                "If it compiled before, a compile killed midway can leave a damaged file in torch's compile cache: "
+                f"remove {_compile_cache()} (it is rebuilt)"
             ) from e
         cache.advance(1)
         return logits

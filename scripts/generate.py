@@ -36,6 +36,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -198,6 +200,17 @@ class Meter:
               f"prefill: {prefill:.1f} tokens/s | decode: {decode} tokens/s{extra}", file=sys.stderr, flush=True)  # fmt: skip
 
 
+@contextmanager
+def own_line() -> Iterator[None]:
+    """Streamed text ends its line when the stream stops on an error or Ctrl-C, whose line on
+    stderr is then its own (not glued to the last word on a terminal)."""
+    try:
+        yield
+    except BaseException:
+        print(flush=True)
+        raise
+
+
 def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator, draft: Gemma2ForCausalLM | None) -> None:
     if args.chat:
         rows = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in args.prompt]
@@ -216,15 +229,16 @@ def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator, dra
                                              compiled=args.compile, **kwargs)  # fmt: skip
     new: list[list[int]] = [[] for _ in rows]  # each row's tokens up to and including its stop id
     decoder = StreamDecoder(tokenizer)
-    for token in steps:
-        live = 0
-        for row, t in zip(new, token.tolist()):
-            if not row or row[-1] not in stop:  # a row that stopped only gets padding
-                row.append(t)
-                live += 1
-        meter.step(live)
-        if len(rows) == 1:  # one prompt streams; a batch is printed when done
-            print(decoder.push(new[0][-1]), end="", flush=True)
+    with own_line():
+        for token in steps:
+            live = 0
+            for row, t in zip(new, token.tolist()):
+                if not row or row[-1] not in stop:  # a row that stopped only gets padding
+                    row.append(t)
+                    live += 1
+            meter.step(live)
+            if len(rows) == 1:  # one prompt streams; a batch is printed when done
+                print(decoder.push(new[0][-1]), end="", flush=True)
     if len(rows) == 1:
         print(decoder.flush(), flush=True)
     else:
@@ -260,9 +274,10 @@ def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generato
             print(f"{e} (/new starts a new chat, /exit ends)", file=sys.stderr)
             continue
         meter, decoder = Meter(turn, compiling=args.compile and chat.session.decoder is None), StreamDecoder(tokenizer)
-        for token in steps:
-            meter.step(1)
-            print(decoder.push(token), end="", flush=True)
+        with own_line():
+            for token in steps:
+                meter.step(1)
+                print(decoder.push(token), end="", flush=True)
         print(decoder.flush(), flush=True)
         meter.report()
 

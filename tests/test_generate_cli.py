@@ -180,6 +180,24 @@ def test_user_errors_are_one_line_with_status_2(checkpoint, tmp_path, capsys, ar
     assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
 
 
+def test_an_error_in_the_middle_of_the_streamed_text_is_on_a_line_of_its_own(checkpoint, capsys, monkeypatch):
+    """A decode step failing (or Ctrl-C) after some tokens were streamed: the text's line is ended
+    first, so that on a terminal the error is not glued to the last word."""
+    script = load_script()
+    real = script.stream
+
+    def failing(*args, **kwargs):
+        steps = real(*args, **kwargs)
+        yield next(steps)
+        raise ValueError("compiling the decode step failed (C++ compile error)")
+
+    monkeypatch.setattr(script, "stream", failing)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--checkpoint", str(checkpoint), "--prompt", "The quick", "--max-new-tokens", "5"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and err.startswith("error: compiling") and out.endswith("\n") and len(out) > 1
+
+
 @pytest.fixture(scope="module")
 def drafts(checkpoint, tmp_path_factory) -> dict[str, Path]:
     """A draft close to the checkpoint's model (same vocabulary) and one with another vocabulary."""

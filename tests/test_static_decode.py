@@ -2,6 +2,7 @@
 the same tokens as eager generation when compiled, and one trace for every position."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -93,12 +94,14 @@ def test_a_compiler_that_fails_is_one_message_naming_the_fix(model):
     """No working C++ compiler (inductor's CPU backend needs one): a ValueError that says how to go
     on, not inductor's traceback."""
     import torch._inductor.config as inductor
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     torch._dynamo.reset()
     try:
         # fx_graph_cache off: else kernels built earlier would be reused without compiling.
         with inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
-            failed = r"compiling the decode step failed \(.*C\+\+ compiler.*drop --compile"
+            failed = (r"compiling the decode step failed \(.*C\+\+ compiler.*drop --compile.*killed midway.*remove "
+                      + re.escape(cache_dir()))  # inductor's own answer
             with pytest.raises(ValueError, match=failed):
                 generate(model, torch.tensor([[5, 6]]), max_new_tokens=3, compiled=True)
     finally:

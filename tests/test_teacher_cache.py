@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -224,6 +225,28 @@ def test_a_partial_cache_goes_on_only_in_its_teacher_dtype(tmp_path, setup):
     (tmp_path / "c.partial" / "cache.json").rename(tmp_path / "c.partial" / "plan.json")
     with pytest.raises(ValueError, match=re.escape("teacher_dtype (was bfloat16, now float32)")):
         write_teacher_cache(fp32, splits, tmp_path / "c", **values)
+
+
+def test_a_cache_larger_than_the_free_space_is_refused_before_any_work(tmp_path, setup, monkeypatch):
+    """The room the missing shards take (their tensors: the headers are small) against the free space."""
+    import gemma2.teacher_cache as tc
+
+    data, _, _ = setup
+    partial = _interrupted(tmp_path, setup, monkeypatch, tmp_path / "c", after=2)
+    order = json.loads((partial / "plan.json").read_text())
+    missing = [(s, sh) for s in order["splits"].values() for sh in s["shards"] if not (partial / sh["file"]).exists()]
+    needed = sum(sh["count"] * s["seq_len"] * bytes_per_token(K, V) for s, sh in missing)  # packed: every column
+    free = {"bytes": needed - 1}
+    monkeypatch.setattr(tc.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(0, 0, free["bytes"]))
+    computed = _count_shards(monkeypatch)
+    with pytest.raises(ValueError, match=f"needs {needed / 2**30:,.2f} GiB more, and the filesystem of {partial} has"):
+        _write(tmp_path / "c", setup)
+    with pytest.raises(ValueError, match=f"filesystem of {tmp_path} has .* elsewhere"):  # nothing made
+        _write(tmp_path / "new" / "d", setup)
+    assert computed == [] and not (tmp_path / "new").exists()
+    free["bytes"] = needed
+    _write(tmp_path / "c", setup)
+    assert len(computed) == len(missing)
 
 
 def test_a_partial_directory_that_is_not_a_caches_is_refused(tmp_path, setup):
