@@ -227,18 +227,14 @@ def publish_directory(tmp: str | os.PathLike, path: str | os.PathLike, keep: Ite
 def _swap(tmp: Path, path: Path) -> None:
     """Put the finished directory `tmp` in place of `path`: exchanged in one rename where the OS
     allows, else the old one moved aside first. A replaced directory's permissions carry over (a
-    private 0700 one stays private). The old version is removed under a temporary's name, and a
-    failure to remove it (a file still open on NFS) does not fail the write: the next write's
-    `remove_stale_temporaries` clears what is left."""
+    private 0700 one stays private). The old version is then removed (`_remove_replaced`)."""
     if path.is_dir():
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
     fsync(tmp)
     if not path.exists():
         os.replace(tmp, path)
     elif _exchange(tmp, path):
-        old = _claim(path, directory=True, old=True)
-        os.replace(tmp, old)  # the previous version, now at tmp (a name a caller may reuse), under a temporary's
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_replaced(tmp, path)  # tmp: now the old directory
     else:
         old = _claim(path, directory=True, old=True)
         os.replace(path, old)  # onto the empty directory claimed for it
@@ -247,8 +243,19 @@ def _swap(tmp: Path, path: Path) -> None:
         except BaseException:
             os.replace(old, path)  # the previous version, whole, back in its place
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_replaced(old, path)
     fsync(path.parent)
+
+
+def _remove_replaced(old: Path, path: Path) -> None:
+    """Remove `old`, the version of `path` a swap replaced, under a `.tmp-new-` name first: a
+    cleanup removes such a name and never puts it back (a half-removed old version must not return
+    in place of a `path` deleted since), and `old`'s own name (a teacher cache's NAME.partial) is
+    free at once. Best-effort: a file still open on NFS does not fail the write; the next
+    `remove_stale_temporaries` clears what is left."""
+    doomed = _claim(path, directory=True)
+    os.replace(old, doomed)  # onto the empty directory claimed for it
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
@@ -301,17 +308,13 @@ def acquire_lock(directory: Path) -> Path:
                 held = lock.read_text()
             except FileNotFoundError:
                 continue  # released meanwhile
-            try:
-                pid_text, host = held.split()
-                pid = int(pid_text)
-            except ValueError:
-                pid, host = None, None  # torn by a kill between create and write: nobody holds it
-            if pid is not None and (host != socket.gethostname() or process_alive(pid)):
+            holder, live = _holder(held)
+            if live:
                 raise ValueError(
-                    f"{directory} is in use by process {pid} on {host} (lock file {lock}); wait for it to "
-                    f"end or write elsewhere. If that process is gone, delete {lock}"
+                    f"{directory} is in use by {holder} (lock file {lock}); wait for it to end or write "
+                    f"elsewhere. If that process is gone, delete {lock}"
                 ) from None
-            notice(f"{lock} was left by process {pid} on {host}, which is gone; taking it over")
+            notice(f"{lock} was left by {holder}, which is gone; taking it over")
             _remove_stale_lock(lock, held)
             continue
         with os.fdopen(fd, "w") as f:
@@ -336,6 +339,29 @@ def _remove_stale_lock(lock: Path, stale: str) -> None:
         except FileExistsError:
             pass
     aside.unlink()
+
+
+def lock_holder(directory: Path) -> str | None:
+    """"process PID on HOST" when a live process holds directory/.lock (or one on another host,
+    which cannot be checked), else None."""
+    try:
+        holder, live = _holder((directory / LOCK_FILE).read_text())
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+        return None
+    return holder if live else None
+
+
+def _holder(held: str) -> tuple[str, bool]:
+    """Who a lock's content names, and whether that process may be alive."""
+    try:
+        pid_text, host = held.split()
+        pid = int(pid_text)
+    except ValueError:
+        return "a process killed as it took it", False  # torn between create and write: nobody holds it
+    if host != socket.gethostname():
+        return f"process {pid} on {host}", True  # cannot be checked from here
+    # Our own pid: a killed process's before us (a container's processes get the same pids each run).
+    return f"process {pid} on {host}", pid != os.getpid() and process_alive(pid)
 
 
 def release_lock(lock: Path) -> None:

@@ -94,9 +94,10 @@ def _compile_cache() -> str:
     directory under the system's temporary one)."""
     try:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
-    except ImportError:  # moved in another torch
-        return os.environ.get("TORCHINDUCTOR_CACHE_DIR", "the directory TORCHINDUCTOR_CACHE_DIR names")
-    return cache_dir()
+
+        return cache_dir()
+    except (ImportError, OSError):  # moved in another torch; cannot be made (it makes it)
+        return os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torchinductor_$USER in the temporary directory")
 
 
 class StaticDecoder:

@@ -65,8 +65,8 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import IGNORE_INDEX, Rows
 from .distill import TopK, teacher_topk
-from .files import (LOCK_FILE, acquire_lock, atomic_file, directory_destination, notice, publish_directory,
-                    release_lock, remove_stale_temporaries, write_text_atomic)  # fmt: skip
+from .files import (LOCK_FILE, TMP_PREFIX, acquire_lock, atomic_file, directory_destination, lock_holder, notice,
+                    publish_directory, release_lock, remove_stale_temporaries, write_text_atomic)  # fmt: skip
 from .model import Gemma2ForCausalLM
 
 INDEX = "cache.json"
@@ -175,15 +175,21 @@ def _take_partial(directory: Path, plan: dict, overwrite: bool) -> tuple[Path, s
     if directory.is_dir() and any(directory.iterdir()) and not overwrite:
         what = "a complete teacher cache" if (directory / INDEX).is_file() else "files"
         raise ValueError(f"{directory} already holds {what}; pass overwrite=True (--overwrite) to replace it")
+    if holder := lock_holder(directory):
+        raise ValueError(f"{directory} is in use by {holder} (its {LOCK_FILE}): wait for it to end, or write the "
+                         "cache elsewhere")  # fmt: skip
     work = partial_directory(directory)
     if work.exists() and not work.is_dir():
         raise ValueError(f"{work} is a file, in the way of the directory the cache is written in first: move it")
-    _check_room(work, plan)
+    if not work.exists():
+        _check_room(work, plan)  # a new write: before anything is made
     work.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(work)
     try:
-        remove_stale_temporaries(work)  # a shard a killed write had begun
-        entries = {p.name for p in work.iterdir()} - {LOCK_FILE}
+        for p in work.glob(TMP_PREFIX + "*"):  # a shard a killed write had begun (under the lock none is live)
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        _drop_kept_links(work, directory)
+        entries = {p.name for p in work.iterdir() if p.name != LOCK_FILE and not p.name.startswith(TMP_PREFIX)}
         names = {shard["file"] for split in plan["splits"].values() for shard in split["shards"]}
         if not any(name.endswith(".safetensors") for name in entries):  # new, or only begun: nothing to lose
             if entries - {PLAN, INDEX}:
@@ -194,12 +200,12 @@ def _take_partial(directory: Path, plan: dict, overwrite: bool) -> tuple[Path, s
             raise ValueError(f"{work} holds .safetensors files but no {PLAN} or {INDEX} saying what they are, "
                              f"where the cache for {directory.name} is written first: move it aside")  # fmt: skip
         else:
-            _check_plan(work, recorded, plan)
+            _check_plan(work, recorded, plan, whole=(work / INDEX).is_file())
             if stray := entries - names - {PLAN, INDEX}:
                 raise ValueError(f"{work} holds files that are not this cache's ({', '.join(sorted(stray))}): "
                                  "move them")  # fmt: skip
-            if not (work / PLAN).is_file():
-                write_text_atomic(work / PLAN, json.dumps(recorded, indent=2) + "\n")
+            write_text_atomic(work / PLAN, json.dumps(recorded, indent=2) + "\n")
+            _check_room(work, plan)
         done = entries & names
         if done:
             notice(f"resuming the teacher cache in {work}: {len(done)} of its {len(names)} shards were finished "
@@ -221,15 +227,37 @@ def _check_room(work: Path, plan: dict) -> None:
     where = next(p for p in (work, *work.parents) if p.exists())
     free = shutil.disk_usage(where).free
     if needed > free:
-        raise ValueError(f"the teacher cache needs {needed / 2**30:,.2f} GiB more, and the filesystem of {where} has "
-                         f"{free / 2**30:,.2f} GiB free: free some space, or write the cache elsewhere (--out)")  # fmt: skip
+        raise ValueError(f"the teacher cache needs {needed:,} bytes more ({needed / 2**30:.2f} GiB), and the "
+                         f"filesystem of {where} has {free:,} free: free some space, or write the cache elsewhere "
+                         "(--out)")  # fmt: skip
+
+
+def _drop_kept_links(work: Path, directory: Path) -> None:
+    """Remove from `work` the links to `directory`'s kept files (a user's) that a publish killed
+    midway made (the next publish makes them again): only the links go, never a file's data."""
+    for p in list(work.iterdir()):
+        if _links_to(p, directory / p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _links_to(a: Path, b: Path) -> bool:
+    """Whether `a` is a hard link of `b`, or a directory of hard links of `b`'s (as gemma2.files
+    keeps an entry)."""
+    if not os.path.lexists(b):
+        return False
+    if a.is_dir() and not a.is_symlink():
+        return b.is_dir() and not b.is_symlink() and all(_links_to(c, b / c.name) for c in a.iterdir())
+    try:
+        return os.stat(a, follow_symlinks=False) == os.stat(b, follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _recorded_plan(work: Path) -> dict | None:
-    """What the shards in `work` were computed for: its plan.json, else its cache.json (an older
-    cache's, which a publish killed midway left here: its shards are as good as a partial write's)
-    without the cross-entropy; None if neither reads."""
-    for name in (PLAN, INDEX):
+    """What the shards in `work` were computed for, without the cross-entropy: its cache.json
+    (a publish killed midway: this cache's, or an older one a swap moved here, whose shards are as
+    good as a partial write's), else its plan.json; None if neither reads."""
+    for name in (INDEX, PLAN):
         try:
             recorded = json.loads((work / name).read_text())
             for split in recorded["splits"].values():
@@ -240,8 +268,9 @@ def _recorded_plan(work: Path) -> dict | None:
     return None
 
 
-def _check_plan(work: Path, old: dict, plan: dict) -> None:
-    """Refuse to go on with a partial cache written for another teacher, other data or settings."""
+def _check_plan(work: Path, old: dict, plan: dict, whole: bool) -> None:
+    """Refuse to go on with a partial cache (`whole`: a complete one) written for another teacher,
+    other data or settings."""
     derived = ("bytes_per_token", "teacher_checksum", "splits")  # of the settings, or compared below
     differ = [f"{key} (was {old.get(key)}, now {plan.get(key)})" for key in sorted(plan.keys() | old.keys())
               if key not in derived and old.get(key) != plan.get(key)]  # fmt: skip
@@ -256,6 +285,10 @@ def _check_plan(work: Path, old: dict, plan: dict) -> None:
     stored = old.get("teacher_checksum") or [math.nan] * 2
     if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(stored, plan["teacher_checksum"])):
         differ.append("the teacher's weights")
+    if differ and whole:
+        raise ValueError(f"{work} holds a whole teacher cache ({INDEX}: a publish killed midway left it, perhaps the "
+                         f"cache an overwrite replaced) that differs from this one in {'; '.join(differ)}: move it "
+                         "aside (renamed, it is a cache) or remove it")  # fmt: skip
     if differ:
         raise ValueError(f"{work} holds part of a teacher cache that differs from this one in {'; '.join(differ)}: "
                          f"finish it with its teacher, data and settings, or remove {work} to start over")  # fmt: skip

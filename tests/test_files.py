@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -203,7 +204,8 @@ def test_publishing_frees_the_filled_directorys_name_at_once_and_survives_a_fail
     """publish_directory of a directory under a name of its own (a teacher cache's `NAME.partial`,
     which a later write reuses): the swapped-out old version is removed under a temporary's name,
     never left under that name, and a failure to remove it (a file still open on NFS) does not fail
-    the write; the next cleanup clears it once this process is gone."""
+    the write; the next cleanup clears it once this process is gone, and never puts the half-removed
+    old version back in place of a destination deleted since (a rotated-away checkpoint)."""
     if not exchange:
         monkeypatch.setattr(files, "_exchange", lambda a, b: False)
     (tmp_path / "cache").mkdir()
@@ -215,10 +217,11 @@ def test_publishing_frees_the_filled_directorys_name_at_once_and_survives_a_fail
     monkeypatch.undo()
     assert os.listdir(tmp_path / "cache") == ["new"] and not (tmp_path / "cache.partial").exists()
     [left] = [p for p in tmp_path.iterdir() if p.name != "cache"]
-    assert left.name.startswith(f".tmp-old-cache-{os.getpid()}-") and os.listdir(left) == ["old"]
+    assert left.name.startswith(".tmp-") and os.listdir(left) == ["old"]
+    shutil.rmtree(tmp_path / "cache")  # deleted since (rotated away)
     monkeypatch.setattr(files, "process_alive", lambda pid: False)  # as the next process sees it
     remove_stale_temporaries(tmp_path)
-    assert os.listdir(tmp_path) == ["cache"]
+    assert os.listdir(tmp_path) == []
 
 
 def test_publishing_never_changes_the_mode_of_a_kept_file_linked_before(tmp_path):

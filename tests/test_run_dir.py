@@ -26,10 +26,12 @@ def _dead_pid() -> int:
 
 
 def test_the_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, capsys):
-    lock = files.acquire_lock(tmp_path)
-    assert lock.read_text() == f"{os.getpid()} {HOST}\n"
-    with pytest.raises(ValueError, match=f"in use by process {os.getpid()} on {HOST}"):
+    lock = tmp_path / ".lock"
+    lock.write_text(f"{os.getppid()} {HOST}\n")  # pytest's parent: alive
+    with pytest.raises(ValueError, match=f"in use by process {os.getppid()} on {HOST}"):
         files.acquire_lock(tmp_path)
+    lock.unlink()
+    assert files.acquire_lock(tmp_path) == lock and lock.read_text() == f"{os.getpid()} {HOST}\n"
     files.release_lock(lock)
     assert not lock.exists()
     dead = _dead_pid()
@@ -78,6 +80,16 @@ def test_a_takeover_killed_midway_leaves_a_temporary_the_next_start_clears(tmp_p
     monkeypatch.setattr(files, "process_alive", lambda pid: False)  # as the next process sees it
     R._remove_temporaries(tmp_path)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_lock_naming_this_process_is_a_killed_predecessors(tmp_path, capsys):
+    """In a container each run's processes get the same pids: a lock that names this very process
+    was left by a killed one before it (this one has not taken it), and is taken over."""
+    (tmp_path / ".lock").write_text(f"{os.getpid()} {HOST}\n")
+    lock = files.acquire_lock(tmp_path)
+    assert "which is gone; taking it over" in capsys.readouterr().err
+    files.release_lock(lock)
+    assert not lock.exists()
 
 
 def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
