@@ -19,7 +19,8 @@ chat prompts most of a row). A format 1 cache (written before prompt columns wer
 every column and is still read. The cache records each split's token fingerprint,
 so it cannot be read against other data, another tokenizer or another seq_len.
 
-The writer checks every argument before it touches anything, then fills `NAME.partial`, beside the
+The writer checks every argument before it touches anything (a cache larger than the free disk
+space too: its size is known up front), then fills `NAME.partial`, beside the
 cache directory NAME (beside its target if NAME is a symbolic link): `plan.json` (the index to be,
 with the teacher's dtype and weights' checksum) and each shard as it is finished (a file is whole
 or absent; its teacher cross-entropy in its metadata). The last shard done, cache.json is written
