@@ -14,7 +14,8 @@ never half of either; a failure removes the temporary and leaves the destination
   README, someone else's shards) are carried into the new one as hard links, so nothing that the
   write did not produce is ever deleted.
 - `publish_directory(tmp, path, keep=...)`: the same last step for a directory several processes
-  filled, or one that outlived the process that started it.
+  filled, or one that outlived the process that started it (`drop_kept_links` first removes the
+  links a publish of it killed before its swap had made).
 - `acquire_lock(directory)` / `release_lock(lock)`: one writer at a time (`directory/.lock` holds
   "pid host"; a lock whose process is gone is taken over with a `notice`).
 - `fsync(path)`: make a file's bytes, or a directory's entries, durable.
@@ -74,13 +75,9 @@ def _finish(path: Path, mode: int) -> None:
 
 
 def _finish_tree(root: Path) -> None:
-    """`_finish` every file under `root` (fsync each directory) but hard links: a file of the
-    caller's is new (one link), while a second link is a kept file (`publish_directory`'s `keep`)
-    that an earlier, killed publish of a directory that outlives its process linked, whose owner's
-    mode must not change."""
     mode = _default_mode()
     for p in sorted(root.rglob("*"), reverse=True):  # children before their directory
-        if p.is_symlink() or p.is_file() and p.stat().st_nlink > 1:
+        if p.is_symlink():
             continue
         _finish(p, mode) if p.is_file() else fsync(p)
     fsync(root)
@@ -217,11 +214,34 @@ def publish_directory(tmp: str | os.PathLike, path: str | os.PathLike, keep: Ite
     process, such as a teacher cache's finished shards: its writers agree on `tmp`'s name, one
     process publishes it)."""
     tmp, path = Path(tmp), Path(path)
+    drop_kept_links(tmp, path)  # before _finish_tree: a kept file's mode is its owner's
     _finish_tree(tmp)
     for name in keep:  # after _finish_tree: a kept file keeps its owner's mode
         if not (tmp / name).exists() and os.path.lexists(path / name):
             _link_or_copy(path / name, tmp / name)
     _swap(tmp, path)
+
+
+def drop_kept_links(tmp: Path, path: Path) -> None:
+    """Remove from `tmp` the links to `path`'s entries that a publish of `tmp` killed before its
+    swap made (`keep`: a directory that outlives its process, such as a teacher cache's
+    NAME.partial, is published again later): only the links go, never a file's data, and the next
+    publish links them again."""
+    for p in list(tmp.iterdir()):
+        if _links_to(p, path / p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _links_to(a: Path, b: Path) -> bool:
+    """Whether `a` is a hard link of `b`, or a directory of hard links of `b`'s (as `keep` carries one)."""
+    if not os.path.lexists(b):
+        return False
+    if a.is_dir() and not a.is_symlink():
+        return b.is_dir() and not b.is_symlink() and all(_links_to(c, b / c.name) for c in a.iterdir())
+    try:
+        return os.path.samestat(os.lstat(a), os.lstat(b))
+    except OSError:
+        return False
 
 
 def _swap(tmp: Path, path: Path) -> None:

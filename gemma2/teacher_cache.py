@@ -66,8 +66,9 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import IGNORE_INDEX, Rows
 from .distill import TopK, teacher_topk
-from .files import (LOCK_FILE, TMP_PREFIX, acquire_lock, atomic_file, directory_destination, lock_holder, notice,
-                    publish_directory, release_lock, remove_stale_temporaries, write_text_atomic)  # fmt: skip
+from .files import (LOCK_FILE, TMP_PREFIX, acquire_lock, atomic_file, directory_destination, drop_kept_links,
+                    lock_holder, notice, publish_directory, release_lock, remove_stale_temporaries,
+                    write_text_atomic)  # fmt: skip
 from .model import Gemma2ForCausalLM
 
 INDEX = "cache.json"
@@ -189,7 +190,7 @@ def _take_partial(directory: Path, plan: dict, overwrite: bool) -> tuple[Path, s
     try:
         for p in work.glob(TMP_PREFIX + "*"):  # a shard a killed write had begun (under the lock none is live)
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        _drop_kept_links(work, directory)
+        drop_kept_links(work, directory)  # a publish killed before its swap linked the user's files
         entries = {p.name for p in work.iterdir() if p.name != LOCK_FILE and not p.name.startswith(TMP_PREFIX)}
         names = {shard["file"] for split in plan["splits"].values() for shard in split["shards"]}
         if not any(name.endswith(".safetensors") for name in entries):  # new, or only begun: nothing to lose
@@ -231,27 +232,6 @@ def _check_room(work: Path, plan: dict) -> None:
         raise ValueError(f"the teacher cache needs {needed:,} bytes more ({needed / 2**30:.2f} GiB), and the "
                          f"filesystem of {where} has {free:,} free: free some space, or write the cache elsewhere "
                          "(--out)")  # fmt: skip
-
-
-def _drop_kept_links(work: Path, directory: Path) -> None:
-    """Remove from `work` the links to `directory`'s kept files (a user's) that a publish killed
-    midway made (the next publish makes them again): only the links go, never a file's data."""
-    for p in list(work.iterdir()):
-        if _links_to(p, directory / p.name):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-
-
-def _links_to(a: Path, b: Path) -> bool:
-    """Whether `a` is a hard link of `b`, or a directory of hard links of `b`'s (as gemma2.files
-    keeps an entry)."""
-    if not os.path.lexists(b):
-        return False
-    if a.is_dir() and not a.is_symlink():
-        return b.is_dir() and not b.is_symlink() and all(_links_to(c, b / c.name) for c in a.iterdir())
-    try:
-        return os.stat(a, follow_symlinks=False) == os.stat(b, follow_symlinks=False)
-    except OSError:
-        return False
 
 
 def _recorded_plan(work: Path) -> dict | None:
