@@ -174,3 +174,64 @@ def test_rms_norm_is_the_formula(dtype):
     # fp32: summation order; bf16: at most one rounding of the final cast apart
     ulps = 1e-6 if dtype == torch.float32 else 2**-8
     assert ((got.float() - want.float()).abs() <= ulps * want.float().abs().clamp(min=1)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_scales_inside_the_fused_op_bit_for_bit(dtype):
+    """The (1 + w) scale passed to F.rms_norm gives exactly the product taken after it."""
+    import torch.nn.functional as F
+
+    from gemma2.model import RMSNorm
+
+    g = torch.Generator().manual_seed(1)
+    for D in (48, 2304):
+        norm = RMSNorm(D, eps=1e-6)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(D, generator=g))
+        norm = norm.to(dtype)
+        for rows in (1, 7):
+            x = (torch.randn(2, rows, D, generator=g) * 5).to(dtype)
+            want = (F.rms_norm(x.float(), (D,), eps=1e-6) * (1.0 + norm.weight.float())).to(dtype)
+            assert torch.equal(norm(x), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_the_textbook_rotation_bit_for_bit(dtype):
+    """apply_rope against x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1], on the model's
+    fp32 angle tables, which are position * theta ** (-2i / d) (written out here) to fp32 rounding."""
+    from gemma2.model import apply_rope, rope_angles, rope_tables
+
+    g = torch.Generator().manual_seed(2)
+    hd, theta = 32, 10000.0
+    positions = torch.tensor([[0, 0, 1, 2, 3], [4, 5, 6, 7, 8]])
+    x = torch.randn(2, 3, 5, hd, generator=g).to(dtype)
+    inv_freq = torch.tensor([theta ** (-2 * i / hd) for i in range(hd // 2)], dtype=torch.float64)
+    angles = positions[..., None].double() * inv_freq
+    cos32, sin32 = rope_angles(positions, hd, theta)
+    for table, f in ((cos32, torch.cos), (sin32, torch.sin)):
+        assert torch.allclose(table.double(), torch.cat([f(angles)] * 2, dim=-1), rtol=0, atol=1e-5)
+    cos, sin = cos32[:, None].to(dtype), sin32[:, None].to(dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    want = x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    got = apply_rope(x, *rope_tables(positions, hd, theta, dtype))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projections_equal_f_linear_bit_for_bit(dtype):
+    """One row (torch.mv on CPU) or many (F.linear): each output equals F.linear's exactly."""
+    import torch.nn.functional as F
+
+    from gemma2.model import Linear
+
+    g = torch.Generator().manual_seed(3)
+    for d_in, d_out in ((64, 96), (1024, 512), (4096, 1024)):
+        layer = Linear(d_in, d_out)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(d_out, d_in, generator=g) * d_in**-0.5)
+        layer = layer.to(dtype)
+        for shape in ((1, 1, d_in), (1, d_in), (d_in,), (2, 1, d_in), (1, 3, d_in)):
+            x = torch.randn(shape, generator=g).to(dtype)
+            got = layer(x)
+            assert got.shape == (*shape[:-1], d_out)
+            assert torch.equal(got, F.linear(x, layer.weight))
