@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -34,8 +35,10 @@ from .checkpoint import load_model
 from .config import Gemma2Config
 from .corpus import build_corpus, corpus_fingerprint
 from .data import split_datasets
+from .files import atomic_file, lock_holder, write_text_atomic
 from .generation import generate
 from .model import Gemma2ForCausalLM
+from .run_dir import not_a_run_on
 from .speculative import speculative_generate
 from .tokenizer import Tokenizer
 from .student import init_weights
@@ -169,17 +172,15 @@ def run(
     # the corpus (a few seconds) instead of two: its fingerprint goes into the results.
     docs = build_corpus()
     data = split_datasets(docs, tokenizer, ctx, where="the built-in corpus")
+    make_way(out, data.train.fingerprint())
     s_config = student_config(teacher.config)
     echo(f"teacher {_params(teacher) / 1e6:.2f} M parameters; student {_params_of(s_config) / 1e6:.2f} M; "
          f"{len(data.train)} training / {len(data.heldout)} held-out sequences of {ctx} tokens; "
          f"{cfg.steps} steps x {cfg.batch_size} sequences per student")  # fmt: skip
 
     def train_config(name: str, alpha: float, lr: float) -> TrainConfig:
-        run_dir = out / name
-        if run_dir.exists():  # the trainer refuses to overwrite checkpoints; a demo always starts over
-            shutil.rmtree(run_dir)
         return TrainConfig(
-            out_dir=str(run_dir), steps=cfg.steps, batch_size=cfg.batch_size, lr=lr,
+            out_dir=str(out / name), steps=cfg.steps, batch_size=cfg.batch_size, lr=lr,
             warmup=min(cfg.warmup, cfg.steps), alpha=alpha, temperature=cfg.temperature,
             eval_every=max(1, cfg.steps // cfg.evals), eval_sequences=cfg.eval_sequences, seed=cfg.seed,
             device="cpu", tokenizer_file=str(tokenizer.path),
@@ -244,9 +245,56 @@ def run(
     results["distilled_beats_scratch"] = results["distilled_ppl"] < results["scratch_ppl"]
     results["seconds"] = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     results["curves_png"] = plot_curves(results, out / "curves.png")
     return results
+
+
+RUNS = ("distilled", "scratch")  # the students' training runs, out/NAME
+OUTPUTS = ("results.json", "curves.png")
+
+
+def make_way(out: Path, fingerprint: str) -> None:
+    """Clear a previous demo's training runs from `out`, or refuse, before anything is written,
+    naming whatever there the demo would replace but did not write.
+
+    A demo starts over on every run: it replaces out/distilled and out/scratch when they hold nothing
+    but a training run on the demo's tokens (`fingerprint`; gemma2.run_dir.not_a_run_on), and
+    results.json and curves.png beside a previous demo's results.json. Anything else in their way
+    is the user's: refused, never deleted.
+    """
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; choose a directory")
+    in_the_way = []
+    for name in RUNS:
+        run = out / name
+        if not os.path.lexists(run):
+            continue
+        if run.is_symlink() or not run.is_dir():
+            in_the_way.append(name)
+            continue
+        holder = lock_holder(run)
+        if holder:
+            raise ValueError(f"{run} is in use by {holder} (another demo?); wait for it, or choose another --out")
+        in_the_way += [f"{name}/{entry}" for entry in not_a_run_on(run, fingerprint)]
+    if not _previous_results(out / "results.json"):
+        in_the_way += [name for name in OUTPUTS if os.path.lexists(out / name)]
+    if in_the_way:
+        shown = ", ".join(in_the_way[:6]) + (", ..." if len(in_the_way) > 6 else "")
+        raise ValueError(f"{out} holds what the demo would replace but did not write: {shown}; move it away, "
+                         "or choose another --out")  # fmt: skip
+    for name in RUNS:
+        if os.path.lexists(out / name):
+            shutil.rmtree(out / name)  # the trainer refuses to write over checkpoints; a demo starts over
+
+
+def _previous_results(path: Path) -> bool:
+    """Whether `path` is a demo's results.json."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(results, dict) and {"corpus_fingerprint", "distilled_ppl", "samples"} <= results.keys()
 
 
 def _params_of(config: Gemma2Config) -> int:
@@ -273,7 +321,8 @@ def plot_curves(results: dict, path: str | Path) -> str | None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     return str(path)
 
 

@@ -278,6 +278,11 @@ def _remove_replaced(old: Path, path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def is_temporary(name: str) -> bool:
+    """Whether `name` is one of this module's temporaries (`.tmp-new-...` or `.tmp-old-...`)."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
 def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Clear what writes of `directory/name` (of any name, if None) left when their process was
     killed: an unfinished new version is removed; a previous version that a swap had moved aside is

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from .config import Gemma2Config
 from .distributed import local_shard
-from .files import LOCK_FILE, TMP_PREFIX, acquire_lock, notice, release_lock, remove_stale_temporaries
+from .files import LOCK_FILE, TMP_PREFIX, acquire_lock, is_temporary, notice, release_lock, remove_stale_temporaries
 
 if TYPE_CHECKING:
     from .data import Datasets
@@ -228,6 +228,27 @@ def _non_empty_foreign(out: Path) -> list[str]:
     names = [p.name for p in out.iterdir() if p.name != LOCK_FILE and not p.name.startswith(TMP_PREFIX)]
     ours = METRICS_FILE in names or any(STEP_DIR.fullmatch(n) and (out / n / STATE_FILE).is_file() for n in names)
     return [] if ours else sorted(names)
+
+
+def not_a_run_on(out: Path, fingerprint: str) -> list[str]:
+    """The entries of directory `out` that are not a training run's on the tokens `fingerprint`
+    names (`Datasets.fingerprint`): all but metrics.jsonl, the lock, a run's temporaries and
+    step-XXXXXX/ checkpoints that recorded those tokens. Empty: `out` holds nothing but such a run,
+    which a new run of the same kind may replace (gemma2.demo)."""
+    found = []
+    for p in sorted(out.iterdir()):
+        name, plain_dir = p.name, p.is_dir() and not p.is_symlink()
+        if name == LOCK_FILE or is_temporary(name) or name == METRICS_FILE and p.is_file() and not p.is_symlink():
+            continue
+        if plain_dir and name.startswith(TMP_PREFIX) and STEP_DIR.fullmatch(name.removeprefix(TMP_PREFIX)):
+            continue  # an unfinished or rotated-away checkpoint (train_state, `_rotate`)
+        if plain_dir and STEP_DIR.fullmatch(name) and (p / STATE_FILE).is_file():
+            state = read_state(p) or {}
+            if (state.get("run") or {}).get("train_fingerprint") == fingerprint:
+                continue
+            name += " (a checkpoint of other data)"
+        found.append(name)
+    return found
 
 
 def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, world: int = 1,

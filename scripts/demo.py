@@ -1,14 +1,15 @@
 """The main job out of the box: distil a small Gemma 2 student from the shipped tiny teacher, train
 the identical student from scratch on the same tokens and steps, and compare them.
 
-    python scripts/demo.py              # ~10 min on a laptop CPU
+    python scripts/demo.py              # ~5 min on 2 CPU cores
     python scripts/demo.py --quick      # seconds: checks that everything runs, compares nothing
 
 Prints held-out perplexity, parameters and wall time for the teacher and both students, and each
 student's acceptance rate as the teacher's speculative draft (k = 4, greedy, held-out prompts); says
 whether distillation won, and shows a greedy sample from each for the same prompt. Writes
 OUT/results.json, OUT/curves.png (held-out loss against steps) and each student's checkpoint
-(OUT/distilled/step-*, OUT/scratch/step-*). Library: gemma2.demo.
+(OUT/distilled/step-*, OUT/scratch/step-*). A rerun replaces a previous demo's outputs and refuses,
+before training, anything else in their way (a file of yours in OUT/distilled). Library: gemma2.demo.
 """
 
 import argparse

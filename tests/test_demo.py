@@ -16,7 +16,7 @@ import torch
 
 from gemma2.config import TINY_TEACHER
 from gemma2.corpus import help_topics
-from gemma2.demo import QUICK, TEACHER_DIR, greedy_sample, load_teacher, report, run, student_config
+from gemma2.demo import QUICK, TEACHER_DIR, greedy_sample, load_teacher, make_way, report, run, student_config
 from gemma2.model import Gemma2ForCausalLM
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -96,6 +96,72 @@ def test_quick_demo_writes_results_and_curves(tmp_path):
     text = report(results)
     assert "held-out ppl" in text and ("YES" in text or "NO" in text)
     assert f"{saved['distilled_acceptance']:.1%}" in text and "k = 4" in text
+
+    # A second demo into the same directory replaces the first one's outputs and keeps the user's file.
+    (tmp_path / "notes.txt").write_text("mine")
+    first = {name: (tmp_path / name).read_bytes() for name in ("results.json", "curves.png")}
+    run(QUICK, tmp_path, progress=False, echo=lambda line: None)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "results.json").read_text())["seconds"] != saved["seconds"]
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
+    for name in ("distilled", "scratch"):
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["metrics.jsonl", f"step-{QUICK.steps:06d}"]
+    # A user's file among the run's is refused before anything is written.
+    (tmp_path / "scratch" / "notes.txt").write_text("also mine")
+    second = {name: (tmp_path / name).read_bytes() for name in ("results.json", "curves.png")}
+    assert second != first
+    with pytest.raises(ValueError, match=r"scratch/notes\.txt; move it away"):
+        run(QUICK, tmp_path, progress=False, echo=lambda line: None)
+    assert (tmp_path / "scratch" / "notes.txt").read_text() == "also mine"
+    assert {name: (tmp_path / name).read_bytes() for name in ("results.json", "curves.png")} == second
+
+
+def _fake_run(directory: Path, fingerprint: str, step: int = 2) -> None:
+    """What a training run on tokens `fingerprint` leaves: metrics, a checkpoint, a stale lock, a temporary."""
+    ckpt = directory / f"step-{step:06d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "run": {"train_fingerprint": fingerprint}}))
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    (directory / "metrics.jsonl").write_text('{"step": 1}\n')
+    (directory / ".lock").write_text("999999999 " + os.uname().nodename)  # no such process
+    (directory / ".tmp-step-000001").mkdir(exist_ok=True)
+
+
+def test_the_demo_replaces_only_its_own_runs_and_outputs(tmp_path):
+    """make_way: a previous demo's runs (on the same tokens) go, its results stay for the new run
+    to replace; whatever else stands in the way is refused, named, and left as it was."""
+    results = {"corpus_fingerprint": "c", "distilled_ppl": 9.0, "samples": {}}
+    out = tmp_path / "demo"
+    for name in ("distilled", "scratch"):
+        _fake_run(out / name, "fp")
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "curves.png").write_bytes(PNG_SIGNATURE)
+    (out / "notes.txt").write_text("mine")
+    make_way(out, "fp")
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "notes.txt", "results.json"]
+    make_way(tmp_path / "new", "fp")  # nothing there: nothing to do
+    assert not (tmp_path / "new").exists()
+
+    cases = {
+        "a user's file in a run": (lambda o: (o / "distilled" / "notes.txt").write_text("x"), "distilled/notes.txt"),
+        "a run on other tokens": (lambda o: _fake_run(o / "scratch", "other", 5),
+                                  r"scratch/step-000005 \(a checkpoint of other data\)"),
+        "a step directory without a state": (lambda o: (o / "scratch" / "step-000009").mkdir(), "scratch/step-000009"),
+        "a file where a run goes": (lambda o: shutil.rmtree(o / "scratch") or (o / "scratch").write_text("x"),
+                                    r": scratch; move"),
+        "a results.json not a demo's": (lambda o: (o / "results.json").write_text("{}"), "results.json"),
+        "curves.png without a demo's results": (lambda o: (o / "curves.png").write_bytes(b"x"), "curves.png"),
+    }
+    for what, (make, named) in cases.items():
+        out = tmp_path / what.replace(" ", "_").replace("'", "")
+        for name in ("distilled", "scratch"):
+            _fake_run(out / name, "fp")
+        make(out)
+        before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+        with pytest.raises(ValueError, match=named) as refused:
+            make_way(out, "fp")
+        assert "move it away, or choose another --out" in str(refused.value), what
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before, what
 
 
 def test_an_installed_package_finds_the_shipped_teacher(tmp_path):
