@@ -10,11 +10,13 @@ a bug and keeps its traceback. SIGTERM (`kill`, a scheduler ending the job) unwi
 (`Terminated`: every cleanup runs, a run's lock is released) and ends with status 143; a training
 loop first saves a checkpoint (gemma2.preemption). With GEMMA2_TRACEBACK=1 in the environment a
 user error prints its traceback above the line too (for a failure deep inside a compiler, which
-may surface as a ValueError). `device_arg` checks a --device before any work.
+may surface as a ValueError). `device_arg` checks a --device before any work; `add_threads_option`
+and `set_threads` give every script the same --threads.
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import signal
@@ -107,3 +109,19 @@ def device_arg(name: str) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"--device {name}: only cpu and cuda are supported")
     return device
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    """--threads N, applied by `set_threads`."""
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice, one per core); 1 is faster when other "
+                        "programs keep the cores busy (every op then waits for its slowest thread)")  # fmt: skip
+
+
+def set_threads(threads: int | None) -> None:
+    """Use `threads` CPU threads (None: torch's choice); refused (ValueError) below 1."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads {threads}: pass 1 or more, or leave it out for torch's choice")
+    torch.set_num_threads(threads)

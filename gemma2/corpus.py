@@ -184,7 +184,8 @@ NOT_TEXT = {
     ".tsv": 'convert it to .jsonl (a "text" field per line) or .parquet',
     ".gz": "decompress it first", ".bz2": "decompress it first", ".xz": "decompress it first",
     ".zst": "decompress it first", ".zip": "decompress it first",
-    ".npy": "a token file of scripts/tokenize_data.py goes alone to --data",
+    ".npy": "a token file (what scripts/tokenize_data.py writes) is tokenized already: pass it alone to the "
+            "--data of scripts/distill.py or scripts/cache_teacher.py",
 }  # fmt: skip
 
 
@@ -240,10 +241,14 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
 
 def _parquet_documents(path: Path, column: str, rows_per_batch: int = 1024) -> Iterator[str]:
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError(f"{path}: reading Parquet needs pyarrow; pip install -e '.[data]'") from None
-    file = pq.ParquetFile(path)
+    try:
+        file = pq.ParquetFile(path)
+    except pyarrow.ArrowException as e:  # a damaged or truncated file
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
     if column not in file.schema_arrow.names:
         raise ValueError(
             f"{path} has no column {column!r} (columns: {', '.join(file.schema_arrow.names)}); "

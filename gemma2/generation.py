@@ -353,7 +353,8 @@ class Chat:
         """
         ids = self.turn_ids(text)
         room = self.tokens_left - len(ids)
-        if room < 1 and self.session.length == 0:
+        # No chat holds it (a new one also opens with a bos): a new chat would not help.
+        if room < 1 and (self.session.length == 0 or len(ids) + 1 >= self.session.max_len):
             raise ValueError(f"this turn needs {len(ids)} tokens and a reply at least one more, but the chat "
                              f"holds {self.session.max_len}: shorten it")  # fmt: skip
         if room < 1:

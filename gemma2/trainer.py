@@ -63,7 +63,7 @@ from .data import IGNORE_INDEX, Batch, BatchLoader, Datasets, eval_batches
 from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss, distill_sums
 from .distributed import Runtime, move_to, runtime, shard
 from .dtypes import dtype_name, to_dtype
-from .files import write_text_atomic
+from .files import notice, write_text_atomic
 from .model import Gemma2ForCausalLM, RMSNorm
 from .on_policy import Rollouts, check_on_policy
 from .preemption import StopSignals, TrainingStopped
@@ -430,6 +430,10 @@ def train(
     """
     rt = runtime(cfg.device)
     _check(cfg, student, teacher, data, rt)
+    if cfg.warmup > cfg.steps and rt.is_main:
+        notice(f"warmup = {cfg.warmup} steps is longer than the run's {cfg.steps}: the learning rate climbs only to "
+               f"{lr_at(cfg.steps - 1, cfg):.3g} of lr = {cfg.lr:.3g}; pass warmup <= steps (--warmup) for the "
+               "whole schedule")  # fmt: skip
     models = {"student": dataclasses.asdict(student.config), "teacher": teacher_record(teacher),
               "compute_dtype": dtype_name(_compute_dtype(cfg, rt.device))}  # dtype "auto": per device
     with open_run(cfg, data, models=models, resume=resume, overwrite=overwrite, main=rt.is_main, world=rt.world) as run:

@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from gemma2.cli import run_cli
+from gemma2.cli import add_threads_option, run_cli, set_threads
 from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.distill import TeacherHead, chunked_distill_loss, kd_loss
 
@@ -84,8 +84,7 @@ def _step(variant: str, h, w, h_t, w_t, args) -> None:
 def worker(args) -> None:
     """One timed forward + backward of one variant: print a JSON line with its peak and time."""
     torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device(args.device)
     dtype = to_dtype(args.dtype)
     N, V, D, D_T = args.tokens, args.vocab, args.hidden, args.teacher_hidden
@@ -118,7 +117,7 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=1,
                    help="timed runs per variant, each in a fresh process (medians reported)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    add_threads_option(p)
     p.add_argument("--variants", default="naive,chunked")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = p.parse_args()
@@ -143,7 +142,7 @@ def main() -> None:
                 results[variant][key].append(value)
 
     print(f"N={args.tokens} V={args.vocab} D={args.hidden} D_T={args.teacher_hidden} {args.dtype} "
-          f"{args.device} threads={torch.get_num_threads() if not args.threads else args.threads} "
+          f"{args.device} threads={args.threads or torch.get_num_threads()} "
           f"objective={args.objective} chunk={args.chunk_size} repeats={args.repeats}")
     summary = {}
     for name, r in results.items():

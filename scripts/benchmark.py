@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from gemma2 import Gemma2Config, Gemma2ForCausalLM, KVCache
-from gemma2.cli import run_cli
+from gemma2.cli import add_threads_option, run_cli, set_threads
 from gemma2.files import write_text_atomic
 from gemma2.quantize import quantize_model
 from gemma2.quantize import weight_bytes as quantized_weight_bytes
@@ -157,7 +157,7 @@ def main() -> None:
     p.add_argument("--json", help="write the figures here (a new file unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    add_threads_option(p)
     args = p.parse_args()
     if args.json:  # checked before minutes of work
         out = Path(args.json)
@@ -169,8 +169,7 @@ def main() -> None:
         import transformers
     except ImportError:
         sys.exit("benchmark.py needs transformers (pip install transformers): it is the reference")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device, dtype = torch.device(args.device), torch.bfloat16
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this machine has no CUDA device; pass --device cpu")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from gemma2.checkpoint import load_model
-from gemma2.cli import device_arg, run_cli
+from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
 from gemma2.compatibility import check_seq_len, check_tokenizer
 from gemma2.data_args import add_data_arguments, datasets_from_args, packed_seq_len
 from gemma2.distributed import close_distributed, init_distributed, launched_world, runtime
@@ -55,7 +55,10 @@ def main() -> int:
                    help="teacher dtype: bf16 (bfloat16) or fp32 (float32)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu; under torchrun each rank's GPU")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
+    p.add_argument("--no-progress", action="store_true")
+    add_threads_option(p)
     args = p.parse_args()
+    set_threads(args.threads)
     if not (math.isfinite(args.shard_mb) and args.shard_mb * 2**20 >= 1):
         raise ValueError(f"--shard-mb must be a number > 0, got {args.shard_mb}")
     if launched_world() > 1 and args.device is not None:
@@ -81,7 +84,8 @@ def cache(args: argparse.Namespace, device: torch.device) -> int:
     index = write_teacher_cache(
         teacher, splits, args.out, k=args.k, temperature=args.temperature, batch_size=args.batch_size,
         chunk_size=args.chunk_size, logprob_dtype=torch.float16 if args.logprob_dtype == "fp16" else torch.float32,
-        shard_bytes=int(args.shard_mb * 2**20), overwrite=args.overwrite, progress=runtime().is_main,
+        shard_bytes=int(args.shard_mb * 2**20), overwrite=args.overwrite,
+        progress=runtime().is_main and not args.no_progress,
     )  # fmt: skip
     if not runtime().is_main:
         return 0

@@ -18,6 +18,7 @@ what was there before.
 """
 
 import argparse
+import filecmp
 import math
 import shutil
 import sys
@@ -76,6 +77,8 @@ def main() -> int:
     if not 0 < args.max_shard_gb < math.inf:
         raise ValueError(f"--max-shard-gb must be a positive number of GB, got {args.max_shard_gb}")
     source, target = Path(args.input), Path(args.output)
+    if not source.exists():
+        raise ValueError(f"--input {source}: no such file or directory")
     check_output(source, target, to_dtype(args.dtype), args)
     config = args.config
     if config and config.endswith(".json"):
@@ -97,6 +100,9 @@ def main() -> int:
     if tokenizer.exists() and (not copy.exists() or args.overwrite and not copy.samefile(tokenizer)):
         with atomic_file(copy) as tmp:
             shutil.copyfile(tokenizer, tmp)
+    elif tokenizer.exists() and not filecmp.cmp(tokenizer, copy, shallow=False):
+        print(f"kept the {copy} that was there, which differs from {tokenizer}; pass --overwrite to replace it",
+              file=sys.stderr)  # fmt: skip
     print(f"wrote {target}")
     return 0
 

@@ -15,9 +15,7 @@ before training, anything else in their way (a file of yours in OUT/distilled). 
 import argparse
 import dataclasses
 
-import torch
-
-from gemma2.cli import run_cli
+from gemma2.cli import add_threads_option, run_cli, set_threads
 from gemma2.demo import QUICK, TEACHER_DIR, DemoConfig, report, run
 
 
@@ -35,12 +33,10 @@ def main() -> int:
     p.add_argument("--alpha", type=float, help=f"KD weight of the distilled student (default {default.alpha})")
     p.add_argument("--seed", type=int, help=f"initial weights and data order of both students (default {default.seed})")
     p.add_argument("--prompt", help=f"prompt of the greedy samples (default {default.prompt!r})")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 can be "
-                                               "faster when other programs keep the cores busy)")
+    add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = QUICK if args.quick else default
     names = ("steps", "batch_size", "lr_distilled", "lr_scratch", "temperature", "alpha", "seed", "prompt")
     given = {k: getattr(args, k) for k in names}

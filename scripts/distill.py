@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from gemma2.checkpoint import load_model
-from gemma2.cli import device_arg, run_cli
+from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
 from gemma2.data_args import add_data_arguments, datasets_from_args
 from gemma2.distributed import close_distributed, init_distributed, launched_world
 from gemma2.dtypes import compute_dtype_argument, dtype_argument, to_dtype
@@ -102,6 +102,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="start in a non-empty --out that holds no previous run (nothing in it is deleted)")
     p.add_argument("--no-progress", action="store_true")
+    add_threads_option(p)
     args = p.parse_args()
     args.given = {name for name, value in vars(args).items() if value != p.get_default(name)}  # see check_unused
     return args
@@ -147,6 +148,7 @@ def interrupted(out: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     note_warnings()  # SLURM's SIGUSR1 while the models load: the training loop stops at its first check
+    set_threads(args.threads)
     if args.device is not None:
         device_arg(args.device)
     check_unused(args)

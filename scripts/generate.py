@@ -44,7 +44,7 @@ import torch
 
 from gemma2 import Gemma2Config, Gemma2ForCausalLM, load_model
 from gemma2.checkpoint import checkpoint_files
-from gemma2.cli import device_arg, run_cli
+from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
 from gemma2.compatibility import check_tokenizer
 from gemma2.dtypes import to_dtype
 from gemma2.generation import Chat, left_pad, stream
@@ -90,6 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--draft", help="a draft model directory with the checkpoint's vocabulary: speculative decoding")
     p.add_argument("--draft-tokens", type=int,
                    help=f"tokens the draft proposes per forward of the checkpoint (default {DRAFT_TOKENS})")  # fmt: skip
+    add_threads_option(p)
     return p.parse_args(argv)
 
 
@@ -283,6 +284,7 @@ def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generato
 
 
 def generate_main(args: argparse.Namespace) -> None:
+    set_threads(args.threads)
     if args.interactive and len(args.prompt) > 1:
         raise UsageError("--interactive takes at most one --prompt (the first turn)")
     if not args.interactive and not args.prompt:

@@ -15,7 +15,7 @@ import sys
 
 from gemma2.cli import run_cli
 from gemma2.dtypes import dtype_argument
-from gemma2.memory_plan import change_kinds, plan_memory, suggestions
+from gemma2.memory_plan import CUDA_CONTEXT, MARGIN, change_kinds, plan_memory, suggestions
 from gemma2.student import model_config, student_config
 
 
@@ -56,6 +56,11 @@ def main() -> int:
     device_bytes = args.gpu_memory * 1e9
     plan = plan_memory(**run)
     print(plan.table(device_bytes))
+    if CUDA_CONTEXT > (1 - MARGIN) * device_bytes:
+        print(f"the CUDA context alone ({CUDA_CONTEXT / 2**30:.0f} GiB, with {MARGIN:.0%} of the card kept free) does "
+              f"not fit in {args.gpu_memory} GB: no change to the run makes it fit; check --gpu-memory",
+              file=sys.stderr)  # fmt: skip
+        return 1
     if not plan.fits(device_bytes):
         found = suggestions(device_bytes, **run)
         tried = ", ".join(name for name, _ in change_kinds(**run))

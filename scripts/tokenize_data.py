@@ -58,9 +58,12 @@ def main() -> int:
     )  # fmt: skip
     unit = "examples" if prompts else "documents"
     items, tokens = info[unit], info["tokens"]
-    print(f"wrote {args.out} and {sidecar_path(args.out)}: {tokens['train']:,} training tokens "
-          f"({items['train']:,} {unit}), {tokens['heldout']:,} held-out tokens ({items['heldout']:,} {unit})",
-          file=sys.stderr)  # fmt: skip
+
+    def count(split: str) -> str:
+        return f"{items[split]:,} {unit if items[split] != 1 else unit[:-1]}"
+
+    print(f"wrote {args.out} and {sidecar_path(args.out)}: {tokens['train']:,} training tokens ({count('train')}), "
+          f"{tokens['heldout']:,} held-out tokens ({count('heldout')})", file=sys.stderr)  # fmt: skip
     return 0
 
 

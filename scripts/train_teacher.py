@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from gemma2.checkpoint import save_model
-from gemma2.cli import run_cli
+from gemma2.cli import add_threads_option, run_cli, set_threads
 from gemma2.config import TINY_TEACHER
 from gemma2.corpus import build_corpus, corpus_fingerprint, split_corpus
 from gemma2.data import split_datasets
@@ -45,8 +45,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0, help="initial weights and data order")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice); 1 is faster on a busy machine")
+    add_threads_option(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --work (its tokenizer and checkpoints)")
     p.add_argument("--overwrite", action="store_true", help="replace the model files of an existing --out")
     args = p.parse_args()
@@ -63,8 +62,7 @@ def main() -> None:
         raise ValueError(f"--work {work} is not empty; pass a new or empty directory, or --resume to continue its run")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ValueError(f"--out {out} exists; pass --overwrite to replace its model files, or another --out")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     t0 = time.perf_counter()
 
     docs = build_corpus()

@@ -34,6 +34,20 @@ def test_round_trip_through_both_layouts(tmp_path):
     back = load_model(tmp_path / "back")
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), back.state_dict().values()))
     assert (tmp_path / "back" / "tokenizer.model").read_bytes() == b"sp"
+    # Another tokenizer already beside the output is kept, and said to be (the same one: nothing said).
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "tokenizer.model").write_bytes(b"theirs")
+    done = run("--input", tmp_path / "hf", "--output", tmp_path / "other" / "model.ckpt", "--to-official")
+    assert done.returncode == 0 and "pass --overwrite to replace it" in done.stderr, done.stderr
+    assert (tmp_path / "other" / "tokenizer.model").read_bytes() == b"theirs"
+    assert "kept" not in run("--input", tmp_path / "hf", "--output", tmp_path / "official" / "again.ckpt",
+                             "--to-official").stderr
+
+
+def test_a_missing_input_is_named_with_its_flag(tmp_path):
+    done = run("--input", tmp_path / "nope", "--output", tmp_path / "out")
+    assert done.returncode == 2 and done.stderr == f"error: --input {tmp_path / 'nope'}: no such file or directory\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_official_input_without_config_fails_with_a_message(tmp_path):

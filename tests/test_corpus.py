@@ -151,3 +151,6 @@ def test_suffixes_in_any_case_a_byte_order_mark_and_bad_bytes(tmp_path):
     pq.write_table(pa.table({"text": [b"bytes, not text"]}), tmp_path / "bytes.parquet")
     with pytest.raises(ValueError, match=r"bytes.parquet: column 'text' holds bytes values, not text; .*--text-column"):
         C.read_documents(tmp_path / "bytes.parquet")
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "bytes.parquet").read_bytes()[:20])  # a truncated copy
+    with pytest.raises(ValueError, match=r"cut.parquet: not a readable Parquet file \("):
+        C.read_documents(tmp_path / "cut.parquet")

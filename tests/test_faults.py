@@ -270,6 +270,13 @@ def test_a_bench_scripts_user_error_is_one_line(tmp_path):
     assert "missing.model" in one_line_error(done)
 
 
+@pytest.mark.parametrize("name", ["generate.py", "benchmark.py"])
+def test_threads_below_one_are_refused(tmp_path, name):
+    done = script(name, "--checkpoint", tmp_path, "--prompt", "x", "--threads", 0) if name == "generate.py" else \
+        script(name, "--threads", -1)  # fmt: skip
+    assert one_line_error(done).startswith("error: --threads ") and "pass 1 or more" in done.stderr
+
+
 def test_benchmark_refuses_an_existing_json_before_any_work(tmp_path):
     out = tmp_path / "bench.json"
     out.write_text("mine")

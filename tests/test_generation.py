@@ -208,7 +208,12 @@ def test_chat_replies_equal_generating_from_the_whole_conversation(chat_parts):
     whole = torch.tensor([first + reply1 + second])
     want = generate(model, whole, max_new_tokens=15, stop_token_ids=tok.stop_ids)[0, whole.shape[1] :].tolist()
     assert reply2 == want[: len(reply2)] and set(want[len(reply2) :]) <= {tok.pad_id}
-    with pytest.raises(ValueError, match="the chat is full"):
+    # A turn that a new chat would hold, but not this one; then one that no chat holds (mid-chat too).
+    too_long_here = next(t for t in ("x " * n for n in range(100)) if len(chat.turn_ids(t)) > chat.tokens_left)
+    assert len(chat.turn_ids(too_long_here)) + 1 < 120
+    with pytest.raises(ValueError, match="the chat is full: .* start a new chat"):
+        list(chat.reply(too_long_here, max_new_tokens=5))
+    with pytest.raises(ValueError, match="the chat holds 120: shorten it"):
         list(chat.reply("x " * 100, max_new_tokens=5))
 
 

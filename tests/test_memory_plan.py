@@ -239,6 +239,10 @@ def test_script_prints_the_table_and_suggests_what_fits(tmp_path):
     tight = subprocess.run([*common, "--gpu-memory", "1.75"], capture_output=True, text=True)
     assert tight.returncode == 1 and "does NOT fit" in tight.stdout
     assert "would fit with:" in tight.stderr and "2 devices" in tight.stderr, tight.stderr
+    # 1 GB: the CUDA context alone does not fit, so no change to the run is suggested.
+    tiny_card = subprocess.run([*common, "--gpu-memory", "1"], capture_output=True, text=True)
+    assert tiny_card.returncode == 1 and "would fit with" not in tiny_card.stderr
+    assert "the CUDA context alone (1 GiB, with 10% of the card kept free) does not fit in 1.0 GB" in tiny_card.stderr
     bad = subprocess.run([*common, "--gpu-memory", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --gpus must be >= 1")
     bad = subprocess.run([*common, "--gpu-memory", "80", "--teacher-cache-k", "0"], capture_output=True, text=True)

@@ -88,6 +88,15 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert lr_at(100, TrainConfig(out_dir="unused", steps=100, lr=1.0, warmup=0)) == pytest.approx(0.1)
 
 
+def test_a_warmup_longer_than_the_run_is_named(tmp_path, data, capsys):
+    """The learning rate of 2 steps with warmup 10 stops at 2/10 of lr: said before training."""
+    train(config(tmp_path / "short", steps=2, warmup=10, alpha=0.0, eval_every=0), student(), data, progress=False)
+    err = capsys.readouterr().err
+    assert "warmup = 10 steps is longer than the run's 2: the learning rate climbs only to 0.0006 of lr = 0.003" in err
+    train(config(tmp_path / "long", steps=2, warmup=2, alpha=0.0, eval_every=0), student(), data, progress=False)
+    assert "warmup" not in capsys.readouterr().err
+
+
 def test_config_errors_name_the_fix():
     with pytest.raises(ValueError, match="alpha must be in"):
         TrainConfig(out_dir="x", alpha=1.5)
