@@ -370,7 +370,7 @@ def load_model(
 # Writing.
 
 
-def _written_by_save(directory: Path) -> set[str]:
+def written_by_save(directory: Path) -> set[str]:
     """The files of `directory` that a previous save_model wrote: config, index, the index's shards."""
     owned = {"config.json", HF_SINGLE, HF_INDEX}
     try:
@@ -410,7 +410,7 @@ def save_model(
         shards[-1][name] = tensor
         size += nbytes
     keep = [p.name for p in directory.iterdir()] if directory.is_dir() else []
-    keep = [name for name in keep if name not in _written_by_save(directory)]
+    keep = [name for name in keep if name not in written_by_save(directory)]
     with atomic_directory(directory, keep=keep) as tmp:
         if len(shards) == 1:
             save_file(shards[0], tmp / HF_SINGLE, metadata={"format": "pt"})

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,7 +34,7 @@ from .checkpoint import load_model
 from .config import Gemma2Config
 from .corpus import build_corpus, corpus_fingerprint
 from .data import split_datasets
-from .files import atomic_file, lock_holder, write_text_atomic
+from .files import atomic_file, lock_holder, remove_directory, remove_stale_temporaries, write_text_atomic
 from .generation import generate
 from .model import Gemma2ForCausalLM
 from .run_dir import not_a_run_on
@@ -267,6 +266,8 @@ def make_way(out: Path, fingerprint: str) -> None:
         raise NotADirectoryError(f"--out {out} is a file; choose a directory")
     in_the_way = []
     for name in RUNS:
+        if out.is_dir():
+            remove_stale_temporaries(out, name)  # what a demo killed while removing its run left
         run = out / name
         if not os.path.lexists(run):
             continue
@@ -285,7 +286,7 @@ def make_way(out: Path, fingerprint: str) -> None:
                          "or choose another --out")  # fmt: skip
     for name in RUNS:
         if os.path.lexists(out / name):
-            shutil.rmtree(out / name)  # the trainer refuses to write over checkpoints; a demo starts over
+            remove_directory(out / name)  # renamed first: a kill midway leaves no half checkpoint
 
 
 def _previous_results(path: Path) -> bool:

@@ -247,14 +247,14 @@ def _links_to(a: Path, b: Path) -> bool:
 def _swap(tmp: Path, path: Path) -> None:
     """Put the finished directory `tmp` in place of `path`: exchanged in one rename where the OS
     allows, else the old one moved aside first. A replaced directory's permissions carry over (a
-    private 0700 one stays private). The old version is then removed (`_remove_replaced`)."""
+    private 0700 one stays private). The old version is then removed (`remove_directory`)."""
     if path.is_dir():
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
     fsync(tmp)
     if not path.exists():
         os.replace(tmp, path)
     elif _exchange(tmp, path):
-        _remove_replaced(tmp, path)  # tmp: now the old directory
+        remove_directory(tmp, path)  # tmp: now the old directory
     else:
         old = _claim(path, directory=True, old=True)
         os.replace(path, old)  # onto the empty directory claimed for it
@@ -263,17 +263,17 @@ def _swap(tmp: Path, path: Path) -> None:
         except BaseException:
             os.replace(old, path)  # the previous version, whole, back in its place
             raise
-        _remove_replaced(old, path)
+        remove_directory(old, path)
     fsync(path.parent)
 
 
-def _remove_replaced(old: Path, path: Path) -> None:
-    """Remove `old`, the version of `path` a swap replaced, under a `.tmp-new-` name first: a
-    cleanup removes such a name and never puts it back (a half-removed old version must not return
-    in place of a `path` deleted since), and `old`'s own name (a teacher cache's NAME.partial) is
-    free at once. Best-effort: a file still open on NFS does not fail the write; the next
-    `remove_stale_temporaries` clears what is left."""
-    doomed = _claim(path, directory=True)
+def remove_directory(old: Path, path: Path | None = None) -> None:
+    """Remove directory `old` (a swap's replaced version of `path`; default: `old` itself) under a
+    `.tmp-new-` name first: killed midway, it leaves that temporary, which a cleanup removes and never
+    puts back, not a half-removed directory under a name that looks whole (a checkpoint), and `old`'s
+    own name (a teacher cache's NAME.partial) is free at once. Best-effort: a file still open on
+    NFS does not fail the caller; the next `remove_stale_temporaries` clears what is left."""
+    doomed = _claim(old if path is None else path, directory=True)
     os.replace(old, doomed)  # onto the empty directory claimed for it
     shutil.rmtree(doomed, ignore_errors=True)
 

@@ -40,6 +40,7 @@ import torch
 from safetensors import safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 
+from .checkpoint import written_by_save
 from .config import Gemma2Config
 from .distributed import local_shard
 from .files import LOCK_FILE, TMP_PREFIX, acquire_lock, is_temporary, notice, release_lock, remove_stale_temporaries
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"step-(\d{6})")
+RNG_FILE = "rng-{rank}.pt"  # in a checkpoint, each rank's RNG states (gemma2.train_state)
 # Fields a resume may change: they decide when to save, evaluate and log (peak_flops only scales
 # the logged MFU), where, or how memory is traded for time, not what the run computes. steps may
 # only grow (the cosine schedule then ends later); the data are compared through their
@@ -234,7 +236,8 @@ def not_a_run_on(out: Path, fingerprint: str) -> list[str]:
     """The entries of directory `out` that are not a training run's on the tokens `fingerprint`
     names (`Datasets.fingerprint`): all but metrics.jsonl, the lock, a run's temporaries and
     step-XXXXXX/ checkpoints that recorded those tokens. Empty: `out` holds nothing but such a run,
-    which a new run of the same kind may replace (gemma2.demo)."""
+    which a new run of the same kind may replace (gemma2.demo). A file in such a checkpoint that
+    the trainer does not write (a user's) is named as `step-XXXXXX/NAME`."""
     found = []
     for p in sorted(out.iterdir()):
         name, plain_dir = p.name, p.is_dir() and not p.is_symlink()
@@ -245,10 +248,18 @@ def not_a_run_on(out: Path, fingerprint: str) -> list[str]:
         if plain_dir and STEP_DIR.fullmatch(name) and (p / STATE_FILE).is_file():
             state = read_state(p) or {}
             if (state.get("run") or {}).get("train_fingerprint") == fingerprint:
+                found += [f"{name}/{entry}" for entry in _not_saved(p)]
                 continue
             name += " (a checkpoint of other data)"
         found.append(name)
     return found
+
+
+def _not_saved(ckpt: Path) -> list[str]:
+    """The entries of checkpoint `ckpt` that gemma2.train_state.save_checkpoint does not write."""
+    saved = written_by_save(ckpt) | {STATE_FILE, "tokenizer.model", "optimizer"}
+    rng = re.compile(re.escape(RNG_FILE).replace(r"\{rank\}", r"\d+"))
+    return sorted(p.name for p in ckpt.iterdir() if p.name not in saved and not rng.fullmatch(p.name))
 
 
 def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, world: int = 1,

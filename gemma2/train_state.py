@@ -42,7 +42,7 @@ from .checkpoint import save_model
 from .config import Gemma2Config
 from .files import publish_directory
 from .model import Gemma2ForCausalLM
-from .run_dir import STATE_FILE, latest_complete, rotate
+from .run_dir import RNG_FILE, STATE_FILE, latest_complete, rotate
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
@@ -122,7 +122,7 @@ def save_checkpoint(
     with _quiet_dcp():
         dcp.save({"optimizer": get_optimizer_state_dict(student, optimizer)}, checkpoint_id=tmp / "optimizer",
                  no_dist=not distributed.is_distributed())  # fmt: skip
-    torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+    torch.save(_rng_state(), tmp / RNG_FILE.format(rank=rank))
     if rank == 0:
         record = {"step": step, **state, "world_size": distributed.world_size(),
                   "torch": torch.__version__}  # fmt: skip
@@ -145,7 +145,7 @@ def load_training_state(path: str | os.PathLike, student: Gemma2ForCausalLM, opt
     with _quiet_dcp():
         dcp.load(state, checkpoint_id=path / "optimizer", no_dist=not distributed.is_distributed())
     set_optimizer_state_dict(student, optimizer, state["optimizer"])
-    rng = path / f"rng-{rank}.pt"
+    rng = path / RNG_FILE.format(rank=rank)
     if rng.is_file():  # absent for ranks beyond the saved world size: nothing draws from it anyway
         _set_rng_state(torch.load(rng, weights_only=True))
     return json.loads((path / STATE_FILE).read_text())

@@ -127,7 +127,7 @@ def _fake_run(directory: Path, fingerprint: str, step: int = 2) -> None:
     (directory / ".tmp-step-000001").mkdir(exist_ok=True)
 
 
-def test_the_demo_replaces_only_its_own_runs_and_outputs(tmp_path):
+def test_the_demo_replaces_only_its_own_runs_and_outputs(tmp_path, monkeypatch):
     """make_way: a previous demo's runs (on the same tokens) go, its results stay for the new run
     to replace; whatever else stands in the way is refused, named, and left as it was."""
     results = {"corpus_fingerprint": "c", "distilled_ppl": 9.0, "samples": {}}
@@ -147,11 +147,35 @@ def test_the_demo_replaces_only_its_own_runs_and_outputs(tmp_path):
         "a run on other tokens": (lambda o: _fake_run(o / "scratch", "other", 5),
                                   r"scratch/step-000005 \(a checkpoint of other data\)"),
         "a step directory without a state": (lambda o: (o / "scratch" / "step-000009").mkdir(), "scratch/step-000009"),
+        "a user's file in a checkpoint": (lambda o: (o / "scratch" / "step-000002" / "notes.txt").write_text("x"),
+                                          "scratch/step-000002/notes.txt"),
         "a file where a run goes": (lambda o: shutil.rmtree(o / "scratch") or (o / "scratch").write_text("x"),
                                     r": scratch; move"),
         "a results.json not a demo's": (lambda o: (o / "results.json").write_text("{}"), "results.json"),
         "curves.png without a demo's results": (lambda o: (o / "curves.png").write_bytes(b"x"), "curves.png"),
     }
+    # Killed while removing a run: no half checkpoint under its name, only a temporary the next call clears.
+    out = tmp_path / "killed"
+    for name in ("distilled", "scratch"):
+        _fake_run(out / name, "fp")
+    (out / "distilled" / "step-000002" / "rng-0.pt").write_bytes(b"rng")  # a checkpoint's own file
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            make_way(out, "fp")
+    left = sorted(p.name for p in out.iterdir())
+    assert left[0].startswith(".tmp-new-distilled-") and left[1:] == ["scratch"], left
+    assert not (out / "distilled").exists()
+    with monkeypatch.context() as m:
+        m.setattr("gemma2.files.process_alive", lambda pid: False)  # as if the killed process were gone
+        make_way(out, "fp")
+    assert list(out.iterdir()) == [] and shutil.rmtree is real_rmtree
+
     for what, (make, named) in cases.items():
         out = tmp_path / what.replace(" ", "_").replace("'", "")
         for name in ("distilled", "scratch"):
