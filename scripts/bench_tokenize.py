@@ -2,7 +2,7 @@
 """Throughput and peak memory of scripts/tokenize_data.py's streaming writer.
 
 Writes a .jsonl corpus of --mb megabytes (the built-in corpus's documents, repeated with a
-numbered suffix so each is distinct), tokenizes it with gemma2.token_files.write_token_file, and
+numbered suffix so each is distinct), tokenizes it with gemma2.token_writer.write_token_file, and
 reports tokens/s and the peak resident memory of the main process and of the largest worker
 (an upper bound: a child's ru_maxrss starts from its parent's size when it was started).
 Run it at two sizes to see that memory does not grow with the corpus. Linux only (ru_maxrss in KiB).
@@ -25,7 +25,8 @@ from gemma2.cli import run_cli
 from gemma2.corpus import build_corpus
 from gemma2.demo import TEACHER_DIR
 from gemma2.prompts import load_prompt_datasets
-from gemma2.token_files import load_prompt_file, write_token_file
+from gemma2.token_files import load_prompt_file
+from gemma2.token_writer import write_token_file
 from gemma2.tokenizer import Tokenizer
 
 

@@ -12,8 +12,10 @@
 datasets (gemma2/prompts.py: {"messages": [...]} or {"prompt": ..., "completion": ...} per line);
 their rows' layout (--prompt-len, --max-new-tokens) is chosen when training, not here. Writes OUT
 (int32 tokens: training items then held-out ones) and its sidecar OUT with .json (tokenizer
-fingerprint, counts, split). A killed run leaves nothing that scripts/distill.py accepts. Library:
-gemma2.token_files.write_token_file.
+fingerprint, counts, split). It writes in OUT with .partial (a directory beside OUT) until done: a
+killed run leaves nothing that scripts/distill.py accepts, and the same command again continues it
+where it stopped (its last second of work is redone), writing the file an uninterrupted run writes.
+Library: gemma2.token_writer.write_token_file.
 """
 
 import argparse
@@ -21,11 +23,12 @@ import sys
 
 from gemma2.cli import run_cli
 from gemma2.data_args import check_heldout
-from gemma2.token_files import sidecar_path, write_token_file
+from gemma2.token_files import sidecar_path
+from gemma2.token_writer import interrupted, write_token_file
 from gemma2.tokenizer import Tokenizer
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model (the one training will use)")
     source = p.add_mutually_exclusive_group(required=True)
@@ -42,8 +45,10 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing token file")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def main(args: argparse.Namespace) -> int:
     prompts = args.prompts is not None
     if (args.eval_prompts if not prompts else args.eval_data) is not None:
         raise ValueError("held-out prompts (--eval-prompts) go with --prompts, held-out documents (--eval-data) "
@@ -68,4 +73,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    arguments = parse_args()
+    run_cli(lambda: main(arguments), on_interrupt=lambda: interrupted(arguments.out))

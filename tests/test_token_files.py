@@ -1,13 +1,16 @@
 """Token files: the streamed, multi-process tokenizer gives exactly the tokens and split of the
 in-memory paths (gemma2.data.load_datasets for documents, gemma2.prompts.load_prompt_datasets for
-prompts), refuses another tokenizer or the other kind, and a killed run leaves nothing a trainer
-accepts."""
+prompts), refuses another tokenizer or the other kind, a killed run leaves nothing a trainer
+accepts, and the same call again finishes it byte for byte as an uninterrupted one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,14 +23,15 @@ import torch
 from gemma2.corpus import document_key, split_corpus
 from gemma2.data import load_datasets
 from gemma2.prompts import load_prompt_datasets
+from gemma2 import token_writer
 from gemma2.token_files import (
     load_prompt_file,
     load_token_file,
     open_datasets,
     open_prompt_datasets,
     sidecar_path,
-    write_token_file,
 )
+from gemma2.token_writer import write_token_file
 from gemma2.tokenizer import Tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,33 +149,158 @@ def test_overwrite_replaces_the_pair(tmp_path, tok):
     _same(load_token_file(tmp_path / "linked.npy", tok, 4), load_datasets([tmp_path / "a.jsonl"], tok, 4))
 
 
-def test_a_killed_run_leaves_nothing_a_trainer_accepts(tmp_path, tok):
-    """SIGKILL mid-tokenize: neither the .npy nor its sidecar appears; the next run cleans up."""
+def test_a_killed_run_leaves_nothing_a_trainer_accepts_and_the_same_command_finishes_it(tmp_path, tok):
+    """A scheduler's SIGTERM, then SIGKILL, mid-tokenize: neither the .npy nor its sidecar appears;
+    the same command again continues from the last record and writes the file an uninterrupted run
+    writes."""
     big = tmp_path / "big.jsonl"
     with big.open("w") as f:
         for d in _docs(20000):
             f.write(json.dumps({"text": d * 4}) + "\n")
-    out = tmp_path / "t.npy"
+    out, progress = tmp_path / "t.npy", tmp_path / "t.npy.partial/progress.json"
     cmd = [sys.executable, str(ROOT / "scripts/tokenize_data.py"), "--tokenizer", str(tok.path), "--data", str(big),
            "--out", str(out), "--workers", "2", "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    deadline = time.time() + 120
-    # Wait until pass 2 has written tokens into the temporary .npy, then kill the whole group.
-    while time.time() < deadline and proc.poll() is None:
-        tmps = list(tmp_path.glob(".tmp-new-t.npy-*"))
-        if tmps and tmps[0].stat().st_size > 4096:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed: make the corpus bigger"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not out.exists() and not sidecar_path(out).exists()
+
+    def recorded() -> int:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(progress.read_text())["items"]
+        return 0
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE, text=True)
+        # Wait until pass 2 has recorded documents beyond the earlier run's, then signal the group.
+        start, deadline = recorded(), time.time() + 120
+        while time.time() < deadline and proc.poll() is None and recorded() <= start:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed: make the corpus bigger"
+        os.killpg(proc.pid, sig)
+        err = proc.communicate(timeout=60)[1]
+        done = recorded()
+        assert start < done < 20000 and not out.exists() and not sidecar_path(out).exists()
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 143 and f"terminated (SIGTERM); the same command continues it from {out}.partial" in err
+        else:
+            assert f"an earlier run tokenized {start:,} of its 20,000 documents" in err
     with pytest.raises(FileNotFoundError):
         open_datasets([out], tok, SEQ)
-    # The next run clears the killed run's temporaries and writes the file.
-    subprocess.run(cmd, check=True)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
-    assert load_token_file(out, tok, SEQ).train.tokens[0] == tok.bos_id
+    again = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert f"resuming t.npy from {out}.partial: an earlier run tokenized {done:,} of its 20,000 documents" in again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl", "t.json", "t.npy"]
+    whole = write_token_file([big], tok, tmp_path / "u.npy", progress=False)
+    assert out.read_bytes() == (tmp_path / "u.npy").read_bytes()
+    assert json.loads(sidecar_path(out).read_text()) == whole
+
+
+def _stop_after(monkeypatch, calls: int, error: type[BaseException] = KeyboardInterrupt) -> None:
+    """Make the `calls`-th chunk encoded (of documents and of prompts alike) raise `error`."""
+    seen = [0]
+
+    def wrap(encode):
+        def stopping(items, tokenizer=None):
+            seen[0] += 1
+            if seen[0] == calls:
+                raise error("stopped here")
+            return encode(items, tokenizer)
+        return stopping
+
+    monkeypatch.setattr(token_writer, "_encode_documents", wrap(token_writer._encode_documents))
+    monkeypatch.setattr(token_writer, "_encode_prompts", wrap(token_writer._encode_prompts))
+
+
+@pytest.mark.parametrize("prompts", [False, True])
+def test_an_interrupted_write_resumes_to_the_same_bytes(tmp_path, tok, monkeypatch, capsys, prompts):
+    """Ctrl-C (or a full disk) in pass 2, then in assembly, then between the last two renames: each
+    time the same call finishes the file an uninterrupted call writes, byte for byte; bytes a killed
+    run wrote after its last record are cut."""
+    if prompts:
+        source = _jsonl(tmp_path / "a.jsonl", _examples(120))
+    else:
+        source = _jsonl(tmp_path / "a.jsonl", [{"text": d} for d in _docs(300)])
+    kw = dict(holdout_fraction=0.2, prompts=prompts, progress=False)
+    whole = write_token_file([source], tok, tmp_path / "whole.npy", **kw)
+    monkeypatch.setattr(token_writer, "_CHUNK_CHARS", 200)  # many chunks
+    monkeypatch.setattr(token_writer, "_RECORD_SECONDS", 0.0)  # a record after each
+    out, work = tmp_path / "t.npy", tmp_path / "t.npy.partial"
+
+    def same() -> None:
+        assert out.read_bytes() == (tmp_path / "whole.npy").read_bytes()
+        assert json.loads(sidecar_path(out).read_text()) == whole
+        assert not work.exists()
+
+    with monkeypatch.context() as m:
+        _stop_after(m, 4)
+        with pytest.raises(KeyboardInterrupt):
+            write_token_file([source], tok, out, **kw)
+    assert not out.exists() and json.loads((work / "progress.json").read_text())["items"] > 0
+    with (work / "train.bin").open("ab") as f:  # written after the last record, by a killed run
+        f.write(b"\x07" * 12)
+    unit = "examples" if prompts else "documents"
+    assert write_token_file([source], tok, out, **kw) == whole
+    assert re.search(rf"note: resuming t.npy from .*t.npy.partial: an earlier run tokenized \d+ of its \d+ {unit}",
+                     capsys.readouterr().err)  # fmt: skip
+    same()
+
+    # Stopped while assembling (the held-out tokens appended, the header not yet written).
+    out.unlink(), sidecar_path(out).unlink()
+    with monkeypatch.context() as m:
+        m.setattr(np.lib.format, "write_array_header_1_0", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+        with pytest.raises(OSError, match="disk full"):
+            write_token_file([source], tok, out, **kw)
+    assert write_token_file([source], tok, out, **kw) == whole
+    same()
+
+    # Killed between moving the .npy in place and its sidecar: the next call puts the sidecar there.
+    out.unlink(), sidecar_path(out).unlink()
+    real_replace = os.replace
+
+    def no_sidecar(src, dst):
+        if Path(dst) == sidecar_path(out):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", no_sidecar)
+        with pytest.raises(KeyboardInterrupt):
+            write_token_file([source], tok, out, **kw)
+    assert out.exists() and not sidecar_path(out).exists()
+    with pytest.raises(ValueError, match="already exists"):  # ... once its sidecar is in place
+        write_token_file([source], tok, out, **kw)
+    assert "was complete but for its sidecar" in capsys.readouterr().err
+    same()
+
+
+def test_a_partial_write_of_other_data_or_settings_is_refused(tmp_path, tok, monkeypatch):
+    docs = _docs(300)
+    source = _jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    monkeypatch.setattr(token_writer, "_CHUNK_CHARS", 200)
+    monkeypatch.setattr(token_writer, "_RECORD_SECONDS", 0.0)
+    out, work = tmp_path / "t.npy", tmp_path / "t.npy.partial"
+    with monkeypatch.context() as m:
+        _stop_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            write_token_file([source], tok, out, progress=False)
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+    other = Tokenizer(train_tokenizer(_docs(100, seed=7), tmp_path / "other.model", vocab_size=320))
+    _jsonl(tmp_path / "b.jsonl", [{"text": d} for d in docs[:-1]])
+    for call, what in ((lambda: write_token_file([source], tok, out, holdout_fraction=0.1, progress=False),
+                        "the items or their held-out split"),
+                       (lambda: write_token_file([tmp_path / "b.jsonl"], tok, out, progress=False),
+                        "the items or their held-out split"),
+                       (lambda: write_token_file([source], other, out, progress=False), "the tokenizer")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"holds part of a token file that differs from this run's in {what}.*"
+                                             f"remove {re.escape(str(work))} to start over"):  # fmt: skip
+            call()
+    (work / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds files that are not a token file's \(notes.txt\)"):
+        write_token_file([source], tok, out, progress=False)
+    (work / "notes.txt").unlink()
+    (work / ".lock").write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live writer
+    with pytest.raises(ValueError, match="is in use by process"):
+        write_token_file([source], tok, out, progress=False)
+    (work / ".lock").unlink()
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before  # refused without a change
+    write_token_file([source], tok, out, progress=False)
+    _same(load_token_file(out, tok, SEQ), load_datasets([source], tok, SEQ))
 
 
 def test_cli_errors_are_one_line(tmp_path, tok):
