@@ -5,7 +5,8 @@ cause (a missing path, a read-only or full disk, a file where a directory should
 messages name the fix, and no write in this project leaves a half-written file behind (see
 gemma2.files), which the full-disk message says. Ctrl-C ends a script with one line and exit status
 130 (the shell's code for SIGINT), also when a library it interrupted re-raised it as another
-exception; `on_interrupt` may add what the user needs to know (where to resume). Anything else is
+exception; `on_interrupt` may add what the user needs to know (where to resume), after a full
+disk too. Anything else is
 a bug and keeps its traceback. SIGTERM (`kill`, a scheduler ending the job) unwinds the same way
 (`Terminated`: every cleanup runs, a run's lock is released) and ends with status 143; a training
 loop first saves a checkpoint (gemma2.preemption). With GEMMA2_TRACEBACK=1 in the environment a
@@ -69,7 +70,11 @@ def run_cli(main: Callable[[], int | None], on_interrupt: Callable[[], str] | No
             raise  # a bug (or SystemExit): its traceback is kept
         if os.environ.get("GEMMA2_TRACEBACK") == "1":
             traceback.print_exc()
-        print(f"error: {e if isinstance(e, ValueError) else describe_os_error(e)}", file=sys.stderr)
+        line = str(e) if isinstance(e, ValueError) else describe_os_error(e)
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full and on_interrupt is not None and (extra := on_interrupt()):
+            line += "; " + extra
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     finally:
         signal.signal(signal.SIGTERM, previous)  # the caller's again (a test that calls main, say)

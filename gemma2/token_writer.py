@@ -2,33 +2,35 @@
 passes, in several processes, resumably.
 
 `write_token_file` streams:
-- pass 1 reads the documents (or the prompt files' lines, each parsed, so a malformed one stops
-  the run before any tokenizing) only to rank them for the held-out split (gemma2.corpus.held_out:
-  the items whose seeded sha256 of their text, or of their prompt, is lowest, whole), keeping 16
-  bytes per item; a repeated prompt line is kept once, as gemma2.prompts keeps it;
+- pass 1 reads the documents (or the prompt files' lines, each parsed and its conversation checked
+  as encoding will check it, so a bad example stops the run before any tokenizing) only to rank
+  them for the held-out split (gemma2.corpus.held_out: the items whose seeded sha256 of their
+  text, or of their prompt, is lowest, whole), keeping 16 bytes per item; a repeated prompt line
+  is kept once, as gemma2.prompts keeps it;
 - pass 2 reads them again and tokenizes them in `workers` processes, a bounded number of chunks
   in flight, appending each chunk's training and held-out tokens, and their length tables, to
   files of the partial directory (below).
-Memory is a few chunks of text and tokens plus ~20 bytes per document or example (the keys and
-masks of pass 1), never the corpus or the token array. (held_out compares whole digests; here
-the first 8 bytes, so the splits could differ only if two different items shared a 64-bit hash
-prefix right at the boundary, and two different prompt lines sharing one would be kept once.)
+Memory is a few chunks of text and tokens plus ~40 bytes per document or example (pass 1's keys
+and masks, the length tables read back at the end), never the corpus or the token array.
+(held_out compares whole digests; here the first 8 bytes, so the splits could differ only if two
+different items shared a 64-bit hash prefix right at the boundary, and two different prompt lines
+sharing one would be kept once.)
 
 Resumable and atomic: the write happens in `NAME.npy.partial/`, beside NAME.npy (beside its target
-if it is a symbolic link), under a lock: `plan.json` (the settings and a digest of pass 1: the
-items, in order, and their split), the four parts (`train.bin`, `heldout.bin`, `train.lengths`,
-`heldout.lengths`) and `progress.json`, which records, at most once a second, how many items and
-bytes of the parts are on disk (fsynced first). The same call again, after a kill, Ctrl-C or an
-I/O error (a full disk), repeats pass 1, checks it against `plan.json` (other data, split or
-tokenizer is refused and named), cuts each part back to its recorded size and tokenizes only the
-items after them: the file is byte for byte the one an uninterrupted run writes (tested). An
-example that the chat format refuses, found while tokenizing, removes the partial directory: the
-data must change, so nothing could resume. At the end the held-out tokens and the tables are
-appended to `train.bin`, which gets its header and is renamed to NAME.npy; then the sidecar is
-moved beside it (an overwrite removes the old sidecar first) and the partial directory removed. A
-killed run therefore never leaves a `.npy` + sidecar pair that a loader accepts but the complete
-one (a kill between the two renames leaves the sidecar in the partial directory; the next call
-puts it in place).
+if it is a symbolic link), under a lock taken before anything else (a second writer of NAME.npy
+is refused at once): `plan.json` (the settings and a digest of pass 1: the items, in order, and
+their split), the four parts (`train.bin`, `heldout.bin`, `train.lengths`, `heldout.lengths`) and
+`progress.json`, which records, at most once a second, how many items and bytes of the parts are
+on disk (fsynced first). The same call again, after a kill, Ctrl-C or an I/O error (a full
+disk), repeats pass 1, checks it against `plan.json` (other data, split or tokenizer is refused
+and named), cuts each part back to its recorded size, reads past the items recorded and
+tokenizes the rest: the file is byte for byte the one an uninterrupted run writes (tested). At
+the end the held-out tokens and the tables are appended to `train.bin`, which gets its header
+and is renamed to NAME.npy; then the sidecar is moved beside it (an overwrite removes the old
+sidecar first) and the partial directory removed, its lock with it. A killed run therefore never
+leaves a `.npy` + sidecar pair that a loader accepts but the complete one (killed between the two
+renames, the sidecar waits in the partial directory; the next call puts it in place). A call
+that fails before its first record leaves no partial directory.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from tqdm.auto import tqdm
 
 from .corpus import all_held_out, document_key, heldout_count, iter_documents, note_overlap
 from .files import (LOCK_FILE, TMP_PREFIX, acquire_lock, followed, fsync, notice, release_lock, remove_directory,
-                    write_text_atomic)  # fmt: skip
+                    remove_stale_temporaries, write_text_atomic)  # fmt: skip
 from .prompts import encode_examples, example_lines, parse_example, prompt_key
 from .token_files import FORMAT, sidecar_path
 from .tokenizer import Tokenizer
@@ -59,13 +61,14 @@ _HEADER_BYTES = 128  # np.save's version-1.0 header for any 1-D int32 shape up t
 _CHUNK_CHARS = 1 << 20  # text per task sent to a worker
 _RECORD_SECONDS = 1.0  # at most this much tokenizing is lost to a kill
 # The partial directory (NAME.npy.partial) of a write in progress:
+PARTIAL = ".partial"  # NAME.npy.partial
 PLAN, PROGRESS, SIDECAR = "plan.json", "progress.json", "sidecar.json"
 TRAIN, HELDOUT, TRAIN_LENGTHS, HELDOUT_LENGTHS = "train.bin", "heldout.bin", "train.lengths", "heldout.lengths"
 _PARTS = (TRAIN, HELDOUT, TRAIN_LENGTHS, HELDOUT_LENGTHS)
-# What a resumed write must share with the one that began it (plan.json), and how to name a difference.
-_PLAN_KEYS = {"format": "the format", "kind": "the kind (documents or prompts)", "tokenizer": "the tokenizer",
-              "text_column": "the text column", "items": "the items or their held-out split",
-              "digest": "the items or their held-out split"}  # fmt: skip
+# What a resumed write must share with the one that began it (plan.json; the format too), and how
+# to name a difference.
+_PLAN_KEYS = {"kind": "the kind (documents or prompts)", "tokenizer": "the tokenizer", "text_column": "the text column",
+              "items": "the items or their held-out split", "digest": "the items or their held-out split"}  # fmt: skip
 
 
 def _documents(paths: Sequence[str | os.PathLike], text_column: str) -> Iterator[str]:
@@ -82,15 +85,22 @@ def _items(paths: Sequence[str | os.PathLike], text_column: str, prompts: bool) 
     return example_lines(paths) if prompts else _documents(paths, text_column)
 
 
-def _keys(item: Any, prompts: bool) -> tuple[int, int]:
+def _keys(item: Any, prompts: bool, tokenizer: Tokenizer) -> tuple[int, int]:
     """The 64-bit prefixes of the document_key of an item, and of what ranks it for the held-out
-    split: a document's text; a prompt line and its prompt (`prompt_key`; the line is parsed here,
-    so a malformed one stops the run before any tokenizing)."""
-    if prompts:
-        where, line = item
-        ranked = prompt_key(parse_example(line, where), where)
-        return _prefix(line), _prefix(ranked)
-    return _prefix(item), _prefix(item)
+    split: a document's text; a prompt line and its prompt (`prompt_key`). A prompt line is parsed
+    and its conversation checked as encoding it will be (`format_chat`), so that a bad example stops
+    the run before any tokenizing, not in pass 2, where a failure is resumed."""
+    if not prompts:
+        return _prefix(item), _prefix(item)
+    where, line = item
+    example = parse_example(line, where)
+    ranked = prompt_key(example, where)
+    if "messages" in example:
+        try:
+            tokenizer.format_chat(example["messages"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    return _prefix(line), _prefix(ranked)
 
 
 def _prefix(text: str) -> int:
@@ -98,7 +108,7 @@ def _prefix(text: str) -> int:
 
 
 def _pass_one(groups: list[Sequence[str | os.PathLike]], holdout_fraction: float | None, text_column: str,
-              prompts: bool) -> tuple[np.ndarray, np.ndarray, str]:  # fmt: skip
+              prompts: bool, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray, str]:  # fmt: skip
     """Pass 1 over the items of the training paths (groups[0]) and the held-out ones (groups[1],
     when given): bool masks (keep, held) over all items, in order. keep: the item is tokenized
     (every document; the first of repeated prompt lines within a group); held: it is held out
@@ -107,7 +117,7 @@ def _pass_one(groups: list[Sequence[str | os.PathLike]], holdout_fraction: float
     same order, split the same way)."""
     keeps, helds, ranked, digest = [], [], [], hashlib.sha256()
     for g, paths in enumerate(groups):
-        pairs = (_keys(item, prompts) for item in _items(paths, text_column, prompts))
+        pairs = (_keys(item, prompts, tokenizer) for item in _items(paths, text_column, prompts))
         keys, ranks = np.fromiter(chain.from_iterable(pairs), dtype=np.uint64).reshape(-1, 2).T
         if len(keys) == 0:
             what = "prompt examples" if prompts else "text"
@@ -261,12 +271,13 @@ class _Parts:
 
 def _partial_directory(out: Path) -> Path:
     """Where token file `out` is written until it is complete: NAME.npy.partial beside it."""
-    return out.with_name(out.name + ".partial")
+    return out.with_name(out.name + PARTIAL)
 
 
-def _take_partial(out: Path, plan: dict) -> tuple[Path, dict | None]:
-    """Take the lock of `out`'s partial directory, made with `plan` if there is none, else checked
-    to be for `plan`. Returns the lock and the progress an earlier run recorded there (None: start)."""
+def _lock_partial(out: Path) -> Path:
+    """Take the lock of `out`'s partial directory (made if there is none), before anything else of
+    a write, so that a second writer of `out` is refused at once; clear what a killed run left
+    there. Returns the lock."""
     work = _partial_directory(out)
     if work.exists() and not work.is_dir():
         raise ValueError(f"{work} is a file, in the way of the directory the token file is written in first: move it")
@@ -279,53 +290,51 @@ def _take_partial(out: Path, plan: dict) -> tuple[Path, dict | None]:
         if stray := entries - {PLAN, PROGRESS, SIDECAR, *_PARTS}:
             raise ValueError(f"{work} holds files that are not a token file's ({', '.join(sorted(stray))}), where "
                              f"{out.name} is written first: move them")  # fmt: skip
-        try:
-            recorded = json.loads((work / PLAN).read_text())
-            progress = json.loads((work / PROGRESS).read_text())
-        except (OSError, ValueError):  # new, or killed before its first record: nothing to lose
-            write_text_atomic(work / PLAN, json.dumps(plan, indent=2) + "\n")
-            return lock, None
-        differ = dict.fromkeys(what for key, what in _PLAN_KEYS.items() if recorded.get(key) != plan.get(key))
-        if differ:
-            raise ValueError(f"{work} holds part of a token file that differs from this run's in {', '.join(differ)}: "
-                             f"rerun the command that began it to finish it, or remove {work} to start over")  # fmt: skip
-        short = [name for name, size in progress["bytes"].items()
-                 if not (work / name).is_file() or (work / name).stat().st_size < size]  # fmt: skip
-        if short:  # the machine, not the process, went down before the files reached the disk (or a hand)
-            notice(f"{work}: {', '.join(short)} lost bytes an earlier run had recorded; starting over")
-            return lock, None
-        if progress["items"]:
-            unit = "examples" if plan["kind"] == "prompts" else "documents"
-            notice(f"resuming {out.name} from {work}: an earlier run tokenized {progress['items']:,} of its "
-                   f"{plan['items']:,} {unit}")  # fmt: skip
-        return lock, progress
+        if (work / PROGRESS).is_file() and not (work / TRAIN).exists():  # killed once its .npy was at `out`
+            if (work / SIDECAR).is_file() and out.is_file():
+                os.replace(work / SIDECAR, sidecar_path(out))
+                fsync(out.parent)
+                notice(f"{out} is complete: a run was killed after moving it there and before its sidecar")
+            for name in entries:
+                (work / name).unlink(missing_ok=True)
     except BaseException:
         release_lock(lock)
         raise
+    return lock
+
+
+def _resume_point(work: Path, out: Path, plan: dict) -> dict | None:
+    """The progress an earlier run recorded in `work` for `plan` (None: start, with `plan` recorded);
+    a ValueError when `work` holds part of another token file."""
+    try:
+        recorded = json.loads((work / PLAN).read_text())
+        progress = json.loads((work / PROGRESS).read_text())
+    except (OSError, ValueError):  # new, or killed before its first record: nothing to lose
+        write_text_atomic(work / PLAN, json.dumps(plan, indent=2) + "\n")
+        return None
+    if recorded.get("format") != plan["format"]:
+        raise ValueError(f"{work} holds part of a token file of format {recorded.get('format')}, which this "
+                         f"version does not continue: remove {work} to start over")  # fmt: skip
+    if differ := dict.fromkeys(what for key, what in _PLAN_KEYS.items() if recorded.get(key) != plan.get(key)):
+        raise ValueError(f"{work} holds part of a token file that differs from this run's in {', '.join(differ)}: "
+                         f"rerun the command that began it to finish it, or remove {work} to start over")  # fmt: skip
+    short = [name for name, size in progress["bytes"].items()
+             if not (work / name).is_file() or (work / name).stat().st_size < size]  # fmt: skip
+    if short:  # the machine, not the process, went down before the files reached the disk (or a hand)
+        notice(f"{work}: {', '.join(short)} lost bytes an earlier run had recorded; starting over")
+        return None
+    if progress["items"]:
+        unit = "examples" if plan["kind"] == "prompts" else "documents"
+        notice(f"resuming {out.name} from {work}: an earlier run tokenized {progress['items']:,} of its "
+               f"{plan['items']:,} {unit}")  # fmt: skip
+    return progress
 
 
 def interrupted(out: str | os.PathLike) -> str:
-    """For a user whose write of token file `out` was interrupted: how to finish it ("" before
-    anything was kept)."""
+    """For a user whose write of token file `out` stopped (Ctrl-C, a full disk): how to finish it
+    ("" before anything was kept)."""
     work = _partial_directory(followed(out))
     return f"the same command continues it from {work}" if (work / PROGRESS).is_file() else ""
-
-
-def _finish_publish(out: Path) -> None:
-    """After a run killed once its .npy was moved to `out` (its partial directory then holds a
-    record but no TRAIN): put the sidecar beside `out` if it was not yet, and remove the directory."""
-    work = _partial_directory(out)
-    if not (work / PROGRESS).is_file() or (work / TRAIN).exists():
-        return
-    lock = acquire_lock(work)
-    try:
-        if (work / SIDECAR).is_file() and out.is_file():
-            os.replace(work / SIDECAR, sidecar_path(out))
-            fsync(out.parent)
-            notice(f"{out} was complete but for its sidecar when an earlier run was killed: put it in place")
-    finally:
-        release_lock(lock)
-    remove_directory(work)
 
 
 def write_token_file(
@@ -347,7 +356,7 @@ def write_token_file(
 
     The held-out split is `eval_paths` when given (all of `paths` then trains), else
     `holdout_fraction` of the items, chosen as gemma2.data.load_datasets (gemma2.prompts.
-    load_prompt_datasets) chooses them. A killed or failed call is continued by the same call
+    load_prompt_datasets) chooses them. A killed or interrupted call is continued by the same call
     (see the module docstring)."""
     out = followed(out)  # a symbolic link: its target is written, and the partial directory sits beside it
     if out.suffix != ".npy":
@@ -356,11 +365,34 @@ def write_token_file(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"no such directory: {out.parent}; create it first")
-    _finish_publish(out)
-    if not overwrite and (out.exists() or sidecar_path(out).exists()):
-        raise ValueError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it, or another name")
+    # What killed writes left: a removal of the partial directory begun, or (before writes resumed)
+    # a temporary .npy and held-out scratch file.
+    for name in (out.name + PARTIAL, out.name, out.name + ".heldout"):
+        remove_stale_temporaries(out.parent, name)
+    lock = _lock_partial(out)
+    work = lock.parent
+    try:
+        if not overwrite and (out.exists() or sidecar_path(out).exists()):  # under the lock: no writer is mid-way
+            raise ValueError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it, or another name")
+        info = _write(work, out, tokenizer, paths, eval_paths, holdout_fraction, text_column, prompts, workers,
+                      progress)  # fmt: skip
+        remove_directory(work)  # the lock with it
+        return info
+    except BaseException:
+        if (work / PROGRESS).is_file():
+            release_lock(lock)  # kept for the same call to continue
+        else:
+            remove_directory(work)  # nothing to continue: nothing left
+        raise
+
+
+def _write(work: Path, out: Path, tokenizer: Tokenizer, paths: Sequence[str | os.PathLike],
+           eval_paths: Sequence[str | os.PathLike] | None, holdout_fraction: float, text_column: str, prompts: bool,
+           workers: int, progress: bool) -> dict:  # fmt: skip
+    """write_token_file's work, under the lock of the partial directory `work`: both passes, then
+    the token file and its sidecar moved to `out`. Returns the sidecar's content."""
     groups = [list(paths)] if eval_paths is None else [list(paths), list(eval_paths)]
-    keep, held_mask, digest = _pass_one(groups, holdout_fraction, text_column, prompts)
+    keep, held_mask, digest = _pass_one(groups, holdout_fraction, text_column, prompts, tokenizer)
     held_mask = held_mask[keep]  # over the items pass 2 tokenizes
     info = {
         "format": FORMAT,
@@ -372,29 +404,21 @@ def write_token_file(
         "sources": list(map(str, paths)),
         **({} if prompts else {"text_column": text_column}),
     }  # fmt: skip
-    lock, done = _take_partial(out, {**{key: info[key] for key in _PLAN_KEYS if key in info},
-                                     "items": len(held_mask), "digest": digest})  # fmt: skip
-    work = lock.parent
-    try:
-        items = (item for g in groups for item in _items(g, text_column, prompts))
-        kept = (item for item, k in zip(items, keep) if k)
-        try:
-            tables = _pass_two(work, done, kept, held_mask, tokenizer, workers, prompts,
-                               desc=f"tokenize {out.name}" if progress else None)  # fmt: skip
-        except ValueError:  # an example the chat format refuses: the data must change, so nothing can resume
-            remove_directory(work)  # its lock with it
-            raise
-        unit = "examples" if prompts else "documents"
-        info[unit] = {split: len(table) for split, table in tables.items()}
-        info["tokens"] = {split: int(table.sum()) for split, table in tables.items()}
-        write_text_atomic(work / SIDECAR, json.dumps(info, indent=2) + "\n")
-        sidecar_path(out).unlink(missing_ok=True)  # the old pair stops being a token file first
-        os.replace(work / TRAIN, out)
-        os.replace(work / SIDECAR, sidecar_path(out))
-        fsync(out.parent)
-    finally:
-        release_lock(lock)
-    remove_directory(work)
+    plan = {"format": FORMAT, **{key: info[key] for key in _PLAN_KEYS if key in info}, "items": len(held_mask),
+            "digest": digest}  # fmt: skip
+    done = _resume_point(work, out, plan)
+    items = (item for g in groups for item in _items(g, text_column, prompts))
+    kept = (item for item, k in zip(items, keep) if k)
+    tables = _pass_two(work, done, kept, held_mask, tokenizer, workers, prompts,
+                       desc=f"tokenize {out.name}" if progress else None)  # fmt: skip
+    unit = "examples" if prompts else "documents"
+    info[unit] = {split: len(table) for split, table in tables.items()}
+    info["tokens"] = {split: int(table.sum()) for split, table in tables.items()}
+    write_text_atomic(work / SIDECAR, json.dumps(info, indent=2) + "\n")
+    sidecar_path(out).unlink(missing_ok=True)  # the old pair stops being a token file first
+    os.replace(work / TRAIN, out)
+    os.replace(work / SIDECAR, sidecar_path(out))
+    fsync(out.parent)
     return info
 
 

@@ -13,8 +13,9 @@ datasets (gemma2/prompts.py: {"messages": [...]} or {"prompt": ..., "completion"
 their rows' layout (--prompt-len, --max-new-tokens) is chosen when training, not here. Writes OUT
 (int32 tokens: training items then held-out ones) and its sidecar OUT with .json (tokenizer
 fingerprint, counts, split). It writes in OUT with .partial (a directory beside OUT) until done: a
-killed run leaves nothing that scripts/distill.py accepts, and the same command again continues it
-where it stopped (its last second of work is redone), writing the file an uninterrupted run writes.
+killed run leaves nothing that scripts/distill.py accepts, and the same command again continues it:
+it reads the data again but tokenizes only what the killed run had not recorded (it records at most
+once a second), and writes the file an uninterrupted run writes.
 Library: gemma2.token_writer.write_token_file.
 """
 

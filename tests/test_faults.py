@@ -659,7 +659,10 @@ def test_a_full_disk_in_process_keeps_the_checkpoint(tmp_path, docs, monkeypatch
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(ROOT / "scripts" / "distill.py"), run_name="__main__")
     assert exit_info.value.code == 2
-    assert "error: no space left on device" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: no space left on device" in err
+    assert err.endswith(f"the latest complete checkpoint is {out / 'step-000002'}; continue with the same command "
+                        "and --resume\n")  # fmt: skip
     assert load_model(out / "step-000002").config.vocab_size == 4096
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".tmp-")) == ["metrics.jsonl", "step-000002"]
 

@@ -6,9 +6,11 @@ accepts, and the same call again finishes it byte for byte as an uninterrupted o
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import runpy
 import signal
 import socket
 import subprocess
@@ -191,15 +193,16 @@ def test_a_killed_run_leaves_nothing_a_trainer_accepts_and_the_same_command_fini
     assert json.loads(sidecar_path(out).read_text()) == whole
 
 
-def _stop_after(monkeypatch, calls: int, error: type[BaseException] = KeyboardInterrupt) -> None:
-    """Make the `calls`-th chunk encoded (of documents and of prompts alike) raise `error`."""
+def _stop_after(monkeypatch, calls: int, error: BaseException | None = None) -> None:
+    """Make the `calls`-th chunk encoded (of documents and of prompts alike) raise `error`
+    (default: Ctrl-C's KeyboardInterrupt)."""
     seen = [0]
 
     def wrap(encode):
         def stopping(items, tokenizer=None):
             seen[0] += 1
             if seen[0] == calls:
-                raise error("stopped here")
+                raise error or KeyboardInterrupt()
             return encode(items, tokenizer)
         return stopping
 
@@ -265,8 +268,37 @@ def test_an_interrupted_write_resumes_to_the_same_bytes(tmp_path, tok, monkeypat
     assert out.exists() and not sidecar_path(out).exists()
     with pytest.raises(ValueError, match="already exists"):  # ... once its sidecar is in place
         write_token_file([source], tok, out, **kw)
-    assert "was complete but for its sidecar" in capsys.readouterr().err
+    assert "t.npy is complete: a run was killed after moving it there and before its sidecar" in capsys.readouterr().err
     same()
+    # A removal of the partial directory killed midway leaves a temporary the next call clears.
+    (tmp_path / ".tmp-new-t.npy.partial-999999999-0").mkdir()
+    (tmp_path / ".tmp-new-t.npy.partial-999999999-0/train.bin").write_bytes(b"\0" * 64)
+    write_token_file([source], tok, out, overwrite=True, **kw)
+    same()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "t.json", "t.npy", "whole.json", "whole.npy"]
+
+
+def test_a_full_disk_names_the_partial_directory_and_the_same_command_continues(tmp_path, tok, monkeypatch, capsys):
+    source = _jsonl(tmp_path / "a.jsonl", [{"text": d} for d in _docs(300)])
+    whole = write_token_file([source], tok, tmp_path / "whole.npy", progress=False)
+    monkeypatch.setattr(token_writer, "_CHUNK_CHARS", 200)
+    monkeypatch.setattr(token_writer, "_RECORD_SECONDS", 0.0)
+    out = tmp_path / "t.npy"
+    cmd = ["tokenize_data.py", "--tokenizer", str(tok.path), "--data", str(source), "--out", str(out), "--no-progress"]
+    monkeypatch.setattr(sys, "argv", cmd)
+    with monkeypatch.context() as m:
+        _stop_after(m, 5, OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "t.npy.partial/train.bin")))
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(ROOT / "scripts/tokenize_data.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: no space left on device") and err.endswith(
+        f"Free some space and run the command again; the same command continues it from {out}.partial\n")
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "scripts/tokenize_data.py"), run_name="__main__")
+    assert exit_info.value.code == 0 and "note: resuming t.npy" in capsys.readouterr().err
+    assert out.read_bytes() == (tmp_path / "whole.npy").read_bytes()
+    assert json.loads(sidecar_path(out).read_text()) == {**whole, "sources": [str(source)]}
 
 
 def test_a_partial_write_of_other_data_or_settings_is_refused(tmp_path, tok, monkeypatch):
@@ -448,8 +480,8 @@ def test_prompt_file_with_held_out_files_and_refusals(tmp_path, tok):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_bad_example_is_named_and_nothing_is_written(tmp_path, tok, workers):
     good = [json.dumps(e) for e in _examples(30)]
-    # A line that is not JSON stops pass 1; a conversation the chat format refuses (two model turns
-    # in a row) is found while encoding, in a worker when there are several.
+    # A line that is not JSON, and a conversation the chat format refuses (two model turns in a row,
+    # which the prompt's key does not see), stop pass 1: no partial directory is left to resume.
     for bad, error in (("{oops", r"b.jsonl:3: not JSON"), (json.dumps({"messages": [
             {"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"},
             {"role": "assistant", "content": "b"}]}), r"b.jsonl:3: ")):  # fmt: skip
