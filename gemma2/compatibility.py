@@ -1,7 +1,8 @@
 """Checks that the parts a command combines belong together, made before any work.
 
 - A tokenizer and a model: the model's vocabulary must be the tokenizer's pieces, or that number
-  padded up to a multiple of `VOCAB_PADDING` (as Gemma's JAX tables are: 256000 -> 256128), and
+  padded up to a multiple of `VOCAB_PADDING` (300 pieces, 384 rows; Gemma's 256000 is already a
+  multiple, so its JAX tables' 256128 rows are refused: slice them to 256000), and
   the special ids (pad, bos, eos) must be the ones the model's config names. A mismatched tokenizer
   does not fail loudly by itself: every id simply means another piece (the tiny teacher's
   perplexity reads 3974 instead of 74) and generation decodes nonsense or ids past the tokenizer.

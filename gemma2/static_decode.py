@@ -24,7 +24,9 @@ symbolic-shape trace as fast as the first (14.6 against 14.6, eager 15.8). Each 
 its first call: 8-14 s, ~3 s once inductor's on-disk cache holds the kernels. The smaller the model,
 the larger the share of a step that is per-op overhead: the shipped tiny teacher (5.8M parameters,
 bf16) decodes 599 against 271 tokens/s (2.2x; `scripts/generate.py`, 200 tokens, medians of 3),
-while a 2B step reads 5 GB of weights, so there the gain is a few percent at most. Hence opt-in on CPU (`Session(...,
+while a 2B step reads 5 GB of weights, so there the gain is a few percent at most. (Measured again
+after the eager step got faster, on a slower day: 1.17x on the benchmark config, 2.5x on the tiny
+teacher; README, "Generating".) Hence opt-in on CPU (`Session(...,
 compiled=True)`, `scripts/generate.py --compile`). CUDA has not run here.
 
 In fp32 the compiled tokens are eager's (tested). In bf16 they can part ways after a near-tie,

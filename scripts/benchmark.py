@@ -168,7 +168,7 @@ def main() -> None:
     try:
         import transformers
     except ImportError:
-        sys.exit("benchmark.py needs transformers (pip install transformers): it is the reference")
+        raise ValueError("benchmark.py needs transformers, its reference: pip install -e '.[test]'") from None
     set_threads(args.threads)
     device, dtype = torch.device(args.device), torch.bfloat16
     if device.type == "cuda" and not torch.cuda.is_available():

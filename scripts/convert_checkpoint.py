@@ -48,10 +48,10 @@ def check_output(source: Path, target: Path, dtype: torch.dtype, args: argparse.
     if target.resolve() == source.resolve():
         old = stored_dtype(source)
         if old != dtype and not args.quantize and not args.overwrite:
-            keep = "--quantize int8" if old == torch.int8 else f"--dtype {str(old).removeprefix('torch.')}"
+            keep = "" if old == torch.int8 else f"--dtype {str(old).removeprefix('torch.')}, "
             raise ValueError(
                 f"--output is the input and would turn its {old} weights into {dtype} in place; pass "
-                f"{keep}, another --output, or --overwrite"
+                f"{keep}another --output, or --overwrite"
             )
         if args.quantize and not args.overwrite:
             raise ValueError(

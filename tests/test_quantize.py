@@ -374,6 +374,11 @@ def test_convert_checkpoint_quantize_int8(tmp_path):
     direct = quantize_model(load_model(tmp_path / "f"))
     converted = load_model(tmp_path / "q")
     assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), direct.state_dict().values()))
+    # In place, the int8 weights would be dequantised: refused with the ways that work (--quantize int8
+    # in place is refused too, so it is not offered).
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_checkpoint.py"), "--input", str(tmp_path / "q"),
+                           "--output", str(tmp_path / "q")], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.endswith("in place; pass another --output, or --overwrite\n")
 
 
 def test_generate_script_quantize_int8():
