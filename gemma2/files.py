@@ -17,11 +17,7 @@ never half of either; a failure removes the temporary and leaves the destination
   filled, or one that outlived the process that started it (`drop_kept_links` first removes the
   links a publish of it killed before its swap had made).
 - `acquire_lock(directory)` / `release_lock(lock)`: one writer at a time (`directory/.lock` holds
-  "pid host", and its holder keeps an flock on it; a lock whose process is gone is taken over
-  with a `notice`: on this host, a pid that no longer runs; from another host, which no pid can
-  tell, a lock nobody's flock holds, so a job requeued on another machine after a hard kill goes on
-  where the filesystem keeps flocks across machines (NFS, Lustre with `-o flock`), and refuses
-  where it cannot tell).
+  "pid host"; a lock whose process is gone is taken over with a `notice`).
 - `fsync(path)`: make a file's bytes, or a directory's entries, durable.
 - `process_alive(pid)`: whether a process exists (is a temporary's or a lock's writer still at work?).
 - `followed(path)`: where a write of `path` lands (the target of a symbolic link).
@@ -40,7 +36,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import itertools
 import os
 import re
@@ -54,7 +49,6 @@ from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
 LOCK_FILE = ".lock"
-_HELD: dict[Path, int] = {}  # each lock this process holds -> the descriptor that keeps its flock
 _TEMPORARY = re.compile(r"\.tmp-(?P<kind>new|old)-(?P<name>.+)-(?P<pid>\d+)-\d+")
 
 
@@ -339,7 +333,7 @@ def acquire_lock(directory: Path) -> Path:
                 held = lock.read_text()
             except FileNotFoundError:
                 continue  # released meanwhile
-            holder, live = _holder(held, lock)
+            holder, live = _holder(held)
             if live:
                 raise ValueError(
                     f"{directory} is in use by {holder} (lock file {lock}); wait for it to end or write "
@@ -348,11 +342,8 @@ def acquire_lock(directory: Path) -> Path:
             notice(f"{lock} was left by {holder}, which is gone; taking it over")
             _remove_stale_lock(lock, held)
             continue
-        _flock(fd, fcntl.LOCK_EX)  # held while the descriptor stays open: until release, or death
-        os.write(fd, me.encode())
-        if (earlier := _HELD.pop(lock, None)) is not None:  # a lock of ours that was never released
-            os.close(earlier)
-        _HELD[lock] = fd
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
         return lock
     raise ValueError(f"{lock}: another process took the lock at the same moment; retry")
 
@@ -376,67 +367,32 @@ def _remove_stale_lock(lock: Path, stale: str) -> None:
 
 
 def lock_holder(directory: Path) -> str | None:
-    """"process PID on HOST" when a live process holds directory/.lock (or may: see `_holder`),
-    else None."""
-    lock = directory / LOCK_FILE
+    """"process PID on HOST" when a live process holds directory/.lock (or one on another host,
+    which cannot be checked), else None."""
     try:
-        holder, live = _holder(lock.read_text(), lock)
+        holder, live = _holder((directory / LOCK_FILE).read_text())
     except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
         return None
     return holder if live else None
 
 
-def _holder(held: str, lock: Path) -> tuple[str, bool]:
+def _holder(held: str) -> tuple[str, bool]:
     """Who a lock's content names, and whether that process may be alive."""
     try:
         pid_text, host = held.split()
         pid = int(pid_text)
     except ValueError:
         return "a process killed as it took it", False  # torn between create and write: nobody holds it
-    if host != socket.gethostname():  # no pid to check: its flock, where the filesystem tells
-        return f"process {pid} on {host}", _flocked(lock) is not False
+    if host != socket.gethostname():
+        return f"process {pid} on {host}", True  # cannot be checked from here
     # Our own pid: a killed process's before us (a container's processes get the same pids each run).
     return f"process {pid} on {host}", pid != os.getpid() and process_alive(pid)
 
 
-def _flock(fd: int, operation: int) -> bool | None:
-    """fcntl.flock without waiting: True when taken, False when another process holds it, None
-    where the filesystem has no flock (some FUSE and Lustre mounts)."""
-    try:
-        fcntl.flock(fd, operation | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError:
-        return None
-
-
-def _flocked(lock: Path) -> bool | None:
-    """Whether some process, on any machine sharing the filesystem, holds `lock`'s flock (None:
-    cannot tell). The kernel drops a process's flock when it dies (NFS's server within its lease
-    time, ~90 s, when the machine itself went down)."""
-    if lock in _HELD:  # ours: probing would drop it (NFS emulates flock with locks a close releases)
-        return True
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        free = _flock(fd, fcntl.LOCK_SH)
-        return None if free is None else not free
-    finally:
-        os.close(fd)  # and our shared flock with it
-
-
 def release_lock(lock: Path) -> None:
-    """Remove `lock` if this process holds it (a lock another process took over is left alone),
-    and end its flock (also when the file went with its directory)."""
+    """Remove `lock` if this process holds it (a lock another process took over is left alone)."""
     try:
         if lock.read_text() == f"{os.getpid()} {socket.gethostname()}\n":
             lock.unlink()
     except FileNotFoundError:
         pass
-    finally:
-        fd = _HELD.pop(lock, None)
-        if fd is not None:
-            os.close(fd)

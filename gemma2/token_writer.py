@@ -376,15 +376,14 @@ def write_token_file(
             raise ValueError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it, or another name")
         info = _write(work, out, tokenizer, paths, eval_paths, holdout_fraction, text_column, prompts, workers,
                       progress)  # fmt: skip
+        remove_directory(work)  # the lock with it
+        return info
     except BaseException:
-        if not (work / PROGRESS).is_file():  # else kept for the same call to continue
+        if (work / PROGRESS).is_file():
+            release_lock(lock)  # kept for the same call to continue
+        else:
             remove_directory(work)  # nothing to continue: nothing left
         raise
-    else:
-        remove_directory(work)  # done: the lock file goes with it, still held
-    finally:
-        release_lock(lock)
-    return info
 
 
 def _write(work: Path, out: Path, tokenizer: Tokenizer, paths: Sequence[str | os.PathLike],
