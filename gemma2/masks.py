@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+FLEX_BLOCK = 128  # FlexAttention's block of queries and of keys (its default)
+
 
 class Columns(NamedTuple):
     """What one forward's masks and RoPE need: the queries' and each layer kind's keys' columns."""
@@ -90,16 +92,34 @@ def flex_block_mask(q_cols: Tensor, k_cols: Tensor, window: int | None, key_vali
     the extra keys are masked out and the extra query rows are sliced off by `gemma2.attention.flex`.
     The window is a tensor (a global layer's spans every column), so local and global layers share
     one compiled kernel.
+
+    The same BlockMask as torch's `create_block_mask` (tested), built one row of query blocks at a
+    time: at most `[B, 128, Tk]` booleans, where `create_block_mask` evaluates the rule over the
+    whole `[B, Tq, Tk]` (on CPU, B 8 and T 4096, window 512: 17-23 MB of peak memory growth against
+    1354-1386 MB, and 0.2 against 2.1-2.8 s; at T 8192 it would be ~5.4 GB per mask, twice a forward).
     """
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask
 
     Tq, Tk = _bucket(len(q_cols)), _bucket(len(k_cols))
     q_cols = F.pad(q_cols, (0, Tq - len(q_cols)), value=-1)  # a negative query column sees nothing
     k_cols = F.pad(k_cols, (0, Tk - len(k_cols)), value=-1)
     key_valid = F.pad(key_valid, (0, Tk - key_valid.shape[1]), value=False)
     span = torch.tensor(Tq + Tk + 1 if window is None else window, device=q_cols.device)
-    mod = flex_mask_mod(q_cols, k_cols, span, key_valid)
-    return create_block_mask(mod, key_valid.shape[0], None, Tq, Tk, device=q_cols.device)
+    B, C = key_valid.shape[0], FLEX_BLOCK
+    some = torch.empty(B, Tq // C, Tk // C, dtype=torch.bool, device=q_cols.device)  # a block with a key allowed
+    every = torch.empty_like(some)  # a block with every key allowed (no mask_mod needed)
+    for i in range(Tq // C):
+        allowed = (keep(q_cols[i * C : (i + 1) * C, None], k_cols, span) & key_valid[:, None]).view(B, C, -1, C)
+        some[:, i], every[:, i] = allowed.any(3).any(1), allowed.all(3).all(1)
+    return BlockMask.from_kv_blocks(*_ordered(some & ~every), *_ordered(every), BLOCK_SIZE=(C, C),
+                                    mask_mod=flex_mask_mod(q_cols, k_cols, span, key_valid), seq_lengths=(Tq, Tk))  # fmt: skip
+
+
+def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """A `[B, Qb, Kb]` bool block table as a BlockMask holds it: per query block, how many key
+    blocks, and which (those first, ascending), int32, with a head dimension of 1."""
+    blocks = blocks[:, None].to(torch.int32)
+    return blocks.sum(-1, dtype=torch.int32), torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32)
 
 
 def _bucket(n: int) -> int:

@@ -1,10 +1,12 @@
 """Masks against brute-force definitions written here, and against the masks transformers builds."""
 
+import math
+
 import pytest
 import torch
 
 from conftest import hf_twin, left_padded, tiny_config
-from gemma2.masks import flex_mask_mod, may_attend, ring_columns
+from gemma2.masks import flex_block_mask, flex_mask_mod, may_attend, ring_columns
 
 
 def brute_force(q_cols, k_cols, window, key_valid):
@@ -56,6 +58,38 @@ def test_flex_mask_mod_matches_may_attend():
     mod = flex_mask_mod(q_cols, k_cols, 8, key_valid)
     b, q, k = torch.meshgrid(torch.arange(3), torch.arange(10), torch.arange(len(k_cols)), indexing="ij")
     assert torch.equal(mod(b, torch.zeros_like(b), q, k), may_attend(q_cols, k_cols, window=8, key_valid=key_valid))
+
+
+@pytest.mark.parametrize(
+    "B, q_cols, k_cols, window, pad",
+    [
+        (1, torch.arange(300), torch.arange(300), 7, 0),  # odd window, one row
+        (3, torch.arange(1000), torch.arange(1000), 129, 37),  # left padding, T > 2W
+        (4, torch.arange(513), torch.arange(513), None, 200),  # global, just past a bucket
+        (2, torch.arange(695, 700), torch.arange(700), 100, 3),  # a chunk after a cache
+        (1, torch.arange(4095, 4096), torch.arange(4096), 512, 0),  # one decode query
+        (3, torch.arange(30, 40), torch.cat([ring_columns(30, 8), torch.arange(30, 40)]), 8, 2),  # a ring
+    ],
+)
+def test_flex_block_mask_is_torchs_create_block_mask(B, q_cols, k_cols, window, pad):
+    """Built a row of query blocks at a time, the BlockMask is the one torch's create_block_mask
+    makes from the same rule over the whole [B, Tq, Tk] grid: every block table equal."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key_valid = torch.ones(B, len(k_cols), dtype=torch.bool)
+    key_valid[:, :pad] = False
+    key_valid[-1, : pad // 2] = False  # rows padded differently
+    got = flex_block_mask(q_cols, k_cols, window, key_valid)
+    Tq, Tk = (max(128, 2 ** math.ceil(math.log2(n))) for n in (len(q_cols), len(k_cols)))  # the buckets
+    q = torch.cat([q_cols, torch.full((Tq - len(q_cols),), -1)])
+    k = torch.cat([k_cols, torch.full((Tk - len(k_cols),), -1)])
+    valid = torch.cat([key_valid, torch.zeros(B, Tk - len(k_cols), dtype=torch.bool)], dim=1)
+    span = Tq + Tk + 1 if window is None else window
+    want = create_block_mask(flex_mask_mod(q, k, span, valid), B, None, Tq, Tk, device="cpu")
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):  # fmt: skip
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.shape == want.shape and got.BLOCK_SIZE == want.BLOCK_SIZE
 
 
 @pytest.mark.parametrize("window", [4, 8, 40])  # smaller than, around, larger than the sequence
