@@ -335,9 +335,12 @@ def acquire_lock(directory: Path) -> Path:
                 continue  # released meanwhile
             holder, live = _holder(held)
             if live:
+                elsewhere = not holder.endswith(f" on {socket.gethostname()}")  # its pid cannot be checked here
                 raise ValueError(
                     f"{directory} is in use by {holder} (lock file {lock}); wait for it to end or write "
-                    f"elsewhere. If that process is gone, delete {lock}"
+                    f"elsewhere. If that process is gone"
+                    f"{' (this machine cannot check one on another: a job requeued here after a kill, say)' if elsewhere else ''}"
+                    f", delete {lock}"
                 ) from None
             notice(f"{lock} was left by {holder}, which is gone; taking it over")
             _remove_stale_lock(lock, held)
