@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 FLEX_BLOCK = 128  # FlexAttention's block of queries and of keys (its default)
+_MASK_ENTRIES = 1 << 22  # flex_block_mask's booleans per pass (its memory: a few times this in bytes)
 
 
 class Columns(NamedTuple):
@@ -93,10 +94,12 @@ def flex_block_mask(q_cols: Tensor, k_cols: Tensor, window: int | None, key_vali
     The window is a tensor (a global layer's spans every column), so local and global layers share
     one compiled kernel.
 
-    The same BlockMask as torch's `create_block_mask` (tested), built one row of query blocks at a
-    time: at most `[B, 128, Tk]` booleans, where `create_block_mask` evaluates the rule over the
-    whole `[B, Tq, Tk]` (on CPU, B 8 and T 4096, window 512: 17-23 MB of peak memory growth against
-    1354-1386 MB, and 0.2 against 2.1-2.8 s; at T 8192 it would be ~5.4 GB per mask, twice a forward).
+    The same BlockMask as torch's `create_block_mask` (tested), built a few rows of query blocks at
+    a time: about 2^22 booleans per pass (`_MASK_ENTRIES`), where `create_block_mask` evaluates the
+    rule over the whole `[B, Tq, Tk]` (on CPU, B 8 and T 4096, window 512: 20-24 MB of peak memory
+    growth against 1354-1386 MB, and 0.2 against 1.7-2.8 s; at B 8 and T 8192 an estimated ~5.4 GB
+    per mask, twice a forward). Passes of several rows keep a GPU's kernel launches few (16 passes
+    at B 1 and T 8192; not run on a GPU).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -104,13 +107,16 @@ def flex_block_mask(q_cols: Tensor, k_cols: Tensor, window: int | None, key_vali
     q_cols = F.pad(q_cols, (0, Tq - len(q_cols)), value=-1)  # a negative query column sees nothing
     k_cols = F.pad(k_cols, (0, Tk - len(k_cols)), value=-1)
     key_valid = F.pad(key_valid, (0, Tk - key_valid.shape[1]), value=False)
-    span = torch.tensor(Tq + Tk + 1 if window is None else window, device=q_cols.device)
-    B, C = key_valid.shape[0], FLEX_BLOCK
-    some = torch.empty(B, Tq // C, Tk // C, dtype=torch.bool, device=q_cols.device)  # a block with a key allowed
+    span = torch.full((), Tq + Tk + 1 if window is None else window, device=q_cols.device)  # no host copy
+    B, C, Qb = key_valid.shape[0], FLEX_BLOCK, Tq // FLEX_BLOCK
+    some = torch.empty(B, Qb, Tk // C, dtype=torch.bool, device=q_cols.device)  # a block with a key allowed
     every = torch.empty_like(some)  # a block with every key allowed (no mask_mod needed)
-    for i in range(Tq // C):
-        allowed = (keep(q_cols[i * C : (i + 1) * C, None], k_cols, span) & key_valid[:, None]).view(B, C, -1, C)
-        some[:, i], every[:, i] = allowed.any(3).any(1), allowed.all(3).all(1)
+    rows = max(1, _MASK_ENTRIES // (B * C * Tk))  # query blocks per pass
+    for i in range(0, Qb, rows):
+        r = min(rows, Qb - i)
+        allowed = keep(q_cols[i * C : (i + r) * C, None], k_cols, span) & key_valid[:, None]  # [B, r * C, Tk]
+        allowed = allowed.view(B, r, C, -1, C)
+        some[:, i : i + r], every[:, i : i + r] = allowed.any(4).any(2), allowed.all(4).all(2)
     return BlockMask.from_kv_blocks(*_ordered(some & ~every), *_ordered(every), BLOCK_SIZE=(C, C),
                                     mask_mod=flex_mask_mod(q_cols, k_cols, span, key_valid), seq_lengths=(Tq, Tk))  # fmt: skip
 

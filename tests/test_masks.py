@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import hf_twin, left_padded, tiny_config
+from gemma2 import masks
 from gemma2.masks import flex_block_mask, flex_mask_mod, may_attend, ring_columns
 
 
@@ -71,16 +72,19 @@ def test_flex_mask_mod_matches_may_attend():
         (3, torch.arange(30, 40), torch.cat([ring_columns(30, 8), torch.arange(30, 40)]), 8, 2),  # a ring
     ],
 )
-def test_flex_block_mask_is_torchs_create_block_mask(B, q_cols, k_cols, window, pad):
-    """Built a row of query blocks at a time, the BlockMask is the one torch's create_block_mask
+@pytest.mark.parametrize("rows_per_pass", [1, 3, None])  # None: as many as the default budget allows
+def test_flex_block_mask_is_torchs_create_block_mask(B, q_cols, k_cols, window, pad, rows_per_pass, monkeypatch):
+    """Built a few rows of query blocks at a time, the BlockMask is the one torch's create_block_mask
     makes from the same rule over the whole [B, Tq, Tk] grid: every block table equal."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    Tq, Tk = (max(128, 2 ** math.ceil(math.log2(n))) for n in (len(q_cols), len(k_cols)))  # the buckets
+    if rows_per_pass is not None:
+        monkeypatch.setattr(masks, "_MASK_ENTRIES", rows_per_pass * B * 128 * Tk)
     key_valid = torch.ones(B, len(k_cols), dtype=torch.bool)
     key_valid[:, :pad] = False
     key_valid[-1, : pad // 2] = False  # rows padded differently
     got = flex_block_mask(q_cols, k_cols, window, key_valid)
-    Tq, Tk = (max(128, 2 ** math.ceil(math.log2(n))) for n in (len(q_cols), len(k_cols)))  # the buckets
     q = torch.cat([q_cols, torch.full((Tq - len(q_cols),), -1)])
     k = torch.cat([k_cols, torch.full((Tk - len(k_cols),), -1)])
     valid = torch.cat([key_valid, torch.zeros(B, Tk - len(k_cols), dtype=torch.bool)], dim=1)
