@@ -29,8 +29,9 @@ the end the held-out tokens and the tables are appended to `train.bin`, which ge
 and is renamed to NAME.npy; then the sidecar is moved beside it (an overwrite removes the old
 sidecar first) and the partial directory removed, its lock with it. A killed run therefore never
 leaves a `.npy` + sidecar pair that a loader accepts but the complete one (killed between the two
-renames, the sidecar waits in the partial directory; the next call puts it in place). A call
-that fails before its first record leaves no partial directory.
+renames, the sidecar waits in the partial directory; the next call puts it in place, never over
+a file of its name made since). A call that fails before its first record leaves no partial
+directory.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .corpus import all_held_out, document_key, heldout_count, iter_documents, note_overlap
-from .files import (LOCK_FILE, TMP_PREFIX, acquire_lock, followed, fsync, notice, release_lock, remove_directory,
+from .files import (LOCK_FILE, acquire_lock, followed, fsync, is_temporary, notice, release_lock, remove_directory,
                     remove_stale_temporaries, write_text_atomic)  # fmt: skip
 from .prompts import encode_examples, example_lines, parse_example, prompt_key
 from .token_files import FORMAT, sidecar_path
@@ -284,14 +285,14 @@ def _lock_partial(out: Path) -> Path:
     work.mkdir(exist_ok=True)
     lock = acquire_lock(work)
     try:
-        for p in work.glob(TMP_PREFIX + "*"):  # a record a killed run had begun (under the lock none is live)
-            p.unlink()
-        entries = {p.name for p in work.iterdir()} - {LOCK_FILE}
+        remove_stale_temporaries(work)  # a record a killed run had begun: gemma2.files' own names only
+        entries = {p.name for p in work.iterdir() if not is_temporary(p.name)} - {LOCK_FILE}
         if stray := entries - {PLAN, PROGRESS, SIDECAR, *_PARTS}:
             raise ValueError(f"{work} holds files that are not a token file's ({', '.join(sorted(stray))}), where "
                              f"{out.name} is written first: move them")  # fmt: skip
         if (work / PROGRESS).is_file() and not (work / TRAIN).exists():  # killed once its .npy was at `out`
-            if (work / SIDECAR).is_file() and out.is_file():
+            # Never over a sidecar-named file that appeared since: the .npy then waits for an overwrite.
+            if (work / SIDECAR).is_file() and out.is_file() and not sidecar_path(out).exists():
                 os.replace(work / SIDECAR, sidecar_path(out))
                 fsync(out.parent)
                 notice(f"{out} is complete: a run was killed after moving it there and before its sidecar")

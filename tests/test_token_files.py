@@ -270,6 +270,18 @@ def test_an_interrupted_write_resumes_to_the_same_bytes(tmp_path, tok, monkeypat
         write_token_file([source], tok, out, **kw)
     assert "t.npy is complete: a run was killed after moving it there and before its sidecar" in capsys.readouterr().err
     same()
+    # The same kill, then a file of the sidecar's name made by hand: kept, the .npy waits for an overwrite.
+    out.unlink(), sidecar_path(out).unlink()
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", no_sidecar)
+        with pytest.raises(KeyboardInterrupt):
+            write_token_file([source], tok, out, **kw)
+    sidecar_path(out).write_text("mine")
+    with pytest.raises(ValueError, match="already exists"):
+        write_token_file([source], tok, out, **kw)
+    assert sidecar_path(out).read_text() == "mine" and not work.exists()
+    write_token_file([source], tok, out, overwrite=True, **kw)
+    same()
     # A removal of the partial directory killed midway leaves a temporary the next call clears.
     (tmp_path / ".tmp-new-t.npy.partial-999999999-0").mkdir()
     (tmp_path / ".tmp-new-t.npy.partial-999999999-0/train.bin").write_bytes(b"\0" * 64)
@@ -323,9 +335,11 @@ def test_a_partial_write_of_other_data_or_settings_is_refused(tmp_path, tok, mon
                                              f"remove {re.escape(str(work))} to start over"):  # fmt: skip
             call()
     (work / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match=r"holds files that are not a token file's \(notes.txt\)"):
+    (work / ".tmp-mine").write_text("mine too")  # not a name gemma2.files makes: the user's, kept
+    with pytest.raises(ValueError, match=r"holds files that are not a token file's \(.tmp-mine, notes.txt\)"):
         write_token_file([source], tok, out, progress=False)
-    (work / "notes.txt").unlink()
+    assert (work / ".tmp-mine").read_text() == "mine too"
+    (work / "notes.txt").unlink(), (work / ".tmp-mine").unlink()
     (work / ".lock").write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live writer
     with pytest.raises(ValueError, match="is in use by process"):
         write_token_file([source], tok, out, progress=False)
