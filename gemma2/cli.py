@@ -1,18 +1,17 @@
 """What every command-line script shares: a user error is one line on stderr and exit status 2.
 
 User errors are the library's ValueError (CheckpointError included) and every OSError a user can
-cause (a missing path, a read-only or full disk, a file where a directory should be): their
-messages name the fix, and no write in this project leaves a half-written file behind (see
-gemma2.files), which the full-disk message says. Ctrl-C ends a script with one line and exit status
-130 (the shell's code for SIGINT), also when a library it interrupted re-raised it as another
-exception; `on_interrupt` may add what the user needs to know (where to resume), after a full
-disk too. Anything else is
-a bug and keeps its traceback. SIGTERM (`kill`, a scheduler ending the job) unwinds the same way
-(`Terminated`: every cleanup runs, a run's lock is released) and ends with status 143; a training
-loop first saves a checkpoint (gemma2.preemption). With GEMMA2_TRACEBACK=1 in the environment a
-user error prints its traceback above the line too (for a failure deep inside a compiler, which
-may surface as a ValueError). `device_arg` checks a --device before any work; `add_threads_option`
-and `set_threads` give every script the same --threads.
+cause (a missing path, a read-only or full disk, a file where a directory should be): their messages
+name the fix, and no write in this project leaves a half-written file behind (see gemma2.files),
+which the full-disk message says. Ctrl-C ends a script with one line and exit status 130 (the
+shell's code for SIGINT), also when a library it interrupted re-raised it as another exception;
+`on_interrupt` may add what the user needs to know (where to resume), after a full disk too.
+Anything else is a bug and keeps its traceback. SIGTERM (`kill`, a scheduler ending the job) unwinds
+the same way (`Terminated`: every cleanup runs, a run's lock is released) and ends with status 143;
+a training loop first saves a checkpoint (gemma2.preemption). With GEMMA2_TRACEBACK=1 in the
+environment a user error prints its traceback above the line too (for a failure deep inside a
+compiler, which may surface as a ValueError). `device_arg` checks a --device before any work;
+`add_threads_option` and `set_threads` give every script the same --threads.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ never half of either; a failure removes the temporary and leaves the destination
 
 - `atomic_file(path)`: yields a temporary path to write; on success it replaces `path`.
 - `write_text_atomic(path, text)`: the same for a string.
-- `scratch_file(path)`: yields a temporary path for intermediate data, removed however the block ends.
 - `atomic_directory(path, keep=...)`: yields a temporary directory to fill; on success it replaces
   `path` (an existing directory is swapped out in one step where the OS allows, see `_exchange`).
   The entries of the old directory named in `keep` (files the write does not own: a tokenizer, a
@@ -128,17 +127,6 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync(path.parent)
-
-
-@contextmanager
-def scratch_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` for intermediate data (nothing is ever renamed to
-    `path`); it is removed when the block ends, however it ends."""
-    tmp = _claim(followed(path), directory=False)
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
