@@ -34,8 +34,9 @@ from .checkpoint import load_model
 from .config import Gemma2Config
 from .corpus import build_corpus, corpus_fingerprint
 from .data import split_datasets
-from .files import atomic_file, lock_holder, remove_directory, remove_stale_temporaries, write_text_atomic
+from .files import atomic_file, remove_directory, remove_stale_temporaries, write_text_atomic
 from .generation import generate
+from .locks import lock_holder
 from .model import Gemma2ForCausalLM
 from .run_dir import not_a_run_on
 from .speculative import speculative_generate

@@ -15,8 +15,6 @@ never half of either; a failure removes the temporary and leaves the destination
 - `publish_directory(tmp, path, keep=...)`: the same last step for a directory several processes
   filled, or one that outlived the process that started it (`drop_kept_links` first removes the
   links a publish of it killed before its swap had made).
-- `acquire_lock(directory)` / `release_lock(lock)`: one writer at a time (`directory/.lock` holds
-  "pid host"; a lock whose process is gone is taken over with a `notice`).
 - `fsync(path)`: make a file's bytes, or a directory's entries, durable.
 - `process_alive(pid)`: whether a process exists (is a temporary's or a lock's writer still at work?).
 - `followed(path)`: where a write of `path` lands (the target of a symbolic link).
@@ -39,7 +37,6 @@ import itertools
 import os
 import re
 import shutil
-import socket
 import stat
 import sys
 from collections.abc import Iterable, Iterator
@@ -47,7 +44,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
-LOCK_FILE = ".lock"
 _TEMPORARY = re.compile(r"\.tmp-(?P<kind>new|old)-(?P<name>.+)-(?P<pid>\d+)-\d+")
 
 
@@ -306,84 +302,3 @@ def process_alive(pid: int) -> bool:
 def notice(message: str) -> None:
     """A line on stderr about something the user should know but that stops nothing."""
     print(f"note: {message}", file=sys.stderr, flush=True)
-
-
-def acquire_lock(directory: Path) -> Path:
-    """Create directory/.lock holding "pid host"; refuse when a live process holds it, take it over
-    (with a notice) when its process is gone. Returns the lock file."""
-    lock = directory / LOCK_FILE
-    me = f"{os.getpid()} {socket.gethostname()}\n"
-    for _ in range(3):  # later tries follow the removal of a stale lock
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            try:
-                held = lock.read_text()
-            except FileNotFoundError:
-                continue  # released meanwhile
-            holder, live = _holder(held)
-            if live:
-                elsewhere = not holder.endswith(f" on {socket.gethostname()}")  # its pid cannot be checked here
-                raise ValueError(
-                    f"{directory} is in use by {holder} (lock file {lock}); wait for it to end or write "
-                    f"elsewhere. If that process is gone"
-                    f"{' (this machine cannot check one on another: a job requeued here after a kill, say)' if elsewhere else ''}"
-                    f", delete {lock}"
-                ) from None
-            notice(f"{lock} was left by {holder}, which is gone; taking it over")
-            _remove_stale_lock(lock, held)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return lock
-    raise ValueError(f"{lock}: another process took the lock at the same moment; retry")
-
-
-def _remove_stale_lock(lock: Path, stale: str) -> None:
-    """Remove `lock` if it still holds `stale`. Of several processes taking over one stale lock, one
-    moves it aside (a rename); a lock that another process took in the meantime is given back.
-    The name aside is a temporary of gemma2.files: killed before removing it, this process leaves
-    a file the next start clears, not one that makes the directory look like someone else's."""
-    aside = lock.with_name(f"{TMP_PREFIX}new-{lock.name}-{os.getpid()}-0")  # removed at cleanup, never put back
-    try:
-        os.rename(lock, aside)
-    except FileNotFoundError:
-        return  # another process moved it first; the next try meets that process's lock
-    if aside.read_text() != stale:  # a live process's new lock, taken since we read it
-        try:
-            os.link(aside, lock)  # back in place, unless yet another lock is there now
-        except FileExistsError:
-            pass
-    aside.unlink()
-
-
-def lock_holder(directory: Path) -> str | None:
-    """"process PID on HOST" when a live process holds directory/.lock (or one on another host,
-    which cannot be checked), else None."""
-    try:
-        holder, live = _holder((directory / LOCK_FILE).read_text())
-    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
-        return None
-    return holder if live else None
-
-
-def _holder(held: str) -> tuple[str, bool]:
-    """Who a lock's content names, and whether that process may be alive."""
-    try:
-        pid_text, host = held.split()
-        pid = int(pid_text)
-    except ValueError:
-        return "a process killed as it took it", False  # torn between create and write: nobody holds it
-    if host != socket.gethostname():
-        return f"process {pid} on {host}", True  # cannot be checked from here
-    # Our own pid: a killed process's before us (a container's processes get the same pids each run).
-    return f"process {pid} on {host}", pid != os.getpid() and process_alive(pid)
-
-
-def release_lock(lock: Path) -> None:
-    """Remove `lock` if this process holds it (a lock another process took over is left alone)."""
-    try:
-        if lock.read_text() == f"{os.getpid()} {socket.gethostname()}\n":
-            lock.unlink()
-    except FileNotFoundError:
-        pass

@@ -5,8 +5,9 @@ must agree with.
     out_dir/metrics.jsonl      one JSON object a line (non-finite numbers as null, see `json_line`)
     out_dir/step-XXXXXX/       checkpoints (gemma2.train_state); trainer_state.json names the run
 
-- One writer: `open_run` takes the lock file (created exclusively) and refuses a second process,
-  naming the holder; a lock whose process is gone (same host) is taken over with a notice.
+- One writer: `open_run` takes the lock (gemma2.locks) and refuses a second process, naming the
+  holder; a lock whose holder is gone is taken over with a notice (on another machine: once
+  unrefreshed for two minutes), and a holder whose lock was taken over stops before its next save.
 - Nothing that is not the run's is touched: a fresh run refuses a non-empty directory that holds
   no previous run unless `overwrite`; rotation deletes only `step-\\d{6}` directories whose
   trainer_state.json carries this run's id, never a user's `step-000000/` or `step-old/`.
@@ -43,7 +44,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from .checkpoint import written_by_save
 from .config import Gemma2Config
 from .distributed import local_shard
-from .files import LOCK_FILE, TMP_PREFIX, acquire_lock, is_temporary, notice, release_lock, remove_stale_temporaries
+from .files import TMP_PREFIX, is_temporary, notice, remove_stale_temporaries
+from .locks import LOCK_FILE, acquire_lock, ensure_held, release_lock
 
 if TYPE_CHECKING:
     from .data import Datasets
@@ -173,6 +175,7 @@ class Run:
     fingerprint: str  # of the training tokens
     models: dict  # the student's config, the teacher's record (gemma2.teacher.teacher_record), the compute dtype
     stored: dict  # the resumed checkpoint's run record ({} for a new run)
+    lock: Path | None = None  # out/.lock, on the rank that holds it
 
     @property
     def record(self) -> dict:
@@ -197,7 +200,10 @@ class Run:
     def saving(self, model: torch.nn.Module) -> Iterator[None]:
         """Around a checkpoint save: torch's writers report a full disk as a RuntimeError
         ("unexpected pos ...", wrapped by DCP in a CheckpointException); it becomes the OSError it
-        is when the filesystem has less room left than the model's weights, which every save writes."""
+        is when the filesystem has less room left than the model's weights, which every save writes.
+        First, the rank holding the lock checks that it still does (gemma2.locks.ensure_held)."""
+        if self.lock is not None:
+            ensure_held(self.lock)
         try:
             yield
         except (RuntimeError, CheckpointException) as e:
@@ -408,7 +414,7 @@ def open_run(cfg: TrainConfig, data: Datasets, *, models: dict, resume: bool, ov
         yield run
         return
     out.mkdir(parents=True, exist_ok=True)
-    lock = acquire_lock(out)
+    run.lock = lock = acquire_lock(out)
     try:
         _remove_temporaries(out)  # left by a failed save, or a process killed mid-write
         yield run

@@ -66,9 +66,9 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import IGNORE_INDEX, Rows
 from .distill import TopK, teacher_topk
-from .files import (LOCK_FILE, TMP_PREFIX, acquire_lock, atomic_file, directory_destination, drop_kept_links,
-                    lock_holder, notice, publish_directory, release_lock, remove_stale_temporaries,
-                    write_text_atomic)  # fmt: skip
+from .files import (TMP_PREFIX, atomic_file, directory_destination, drop_kept_links, notice, publish_directory,
+                    remove_stale_temporaries, write_text_atomic)  # fmt: skip
+from .locks import LOCK_FILE, acquire_lock, ensure_held, lock_holder, release_lock
 from .model import Gemma2ForCausalLM
 
 INDEX = "cache.json"
@@ -403,6 +403,7 @@ def _publish(work: Path, directory: Path) -> dict:
     cache there that are not its own kept). The index is the plan recorded in `work` with each
     split's teacher cross-entropy, summed from its shards' metadata in order (the same sum whichever
     rank or run wrote which shard); returns it."""
+    ensure_held(work / LOCK_FILE)
     index = json.loads((work / PLAN).read_text())
     for split in index["splits"].values():
         ce, counted = 0.0, 0.0

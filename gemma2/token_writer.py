@@ -52,8 +52,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .corpus import all_held_out, document_key, heldout_count, iter_documents, note_overlap
-from .files import (LOCK_FILE, acquire_lock, followed, fsync, is_temporary, notice, release_lock, remove_directory,
-                    remove_stale_temporaries, write_text_atomic)  # fmt: skip
+from .files import (followed, fsync, is_temporary, notice, remove_directory, remove_stale_temporaries,
+                    write_text_atomic)  # fmt: skip
+from .locks import LOCK_FILE, acquire_lock, ensure_held, release_lock
 from .prompts import encode_examples, example_lines, parse_example, prompt_key
 from .token_files import FORMAT, sidecar_path
 from .tokenizer import Tokenizer
@@ -416,6 +417,7 @@ def _write(work: Path, out: Path, tokenizer: Tokenizer, paths: Sequence[str | os
     info[unit] = {split: len(table) for split, table in tables.items()}
     info["tokens"] = {split: int(table.sum()) for split, table in tables.items()}
     write_text_atomic(work / SIDECAR, json.dumps(info, indent=2) + "\n")
+    ensure_held(work / LOCK_FILE)
     sidecar_path(out).unlink(missing_ok=True)  # the old pair stops being a token file first
     os.replace(work / TRAIN, out)
     os.replace(work / SIDECAR, sidecar_path(out))

@@ -64,6 +64,7 @@ from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distil
 from .distributed import Runtime, move_to, runtime, shard
 from .dtypes import dtype_name, to_dtype
 from .files import notice, write_text_atomic
+from .locks import ensure_held
 from .model import Gemma2ForCausalLM, RMSNorm
 from .on_policy import Rollouts, check_on_policy
 from .preemption import StopSignals, TrainingStopped
@@ -292,10 +293,11 @@ def _prepare_student(student: Gemma2ForCausalLM, cfg: TrainConfig, rt: Runtime) 
 
 class _MetricsLog:
     """This call's metrics, each also appended to out_dir/metrics.jsonl by rank 0. A resumed run
-    first keeps only the lines up to its checkpoint's step: a crashed run may have logged further."""
+    first keeps only the lines up to its checkpoint's step: a crashed run may have logged further.
+    lock: out_dir's (rank 0), checked before each line (gemma2.locks.ensure_held)."""
 
-    def __init__(self, path: Path, rt: Runtime, resumed_at: int | None) -> None:
-        self.path, self.rt = path, rt
+    def __init__(self, path: Path, rt: Runtime, resumed_at: int | None, lock: Path | None) -> None:
+        self.path, self.rt, self.lock = path, rt, lock
         self.records: list[dict] = []
         if rt.is_main:
             resumed = resumed_at is not None and path.exists()
@@ -305,6 +307,8 @@ class _MetricsLog:
     def log(self, record: dict) -> None:
         self.records.append(record)
         if self.rt.is_main:
+            if self.lock is not None:
+                ensure_held(self.lock)
             with self.path.open("a") as f:
                 f.write(json_line(record))  # NaN and inf as null, flagged
 
@@ -461,7 +465,7 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
         loader.load_state_dict(state["data"])
         start_step = state["step"]
 
-    metrics = _MetricsLog(out / METRICS_FILE, rt, resumed_at=start_step if ckpt is not None else None)
+    metrics = _MetricsLog(out / METRICS_FILE, rt, resumed_at=start_step if ckpt is not None else None, lock=run.lock)
     log = metrics.log
 
     rollouts = Rollouts(cfg, student, loss_mod, kd_teacher, data.train, rt, start_step)

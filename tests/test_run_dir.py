@@ -1,4 +1,4 @@
-"""gemma2.run_dir: the lock (gemma2.files), what a run owns, the resume comparison, robust reading of its files."""
+"""gemma2.run_dir: what a run owns, the resume comparison, robust reading of its files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gemma2 import files
+from gemma2 import files, locks
 from gemma2 import run_dir as R
 from gemma2.trainer import TrainConfig
 
@@ -23,43 +23,6 @@ def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
-
-
-def test_the_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, capsys):
-    lock = tmp_path / ".lock"
-    lock.write_text(f"{os.getppid()} {HOST}\n")  # pytest's parent: alive
-    with pytest.raises(ValueError, match=f"in use by process {os.getppid()} on {HOST}"):
-        files.acquire_lock(tmp_path)
-    lock.unlink()
-    assert files.acquire_lock(tmp_path) == lock and lock.read_text() == f"{os.getpid()} {HOST}\n"
-    files.release_lock(lock)
-    assert not lock.exists()
-    dead = _dead_pid()
-    lock.write_text(f"{dead} {HOST}\n")
-    files.acquire_lock(tmp_path)
-    assert f"left by process {dead} on {HOST}, which is gone; taking it over" in capsys.readouterr().err
-    files.release_lock(lock)
-
-
-def test_taking_over_a_stale_lock_never_removes_one_a_live_process_took_meanwhile(tmp_path, monkeypatch):
-    """Two processes find the same stale lock; the other one removes it and takes the lock just
-    before this one acts: this one must give that live lock back and refuse, not delete it."""
-    lock = tmp_path / ".lock"
-    lock.write_text(f"{_dead_pid()} {HOST}\n")
-    live = f"{os.getppid()} {HOST}\n"  # the parent (pytest's launcher): alive
-    real_rename = os.rename
-
-    def rename(src, dst):
-        os.remove(src)  # the other process took it over first ...
-        with open(src, "x") as f:
-            f.write(live)  # ... and holds it now
-        real_rename(src, dst)
-
-    monkeypatch.setattr(files.os, "rename", rename)
-    with pytest.raises(ValueError, match=f"in use by process {os.getppid()}"):
-        files.acquire_lock(tmp_path)
-    monkeypatch.undo()
-    assert lock.read_text() == live and os.listdir(tmp_path) == [".lock"]
 
 
 def test_a_takeover_killed_midway_leaves_a_temporary_the_next_start_clears(tmp_path, monkeypatch):
@@ -73,31 +36,13 @@ def test_a_takeover_killed_midway_leaves_a_temporary_the_next_start_clears(tmp_p
 
     monkeypatch.setattr(R.Path, "unlink", killed)
     with pytest.raises(KeyboardInterrupt):
-        files.acquire_lock(tmp_path)
+        locks.acquire_lock(tmp_path)
     monkeypatch.undo()
     [left] = os.listdir(tmp_path)
     assert left.startswith(".tmp-") and R._non_empty_foreign(tmp_path) == []
     monkeypatch.setattr(files, "process_alive", lambda pid: False)  # as the next process sees it
     R._remove_temporaries(tmp_path)
     assert os.listdir(tmp_path) == []
-
-
-def test_a_lock_naming_this_process_is_a_killed_predecessors(tmp_path, capsys):
-    """In a container each run's processes get the same pids: a lock that names this very process
-    was left by a killed one before it (this one has not taken it), and is taken over."""
-    (tmp_path / ".lock").write_text(f"{os.getpid()} {HOST}\n")
-    lock = files.acquire_lock(tmp_path)
-    assert "which is gone; taking it over" in capsys.readouterr().err
-    files.release_lock(lock)
-    assert not lock.exists()
-
-
-def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
-    (tmp_path / ".lock").write_text(f"{_dead_pid()} elsewhere\n")
-    with pytest.raises(ValueError, match=r"on elsewhere .*cannot check one on another: a job requeued here after a kill"):
-        files.acquire_lock(tmp_path)
-    files.release_lock(tmp_path / ".lock")  # not ours: stays
-    assert (tmp_path / ".lock").exists()
 
 
 def _checkpoint(out, step: int, run_id: str | None, state: str | None = None):

@@ -1,0 +1,227 @@
+"""gemma2.locks: one writer per directory. Holders on this machine are checked by pid; a holder on
+another machine (a process with another host name, here a subprocess told so) by the refreshes of
+its lock, with the intervals shortened for the tests (the same code paths at other constants)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gemma2 import locks
+
+HOST = socket.gethostname()
+ROOT = Path(__file__).parents[1]
+BEAT, STALE = 0.2, 2.0
+# A holder on "node-a": takes the lock, says so, then at each line on stdin checks that it still holds it.
+HOLDER = f"""import socket, sys
+from pathlib import Path
+socket.gethostname = lambda: "node-a"
+from gemma2 import locks
+locks.HEARTBEAT_S, locks.STALE_S = {BEAT}, {STALE}
+lock = locks.acquire_lock(Path(sys.argv[1]))
+print("held", flush=True)
+for _ in sys.stdin:
+    try:
+        locks.ensure_held(lock)
+        print("still held", flush=True)
+    except ValueError as e:
+        print(e, flush=True)
+"""
+
+
+@pytest.fixture
+def short(monkeypatch):
+    monkeypatch.setattr(locks, "HEARTBEAT_S", BEAT)
+    monkeypatch.setattr(locks, "STALE_S", STALE)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _holder_on_node_a(directory: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def _ask(proc: subprocess.Popen) -> str:
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    return proc.stdout.readline()
+
+
+def test_the_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, capsys):
+    lock = tmp_path / ".lock"
+    lock.write_text(f"{os.getppid()} {HOST}\n")  # pytest's parent: alive
+    with pytest.raises(ValueError, match=f"in use by process {os.getppid()} on {HOST}"):
+        locks.acquire_lock(tmp_path)
+    lock.unlink()
+    assert locks.acquire_lock(tmp_path) == lock and lock.read_text() == f"{os.getpid()} {HOST}\n"
+    locks.release_lock(lock)
+    assert not lock.exists()
+    dead = _dead_pid()
+    lock.write_text(f"{dead} {HOST}\n")
+    locks.acquire_lock(tmp_path)
+    assert f"left by process {dead} on {HOST}, which is gone; taking it over" in capsys.readouterr().err
+    locks.release_lock(lock)
+
+
+def test_taking_over_a_stale_lock_never_removes_one_a_live_process_took_meanwhile(tmp_path, monkeypatch):
+    """Two processes find the same stale lock; the other one removes it and takes the lock just
+    before this one acts: this one must give that live lock back and refuse, not delete it."""
+    lock = tmp_path / ".lock"
+    lock.write_text(f"{_dead_pid()} {HOST}\n")
+    live = f"{os.getppid()} {HOST}\n"  # the parent (pytest's launcher): alive
+    real_rename = os.rename
+
+    def rename(src, dst):
+        os.remove(src)  # the other process took it over first ...
+        with open(src, "x") as f:
+            f.write(live)  # ... and holds it now
+        real_rename(src, dst)
+
+    monkeypatch.setattr(locks.os, "rename", rename)
+    with pytest.raises(ValueError, match=f"in use by process {os.getppid()}"):
+        locks.acquire_lock(tmp_path)
+    monkeypatch.undo()
+    assert lock.read_text() == live and os.listdir(tmp_path) == [".lock"]
+
+
+def test_a_lock_naming_this_process_is_a_killed_predecessors(tmp_path, capsys):
+    """In a container each run's processes get the same pids: a lock that names this very process
+    was left by a killed one before it (this one has not taken it), and is taken over."""
+    (tmp_path / ".lock").write_text(f"{os.getpid()} {HOST}\n")
+    lock = locks.acquire_lock(tmp_path)
+    assert "which is gone; taking it over" in capsys.readouterr().err
+    locks.release_lock(lock)
+    assert not lock.exists()
+
+
+def test_a_live_holder_on_another_machine_is_refused_once_it_refreshes_its_lock(tmp_path, short, capsys):
+    holder = _holder_on_node_a(tmp_path)
+    try:
+        begun = time.monotonic()
+        with pytest.raises(ValueError, match=f"in use by process {holder.pid} on node-a .*refreshed while its holder runs"):
+            locks.acquire_lock(tmp_path)
+        assert time.monotonic() - begun < STALE  # refused at its first refresh, not after the wait
+        assert "which this machine cannot check; waiting up to" in capsys.readouterr().err
+        assert _ask(holder) == "still held\n"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_holder_on_another_machine_killed_is_taken_over_once_its_lock_goes_stale(tmp_path, short, capsys):
+    """A job requeued on another machine after a hard kill: it waits out the lock's age, then goes on."""
+    holder = _holder_on_node_a(tmp_path)
+    holder.kill()
+    holder.wait()
+    begun = time.monotonic()
+    lock = locks.acquire_lock(tmp_path)
+    assert time.monotonic() - begun > STALE / 2  # waited for refreshes that never came
+    assert lock.read_text() == f"{os.getpid()} {HOST}\n"
+    assert f"left by process {holder.pid} on node-a, which has not refreshed it for 2 s" in capsys.readouterr().err
+    locks.release_lock(lock)
+    assert os.listdir(tmp_path) == []  # the probe files too are gone
+
+
+def test_a_lock_on_another_machine_long_unrefreshed_is_taken_over_at_once(tmp_path, short, capsys):
+    lock = tmp_path / ".lock"
+    lock.write_text("4242 node-a\n")
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    begun = time.monotonic()
+    assert locks.acquire_lock(tmp_path) == lock and lock.read_text() == f"{os.getpid()} {HOST}\n"
+    assert time.monotonic() - begun < STALE / 2
+    assert "left by process 4242 on node-a, which has not refreshed it for 3600 s" in capsys.readouterr().err
+    locks.release_lock(lock)
+
+
+def test_a_lock_released_while_watched_is_taken(tmp_path, short):
+    lock = tmp_path / ".lock"
+    lock.write_text("4242 node-a\n")
+    threading.Timer(0.3, lock.unlink).start()
+    assert locks.acquire_lock(tmp_path) == lock and lock.read_text() == f"{os.getpid()} {HOST}\n"
+    locks.release_lock(lock)
+
+
+def test_a_holder_stopped_past_the_stale_age_stops_before_writing(tmp_path, short, capsys):
+    """A holder suspended (SIGSTOP) longer than STALE_S loses its lock to a process on this machine,
+    and on waking learns so from ensure_held: its message names the new holder."""
+    holder = _holder_on_node_a(tmp_path)
+    try:
+        holder.send_signal(signal.SIGSTOP)
+        lock = locks.acquire_lock(tmp_path)
+        assert "which has not refreshed it for" in capsys.readouterr().err
+        holder.send_signal(signal.SIGCONT)
+        answer = _ask(holder)
+        assert "is no longer this process's to write" in answer and f"names process {os.getpid()} on {HOST}" in answer
+        time.sleep(3 * BEAT)  # its heartbeat, awake again, leaves our lock alone
+        assert lock.read_text() == f"{os.getpid()} {HOST}\n"
+        locks.release_lock(lock)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_heartbeat_refreshes_the_lock_until_it_is_released(tmp_path, short):
+    lock = locks.acquire_lock(tmp_path)
+    os.utime(lock, (0, 0))
+    time.sleep(3 * BEAT)
+    assert time.time() - lock.stat().st_mtime < 60
+    locks.release_lock(lock)
+    time.sleep(2 * BEAT)
+    assert not [t for t in threading.enumerate() if t.name == f"heartbeat of {lock}"]
+
+
+def test_ensure_held_names_who_holds_the_lock_now(tmp_path):
+    lock = locks.acquire_lock(tmp_path)
+    locks.ensure_held(lock)
+    lock.write_text("4242 node-b\n")
+    with pytest.raises(ValueError, match="taken over \\(it names process 4242 on node-b\\)"):
+        locks.ensure_held(lock)
+    lock.unlink()
+    with pytest.raises(ValueError, match="it names nobody now"):
+        locks.ensure_held(lock)
+    locks.release_lock(lock)
+
+
+def test_lock_holder_reports_a_lock_on_another_machine_while_it_is_fresh(tmp_path, short):
+    lock = tmp_path / ".lock"
+    lock.write_text("4242 node-a\n")
+    assert locks.lock_holder(tmp_path) == "process 4242 on node-a"
+    os.utime(lock, (time.time() - 3600,) * 2)
+    assert locks.lock_holder(tmp_path) is None
+    lock.write_text(f"{_dead_pid()} {HOST}\n")
+    assert locks.lock_holder(tmp_path) is None
+    assert locks.lock_holder(tmp_path / "nothing") is None
+
+
+def test_a_lock_where_no_probe_can_be_made_is_aged_by_this_machines_clock(tmp_path, short, monkeypatch):
+    """A read-only directory (permissions bind no root, so the refusal is simulated)."""
+    lock = tmp_path / ".lock"
+    lock.write_text("4242 node-a\n")
+    os.utime(lock, (time.time() - 3600,) * 2)
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(locks.os, "open", read_only)
+    assert locks.lock_holder(tmp_path) is None
+    os.utime(lock)
+    assert locks.lock_holder(tmp_path) == "process 4242 on node-a"
