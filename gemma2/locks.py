@@ -7,19 +7,26 @@ modification time every `HEARTBEAT_S` seconds. A process that finds the lock tak
 - on the holder's machine, checks the pid: refused while that process exists, the lock taken over
   (with a notice) once it is gone;
 - on another machine, which cannot check the pid (a job a scheduler requeued elsewhere after a
-  hard kill, say), reads the lock's age by the filesystem's own clock (the modification time of a
-  probe file made beside it, so the machines' clocks need not agree). A lock unrefreshed for
-  `STALE_S` seconds is taken over at once; a younger one is watched until it is refreshed (its
-  holder runs: refused, within about `HEARTBEAT_S`) or reaches that age (taken over).
+  hard kill, say), watches the lock: refreshed, its holder runs (refused, within about
+  `HEARTBEAT_S`); unchanged for `STALE_S` since its last refresh and for at least `WATCH_S` of this
+  process's own watching, its holder is gone (taken over, with a notice). The age before the watch
+  is read by the filesystem's clock (a probe file's modification time; on NFS the server's), which
+  only shortens the wait: filesystems that stamp times with each client's clock (Lustre, FUSE) let
+  skewed clocks misjudge that age, never the watch. A lock that changes hands during the watch is
+  refused: the caller's checks of the directory, made before, may no longer hold.
 
-A holder stopped for longer than `STALE_S` (SIGSTOP, a suspended job, a hung filesystem) may find
-its lock taken over when it continues: `ensure_held` before each save or publish then stops it
-with a message, so that it never writes over the new holder's work.
+A holder stopped longer than that (SIGSTOP, a suspended job) may find its lock taken over when it
+continues: `ensure_held`, called before its writes (each metrics line and checkpoint of training,
+each progress record and the publish of a token file, the publish of a teacher cache), then stops
+it with a message. A write already under way when it was stopped may still land. A holder whose
+refreshes fail says so once (a notice). `lock_holder` never waits: a lock on another machine
+counts as held. In a torchrun job rank 0 holds the lock; when it stops, torchrun ends the others.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 import time
@@ -29,9 +36,43 @@ from .files import TMP_PREFIX, notice, process_alive
 
 LOCK_FILE = ".lock"
 HEARTBEAT_S = 15.0  # how often a holder refreshes its lock
-STALE_S = 120.0  # a lock on another machine unrefreshed this long is its holder's that is gone
+STALE_S = 120.0  # a lock on another machine unrefreshed this long is its holder's that is gone ...
+WATCH_S = 60.0  # ... once this process has also seen it unchanged this long (its own clock)
 
-_heartbeats: dict[Path, threading.Event] = {}  # the locks this process holds -> their thread's stop
+
+class _Heartbeat:
+    """The thread refreshing one held lock, and when it last managed to."""
+
+    def __init__(self, lock: Path, me: str) -> None:
+        self.lock, self.me = lock, me
+        self.refreshed = time.monotonic()
+        self.stop = threading.Event()
+        threading.Thread(target=self._run, name=f"heartbeat of {lock}", daemon=True).start()
+
+    def _run(self) -> None:
+        failing = False
+        while not self.stop.wait(HEARTBEAT_S):
+            try:
+                self.refresh()
+                failing = False
+            except OSError as e:
+                if not failing:  # once per run of failures
+                    notice(f"cannot refresh {self.lock} ({e}); a process on another machine may take the lock over "
+                           f"after {STALE_S:.0f} s")  # fmt: skip
+                failing = True
+
+    def refresh(self) -> None:
+        """Touch the lock if it is still ours (the time of its filesystem: on NFS the server's)."""
+        try:
+            ours = self.lock.read_text() == self.me
+        except FileNotFoundError:
+            return  # released, taken over, or moved aside a moment: not ours to touch
+        if ours:
+            os.utime(self.lock)
+            self.refreshed = time.monotonic()
+
+
+_heartbeats: dict[Path, _Heartbeat] = {}  # the locks this process holds
 
 
 def acquire_lock(directory: Path) -> Path:
@@ -50,21 +91,22 @@ def acquire_lock(directory: Path) -> Path:
                 continue  # released meanwhile
             holder, live = _holder(held)
             if live is None:  # on another machine: its refreshes tell
-                seen = _watch(lock, held, holder)
-                if seen is None:
-                    continue  # released or taken by another meanwhile: look again
-                live, why = seen
+                live, why = _watch(lock, held, holder)
+                if live:
+                    raise ValueError(f"{directory} is in use by {holder} (lock file {lock}), which refreshed it "
+                                     f"while this process watched; wait for it to end or write elsewhere (once "
+                                     f"unrefreshed for {STALE_S:.0f} s it is taken over)")  # fmt: skip
+            elif live:
+                raise ValueError(f"{directory} is in use by {holder} (lock file {lock}); wait for it to end or "
+                                 f"write elsewhere. If that process is gone, delete {lock}")  # fmt: skip
             else:
-                why = "" if live else ", which is gone"
-            if live:
-                raise ValueError(f"{directory} is in use by {holder} (lock file {lock}{why}); wait for it to end "
-                                 f"or write elsewhere. If that process is gone, delete {lock}")  # fmt: skip
-            notice(f"{lock} was left by {holder}{why}; taking it over")
-            _remove_stale_lock(lock, held)
+                why = "which is gone"
+            notice(f"{lock} was left by {holder}, {why}; taking it over")
+            _remove_lock(lock, held)
             continue
         with os.fdopen(fd, "w") as f:
             f.write(me)
-        _start_heartbeat(lock, me)
+        _heartbeats[lock] = _Heartbeat(lock, me)
         return lock
     raise ValueError(f"{lock}: another process took the lock at the same moment; retry")
 
@@ -72,44 +114,55 @@ def acquire_lock(directory: Path) -> Path:
 def release_lock(lock: Path) -> None:
     """Stop refreshing `lock` and remove it if this process holds it (a lock another process took
     over is left alone)."""
-    stop = _heartbeats.pop(lock, None)
-    if stop is not None:
-        stop.set()
-    try:
-        if lock.read_text() == _me():
-            lock.unlink()
-    except FileNotFoundError:
-        pass
+    beat = _heartbeats.pop(lock, None)
+    if beat is not None:
+        beat.stop.set()
+    if holds(lock):
+        _remove_lock(lock, _me())
 
 
 def ensure_held(lock: Path) -> None:
-    """Raise if `lock` is no longer this process's: another took it over while this one was stopped
-    for longer than STALE_S. Called before a save or a publish, which would write over its work."""
-    try:
-        held = lock.read_text()
-    except FileNotFoundError:
-        held = None
-    if held != _me():
-        holder = "nobody now" if held is None else _holder(held)[0]
-        raise ValueError(
-            f"{lock.parent} is no longer this process's to write: its lock {lock} was taken over (it names "
-            f"{holder}) while this process was stopped or its filesystem hung for over {STALE_S:.0f} s; "
-            "stopping without writing. The other process goes on there; to continue this work, wait for it to "
-            "end, or write elsewhere"
-        )
+    """Raise if `lock` is no longer this process's (another took it over while this one was stopped,
+    or it was removed); refresh it now if the heartbeat has not lately (this process was stopped,
+    and a watcher should see it run again). Called before each write into the locked directory."""
+    held = _content(lock)
+    if held == _me():
+        beat = _heartbeats.get(lock)
+        if beat is not None and time.monotonic() - beat.refreshed > 2 * HEARTBEAT_S:
+            try:
+                beat.refresh()
+            except OSError:
+                pass  # the heartbeat says so
+        return
+    what = "removed" if held is None else f"taken over by {_holder(held)[0]}"
+    raise ValueError(
+        f"{lock.parent} is no longer this process's to write: its lock {lock} was {what} (a lock left "
+        f"unrefreshed for {STALE_S:.0f} s, while this process was stopped or its filesystem hung, is taken "
+        "over from another machine); stopping without writing. To continue this work, wait for the other "
+        "process to end, or write elsewhere"
+    )
+
+
+def holds(lock: Path) -> bool:
+    """Whether this process holds `lock` (it took it, and nobody took it over or removed it since)."""
+    return _content(lock) == _me()
 
 
 def lock_holder(directory: Path) -> str | None:
-    """"process PID on HOST" when a live process holds directory/.lock (one on another machine: a
-    lock refreshed within STALE_S), else None. Never waits."""
-    lock = directory / LOCK_FILE
+    """"process PID on HOST" when a live process may hold directory/.lock (one on another machine
+    always may: this call never waits to find out), else None."""
     try:
-        holder, live = _holder(lock.read_text())
-        if live is None:
-            live = _age(lock) < STALE_S
+        holder, live = _holder((directory / LOCK_FILE).read_text())
     except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
         return None
-    return holder if live else None
+    return holder if live is not False else None
+
+
+def _content(lock: Path) -> str | None:
+    try:
+        return lock.read_text()
+    except FileNotFoundError:
+        return None
 
 
 def _me() -> str:
@@ -130,24 +183,6 @@ def _holder(held: str) -> tuple[str, bool | None]:
     return f"process {pid} on {host}", pid != os.getpid() and process_alive(pid)
 
 
-def _start_heartbeat(lock: Path, me: str) -> None:
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_S):
-            try:
-                if lock.read_text() != me:
-                    return  # released, or taken over: ensure_held says so at the next save
-                os.utime(lock)  # the time of the lock's filesystem (NFS: the server's)
-            except FileNotFoundError:
-                return
-            except OSError:
-                pass  # a passing filesystem error: the next beat tries again
-
-    _heartbeats[lock] = stop
-    threading.Thread(target=beat, name=f"heartbeat of {lock}", daemon=True).start()
-
-
 def _mtime(lock: Path) -> int | None:
     """The lock's modification time in ns, None if it is gone. Read through an open file: on NFS an
     open fetches the server's attributes, where a stat may answer from a cache up to a minute old."""
@@ -158,62 +193,69 @@ def _mtime(lock: Path) -> int | None:
         return None
 
 
+def _temporary(lock: Path) -> Path:
+    """A fresh temporary name of gemma2.files beside the lock (cleared if a kill leaves it; random,
+    as processes of several machines or containers may share a pid)."""
+    return lock.with_name(f"{TMP_PREFIX}new-{lock.name}-{os.getpid()}-{secrets.randbelow(10**12)}")
+
+
 def _age(lock: Path) -> float:
-    """Seconds since the lock was last written or refreshed, by the clock of its filesystem: the
-    modification time of a probe file made beside it (a temporary name of gemma2.files, cleared
-    if a kill leaves it), which the machines' clocks do not enter. Where no file can be made there
-    (a read-only directory), by this machine's clock."""
-    probe = lock.with_name(f"{TMP_PREFIX}new-{lock.name}-{os.getpid()}-1")
+    """Seconds since the lock was last written or refreshed by the clock of its filesystem (a
+    probe file's modification time); 0 where no file can be made beside it (read-only)."""
+    probe = _temporary(lock)
     try:
-        probe.unlink(missing_ok=True)  # a killed predecessor's with our pid (a container's)
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError:
-        now = time.time_ns()
-    else:
-        try:
-            now = os.fstat(fd).st_mtime_ns
-        finally:
-            os.close(fd)
-            probe.unlink()
+        return 0.0
+    try:
+        now = os.fstat(fd).st_mtime_ns
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)  # a new holder's cleanup may have been first
     written = _mtime(lock)
     return 0.0 if written is None else max(0.0, (now - written) / 1e9)
 
 
-def _watch(lock: Path, held: str, holder: str) -> tuple[bool, str] | None:
-    """Whether a lock naming a process on another machine is live, and a few words why for the
-    message: refreshed within STALE_S (watched until it is refreshed or reaches that age). None if
-    it was released or replaced meanwhile."""
+def _watch(lock: Path, held: str, holder: str) -> tuple[bool, str]:
+    """Whether a lock naming a process on another machine is live (refreshed while watched), and if
+    not, a few words why for the notice. Raises if it changes hands meanwhile."""
     first, age = _mtime(lock), _age(lock)
-    if age < STALE_S:
-        notice(f"{lock} names {holder}, which this machine cannot check; waiting up to {STALE_S - age:.0f} s "
-               f"for its refresh (every {HEARTBEAT_S:.0f} s while it runs)")  # fmt: skip
-        deadline = time.monotonic() + STALE_S - age
-        while (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(HEARTBEAT_S / 4, left))
-            try:
-                if lock.read_text() != held:
-                    return None
-            except FileNotFoundError:
-                return None
-            if _mtime(lock) != first:
-                return True, ", refreshed while its holder runs"
-        age = STALE_S
-    return False, f", which has not refreshed it for {age:.0f} s (a holder does every {HEARTBEAT_S:.0f} s)"
+    wait = max(STALE_S - age, WATCH_S)
+    notice(f"{lock} names {holder}, which this machine cannot check; watching it for up to {wait:.0f} s (a "
+           f"running holder refreshes it every {HEARTBEAT_S:.0f} s)")  # fmt: skip
+    deadline = time.monotonic() + wait
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(HEARTBEAT_S / 4, left))
+        try:
+            same = lock.read_text() == held
+        except FileNotFoundError:
+            same = False
+        mtime = _mtime(lock)
+        if not same or mtime is None:
+            raise ValueError(f"{lock.parent}: its lock, held by {holder}, was released or taken by another process "
+                             "while this one waited; run the command again")  # fmt: skip
+        if mtime != first:
+            return True, ""
+    return False, f"which has not refreshed it for {max(age, 0) + wait:.0f} s (a running holder does every {HEARTBEAT_S:.0f} s)"
 
 
-def _remove_stale_lock(lock: Path, stale: str) -> None:
-    """Remove `lock` if it still holds `stale`. Of several processes taking over one stale lock, one
-    moves it aside (a rename); a lock that another process took in the meantime is given back.
-    The name aside is a temporary of gemma2.files: killed before removing it, this process leaves
-    a file the next start clears, not one that makes the directory look like someone else's."""
-    aside = lock.with_name(f"{TMP_PREFIX}new-{lock.name}-{os.getpid()}-0")  # removed at cleanup, never put back
+def _remove_lock(lock: Path, content: str) -> None:
+    """Remove `lock` if it still holds `content`. Of several processes removing one lock, one moves
+    it aside (a rename); a lock that another process took in the meantime is given back. The name
+    aside is a temporary of gemma2.files: killed before removing it, this process leaves a file
+    the next start clears, not one that makes the directory look like someone else's."""
+    aside = _temporary(lock)
     try:
         os.rename(lock, aside)
     except FileNotFoundError:
-        return  # another process moved it first; the next try meets that process's lock
-    if aside.read_text() != stale:  # a live process's new lock, taken since we read it
+        return  # gone, or another process moved it first; a next try meets that process's lock
+    try:
+        taken = aside.read_text() != content  # a live process's lock, taken since we read it
+    except FileNotFoundError:
+        return  # cleared by the cleanup of a process that took the lock meanwhile
+    if taken:
         try:
             os.link(aside, lock)  # back in place, unless yet another lock is there now
         except FileExistsError:
             pass
-    aside.unlink()
+    aside.unlink(missing_ok=True)

@@ -6,8 +6,9 @@ must agree with.
     out_dir/step-XXXXXX/       checkpoints (gemma2.train_state); trainer_state.json names the run
 
 - One writer: `open_run` takes the lock (gemma2.locks) and refuses a second process, naming the
-  holder; a lock whose holder is gone is taken over with a notice (on another machine: once
-  unrefreshed for two minutes), and a holder whose lock was taken over stops before its next save.
+  holder; a lock whose holder is gone is taken over with a notice (from another machine: once
+  unrefreshed for two minutes), and a holder whose lock was taken over stops at its next metrics
+  line or save (`Run.saving`).
 - Nothing that is not the run's is touched: a fresh run refuses a non-empty directory that holds
   no previous run unless `overwrite`; rotation deletes only `step-\\d{6}` directories whose
   trainer_state.json carries this run's id, never a user's `step-000000/` or `step-old/`.

@@ -284,7 +284,9 @@ def _missing(plan: dict, done: set[str]) -> list[tuple[str, dict]]:
 def _write_shards(shard_topk: Callable, splits: dict[str, Rows], work: Path, todo: list[tuple[str, dict]],
                   progress: bool) -> None:  # fmt: skip
     """Compute the shards `todo` (a partial `_shard_topk` each) and write each into `work` (whole
-    or not at all), its teacher cross-entropy sum and counted tokens in its metadata."""
+    or not at all), its teacher cross-entropy sum and counted tokens in its metadata. A shard is
+    the same bytes whichever process writes it (the plan is checked), so one written by a holder
+    whose lock was taken over meanwhile (gemma2.locks) harms nothing; `_publish` checks the lock."""
     bar = tqdm(total=sum(shard["count"] for _, shard in todo), desc="caching the teacher", unit="seq",
                disable=not progress)  # fmt: skip
     with bar:  # closed however the loop ends: an error's line is its own

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from .corpus import all_held_out, document_key, heldout_count, iter_documents, note_overlap
 from .files import (followed, fsync, is_temporary, notice, remove_directory, remove_stale_temporaries,
                     write_text_atomic)  # fmt: skip
-from .locks import LOCK_FILE, acquire_lock, ensure_held, release_lock
+from .locks import LOCK_FILE, acquire_lock, ensure_held, holds, release_lock
 from .prompts import encode_examples, example_lines, parse_example, prompt_key
 from .token_files import FORMAT, sidecar_path
 from .tokenizer import Tokenizer
@@ -236,7 +236,8 @@ class _Parts:
             self.record()
 
     def record(self) -> None:
-        """Make what was appended durable, then say so in PROGRESS."""
+        """Make what was appended durable, then say so in PROGRESS (if the lock is still ours)."""
+        ensure_held(self.work / LOCK_FILE)
         for f in self.files.values():
             f.flush()
             os.fsync(f.fileno())
@@ -379,10 +380,11 @@ def write_token_file(
         info = _write(work, out, tokenizer, paths, eval_paths, holdout_fraction, text_column, prompts, workers,
                       progress)  # fmt: skip
         remove_directory(work)  # the lock with it
+        release_lock(lock)  # its heartbeat
         return info
     except BaseException:
-        if (work / PROGRESS).is_file():
-            release_lock(lock)  # kept for the same call to continue
+        if (work / PROGRESS).is_file() or not holds(lock):
+            release_lock(lock)  # kept for the same call to continue (or another process's now)
         else:
             remove_directory(work)  # nothing to continue: nothing left
         raise

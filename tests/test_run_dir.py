@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gemma2 import files, locks
 from gemma2 import run_dir as R
@@ -43,6 +44,20 @@ def test_a_takeover_killed_midway_leaves_a_temporary_the_next_start_clears(tmp_p
     monkeypatch.setattr(files, "process_alive", lambda pid: False)  # as the next process sees it
     R._remove_temporaries(tmp_path)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_run_whose_lock_was_taken_over_saves_nothing(tmp_path):
+    """Run.saving checks the lock first (gemma2.locks.ensure_held): a holder whose lock was taken
+    over while it was stopped writes no checkpoint."""
+    lock = locks.acquire_lock(tmp_path)
+    run = R.Run(tmp_path, "id", None, "fp", {}, {}, lock=lock)
+    with run.saving(torch.nn.Linear(2, 2)):
+        pass
+    lock.write_text("4242 node-b\n")
+    with pytest.raises(ValueError, match="taken over by process 4242 on node-b"):
+        with run.saving(torch.nn.Linear(2, 2)):
+            pytest.fail("saved under a lock taken over")
+    locks.release_lock(lock)
 
 
 def _checkpoint(out, step: int, run_id: str | None, state: str | None = None):

@@ -521,3 +521,20 @@ def test_the_script_under_torchrun_writes_the_one_process_cache(tmp_path):
     assert two.returncode == 0, two.stderr
     _assert_same_cache(tmp_path / "one", tmp_path / "two")
     assert two.stderr.count("wrote ") == 1  # rank 0 alone reports
+
+
+def test_a_writer_whose_lock_was_taken_over_does_not_publish(tmp_path, setup, monkeypatch):
+    """Its lock taken over from another machine while it computed (gemma2.locks): it stops before
+    putting the cache in place, the directory as it was."""
+    import gemma2.teacher_cache as tc
+
+    real = tc._write_shards
+
+    def taken_over(shard_topk, splits, work, todo, progress):
+        real(shard_topk, splits, work, todo, progress)
+        (work / ".lock").write_text("4242 node-b\n")
+
+    monkeypatch.setattr(tc, "_write_shards", taken_over)
+    with pytest.raises(ValueError, match="no longer this process's to write: .* taken over by process 4242 on node-b"):
+        _write(tmp_path / "c", setup)
+    assert not (tmp_path / "c").exists() and (tmp_path / "c.partial" / ".lock").read_text() == "4242 node-b\n"

@@ -506,3 +506,36 @@ def test_a_bad_example_is_named_and_nothing_is_written(tmp_path, tok, workers):
         with pytest.raises(ValueError, match=error):  # the in-memory path says the same
             load_prompt_datasets([tmp_path / "b.jsonl"], tok, 4)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["b.jsonl"]
+
+
+def test_a_writer_whose_lock_was_taken_over_stops_at_its_next_record(tmp_path, tok, monkeypatch):
+    """Its lock taken over from another machine while it tokenized (gemma2.locks): its next record
+    of progress stops it, and nothing is published."""
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(50)))
+    real = token_writer._Parts.append
+
+    def taken_over(self, *args):
+        real(self, *args)
+        (self.work / ".lock").write_text("4242 node-b\n")
+
+    monkeypatch.setattr(token_writer._Parts, "append", taken_over)
+    with pytest.raises(ValueError, match="no longer this process's to write: .* taken over by process 4242 on node-b"):
+        write_token_file([tmp_path / "a.jsonl"], tok, tmp_path / "t.npy", progress=False)
+    assert not (tmp_path / "t.npy").exists() and not (tmp_path / "t.json").exists()
+    assert (tmp_path / "t.npy.partial" / ".lock").read_text() == "4242 node-b\n"
+
+
+def test_a_writer_interrupted_after_its_lock_was_taken_over_leaves_the_partial_directory(tmp_path, tok, monkeypatch):
+    """Before any progress was recorded a failed write removes its partial directory; not once its
+    lock is another process's: the directory is that process's work now."""
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(50)))
+
+    def taken_over_then_interrupted(*args, **kwargs):
+        (tmp_path / "t.npy.partial" / ".lock").write_text("4242 node-b\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(token_writer, "_pass_one", taken_over_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_token_file([tmp_path / "a.jsonl"], tok, tmp_path / "t.npy", progress=False)
+    assert os.listdir(tmp_path / "t.npy.partial") == [".lock"]
+    assert (tmp_path / "t.npy.partial" / ".lock").read_text() == "4242 node-b\n"
