@@ -36,7 +36,7 @@ from .corpus import build_corpus, corpus_fingerprint
 from .data import split_datasets
 from .files import atomic_file, remove_directory, remove_stale_temporaries, write_text_atomic
 from .generation import generate
-from .locks import lock_holder
+from .locks import LOCK_FILE, lock_holder
 from .model import Gemma2ForCausalLM
 from .run_dir import not_a_run_on
 from .speculative import speculative_generate
@@ -277,7 +277,8 @@ def make_way(out: Path, fingerprint: str) -> None:
             continue
         holder = lock_holder(run)
         if holder:
-            raise ValueError(f"{run} is in use by {holder} (another demo?); wait for it, or choose another --out")
+            raise ValueError(f"{run} is in use by {holder} (another demo?); wait for it, or choose another --out. "
+                             f"If that process is gone, delete {run / LOCK_FILE}")
         in_the_way += [f"{name}/{entry}" for entry in not_a_run_on(run, fingerprint)]
     if not _previous_results(out / "results.json"):
         in_the_way += [name for name in OUTPUTS if os.path.lexists(out / name)]

@@ -1,13 +1,14 @@
 """One writer per directory, across processes and machines: `directory/.lock`.
 
-The lock file holds "PID HOST" of its holder and is created exclusively; `acquire_lock` takes it,
+The lock file holds "PID HOST PID_SPACE" of its holder (the pid space: the boot and pid namespace
+where the pid means something) and is created exclusively; `acquire_lock` takes it,
 `release_lock` removes it. While it is held, a thread of the holder refreshes the file's
 modification time every `HEARTBEAT_S` seconds. A process that finds the lock taken:
 
-- on the holder's machine, checks the pid: refused while that process exists, the lock taken over
-  (with a notice) once it is gone;
-- on another machine, which cannot check the pid (a job a scheduler requeued elsewhere after a
-  hard kill, say), watches the lock: refreshed, its holder runs (refused, within about
+- in the holder's pid space, checks the pid: refused while that process exists, the lock taken
+  over (with a notice) once it is gone;
+- elsewhere (another machine, or another container or boot of the same host name), where the pid
+  cannot be checked (a job a scheduler requeued elsewhere after a hard kill, say), watches the lock: refreshed, its holder runs (refused, within about
   `HEARTBEAT_S`); unchanged for `STALE_S` since its last refresh and for at least `WATCH_S` of this
   process's own watching, its holder is gone (taken over, with a notice). The age before the watch
   is read by the filesystem's clock (a probe file's modification time; on NFS the server's), which
@@ -19,12 +20,13 @@ A holder stopped longer than that (SIGSTOP, a suspended job) may find its lock t
 continues: `ensure_held`, called before its writes (each metrics line and checkpoint of training,
 each progress record and the publish of a token file, the publish of a teacher cache), then stops
 it with a message. A write already under way when it was stopped may still land. A holder whose
-refreshes fail says so once (a notice). `lock_holder` never waits: a lock on another machine
-counts as held. In a torchrun job rank 0 holds the lock; when it stops, torchrun ends the others.
+refreshes fail says so once (a notice). `lock_holder` never waits: a lock whose pid cannot be
+checked counts as held. In a torchrun job rank 0 holds the lock; when it stops, torchrun ends the others.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import socket
@@ -68,7 +70,10 @@ class _Heartbeat:
         except FileNotFoundError:
             return  # released, taken over, or moved aside a moment: not ours to touch
         if ours:
-            os.utime(self.lock)
+            try:
+                os.utime(self.lock)
+            except FileNotFoundError:
+                return
             self.refreshed = time.monotonic()
 
 
@@ -80,17 +85,19 @@ def acquire_lock(directory: Path) -> Path:
     holds it, take it over (with a notice) when its holder is gone (see the module docstring).
     Returns the lock file."""
     lock = directory / LOCK_FILE
+    if lock in _heartbeats:
+        raise ValueError(f"{directory} is already locked by this process (lock file {lock})")
     me = _me()
     for _ in range(3):  # later tries follow the removal of a stale lock
         try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            _create(lock, me)
         except FileExistsError:
             try:
                 held = lock.read_text()
             except FileNotFoundError:
                 continue  # released meanwhile
             holder, live = _holder(held)
-            if live is None:  # on another machine: its refreshes tell
+            if live is None:  # its pid cannot be checked here: its refreshes tell
                 live, why = _watch(lock, held, holder)
                 if live:
                     raise ValueError(f"{directory} is in use by {holder} (lock file {lock}), which refreshed it "
@@ -104,11 +111,27 @@ def acquire_lock(directory: Path) -> Path:
             notice(f"{lock} was left by {holder}, {why}; taking it over")
             _remove_lock(lock, held)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
         _heartbeats[lock] = _Heartbeat(lock, me)
         return lock
     raise ValueError(f"{lock}: another process took the lock at the same moment; retry")
+
+
+def _create(lock: Path, content: str) -> None:
+    """Create `lock` holding `content`, or raise FileExistsError. Written beside it and linked into
+    place, so that nobody reads it empty (an empty lock is a torn one: its taker was killed);
+    where there are no hard links (some FUSE filesystems), created exclusively and then written."""
+    tmp = _temporary(lock)
+    tmp.write_text(content)
+    try:
+        os.link(tmp, lock)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def release_lock(lock: Path) -> None:
@@ -126,6 +149,9 @@ def ensure_held(lock: Path) -> None:
     or it was removed); refresh it now if the heartbeat has not lately (this process was stopped,
     and a watcher should see it run again). Called before each write into the locked directory."""
     held = _content(lock)
+    if held is None:  # or moved aside a moment by a process giving it back: look again
+        time.sleep(0.2)
+        held = _content(lock)
     if held == _me():
         beat = _heartbeats.get(lock)
         if beat is not None and time.monotonic() - beat.refreshed > 2 * HEARTBEAT_S:
@@ -134,12 +160,14 @@ def ensure_held(lock: Path) -> None:
             except OSError:
                 pass  # the heartbeat says so
         return
-    what = "removed" if held is None else f"taken over by {_holder(held)[0]}"
+    if held is None:
+        what = "removed (by hand?)"
+    else:
+        what = (f"taken over by {_holder(held)[0]} (a lock left unrefreshed for {STALE_S:.0f} s, while this "
+                "process was stopped or its filesystem hung, is taken over from another machine)")  # fmt: skip
     raise ValueError(
-        f"{lock.parent} is no longer this process's to write: its lock {lock} was {what} (a lock left "
-        f"unrefreshed for {STALE_S:.0f} s, while this process was stopped or its filesystem hung, is taken "
-        "over from another machine); stopping without writing. To continue this work, wait for the other "
-        "process to end, or write elsewhere"
+        f"{lock.parent} is no longer this process's to write: its lock {lock} was {what}; stopping without "
+        "writing. To continue this work, wait for the other process to end, or write elsewhere"
     )
 
 
@@ -149,8 +177,8 @@ def holds(lock: Path) -> bool:
 
 
 def lock_holder(directory: Path) -> str | None:
-    """"process PID on HOST" when a live process may hold directory/.lock (one on another machine
-    always may: this call never waits to find out), else None."""
+    """"process PID on HOST" when a live process may hold directory/.lock (one whose pid cannot be
+    checked here, on another machine say, always may: this call never waits to find out), else None."""
     try:
         holder, live = _holder((directory / LOCK_FILE).read_text())
     except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
@@ -165,20 +193,36 @@ def _content(lock: Path) -> str | None:
         return None
 
 
+@functools.cache
+def _pid_space() -> str:
+    """Where this process's pid means something: the boot and the pid namespace, as Linux names
+    them ("-" where it does not). Machines may share a host name (a default one), and so may
+    containers (Kubernetes' hostNetwork, docker --network host), each numbering its own pids."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return "-"
+
+
 def _me() -> str:
-    return f"{os.getpid()} {socket.gethostname()}\n"
+    return f"{os.getpid()} {socket.gethostname()} {_pid_space()}\n"
 
 
 def _holder(held: str) -> tuple[str, bool | None]:
-    """Who a lock's content names, and whether that process is alive (None: on another machine,
-    it cannot be checked from here)."""
+    """Who a lock's content ("PID HOST PID_SPACE"; a lock of an older version: "PID HOST") names,
+    and whether that process is alive (None: its pid cannot be checked from here)."""
+    fields = held.split()
     try:
-        pid_text, host = held.split()
-        pid = int(pid_text)
-    except ValueError:
+        pid, host = int(fields[0]), fields[1]
+        if len(fields) > 3:
+            raise ValueError
+    except (ValueError, IndexError):
         return "a process killed as it took it", False  # torn between create and write: nobody holds it
     if host != socket.gethostname():
         return f"process {pid} on {host}", None
+    if len(fields) == 3 and fields[2] != _pid_space():
+        return f"process {pid} on {host} (another boot, container or machine of that name)", None
     # Our own pid: a killed process's before us (a container's processes get the same pids each run).
     return f"process {pid} on {host}", pid != os.getpid() and process_alive(pid)
 
@@ -221,7 +265,7 @@ def _watch(lock: Path, held: str, holder: str) -> tuple[bool, str]:
     not, a few words why for the notice. Raises if it changes hands meanwhile."""
     first, age = _mtime(lock), _age(lock)
     wait = max(STALE_S - age, WATCH_S)
-    notice(f"{lock} names {holder}, which this machine cannot check; watching it for up to {wait:.0f} s (a "
+    notice(f"{lock} names {holder}, whose pid this process cannot check; watching it for up to {wait:.0f} s (a "
            f"running holder refreshes it every {HEARTBEAT_S:.0f} s)")  # fmt: skip
     deadline = time.monotonic() + wait
     while (left := deadline - time.monotonic()) > 0:
@@ -250,12 +294,12 @@ def _remove_lock(lock: Path, content: str) -> None:
     except FileNotFoundError:
         return  # gone, or another process moved it first; a next try meets that process's lock
     try:
-        taken = aside.read_text() != content  # a live process's lock, taken since we read it
+        found = aside.read_text()
     except FileNotFoundError:
         return  # cleared by the cleanup of a process that took the lock meanwhile
-    if taken:
+    if found != content:  # a live process's lock, taken since we read it
         try:
-            os.link(aside, lock)  # back in place, unless yet another lock is there now
+            _create(lock, found)  # back in place, unless yet another lock is there now
         except FileExistsError:
             pass
     aside.unlink(missing_ok=True)

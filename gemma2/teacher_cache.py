@@ -179,7 +179,7 @@ def _take_partial(directory: Path, plan: dict, overwrite: bool) -> tuple[Path, s
         raise ValueError(f"{directory} already holds {what}; pass overwrite=True (--overwrite) to replace it")
     if holder := lock_holder(directory):
         raise ValueError(f"{directory} is in use by {holder} (its {LOCK_FILE}): wait for it to end, or write the "
-                         "cache elsewhere")  # fmt: skip
+                         f"cache elsewhere. If that process is gone, delete {directory / LOCK_FILE}")  # fmt: skip
     work = partial_directory(directory)
     if work.exists() and not work.is_dir():
         raise ValueError(f"{work} is a file, in the way of the directory the cache is written in first: move it")

@@ -40,8 +40,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain, islice
 from multiprocessing import get_context
@@ -151,6 +153,7 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _start_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent ends the pool
     _worker_tokenizer = Tokenizer(tokenizer_path)
 
 
@@ -186,20 +189,27 @@ def _encoded_chunks(
     items: Iterable[Any], tokenizer: Tokenizer, workers: int, prompts: bool
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """_encode_documents (_encode_prompts) over chunks of `items`, in order; with workers > 1 in a
-    process pool holding at most 2 * workers chunks in flight (Pool.imap would read ahead it all)."""
+    process pool holding at most 2 * workers chunks in flight (Pool.imap would read ahead it all).
+    A ProcessPoolExecutor, not a multiprocessing.Pool: a worker killed while it hands back a result
+    (a scheduler's SIGTERM reaches the whole process group) holds a lock of Pool's result queue
+    forever, and Pool.terminate then waits on it (seen: the test's SIGTERM hung the writer)."""
     encode = _encode_prompts if prompts else _encode_documents
     if workers == 1:
         for chunk in _chunks(items, prompts):
             yield encode(chunk, tokenizer)
         return
-    with get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(str(tokenizer.path),)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
+                               initargs=(str(tokenizer.path),))  # fmt: skip
+    try:
         pending: deque = deque()
         for chunk in _chunks(items, prompts):
-            pending.append(pool.apply_async(encode, (chunk,)))
+            pending.append(pool.submit(encode, chunk))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 class _Parts:
@@ -387,6 +397,7 @@ def write_token_file(
             release_lock(lock)  # kept for the same call to continue (or another process's now)
         else:
             remove_directory(work)  # nothing to continue: nothing left
+            release_lock(lock)  # its heartbeat
         raise
 
 

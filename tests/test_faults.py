@@ -460,11 +460,12 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def holder(out: Path) -> str | None:
+def holder(out: Path) -> list[str]:
+    """The pid and host a lock names ([] when there is none)."""
     try:
-        return (out / ".lock").read_text()
+        return (out / ".lock").read_text().split()[:2]
     except FileNotFoundError:
-        return None
+        return []
 
 
 def start_on(host: str, *args) -> subprocess.Popen:
@@ -490,13 +491,13 @@ def test_a_run_on_another_machine_is_refused_while_it_runs_and_yields_once_stopp
         assert f"in use by process {a.pid} on node-a" in line and "refreshed it while this process watched" in line
         a.send_signal(signal.SIGSTOP)
         b = start_on("node-b", *distill_args(docs, out, "--steps", 100_000, "--resume"))
-        while holder(out) != f"{b.pid} node-b\n" or len(R.read_metrics(out / "metrics.jsonl")) < 5:
+        while holder(out) != [str(b.pid), "node-b"] or len(R.read_metrics(out / "metrics.jsonl")) < 5:
             assert b.poll() is None, b.communicate()
             time.sleep(0.05)
         a.send_signal(signal.SIGCONT)
         done_a = subprocess.CompletedProcess(a.args, a.wait(timeout=60), *a.communicate())
         assert f"was taken over by process {b.pid} on node-b" in one_line_error(done_a)
-        assert holder(out) == f"{b.pid} node-b\n" and b.poll() is None  # node-b goes on
+        assert holder(out) == [str(b.pid), "node-b"] and b.poll() is None  # node-b goes on
         b.send_signal(signal.SIGTERM)  # node-b's checkpoint: its lock still held when it saves
         err = b.communicate(timeout=60)[1]
         assert b.returncode == 143 and f"left by process {a.pid} on node-a, which has not refreshed it for" in err, err

@@ -19,15 +19,25 @@ import pytest
 from gemma2 import locks
 
 HOST = socket.gethostname()
+# Where a pid means something, read here as Linux documents it: the boot id and the pid namespace.
+SPACE = f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}:{os.stat('/proc/self/ns/pid').st_ino}"
+
+
+def MINE() -> str:
+    return f"{os.getpid()} {HOST} {SPACE}\n"
+
 ROOT = Path(__file__).parents[1]
-BEAT, STALE, WATCH = 0.2, 2.0, 1.0
+BEAT, STALE, WATCH = 0.2, 3.0, 2.0  # wide margins: the CI machine may be loaded
 # A holder on "node-a": takes the lock, says so, then at each line on stdin checks that it still holds it.
 HOLDER = f"""import socket, sys
 from pathlib import Path
-socket.gethostname = lambda: "node-a"
+_, directory, host, space = sys.argv
+socket.gethostname = lambda: host
 from gemma2 import locks
+if space:
+    locks._pid_space = lambda: space
 locks.HEARTBEAT_S, locks.STALE_S, locks.WATCH_S = {BEAT}, {STALE}, {WATCH}
-lock = locks.acquire_lock(Path(sys.argv[1]))
+lock = locks.acquire_lock(Path(directory))
 print("held", flush=True)
 for _ in sys.stdin:
     try:
@@ -51,8 +61,9 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _holder_on_node_a(directory: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory)], stdin=subprocess.PIPE,
+def _holder_on_node_a(directory: Path, host: str = "node-a", space: str = "") -> subprocess.Popen:
+    """A holder whose host name is `host` and whose pid space (if given) `space`."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory), host, space], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
     assert proc.stdout.readline() == "held\n"
     return proc
@@ -70,7 +81,7 @@ def test_the_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, caps
     with pytest.raises(ValueError, match=f"in use by process {os.getppid()} on {HOST}"):
         locks.acquire_lock(tmp_path)
     lock.unlink()
-    assert locks.acquire_lock(tmp_path) == lock and lock.read_text() == f"{os.getpid()} {HOST}\n"
+    assert locks.acquire_lock(tmp_path) == lock and lock.read_text() == MINE()
     locks.release_lock(lock)
     assert not lock.exists()
     dead = _dead_pid()
@@ -104,7 +115,7 @@ def test_taking_over_a_stale_lock_never_removes_one_a_live_process_took_meanwhil
 def test_a_lock_naming_this_process_is_a_killed_predecessors(tmp_path, capsys):
     """In a container each run's processes get the same pids: a lock that names this very process
     was left by a killed one before it (this one has not taken it), and is taken over."""
-    (tmp_path / ".lock").write_text(f"{os.getpid()} {HOST}\n")
+    (tmp_path / ".lock").write_text(MINE())
     lock = locks.acquire_lock(tmp_path)
     assert "which is gone; taking it over" in capsys.readouterr().err
     locks.release_lock(lock)
@@ -119,7 +130,7 @@ def test_a_live_holder_on_another_machine_is_refused_once_it_refreshes_its_lock(
                                              "process watched"):  # fmt: skip
             locks.acquire_lock(tmp_path)
         assert time.monotonic() - begun < WATCH  # refused at its first refresh, not after the watch
-        assert "which this machine cannot check; watching it for up to" in capsys.readouterr().err
+        assert "whose pid this process cannot check; watching it for up to" in capsys.readouterr().err
         assert _ask(holder) == "still held\n"
     finally:
         holder.kill()
@@ -133,9 +144,11 @@ def test_a_holder_on_another_machine_killed_is_taken_over_once_its_lock_goes_sta
     holder.wait()
     begun = time.monotonic()
     lock = locks.acquire_lock(tmp_path)
-    assert time.monotonic() - begun > STALE - 2 * BEAT  # waited for refreshes that never came
-    assert lock.read_text() == f"{os.getpid()} {HOST}\n"
-    assert f"left by process {holder.pid} on node-a, which has not refreshed it for 2 s" in capsys.readouterr().err
+    assert time.monotonic() - begun >= WATCH  # waited for refreshes that never came
+    assert lock.read_text() == MINE()
+    unrefreshed = re.search(f"left by process {holder.pid} on node-a, which has not refreshed it for (\\d+) s",
+                            capsys.readouterr().err)  # fmt: skip
+    assert unrefreshed and int(unrefreshed[1]) >= STALE
     locks.release_lock(lock)
     assert os.listdir(tmp_path) == []  # the probe files too are gone
 
@@ -145,8 +158,8 @@ def test_a_lock_on_another_machine_long_unrefreshed_is_taken_over_after_the_shor
     lock.write_text("4242 node-a\n")
     os.utime(lock, (time.time() - 3600,) * 2)
     begun = time.monotonic()
-    assert locks.acquire_lock(tmp_path) == lock and lock.read_text() == f"{os.getpid()} {HOST}\n"
-    assert WATCH <= time.monotonic() - begun < STALE - BEAT  # the filesystem's age shortened the wait
+    assert locks.acquire_lock(tmp_path) == lock and lock.read_text() == MINE()
+    assert WATCH <= time.monotonic() - begun < STALE  # the filesystem's age shortened the wait
     assert re.search(r"left by process 4242 on node-a, which has not refreshed it for 360\d s", capsys.readouterr().err)
     locks.release_lock(lock)
 
@@ -191,7 +204,7 @@ def test_a_holder_stopped_past_the_stale_age_stops_before_writing(tmp_path, shor
         answer = _ask(holder)
         assert "is no longer this process's to write" in answer and f"taken over by process {os.getpid()} on {HOST}" in answer
         time.sleep(3 * BEAT)  # its heartbeat, awake again, leaves our lock alone
-        assert lock.read_text() == f"{os.getpid()} {HOST}\n"
+        assert lock.read_text() == MINE()
         locks.release_lock(lock)
     finally:
         holder.kill()
@@ -269,6 +282,71 @@ def test_a_lock_where_no_probe_can_be_made_is_watched_for_the_whole_stale_age(tm
     begun = time.monotonic()
     assert locks.acquire_lock(tmp_path) == lock
     assert time.monotonic() - begun >= STALE
-    assert "watching it for up to 2 s" in capsys.readouterr().err
+    assert "watching it for up to 3 s" in capsys.readouterr().err
     monkeypatch.undo()
+    locks.release_lock(lock)
+
+
+def test_a_process_cannot_take_a_lock_it_holds(tmp_path):
+    lock = locks.acquire_lock(tmp_path)
+    with pytest.raises(ValueError, match="already locked by this process"):
+        locks.acquire_lock(tmp_path)
+    assert locks.holds(lock)
+    locks.release_lock(lock)
+
+
+def test_without_hard_links_locks_are_created_and_given_back_all_the_same(tmp_path, monkeypatch):
+    """Some FUSE filesystems refuse link(): the lock is then created exclusively, and a live lock
+    moved aside by a taker is put back by content."""
+
+    def no_links(src, dst, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(locks.os, "link", no_links)
+    lock = locks.acquire_lock(tmp_path)
+    assert lock.read_text() == MINE() and os.listdir(tmp_path) == [".lock"]
+    locks.release_lock(lock)
+    lock.write_text(f"{_dead_pid()} {HOST}\n")
+    live = f"{os.getppid()} {HOST}\n"
+    real_rename = os.rename
+
+    def rename(src, dst):
+        os.remove(src)  # another process took the stale lock over first ...
+        with open(src, "x") as f:
+            f.write(live)  # ... and holds it now
+        real_rename(src, dst)
+
+    monkeypatch.setattr(locks.os, "rename", rename)
+    with pytest.raises(ValueError, match=f"in use by process {os.getppid()}"):
+        locks.acquire_lock(tmp_path)
+    monkeypatch.undo()
+    assert lock.read_text() == live and os.listdir(tmp_path) == [".lock"]
+
+
+def test_a_lock_moved_aside_a_moment_is_still_held(tmp_path):
+    """Another process giving back a lock it moved aside (`_remove_lock`) leaves it missing for a
+    moment: ensure_held looks again before saying it was removed."""
+    lock = locks.acquire_lock(tmp_path)
+    aside = tmp_path / "aside"
+    os.rename(lock, aside)
+    threading.Timer(0.05, os.rename, (aside, lock)).start()
+    locks.ensure_held(lock)
+    locks.release_lock(lock)
+
+
+def test_a_holder_in_another_container_of_the_same_host_name_is_watched_not_pid_checked(tmp_path, short, capsys):
+    """Containers sharing the node's host name (hostNetwork) each number their own pids: this
+    process cannot check the other's, so it watches the lock as it would another machine's."""
+    holder = _holder_on_node_a(tmp_path, HOST, "another-container")
+    try:
+        assert (tmp_path / ".lock").read_text() == f"{holder.pid} {HOST} another-container\n"
+        with pytest.raises(ValueError, match=f"in use by process {holder.pid} on {HOST} \\(another boot, "
+                                             "container or machine of that name\\).*refreshed it while"):  # fmt: skip
+            locks.acquire_lock(tmp_path)
+        assert _ask(holder) == "still held\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = locks.acquire_lock(tmp_path)  # killed: taken over once stale
+    assert "which has not refreshed it for" in capsys.readouterr().err
     locks.release_lock(lock)

@@ -30,10 +30,14 @@ def test_a_takeover_killed_midway_leaves_a_temporary_the_next_start_clears(tmp_p
     """Killed between moving the stale lock aside and removing it: what is left is a temporary of
     gemma2.files, which does not make the directory look foreign and is cleared once its process is gone."""
     lock = tmp_path / ".lock"
-    lock.write_text(f"{_dead_pid()} {HOST}\n")
+    stale = f"{_dead_pid()} {HOST}\n"
+    lock.write_text(stale)
+    real_unlink = R.Path.unlink
 
     def killed(self, *args, **kwargs):
-        raise KeyboardInterrupt("killed")
+        if self.read_text() == stale:  # the stale lock, moved aside
+            raise KeyboardInterrupt("killed")
+        return real_unlink(self, *args, **kwargs)
 
     monkeypatch.setattr(R.Path, "unlink", killed)
     with pytest.raises(KeyboardInterrupt):

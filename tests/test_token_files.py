@@ -539,3 +539,18 @@ def test_a_writer_interrupted_after_its_lock_was_taken_over_leaves_the_partial_d
         write_token_file([tmp_path / "a.jsonl"], tok, tmp_path / "t.npy", progress=False)
     assert os.listdir(tmp_path / "t.npy.partial") == [".lock"]
     assert (tmp_path / "t.npy.partial" / ".lock").read_text() == "4242 node-b\n"
+
+
+def test_a_write_failing_before_any_progress_leaves_nothing_and_stops_its_lock(tmp_path, tok, monkeypatch):
+    from gemma2 import locks
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(50)))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(token_writer, "_pass_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_token_file([tmp_path / "a.jsonl"], tok, tmp_path / "t.npy", progress=False)
+    assert os.listdir(tmp_path) == ["a.jsonl"]
+    assert not [lock for lock in locks._heartbeats if lock.parent == tmp_path / "t.npy.partial"]
