@@ -1,27 +1,31 @@
 """One writer per directory, across processes and machines: `directory/.lock`.
 
-The lock file holds "PID HOST PID_SPACE" of its holder (the pid space: the boot and pid namespace
-where the pid means something) and is created exclusively; `acquire_lock` takes it,
-`release_lock` removes it. While it is held, a thread of the holder refreshes the file's
-modification time every `HEARTBEAT_S` seconds. A process that finds the lock taken:
+The lock file holds "PID HOST#PID_SPACE" of its holder (the pid space: the boot and pid namespace
+where the pid means something; earlier versions of this module, which wrote "PID HOST", read it as
+another machine's). `acquire_lock` creates it whole, `release_lock` removes it. While it is held,
+a thread of the holder refreshes the file's modification time every `HEARTBEAT_S` seconds. A
+process that finds the lock taken:
 
 - in the holder's pid space, checks the pid: refused while that process exists, the lock taken
   over (with a notice) once it is gone;
 - elsewhere (another machine, or another container or boot of the same host name), where the pid
-  cannot be checked (a job a scheduler requeued elsewhere after a hard kill, say), watches the lock: refreshed, its holder runs (refused, within about
-  `HEARTBEAT_S`); unchanged for `STALE_S` since its last refresh and for at least `WATCH_S` of this
-  process's own watching, its holder is gone (taken over, with a notice). The age before the watch
-  is read by the filesystem's clock (a probe file's modification time; on NFS the server's), which
-  only shortens the wait: filesystems that stamp times with each client's clock (Lustre, FUSE) let
-  skewed clocks misjudge that age, never the watch. A lock that changes hands during the watch is
-  refused: the caller's checks of the directory, made before, may no longer hold.
+  cannot be checked (a job a scheduler requeued elsewhere after a hard kill, or a restarted
+  container, which gets a new pid namespace), watches the lock: refreshed, its holder runs
+  (refused, within about `HEARTBEAT_S`); unchanged for `STALE_S` since its last refresh and for at
+  least `WATCH_S` of this process's own watching, its holder is gone (taken over, with a notice).
+  The age before the watch is read by the filesystem's clock (a probe file's modification time;
+  on NFS the server's), which only shortens the wait: filesystems that stamp times with each
+  client's clock (Lustre, FUSE) let skewed clocks misjudge that age, never the watch. A lock that
+  changes hands during the watch is refused: the caller's checks of the directory, made before,
+  may no longer hold.
 
 A holder stopped longer than that (SIGSTOP, a suspended job) may find its lock taken over when it
 continues: `ensure_held`, called before its writes (each metrics line and checkpoint of training,
 each progress record and the publish of a token file, the publish of a teacher cache), then stops
 it with a message. A write already under way when it was stopped may still land. A holder whose
 refreshes fail says so once (a notice). `lock_holder` never waits: a lock whose pid cannot be
-checked counts as held. In a torchrun job rank 0 holds the lock; when it stops, torchrun ends the others.
+checked counts as held (its callers refuse and name the file to delete). In a torchrun job rank 0
+holds the lock; when it stops, torchrun ends the others.
 """
 
 from __future__ import annotations
@@ -86,7 +90,9 @@ def acquire_lock(directory: Path) -> Path:
     Returns the lock file."""
     lock = directory / LOCK_FILE
     if lock in _heartbeats:
-        raise ValueError(f"{directory} is already locked by this process (lock file {lock})")
+        if holds(lock):
+            raise ValueError(f"{directory} is already locked by this process (lock file {lock})")
+        _heartbeats.pop(lock).stop.set()  # a lock it lost, or one whose release failed
     me = _me()
     for _ in range(3):  # later tries follow the removal of a stale lock
         try:
@@ -121,8 +127,8 @@ def _create(lock: Path, content: str) -> None:
     place, so that nobody reads it empty (an empty lock is a torn one: its taker was killed);
     where there are no hard links (some FUSE filesystems), created exclusively and then written."""
     tmp = _temporary(lock)
-    tmp.write_text(content)
     try:
+        tmp.write_text(content)
         os.link(tmp, lock)
     except FileExistsError:
         raise
@@ -206,22 +212,21 @@ def _pid_space() -> str:
 
 
 def _me() -> str:
-    return f"{os.getpid()} {socket.gethostname()} {_pid_space()}\n"
+    return f"{os.getpid()} {socket.gethostname()}#{_pid_space()}\n"
 
 
 def _holder(held: str) -> tuple[str, bool | None]:
-    """Who a lock's content ("PID HOST PID_SPACE"; a lock of an older version: "PID HOST") names,
-    and whether that process is alive (None: its pid cannot be checked from here)."""
-    fields = held.split()
+    """Who a lock's content ("PID HOST#PID_SPACE"; of an earlier version: "PID HOST") names, and
+    whether that process is alive (None: its pid cannot be checked from here)."""
     try:
-        pid, host = int(fields[0]), fields[1]
-        if len(fields) > 3:
-            raise ValueError
-    except (ValueError, IndexError):
+        pid_text, where = held.split()
+        pid = int(pid_text)
+    except ValueError:
         return "a process killed as it took it", False  # torn between create and write: nobody holds it
+    host, _, space = where.partition("#")
     if host != socket.gethostname():
         return f"process {pid} on {host}", None
-    if len(fields) == 3 and fields[2] != _pid_space():
+    if space and space != _pid_space():
         return f"process {pid} on {host} (another boot, container or machine of that name)", None
     # Our own pid: a killed process's before us (a container's processes get the same pids each run).
     return f"process {pid} on {host}", pid != os.getpid() and process_alive(pid)
@@ -298,8 +303,13 @@ def _remove_lock(lock: Path, content: str) -> None:
     except FileNotFoundError:
         return  # cleared by the cleanup of a process that took the lock meanwhile
     if found != content:  # a live process's lock, taken since we read it
-        try:
-            _create(lock, found)  # back in place, unless yet another lock is there now
+        try:  # back in place, unless yet another lock is there now
+            try:
+                os.link(aside, lock)  # needs no room on a full disk
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links here
+                _create(lock, found)
         except FileExistsError:
             pass
     aside.unlink(missing_ok=True)

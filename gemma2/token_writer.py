@@ -208,8 +208,24 @@ def _encoded_chunks(
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    except BaseException:
+        _abandon(pool)
+        raise
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def _abandon(pool: ProcessPoolExecutor) -> None:
+    """Kill the pool's workers and close this process's copy of their result pipe's write end: a
+    worker killed while sending a result (a chunk's tokens, over a pipe's 64 KiB) leaves the
+    executor's reader thread inside that message, and only an end of file frees it; the shutdown
+    (and Python's exit, which joins that thread) would wait on it forever. CPython's attributes
+    (3.10 - 3.13), read with defaults: without them the shutdown is as before."""
+    for p in list((getattr(pool, "_processes", None) or {}).values()):
+        p.kill()
+    writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
+    if writer is not None:
+        writer.close()
 
 
 class _Parts:
@@ -389,15 +405,19 @@ def write_token_file(
             raise ValueError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it, or another name")
         info = _write(work, out, tokenizer, paths, eval_paths, holdout_fraction, text_column, prompts, workers,
                       progress)  # fmt: skip
-        remove_directory(work)  # the lock with it
-        release_lock(lock)  # its heartbeat
+        try:
+            remove_directory(work)  # the lock with it
+        finally:
+            release_lock(lock)  # its heartbeat
         return info
     except BaseException:
         if (work / PROGRESS).is_file() or not holds(lock):
             release_lock(lock)  # kept for the same call to continue (or another process's now)
         else:
-            remove_directory(work)  # nothing to continue: nothing left
-            release_lock(lock)  # its heartbeat
+            try:
+                remove_directory(work)  # nothing to continue: nothing left
+            finally:
+                release_lock(lock)  # its heartbeat
         raise
 
 

@@ -463,7 +463,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def holder(out: Path) -> list[str]:
     """The pid and host a lock names ([] when there is none)."""
     try:
-        return (out / ".lock").read_text().split()[:2]
+        pid, where = (out / ".lock").read_text().split()
+        return [pid, where.partition("#")[0]]
     except FileNotFoundError:
         return []
 

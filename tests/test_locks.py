@@ -24,7 +24,7 @@ SPACE = f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}:{os.stat
 
 
 def MINE() -> str:
-    return f"{os.getpid()} {HOST} {SPACE}\n"
+    return f"{os.getpid()} {HOST}#{SPACE}\n"
 
 ROOT = Path(__file__).parents[1]
 BEAT, STALE, WATCH = 0.2, 3.0, 2.0  # wide margins: the CI machine may be loaded
@@ -339,7 +339,7 @@ def test_a_holder_in_another_container_of_the_same_host_name_is_watched_not_pid_
     process cannot check the other's, so it watches the lock as it would another machine's."""
     holder = _holder_on_node_a(tmp_path, HOST, "another-container")
     try:
-        assert (tmp_path / ".lock").read_text() == f"{holder.pid} {HOST} another-container\n"
+        assert (tmp_path / ".lock").read_text() == f"{holder.pid} {HOST}#another-container\n"
         with pytest.raises(ValueError, match=f"in use by process {holder.pid} on {HOST} \\(another boot, "
                                              "container or machine of that name\\).*refreshed it while"):  # fmt: skip
             locks.acquire_lock(tmp_path)
@@ -350,3 +350,21 @@ def test_a_holder_in_another_container_of_the_same_host_name_is_watched_not_pid_
     lock = locks.acquire_lock(tmp_path)  # killed: taken over once stale
     assert "which has not refreshed it for" in capsys.readouterr().err
     locks.release_lock(lock)
+
+
+def test_a_lock_written_now_is_another_machines_to_an_earlier_version(tmp_path):
+    """Earlier versions parsed "PID HOST" and pid-checked a lock of their own host name: the pid
+    space rides in the host field, so they refuse this lock instead of reading it as torn."""
+    lock = locks.acquire_lock(tmp_path)
+    pid_text, host = lock.read_text().split()  # an earlier version's parse
+    assert int(pid_text) == os.getpid() and host != socket.gethostname()
+    locks.release_lock(lock)
+
+
+def test_a_lock_this_process_lost_can_be_taken_again(tmp_path):
+    """A lock whose release failed, or that was removed: its heartbeat is dropped, not a refusal."""
+    lock = locks.acquire_lock(tmp_path)
+    lock.unlink()
+    assert locks.acquire_lock(tmp_path) == lock and locks.holds(lock)
+    locks.release_lock(lock)
+    assert not lock.exists()

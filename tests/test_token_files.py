@@ -554,3 +554,22 @@ def test_a_write_failing_before_any_progress_leaves_nothing_and_stops_its_lock(t
         write_token_file([tmp_path / "a.jsonl"], tok, tmp_path / "t.npy", progress=False)
     assert os.listdir(tmp_path) == ["a.jsonl"]
     assert not [lock for lock in locks._heartbeats if lock.parent == tmp_path / "t.npy.partial"]
+
+
+def test_abandoning_the_pool_kills_its_workers_and_frees_its_reader():
+    """`_abandon` (the writer's exception path) reaches into CPython's ProcessPoolExecutor: the
+    attributes it uses must exist here, or it would silently do nothing."""
+    import time as _time
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    pool = ProcessPoolExecutor(2, mp_context=get_context("spawn"))
+    futures = [pool.submit(_time.sleep, 30) for _ in range(2)]
+    while len(pool._processes) < 2:
+        _time.sleep(0.05)
+    workers = list(pool._processes.values())
+    begun = _time.monotonic()
+    token_writer._abandon(pool)
+    pool.shutdown(cancel_futures=True)
+    assert _time.monotonic() - begun < 20 and all(p.exitcode is not None and p.exitcode < 0 for p in workers)
+    assert all(f.done() for f in futures)
