@@ -43,8 +43,8 @@ import shutil
 import signal
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from itertools import chain, islice
 from multiprocessing import get_context
 from pathlib import Path
@@ -192,7 +192,8 @@ def _encoded_chunks(
     process pool holding at most 2 * workers chunks in flight (Pool.imap would read ahead it all).
     A ProcessPoolExecutor, not a multiprocessing.Pool: a worker killed while it hands back a result
     (a scheduler's SIGTERM reaches the whole process group) holds a lock of Pool's result queue
-    forever, and Pool.terminate then waits on it (seen: the test's SIGTERM hung the writer)."""
+    forever, and Pool.terminate then waits on it (seen: the test's SIGTERM hung the writer); the
+    executor's own wait on such a worker is ended by `_abandon`."""
     encode = _encode_prompts if prompts else _encode_documents
     if workers == 1:
         for chunk in _chunks(items, prompts):
