@@ -15,6 +15,7 @@ never half of either; a failure removes the temporary and leaves the destination
 - `publish_directory(tmp, path, keep=...)`: the same last step for a directory several processes
   filled, or one that outlived the process that started it (`drop_kept_links` first removes the
   links a publish of it killed before its swap had made).
+- `claim(path, directory=...)`: a fresh temporary sibling of `path`, created exclusively.
 - `fsync(path)`: make a file's bytes, or a directory's entries, durable.
 - `process_alive(pid)`: whether a process exists (is a temporary's or a lock's writer still at work?).
 - `followed(path)`: where a write of `path` lands (the target of a symbolic link).
@@ -93,7 +94,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         link(str(src), str(dst))
 
 
-def _claim(path: Path, *, directory: bool, old: bool = False) -> Path:
+def claim(path: Path, *, directory: bool, old: bool = False) -> Path:
     """A sibling of `path` named `.tmp-{new,old}-NAME-PID-N` that did not exist, created here (an
     empty file or directory, exclusively): whatever this module later removes is its own."""
     for n in itertools.count():
@@ -114,7 +115,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of `path` for the caller to write; then fsync it and rename it
     over `path`. On an exception the temporary is removed and `path` keeps its old content."""
     path = followed(path)
-    tmp = _claim(path, directory=False)
+    tmp = claim(path, directory=False)
     try:
         yield tmp
         _finish(tmp, _default_mode())
@@ -182,7 +183,7 @@ def atomic_directory(path: str | os.PathLike, keep: Iterable[str] = ()) -> Itera
     never written through the link)."""
     path = directory_destination(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _claim(path, directory=True)
+    tmp = claim(path, directory=True)
     try:
         yield tmp
         publish_directory(tmp, path, keep)
@@ -240,7 +241,7 @@ def _swap(tmp: Path, path: Path) -> None:
     elif _exchange(tmp, path):
         remove_directory(tmp, path)  # tmp: now the old directory
     else:
-        old = _claim(path, directory=True, old=True)
+        old = claim(path, directory=True, old=True)
         os.replace(path, old)  # onto the empty directory claimed for it
         try:
             os.replace(tmp, path)
@@ -257,7 +258,7 @@ def remove_directory(old: Path, path: Path | None = None) -> None:
     puts back, not a half-removed directory under a name that looks whole (a checkpoint), and `old`'s
     own name (a teacher cache's NAME.partial) is free at once. Best-effort: a file still open on
     NFS does not fail the caller; the next `remove_stale_temporaries` clears what is left."""
-    doomed = _claim(old if path is None else path, directory=True)
+    doomed = claim(old if path is None else path, directory=True)
     os.replace(old, doomed)  # onto the empty directory claimed for it
     shutil.rmtree(doomed, ignore_errors=True)
 

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import functools
 import os
-import secrets
 import socket
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
-from .files import TMP_PREFIX, notice, process_alive
+from .files import claim, notice, process_alive
 
 LOCK_FILE = ".lock"
 HEARTBEAT_S = 15.0  # how often a holder refreshes its lock
@@ -123,21 +123,25 @@ def acquire_lock(directory: Path) -> Path:
 
 
 def _create(lock: Path, content: str) -> None:
-    """Create `lock` holding `content`, or raise FileExistsError. Written beside it and linked into
-    place, so that nobody reads it empty (an empty lock is a torn one: its taker was killed);
-    where there are no hard links (some FUSE filesystems), created exclusively and then written."""
-    tmp = _temporary(lock)
+    """Create `lock` holding `content`, or raise FileExistsError. Written beside it (a temporary of
+    gemma2.files, made exclusively) and linked into place, so that nobody reads it empty (an empty
+    lock is a torn one: its taker was killed); where there are no hard links (some FUSE
+    filesystems), created exclusively and then written."""
+    tmp = None
     try:
+        tmp = claim(lock, directory=False)
+        os.chmod(tmp, 0o644)
         tmp.write_text(content)
         os.link(tmp, lock)
     except FileExistsError:
         raise
-    except OSError:  # no hard links here
+    except OSError:  # no hard links (or no temporary) here
         fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(fd, "w") as f:
             f.write(content)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)  # ours (a new holder's cleanup may have been first)
 
 
 def release_lock(lock: Path) -> None:
@@ -242,25 +246,17 @@ def _mtime(lock: Path) -> int | None:
         return None
 
 
-def _temporary(lock: Path) -> Path:
-    """A fresh temporary name of gemma2.files beside the lock (cleared if a kill leaves it; random,
-    as processes of several machines or containers may share a pid)."""
-    return lock.with_name(f"{TMP_PREFIX}new-{lock.name}-{os.getpid()}-{secrets.randbelow(10**12)}")
-
-
 def _age(lock: Path) -> float:
-    """Seconds since the lock was last written or refreshed by the clock of its filesystem (a
-    probe file's modification time); 0 where no file can be made beside it (read-only)."""
-    probe = _temporary(lock)
+    """Seconds since the lock was last written or refreshed by the clock of its filesystem (the
+    modification time of a temporary made beside it); 0 where none can be made (read-only)."""
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        probe = claim(lock, directory=False)
     except OSError:
         return 0.0
     try:
-        now = os.fstat(fd).st_mtime_ns
+        now = probe.stat().st_mtime_ns
     finally:
-        os.close(fd)
-        probe.unlink(missing_ok=True)  # a new holder's cleanup may have been first
+        probe.unlink(missing_ok=True)  # ours (a new holder's cleanup may have been first)
     written = _mtime(lock)
     return 0.0 if written is None else max(0.0, (now - written) / 1e9)
 
@@ -285,31 +281,31 @@ def _watch(lock: Path, held: str, holder: str) -> tuple[bool, str]:
                              "while this one waited; run the command again")  # fmt: skip
         if mtime != first:
             return True, ""
-    return False, f"which has not refreshed it for {max(age, 0) + wait:.0f} s (a running holder does every {HEARTBEAT_S:.0f} s)"
+    return False, f"which has not refreshed it for {age + wait:.0f} s (a running holder does every {HEARTBEAT_S:.0f} s)"
 
 
 def _remove_lock(lock: Path, content: str) -> None:
     """Remove `lock` if it still holds `content`. Of several processes removing one lock, one moves
-    it aside (a rename); a lock that another process took in the meantime is given back. The name
-    aside is a temporary of gemma2.files: killed before removing it, this process leaves a file
-    the next start clears, not one that makes the directory look like someone else's."""
-    aside = _temporary(lock)
+    it aside (a rename onto an empty temporary of gemma2.files this call made, so nothing else is
+    ever replaced); a lock that another process took in the meantime is given back. Killed before
+    removing it, this process leaves a temporary the next start clears, not a file that makes the
+    directory look like someone else's."""
+    aside = claim(lock, directory=False)
     try:
         os.rename(lock, aside)
     except FileNotFoundError:
+        aside.unlink(missing_ok=True)
         return  # gone, or another process moved it first; a next try meets that process's lock
     try:
         found = aside.read_text()
     except FileNotFoundError:
         return  # cleared by the cleanup of a process that took the lock meanwhile
-    if found != content:  # a live process's lock, taken since we read it
-        try:  # back in place, unless yet another lock is there now
-            try:
-                os.link(aside, lock)  # needs no room on a full disk
-            except FileExistsError:
-                raise
-            except OSError:  # no hard links here
-                _create(lock, found)
+    if found != content:  # a live process's lock, taken since we read it: back in place
+        try:
+            os.link(aside, lock)  # needs no room on a full disk
         except FileExistsError:
-            pass
+            pass  # yet another lock is there now
+        except OSError:  # no hard links here
+            with suppress(FileExistsError):
+                _create(lock, found)
     aside.unlink(missing_ok=True)

@@ -274,19 +274,25 @@ def test_lock_holder_counts_a_lock_on_another_machine_as_held(tmp_path):
 
 
 def test_a_lock_where_no_probe_can_be_made_is_watched_for_the_whole_stale_age(tmp_path, short, monkeypatch, capsys):
-    """A read-only directory (permissions bind no root, so the refusal is simulated): the lock's age
-    is unknown, so it counts as just refreshed."""
+    """A directory where no probe file can be made (read-only; permissions bind no root, so the
+    refusal is simulated, for the probe only: the takeover itself then needs a writable directory):
+    the lock's age is unknown, so it counts as just refreshed."""
     lock = tmp_path / ".lock"
     lock.write_text("4242 node-a\n")
     os.utime(lock, (time.time() - 3600,) * 2)
-    real_open = os.open
+    real_open, real_age = os.open, locks._age
 
     def read_only(path, flags, *args):
-        if flags & os.O_CREAT and ".tmp-" in str(path):
+        if flags & os.O_CREAT:
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(locks.os, "open", read_only)
+    def age_where_nothing_can_be_made(lock):
+        with monkeypatch.context() as m:
+            m.setattr(locks.os, "open", read_only)
+            return real_age(lock)
+
+    monkeypatch.setattr(locks, "_age", age_where_nothing_can_be_made)
     begun = time.monotonic()
     assert locks.acquire_lock(tmp_path) == lock
     assert time.monotonic() - begun >= STALE
