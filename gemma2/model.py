@@ -16,8 +16,8 @@ softcaps, softmax and logits in fp32.
 - "eager": the readable reference (full score matrix, explicit mask) in every layer;
 - "flex": FlexAttention for prompts (compiled unless `compile_attention` is False), eager for decoding;
 - "banded": every layer in query blocks that score only the keys they can see (local: O(T * W)
-  memory; global: half of eager's scores), autograd on any device; under autograd both recompute
-  their scores in backward;
+  memory; global: half of eager's scores), autograd on any device, its backward recomputing the
+  scores block by block;
 - "auto": the fastest measured path for the call (see `Gemma2ForCausalLM.kernel_for`).
 """
 
@@ -287,12 +287,9 @@ class Gemma2ForCausalLM(nn.Module):
                                compiled=self.compiles(view.q_cols.device), **caps)
                 for local, (cols, valid, w) in keys.items()
             }  # fmt: skip
-        attends = {
+        return {
             local: partial(kernels.banded, key_valid=valid, window=w, **caps)
             if impl == "banded"
             else partial(kernels.eager, mask=may_attend(view.q_cols, cols, window=w, key_valid=valid), **caps)
             for local, (cols, valid, w) in keys.items()
         }
-        if impl == "banded" and torch.is_grad_enabled():
-            attends = {local: partial(kernels.recompute, kernel) for local, kernel in attends.items()}
-        return attends

@@ -15,7 +15,7 @@ import torch
 
 from conftest import hf_twin, left_padded, tiny_config
 from gemma2 import attention
-from gemma2.attention import banded, capped_softmax, eager, flex, softcap, softcap_
+from gemma2.attention import banded, eager, flex, softcap, softcap_
 from gemma2.masks import flex_block_mask, may_attend
 
 CONFIG = tiny_config(sliding_window=7)  # odd window; sequences below are > 2W
@@ -78,40 +78,26 @@ def test_in_place_softcap_is_the_softcap():
         assert (softcap_(x.clone(), cap, scale).double() - want).abs().max() <= 4 * eps * cap
 
 
-def test_capped_softmax_in_place_equals_the_autograd_path():
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randn(2, 3, 5, 9, generator=g) * 40
-    mask = torch.rand(2, 1, 5, 9, generator=g) > 0.3
-    mask[..., 0] = True
-    want = capped_softmax(scores.requires_grad_(), mask, 0.35, 50.0)
-    with torch.no_grad():
-        got = capped_softmax(scores.clone(), mask, 0.35, 50.0)  # it overwrites fp32 scores
-    assert (got - want).abs().max() <= 1e-5  # the kernels' tolerance
-    assert (want - softcap(scores * 0.35, 50.0).masked_fill(~mask, -torch.inf).softmax(-1)).abs().max() <= 1e-6
-
-
-def saved_by_banded(T: int, window: int | None) -> list[int]:
-    """The sizes of the tensors autograd keeps for one banded call (head_dim 8)."""
+def saved_for_backward(kernel, T: int, window: int | None) -> list[int]:
+    """The sizes of the tensors autograd keeps for one call of a kernel (head_dim 8)."""
     q, k, v = (torch.randn(1, 1, T, 8, requires_grad=True) for _ in range(3))
+    valid = torch.ones(1, T, dtype=torch.bool)
+    args = (may_attend(torch.arange(T), torch.arange(T), window=window, key_valid=valid),) if kernel is eager else (valid, window)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        banded(q, k, v, torch.ones(1, T, dtype=torch.bool), window, 1.0, 50.0)
+        kernel(q, k, v, *args, 1.0, 50.0)
     return saved
 
 
-def test_banded_memory_is_linear_in_t():
-    """Regression guard for O(T * W): no [T, T] score matrix in a local layer's graph."""
-    T, W = 64, 4
-    saved = saved_by_banded(T, W)
-    assert max(saved) <= (2 * W - 1) * 8  # a block's keys [2W - 1, hd]; its scores [W, 2W - 1] are less
-    a, b, c = (sum(saved_by_banded(n, W)) for n in (T, 2 * T, 3 * T))
-    assert c - b == b - a  # every T more queries keep the same: linear in T (eager's grow as T^2)
-
-
-def test_banded_global_layer_keeps_no_full_score_matrix(monkeypatch):
-    monkeypatch.setattr(attention, "BLOCK", 16)
+@pytest.mark.parametrize("block", [4, 16, 128])
+@pytest.mark.parametrize("window", [4, None])
+def test_banded_keeps_only_q_k_v_and_its_output_for_backward(window, block, monkeypatch):
+    """Regression guard for O(T * W) training memory (O(T) here: the backward recomputes the
+    scores): nothing of a block's scores is kept, whatever the window and block size."""
+    monkeypatch.setattr(attention, "BLOCK", block)
     T = 64
-    assert max(saved_by_banded(T, None)) <= 16 * T  # one block's scores [16, <= T]
+    assert sorted(saved_for_backward(banded, T, window)) == [T, T * 8, T * 8, T * 8, T * 8]  # key_valid, q, k, v, out
+    assert max(saved_for_backward(eager, T, window)) >= T * T  # what the guard would see of a score matrix
 
 
 def test_auto_picks_per_call():
