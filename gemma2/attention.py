@@ -14,8 +14,8 @@ scores scaled, soft-capped (cap * tanh(s / cap)) and masked before a softmax in 
   Queries go in blocks of C columns; each block scores only the keys it can see (a local block its
   C + W - 1 candidates, so memory is O(T * W) instead of O(T^2); a global block the keys up to its
   last query, half of eager's scores). Its fp32 score passes run in place on one block at a time,
-  and under autograd its own backward recomputes each block's scores, keeping only q, k, v and
-  the output per layer. Only for a self-attending sequence (keys are the queries' columns).
+  and under autograd its own backward recomputes each block's scores, keeping only q, k and v per
+  layer. Only for a self-attending sequence (keys are the queries' columns).
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def banded(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, window: int | Non
     gives the mean of its block's values, not eager's mean over every key: such rows are never
     attended to, and losses skip them.
 
-    Under autograd it keeps only q, k, v and its output, and its own backward recomputes each
-    block's scores (`_Banded`).
+    Under autograd it keeps only q, k and v, and its own backward recomputes each block's scores
+    (`_Banded`).
     """
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _Banded.apply(q, k, v, key_valid, window, scale, cap)
@@ -117,41 +117,42 @@ def _block_probs(
 
 
 class _Banded(torch.autograd.Function):
-    """`banded` with a backward of its own, FlashAttention's: each block's probabilities P are
-    recomputed from q and k, then with dO the output's gradient and D = rowsum(dO * O),
-    dV += P^T dO, dZ = P * (dO V^T - D) the gradient of the capped scores Z = cap * tanh(s * scale
-    / cap), ds = dZ * scale * (1 - (Z / cap)^2), dQ = ds K and dK += ds^T Q. Nothing of a block
-    outlives it, and most fp32 passes run in place. Against autograd through a recomputed forward
-    (benchmark config, bf16, seq 2048, one layer's forward and backward, two threads): 0.255
-    against 0.395 s global, 0.116 against 0.162 s local; a whole training step 1.24x faster, and
-    backward never holds a layer's recomputed graph (every block's fp32 scores at once). dK and dV
-    are summed over blocks in fp32."""
+    """`banded` with a backward of its own, FlashAttention's arithmetic: each block's probabilities
+    P are recomputed from q and k; with dO the output's gradient, dV += P^T dO, and the gradient of
+    the capped scores Z = cap * tanh(s * scale / cap) is dZ = P * (dP - D) with dP = dO V^T and
+    D = rowsum(P * dP) (a row's keys all lie in its block, so D is exact where FlashAttention
+    takes rowsum(dO * O): in bf16 that rounded output put dQ 20% further from fp64 than autograd's);
+    then ds = dZ * scale * (1 - (Z / cap)^2), dQ = ds K and dK += ds^T Q. Nothing of a block
+    outlives it, most fp32 passes run in place, and dK and dV are summed over blocks in fp32.
+    Against autograd through a recomputed forward (benchmark config, bf16, seq 2048, one layer's
+    forward and backward, two threads): MEASURE; backward never holds a layer's recomputed graph
+    (every block's fp32 scores at once)."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_valid, window, scale, cap):
         out = banded(q, k, v, key_valid, window, scale, cap)  # grad is off in forward: no recursion
-        ctx.save_for_backward(q, k, v, out, key_valid)
+        ctx.save_for_backward(q, k, v, key_valid)
         ctx.window, ctx.scale, ctx.cap = window, scale, cap
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
-        q, k, v, out, key_valid = ctx.saved_tensors
+        q, k, v, key_valid = ctx.saved_tensors
         window, scale, cap = ctx.window, ctx.scale, ctx.cap
         B, H, T, hd = q.shape
         KV = k.shape[1]
         G = H // KV
         q5, do5, dq = q.view(B, KV, G, T, hd), d_out.view(B, KV, G, T, hd), torch.empty_like(q)
-        delta = (d_out.float() * out.float()).sum(-1).view(B, KV, G, T, 1)  # D = rowsum(dO * O)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         for first, last, lo in _blocks(T, window):
             probs, capped = _block_probs(q5, k, key_valid, window, first, last, lo, scale, cap, keep_capped=True)
             do = do5[:, :, :, first:last].reshape(B, KV, -1, hd)  # [B, KV, G*C, hd]
             dv[:, :, lo:last] += probs.to(v.dtype).flatten(2, 3).transpose(-1, -2) @ do
-            dz = (do @ v[:, :, lo:last].transpose(-1, -2)).float().view_as(probs).sub_(delta[:, :, :, first:last])
-            ds = capped.square_().mul_(-scale / cap**2).add_(scale).mul_(dz.mul_(probs))  # in place on capped
+            dz = (do @ v[:, :, lo:last].transpose(-1, -2)).float().view_as(probs).mul_(probs)  # P * dP
+            dz.addcmul_(probs, dz.sum(-1, keepdim=True), value=-1)  # P * (dP - D): a row's keys are all here
+            ds = capped.square_().mul_(-scale / cap**2).add_(scale).mul_(dz)  # in place on capped
             ds = ds.to(q.dtype).flatten(2, 3)  # [B, KV, G*C, S]
             dq.view(B, KV, G, T, hd)[:, :, :, first:last] = (ds @ k[:, :, lo:last]).view(B, KV, G, -1, hd)
             dk[:, :, lo:last] += ds.transpose(-1, -2) @ q5[:, :, :, first:last].reshape(B, KV, -1, hd)
