@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 
 import torch
 
 from .distributed import Runtime
+from .locks import ensure_held
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[str] = []  # the stop signals noted and not yet acted on (signals are per process)
@@ -70,10 +72,25 @@ class StopSignals:
         """The first stop signal this process was sent, by name (None: none)."""
         return _received[0] if _received else None
 
-    def requested(self, rt: Runtime) -> bool:
+    def requested(self, rt: Runtime, lock: Path | None = None) -> bool:
         """Whether any rank was asked to stop: the same answer on every rank (a collective, so
-        every rank must call it at the same point)."""
-        if not rt.sharded:
-            return self.received is not None
-        flag = torch.tensor([float(self.received is not None)], device=rt.device)
-        return bool(rt.all_reduce(flag).item())
+        every rank must call it at the same point). lock: the run directory's, on the rank that
+        holds it (None elsewhere), checked first (gemma2.locks.ensure_held): when that rank has lost
+        it, every rank raises here, that one with ensure_held's message, so none is left waiting in
+        a collective for a rank that stopped."""
+        lost = None
+        if lock is not None:
+            try:
+                ensure_held(lock)
+            except ValueError as e:
+                lost = e
+        asked, any_lost = self.received is not None, lost is not None
+        if rt.sharded:
+            flags = rt.all_reduce(torch.tensor([float(asked), float(any_lost)], device=rt.device))
+            asked, any_lost = (bool(f) for f in flags.tolist())
+        if lost is not None:
+            raise lost
+        if any_lost:
+            raise ValueError(f"rank {rt.rank}: the rank holding the run directory's lock lost it (its own message "
+                             "says how); stopping with it, without writing")  # fmt: skip
+        return asked

@@ -505,6 +505,8 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
+            # A scheduler's SIGTERM or SIGUSR1, and the lock (gemma2.preemption): one collective.
+            stopping = stop.requested(rt, run.lock)
             per_device = tokens / dt / rt.world
             utilisation = mfu(flops / tokens, per_device, peak)
             log({
@@ -521,7 +523,7 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
             done = step + 1 == cfg.steps
             if cfg.eval_every and (done or (step + 1) % cfg.eval_every == 0):
                 evaluate(step + 1, first=False)
-            stopping = stop.requested(rt)  # a scheduler's SIGTERM or SIGUSR1 (gemma2.preemption)
+                stopping = stop.requested(rt, run.lock) or stopping  # asked during the evaluation
             if done or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 state = {"data": loader.state_dict(), "config": dataclasses.asdict(cfg), "run": run.record}
                 with run.saving(student):

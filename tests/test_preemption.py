@@ -1,12 +1,15 @@
 """A scheduler's SIGTERM (or SLURM's SIGUSR1) during training: the step in progress finishes, every
 rank stops after the same step (the signal reaches one rank here), a checkpoint is saved there and
-TrainingStopped names it. The command line's side (exit status, the resume) is in test_faults.py."""
+TrainingStopped names it. The command line's side (exit status, the resume) is in test_faults.py.
+A run directory's lock lost by the rank holding it (taken over from another machine while it was
+stopped) stops every rank at the same check, without writing."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +30,28 @@ from gemma2.trainer import TrainConfig, train
 WORLD = 2
 
 
-def _run(rank: int, tmp: str, signalled_rank: int, signum: int) -> None:
+def _sigterm(tmp: str) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)  # handled at once: the flag is set before the step's work
+
+
+def _lock_taken_over(tmp: str) -> None:
+    (Path(tmp) / "run" / ".lock").write_text("4242 node-b#elsewhere\n")  # as a takeover from another machine
+
+
+def _run(rank: int, tmp: str, acting_rank: int, act) -> None:
+    """Two ranks train 6 steps into tmp/run; at the start of step 3 `act(tmp)` runs on acting_rank."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
+    # A rank left waiting in a collective errs after a minute, not gloo's 30 (a failing test, not a hung one).
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))  # fmt: skip
     lr_at = trainer.lr_at
 
-    def lr_signalling(step: int, cfg: TrainConfig) -> float:  # the start of each step
-        if step == 2 and rank == signalled_rank:
-            os.kill(os.getpid(), signum)  # handled at once: the flag is set before the step's work
+    def lr_acting(step: int, cfg: TrainConfig) -> float:  # the start of each step
+        if step == 2 and rank == acting_rank:
+            act(tmp)
         return lr_at(step, cfg)
 
-    trainer.lr_at = lr_signalling
+    trainer.lr_at = lr_acting
     tokens = np.random.default_rng(0).integers(3, 96, size=2000).astype(np.int32)
     data = Datasets(PackedSequences(tokens, 16), None)
     student = init_weights(Gemma2ForCausalLM(tiny_training_config(vocab_size=96, max_position_embeddings=32)), seed=2)
@@ -48,6 +62,8 @@ def _run(rank: int, tmp: str, signalled_rank: int, signum: int) -> None:
         result = {"finished": True}
     except TrainingStopped as e:
         result = {"message": str(e), "signal": e.signal_name}
+    except ValueError as e:
+        result = {"error": str(e)}
     (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(result))
     try:
         dist.barrier()
@@ -56,7 +72,7 @@ def _run(rank: int, tmp: str, signalled_rank: int, signum: int) -> None:
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_at_a_checkpoint(tmp_path):
-    mp.spawn(_run, args=(str(tmp_path), 1, signal.SIGTERM), nprocs=WORLD, join=True)
+    mp.spawn(_run, args=(str(tmp_path), 1, _sigterm), nprocs=WORLD, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     saved = tmp_path / "run" / "step-000003"
     assert results[1] == {"message": f"stopped by SIGTERM after step 3 of 6; saved {saved}: continue with the same "
@@ -66,6 +82,22 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_at_a_checkpoi
     logged = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in logged] == [1, 2, 3]
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_lock_lost_by_the_rank_holding_it_stops_every_rank_at_the_same_check(tmp_path):
+    """Rank 0 holds the lock; taken over, rank 0 raises with the lock's message and rank 1 with its
+    own, both after step 3's work and before its metrics line or any checkpoint (rank 1 would
+    otherwise wait in the next step's collective for a rank that had stopped)."""
+    mp.spawn(_run, args=(str(tmp_path), 0, _lock_taken_over), nprocs=WORLD, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    run = tmp_path / "run"
+    assert results[0]["error"].startswith(f"{run} is no longer this process's to write: its lock {run / '.lock'} was "
+                                          "taken over by process 4242 on node-b")  # fmt: skip
+    assert results[1]["error"] == ("rank 1: the rank holding the run directory's lock lost it (its own message says "
+                                   "how); stopping with it, without writing")  # fmt: skip
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert latest_checkpoint(run) is None
+    assert (run / ".lock").read_text() == "4242 node-b#elsewhere\n"  # the new holder's, left alone
 
 
 def test_a_warning_before_the_loop_stops_it_at_its_first_check(tmp_path):
