@@ -73,24 +73,30 @@ class StopSignals:
         return _received[0] if _received else None
 
     def requested(self, rt: Runtime, lock: Path | None = None) -> bool:
-        """Whether any rank was asked to stop: the same answer on every rank (a collective, so
-        every rank must call it at the same point). lock: the run directory's, on the rank that
-        holds it (None elsewhere), checked first (gemma2.locks.ensure_held): when that rank has lost
-        it, every rank raises here, that one with ensure_held's message, so none is left waiting in
-        a collective for a rank that stopped."""
-        lost = None
-        if lock is not None:
-            try:
-                ensure_held(lock)
-            except ValueError as e:
-                lost = e
-        asked, any_lost = self.received is not None, lost is not None
-        if rt.sharded:
-            flags = rt.all_reduce(torch.tensor([float(asked), float(any_lost)], device=rt.device))
-            asked, any_lost = (bool(f) for f in flags.tolist())
-        if lost is not None:
-            raise lost
-        if any_lost:
-            raise ValueError(f"rank {rt.rank}: the rank holding the run directory's lock lost it (its own message "
-                             "says how); stopping with it, without writing")  # fmt: skip
-        return asked
+        """Whether any rank was asked to stop: the same answer on every rank (`check_together`: a
+        collective, so every rank must call it at the same point; lock as there)."""
+        return check_together(rt, lock, asked=self.received is not None)
+
+
+def check_together(rt: Runtime, lock: Path | None, asked: bool = False) -> bool:
+    """One collective that every rank calls at the same point before the trainer writes: whether
+    any rank `asked` to stop, and first whether the rank holding the run directory's lock (`lock`
+    there, None elsewhere) still holds it (gemma2.locks.ensure_held). When that rank has lost it,
+    every rank raises here, that one with ensure_held's message, so none is left waiting in a
+    collective for a rank that stopped."""
+    lost = None
+    if lock is not None:
+        try:
+            ensure_held(lock)
+        except ValueError as e:
+            lost = e
+    any_lost = lost is not None
+    if rt.sharded:
+        flags = rt.all_reduce(torch.tensor([float(asked), float(any_lost)], device=rt.device))
+        asked, any_lost = (bool(f) for f in flags.tolist())
+    if lost is not None:
+        raise lost
+    if any_lost:
+        raise ValueError(f"rank {rt.rank}: the rank holding the run directory's lock lost it (its own message "
+                         "says how); stopping with it, without writing")  # fmt: skip
+    return asked

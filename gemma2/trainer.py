@@ -67,7 +67,7 @@ from .files import notice, write_text_atomic
 from .locks import ensure_held
 from .model import Gemma2ForCausalLM, RMSNorm
 from .on_policy import Rollouts, check_on_policy
-from .preemption import StopSignals, TrainingStopped
+from .preemption import StopSignals, TrainingStopped, check_together
 from .run_dir import METRICS_FILE, Run, json_line, open_run, read_metrics
 from .sharded_load import load_weights
 from .teacher import Teacher, check_teacher, teacher_record
@@ -474,14 +474,19 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     # only the student's own completions of them are evaluated (a live teacher: check_on_policy).
     scored = getattr(data.heldout, "has_completions", True)
 
-    def evaluate(step: int, first: bool) -> None:
+    def evaluate(step: int, first: bool) -> dict:
         loss_mod.eval()
         on_data = _evaluate(loss_mod, kd_teacher, data, cfg, rt, with_teacher_ce=first) if scored else {}
-        log({"step": step, **on_data, **rollouts.evaluate(data.heldout)})
+        record = {"step": step, **on_data, **rollouts.evaluate(data.heldout)}
         loss_mod.train()
+        return record
 
+    # Every metrics line and checkpoint follows a check_together of every rank (gemma2.preemption):
+    # a lost lock stops them all there, not the rank holding it alone.
     if cfg.eval_every and start_step == 0:
-        evaluate(0, first=True)
+        evaluated = evaluate(0, first=True)
+        check_together(rt, run.lock)
+        log(evaluated)
     train_teacher = kd_teacher if cfg.alpha > 0 else None  # alpha = 0: the teacher only evaluates
     live_teacher = train_teacher.model.config if train_teacher is not None and train_teacher.model is not None else None
     flops_per_token = partial(training_flops_per_token, student.config, teacher=live_teacher)
@@ -505,8 +510,10 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            # A scheduler's SIGTERM or SIGUSR1, and the lock (gemma2.preemption): one collective.
-            stopping = stop.requested(rt, run.lock)
+            done = step + 1 == cfg.steps
+            due = cfg.eval_every and (done or (step + 1) % cfg.eval_every == 0)
+            evaluated = evaluate(step + 1, first=False) if due else None
+            stopping = stop.requested(rt, run.lock)  # a scheduler's SIGTERM or SIGUSR1, the lock: one collective
             per_device = tokens / dt / rt.world
             utilisation = mfu(flops / tokens, per_device, peak)
             log({
@@ -520,10 +527,8 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
             util = "" if peak is None else f", mfu={utilisation:.1%}"
             util += rollouts.postfix(metrics.records[-1])
             bar.set_postfix_str(f"loss={loss_value:.4f}, tok/s/device={per_device:,.0f}{util}", refresh=False)
-            done = step + 1 == cfg.steps
-            if cfg.eval_every and (done or (step + 1) % cfg.eval_every == 0):
-                evaluate(step + 1, first=False)
-                stopping = stop.requested(rt, run.lock) or stopping  # asked during the evaluation
+            if evaluated is not None:
+                log(evaluated)
             if done or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 state = {"data": loader.state_dict(), "config": dataclasses.asdict(cfg), "run": run.record}
                 with run.saving(student):

@@ -68,6 +68,24 @@ def test_banded_kernel_matches_eager(window, block, monkeypatch):
         assert ((banded(q, k, v, valid, window, 0.35, 2.0) - want) * real).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("window", [3, None])
+def test_banded_gradients_of_a_query_that_sees_no_key(window, monkeypatch):
+    """A left-padding query sees no valid key: its output is a mean of values whatever the scores,
+    so a loss on it alone moves no q or k, and the values' gradients sum to its output's."""
+    monkeypatch.setattr(attention, "BLOCK", 4)
+    g = torch.Generator().manual_seed(5)
+    B, H, KV, T, hd = 2, 4, 2, 19, 8
+    q, k, v = (torch.randn(B, n, T, hd, generator=g, requires_grad=True) for n in (H, KV, KV))
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :6] = False  # left padding: queries 0 .. 5 of row 1 see no valid key
+    d_out = torch.zeros(B, H, T, hd)
+    d_out[1, :, :6] = torch.randn(H, 6, hd, generator=g)
+    dq, dk, dv = torch.autograd.grad(banded(q, k, v, valid, window, 0.35, 2.0), (q, k, v), d_out)
+    assert dq.abs().max() == 0 and dk.abs().max() == 0
+    want = d_out.view(B, KV, H // KV, T, hd).sum((2, 3))  # [B, KV, hd]
+    assert (dv.sum(2) - want).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("window", [5, None])
 def test_banded_bf16_gradients_are_as_accurate_as_autograd_through_eager(window, monkeypatch):
     """bf16 (the training dtype): banded's own backward lands within bf16 rounding of the fp64

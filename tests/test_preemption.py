@@ -38,8 +38,9 @@ def _lock_taken_over(tmp: str) -> None:
     (Path(tmp) / "run" / ".lock").write_text("4242 node-b#elsewhere\n")  # as a takeover from another machine
 
 
-def _run(rank: int, tmp: str, acting_rank: int, act) -> None:
-    """Two ranks train 6 steps into tmp/run; at the start of step 3 `act(tmp)` runs on acting_rank."""
+def _run(rank: int, tmp: str, acting_rank: int, act, during: str = "step") -> None:
+    """Two ranks train 6 steps into tmp/run; `act(tmp)` runs on acting_rank at the start of step 3
+    (during "step"), or in the evaluation after step 2 (during "evaluation": one every 2 steps)."""
     torch.set_num_threads(1)
     # A rank left waiting in a collective errs after a minute, not gloo's 30 (a failing test, not a hung one).
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
@@ -51,12 +52,24 @@ def _run(rank: int, tmp: str, acting_rank: int, act) -> None:
             act(tmp)
         return lr_at(step, cfg)
 
-    trainer.lr_at = lr_acting
+    evaluate, evaluations = trainer._evaluate, []
+
+    def evaluate_acting(*args, **kwargs) -> dict:
+        evaluations.append(evaluate(*args, **kwargs))
+        if len(evaluations) == 2 and rank == acting_rank:  # after step 2 (the first is at step 0)
+            act(tmp)
+        return evaluations[-1]
+
+    if during == "step":
+        trainer.lr_at = lr_acting
+    else:
+        trainer._evaluate = evaluate_acting
     tokens = np.random.default_rng(0).integers(3, 96, size=2000).astype(np.int32)
-    data = Datasets(PackedSequences(tokens, 16), None)
+    heldout = PackedSequences(tokens[:200], 16) if during == "evaluation" else None
+    data = Datasets(PackedSequences(tokens, 16), heldout)
     student = init_weights(Gemma2ForCausalLM(tiny_training_config(vocab_size=96, max_position_embeddings=32)), seed=2)
     cfg = TrainConfig(out_dir=str(Path(tmp) / "run"), steps=6, batch_size=2, lr=1e-2, warmup=1, alpha=0.0,
-                      eval_every=0, save_every=0)  # fmt: skip
+                      eval_every=2 if heldout else 0, save_every=0)  # fmt: skip
     try:
         train(cfg, student, data, progress=False)
         result = {"finished": True}
@@ -84,18 +97,20 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_at_a_checkpoi
     assert not (tmp_path / "run" / ".lock").exists()
 
 
-def test_a_lock_lost_by_the_rank_holding_it_stops_every_rank_at_the_same_check(tmp_path):
-    """Rank 0 holds the lock; taken over, rank 0 raises with the lock's message and rank 1 with its
-    own, both after step 3's work and before its metrics line or any checkpoint (rank 1 would
-    otherwise wait in the next step's collective for a rank that had stopped)."""
-    mp.spawn(_run, args=(str(tmp_path), 0, _lock_taken_over), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("during, logged", [("step", [1, 2]), ("evaluation", [0, 1])])
+def test_a_lock_lost_by_the_rank_holding_it_stops_every_rank_at_the_same_check(tmp_path, during, logged):
+    """Rank 0 holds the lock; taken over (during step 3, or during the evaluation after step 2),
+    rank 0 raises with the lock's message and rank 1 with its own, both before the next metrics
+    line or any checkpoint (rank 1 would otherwise wait in a collective for a rank that had
+    stopped, and err when the test's one-minute timeout ends it)."""
+    mp.spawn(_run, args=(str(tmp_path), 0, _lock_taken_over, during), nprocs=WORLD, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     run = tmp_path / "run"
     assert results[0]["error"].startswith(f"{run} is no longer this process's to write: its lock {run / '.lock'} was "
                                           "taken over by process 4242 on node-b")  # fmt: skip
     assert results[1]["error"] == ("rank 1: the rank holding the run directory's lock lost it (its own message says "
                                    "how); stopping with it, without writing")  # fmt: skip
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == logged
     assert latest_checkpoint(run) is None
     assert (run / ".lock").read_text() == "4242 node-b#elsewhere\n"  # the new holder's, left alone
 
