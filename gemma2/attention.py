@@ -126,8 +126,9 @@ class _Banded(torch.autograd.Function):
     outlives it, most fp32 passes run in place, and dK and dV are summed over blocks in fp32.
     Against autograd through a recomputed forward (benchmark config, bf16, seq 2048, one layer's
     forward and backward, two threads, 9 alternating repetitions, medians): 0.177 against 0.318 s
-    for a global layer, 0.100 against 0.167 s for a local one (1.8x, 1.7x; 1.55-1.7x, 1.5x in two
-    other runs), and backward never holds a layer's recomputed graph (every block's fp32 scores at once)."""
+    for a global layer, 0.100 against 0.167 s for a local one (1.8x, 1.7x; 1.55-1.7x, 1.46-1.54x in
+    three other runs), and backward never holds a layer's recomputed graph (every block's fp32 scores
+    at once)."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_valid, window, scale, cap):

@@ -125,7 +125,8 @@ def saved_for_backward(kernel, T: int, window: int | None) -> list[int]:
     """The sizes of the tensors autograd keeps for one call of a kernel (head_dim 8)."""
     q, k, v = (torch.randn(1, 1, T, 8, requires_grad=True) for _ in range(3))
     valid = torch.ones(1, T, dtype=torch.bool)
-    args = (may_attend(torch.arange(T), torch.arange(T), window=window, key_valid=valid),) if kernel is eager else (valid, window)
+    cols = torch.arange(T)
+    args = (may_attend(cols, cols, window=window, key_valid=valid),) if kernel is eager else (valid, window)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         kernel(q, k, v, *args, 1.0, 50.0)
