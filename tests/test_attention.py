@@ -70,16 +70,20 @@ def test_banded_kernel_matches_eager(window, block, monkeypatch):
 
 @pytest.mark.parametrize("window", [3, None])
 def test_banded_gradients_of_a_query_that_sees_no_key(window, monkeypatch):
-    """A left-padding query sees no valid key: its output is a mean of values whatever the scores,
-    so a loss on it alone moves no q or k, and the values' gradients sum to its output's."""
+    """A query that sees no valid key (left padding; with a window, also past a run of invalid keys
+    as long as it) outputs a mean of values whatever the scores: a loss on such queries alone moves
+    no q or k, and the values' gradients sum to their outputs'."""
     monkeypatch.setattr(attention, "BLOCK", 4)
     g = torch.Generator().manual_seed(5)
     B, H, KV, T, hd = 2, 4, 2, 19, 8
     q, k, v = (torch.randn(B, n, T, hd, generator=g, requires_grad=True) for n in (H, KV, KV))
     valid = torch.ones(B, T, dtype=torch.bool)
-    valid[1, :6] = False  # left padding: queries 0 .. 5 of row 1 see no valid key
-    d_out = torch.zeros(B, H, T, hd)
-    d_out[1, :, :6] = torch.randn(H, 6, hd, generator=g)
+    valid[1, :6] = False  # left padding
+    valid[0, 8:] = False  # a run of invalid keys: queries 10 .. 18 see none of them in a window of 3
+    cols = torch.arange(T)
+    dead = ~may_attend(cols, cols, window=window, key_valid=valid).any(-1)  # [B, T], by the mask's definition
+    assert dead.sum() == (6 + 9 if window else 6)
+    d_out = torch.randn(B, H, T, hd, generator=g) * dead[:, None, :, None]
     dq, dk, dv = torch.autograd.grad(banded(q, k, v, valid, window, 0.35, 2.0), (q, k, v), d_out)
     assert dq.abs().max() == 0 and dk.abs().max() == 0
     want = d_out.view(B, KV, H // KV, T, hd).sum((2, 3))  # [B, KV, hd]
