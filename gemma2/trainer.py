@@ -482,7 +482,8 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
         return record
 
     # Every metrics line and checkpoint follows a check_together of every rank (gemma2.preemption):
-    # a lost lock stops them all there, not the rank holding it alone.
+    # a lost lock stops them all there, not the rank holding it alone. The log and the save check
+    # again on that rank alone (a lock lost in the moment between stops it alone, before writing).
     if cfg.eval_every and start_step == 0:
         evaluated = evaluate(0, first=True)
         check_together(rt, run.lock)
