@@ -4,7 +4,7 @@ Gemma 2's 2B and 9B were trained on the teacher's next-token distribution (repor
 minimise KL(p_teacher || p_student) per token. This file holds:
 
 - `kd_loss`: forward KL, reverse KL or generalized JSD between two logit tensors (plain autograd;
-  the readable reference).
+  the readable reference); `divergence`, its per-token definition from log-probs.
 - `topk_kd_loss` / `teacher_topk`: forward KL against an offline cache of the teacher's top-k
   log-probs plus one bucket for the remaining tail mass.
 - `chunked_distill_loss`: the same losses (plus the CE mix) from the student's final hidden states
@@ -71,7 +71,7 @@ def _masked_mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
 # Full-logits losses (autograd)
 
 
-def _divergence(ls: Tensor, lt: Tensor, objective: str, beta: float) -> Tensor:
+def divergence(ls: Tensor, lt: Tensor, objective: str, beta: float) -> Tensor:
     """Per-token divergence [...] from student / teacher log-probs [..., V] (fp32)."""
     if objective == "forward_kl" or (objective == "jsd" and beta == 0.0):
         return torch.sum(lt.exp() * (lt - ls), dim=-1)
@@ -124,7 +124,7 @@ def kd_loss(
         )
     ls = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     lt = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    return _masked_mean(_divergence(ls, lt, objective, beta), mask) * temperature**2
+    return _masked_mean(divergence(ls, lt, objective, beta), mask) * temperature**2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def _kd_rows(ls: Tensor, lt: Tensor, objective: str, beta: float) -> tuple[Tenso
     """Per-row divergence [C] and its gradient [C, V] w.r.t. the tempered student logits.
 
     ls, lt: fp32 student / teacher log-probs [C, V]; both are overwritten (the gradient is
-    returned in ls's storage). Same definitions as `_divergence`; the gradients are derived by
+    returned in ls's storage). Same definitions as `divergence`; the gradients are derived by
     hand so no autograd intermediates are kept. With q = p_S, for the tempered logits s:
       forward KL: q - p_T
       reverse KL: q * (log q - log p_T - KL)

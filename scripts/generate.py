@@ -43,12 +43,11 @@ from pathlib import Path
 
 import torch
 
-from gemma2 import Gemma2Config, Gemma2ForCausalLM, load_model
-from gemma2.checkpoint import checkpoint_files
+from gemma2 import Gemma2ForCausalLM, load_model
 from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
-from gemma2.compatibility import check_tokenizer
 from gemma2.dtypes import to_dtype
 from gemma2.generation import Chat, left_pad, stream
+from gemma2.loading import default_dtype, load_with_tokenizer, stored_config
 from gemma2.quantize import QUANTIZE_MODES
 from gemma2.sampling import check_sampling_args
 from gemma2.speculative import DRAFT_TOKENS, SpeculativeStats, check_draft, check_vocab_sizes, speculative_stream
@@ -96,15 +95,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def stored_config(path: Path) -> Gemma2Config | None:
-    """The config.json beside a checkpoint, or None (an official .ckpt: checked once loaded)."""
-    file = (path if path.is_dir() else path.parent) / "config.json"
-    try:
-        return Gemma2Config.from_json(file) if file.is_file() else None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None  # load_model reports what is wrong with it
-
-
 def check_draft_args(args: argparse.Namespace) -> None:
     """--draft's conditions, before any model is loaded."""
     if args.interactive or len(args.prompt) != 1:
@@ -121,49 +111,14 @@ def check_draft_args(args: argparse.Namespace) -> None:
 
 
 def load(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, Tokenizer]:
-    if args.dtype is None:  # int8 decodes fast on CPU only with bf16 activations (gemma2.quantize)
-        args.dtype = "bfloat16" if torch.device(args.device).type == "cuda" or args.quantize else "float32"
+    args.dtype = args.dtype or default_dtype(args.device, args.quantize)
     try:
         dtype = to_dtype(args.dtype)
     except ValueError as e:
         raise UsageError(f"--dtype {e}") from None
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.exists():
-        raise UsageError(
-            f"checkpoint {checkpoint} not found; pass --checkpoint a directory with config.json and "
-            "*.safetensors (scripts/convert_checkpoint.py converts an official .ckpt)"
-        )
-    checkpoint_files(checkpoint)  # a directory without weights (a run's, say) is named before its tokenizer
-    directory = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    tokenizer_path = Path(args.tokenizer) if args.tokenizer else directory
-    if tokenizer_path.is_dir():  # a checkpoint directory, as for Tokenizer()
-        tokenizer_path /= "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise UsageError(
-            f"tokenizer {tokenizer_path} not found; put tokenizer.model in the checkpoint directory "
-            "or pass --tokenizer PATH"
-        )
-    tokenizer = Tokenizer(tokenizer_path)  # before the model: a bad tokenizer fails fast
     config = model_config(args.config, "--config") if args.config else None
-    known = config or stored_config(checkpoint)  # None: an official .ckpt, checked once loaded
-    if known is not None:
-        check_vocabulary(tokenizer, known)
-    model = load_model(checkpoint, config=config, dtype=dtype, device=args.device, quantize=args.quantize)
-    if known is None:
-        check_vocabulary(tokenizer, model.config)
-    return model, tokenizer
-
-
-def check_vocabulary(tokenizer: Tokenizer, config: Gemma2Config) -> None:
-    """The tokenizer is the model's (gemma2.compatibility), and its vocabulary not padded beyond
-    the pieces: a padded one trains fine, but sampling could pick an id no piece decodes."""
-    check_tokenizer(tokenizer, config)
-    if config.vocab_size != tokenizer.vocab_size:
-        raise UsageError(
-            f"the model's vocabulary of {config.vocab_size} is padded beyond the tokenizer's {tokenizer.vocab_size} "
-            f"pieces, so generation could pick ids the tokenizer cannot decode; slice the embedding to its first "
-            f"{tokenizer.vocab_size} rows first (and vocab_size in config.json)"
-        )
+    return load_with_tokenizer(args.checkpoint, tokenizer=args.tokenizer, config=config, dtype=dtype,
+                               device=args.device, quantize=args.quantize)  # fmt: skip
 
 
 class Meter:

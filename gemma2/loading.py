@@ -1,0 +1,86 @@
+"""A checkpoint and its tokenizer, as the scripts that run a model load them (scripts/generate.py,
+scripts/evaluate.py).
+
+The tokenizer is the checkpoint's `tokenizer.model` unless one is named. It is read first and
+checked against the model's config.json (gemma2.compatibility) before any weight is read, so a
+wrong pairing costs a second, not a 9B load. An official `.ckpt` without a config.json is checked
+once loaded. Every error is a ValueError or an OSError naming the fix (one line from gemma2.cli).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import checkpoint_files, load_model
+from .compatibility import check_tokenizer
+from .config import Gemma2Config
+from .model import Gemma2ForCausalLM
+from .tokenizer import Tokenizer
+
+
+def default_dtype(device: str | torch.device, quantize: str | None) -> str:
+    """float32 on CPU, bfloat16 on CUDA, and bfloat16 for int8 weights, whose fast CPU kernel
+    takes bf16 activations (gemma2.quantize)."""
+    return "bfloat16" if torch.device(device).type == "cuda" or quantize else "float32"
+
+
+def stored_config(path: str | os.PathLike) -> Gemma2Config | None:
+    """The config.json beside a checkpoint, or None (an official .ckpt: checked once loaded)."""
+    path = Path(path)
+    file = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        return Gemma2Config.from_json(file) if file.is_file() else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # load_model reports what is wrong with it
+
+
+def check_vocabulary(tokenizer: Tokenizer, config: Gemma2Config) -> None:
+    """The tokenizer is the model's (gemma2.compatibility), and its vocabulary not padded beyond
+    the pieces: a padded one trains fine, but sampling could pick an id no piece decodes."""
+    check_tokenizer(tokenizer, config)
+    if config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(
+            f"the model's vocabulary of {config.vocab_size} is padded beyond the tokenizer's {tokenizer.vocab_size} "
+            f"pieces, so generation could pick ids the tokenizer cannot decode; slice the embedding to its first "
+            f"{tokenizer.vocab_size} rows first (and vocab_size in config.json)"
+        )
+
+
+def load_with_tokenizer(
+    checkpoint: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    config: Gemma2Config | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    quantize: str | None = None,
+) -> tuple[Gemma2ForCausalLM, Tokenizer]:
+    """The model in `checkpoint` (gemma2.checkpoint.load_model) and its tokenizer: `tokenizer` (a
+    .model file, or a directory holding tokenizer.model), by default the checkpoint's own.
+    config: the shape of an official .ckpt without config.json (it overrides config.json)."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise ValueError(
+            f"checkpoint {checkpoint} not found; pass --checkpoint a directory with config.json and *.safetensors "
+            "(scripts/convert_checkpoint.py converts an official .ckpt)"
+        )
+    checkpoint_files(checkpoint)  # a directory without weights (a run's, say) is named before its tokenizer
+    directory = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    path = Path(tokenizer) if tokenizer else directory
+    if path.is_dir():  # a checkpoint directory, as for Tokenizer()
+        path /= "tokenizer.model"
+    if not path.is_file():
+        raise ValueError(
+            f"tokenizer {path} not found; put tokenizer.model in the checkpoint directory or pass --tokenizer PATH"
+        )
+    tok = Tokenizer(path)  # before the model: a bad tokenizer fails fast
+    known = config or stored_config(checkpoint)  # None: an official .ckpt, checked once loaded
+    if known is not None:
+        check_vocabulary(tok, known)
+    model = load_model(checkpoint, config=config, dtype=dtype, device=device, quantize=quantize)
+    if known is None:
+        check_vocabulary(tok, model.config)
+    return model, tok
