@@ -57,16 +57,21 @@ def check_heldout(eval_paths: object, holdout_fraction: float | None) -> None:
                          "held-out set instead: pass one or the other")  # fmt: skip
 
 
-def datasets_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> Datasets:
-    """The Datasets the flags of `add_data_arguments` name; ValueError for flags that do not go together."""
+def check_data_args(args: argparse.Namespace) -> None:
+    """ValueError for flags of `add_data_arguments` that do not go together (before any reading)."""
     check_heldout(args.eval_data if args.prompts is None else args.eval_prompts, args.holdout_fraction)
-    if args.prompts is None:
-        if args.eval_prompts is not None:
-            raise ValueError("--eval-prompts goes with --prompts; held-out documents for --data are --eval-data")
-        return open_datasets(args.data, tokenizer, packed_seq_len(args), holdout_fraction=args.holdout_fraction,
-                             eval_paths=args.eval_data)  # fmt: skip
-    if args.seq_len is not None or args.eval_data is not None:
+    if args.prompts is None and args.eval_prompts is not None:
+        raise ValueError("--eval-prompts goes with --prompts; held-out documents for --data are --eval-data")
+    if args.prompts is not None and (args.seq_len is not None or args.eval_data is not None):
         raise ValueError("with --prompts, rows are --prompt-len + --max-new-tokens tokens and held-out prompts are "
                          "--eval-prompts: drop --seq-len and --eval-data")  # fmt: skip
+
+
+def datasets_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> Datasets:
+    """The Datasets the flags of `add_data_arguments` name (`check_data_args` first)."""
+    check_data_args(args)
+    if args.prompts is None:
+        return open_datasets(args.data, tokenizer, packed_seq_len(args), holdout_fraction=args.holdout_fraction,
+                             eval_paths=args.eval_data)  # fmt: skip
     return open_prompt_datasets(args.prompts, tokenizer, args.max_new_tokens, prompt_len=args.prompt_len,
                                 holdout_fraction=args.holdout_fraction, eval_paths=args.eval_prompts)  # fmt: skip

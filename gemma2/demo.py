@@ -21,7 +21,6 @@ Zhou et al. 2023): the demo measures each student's acceptance rate as the teach
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -209,9 +208,10 @@ def run(
     acceptance_seconds = time.perf_counter() - t0
 
     # The teacher's held-out CE comes from the distilled run's first evaluation: same sequences.
-    teacher_ce = runs["distilled"]["evals"][0]["teacher_eval_ce"]
+    first = runs["distilled"]["evals"][0]
+    teacher_ce = first["teacher_eval_ce"]
     results = {
-        "teacher_ppl": math.exp(teacher_ce),
+        "teacher_ppl": first["teacher_eval_ppl"],
         "distilled_ppl": runs["distilled"]["evals"][-1]["eval_ppl"],
         "scratch_ppl": runs["scratch"]["evals"][-1]["eval_ppl"],
         "steps": cfg.steps,

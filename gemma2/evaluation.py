@@ -12,7 +12,10 @@ completions alone count, as in training):
 
 Each model's logits are its own (`Gemma2ForCausalLM.logits`: soft-capped, fp32; an int8 model's
 through its int8 head), made `chunk_size` counted tokens at a time, so at most a few
-`[chunk_size, V]` fp32 tensors exist at once (256 x 256000: 262 MB each); sums are fp64.
+`[chunk_size, V]` fp32 tensors exist at once (256 x 256000: 262 MB each); sums are fp64. The
+trainer's evaluation (gemma2.distill.distill_sums) computes its CE and KD from a float `[V, D]`
+head, which an int8 model does not have, and no argmax: hence this loop of its own, over the
+textbook definitions.
 """
 
 from __future__ import annotations
@@ -29,15 +32,17 @@ from .distill import divergence
 from .model import Gemma2ForCausalLM
 
 
-def _perplexity(ce: float) -> float:
-    return math.exp(ce) if ce < 709 else math.inf  # exp overflows a double past ~709.78
+def perplexity(ce: float) -> float:
+    """exp(cross-entropy in nats): inf where a double overflows (CE > 709.78), NaN for NaN."""
+    return math.exp(ce) if not ce > 709 else math.inf
 
 
 @dataclass(frozen=True)
 class Evaluation:
     """Means per counted token; the teacher's fields are None without a teacher."""
 
-    tokens: int
+    sequences: int
+    tokens: int  # counted targets
     ce: float
     teacher_ce: float | None = None
     kl: float | None = None  # KL(p_teacher || p_model), nats per token
@@ -45,11 +50,11 @@ class Evaluation:
 
     @property
     def ppl(self) -> float:
-        return _perplexity(self.ce)
+        return perplexity(self.ce)
 
     @property
     def teacher_ppl(self) -> float | None:
-        return None if self.teacher_ce is None else _perplexity(self.teacher_ce)
+        return None if self.teacher_ce is None else perplexity(self.teacher_ce)
 
     def as_dict(self) -> dict:
         """Every field and perplexity, without the teacher's when there was none."""
@@ -72,15 +77,20 @@ def evaluate(
     if batch_size < 1 or chunk_size < 1 or max_sequences is not None and max_sequences < 1:
         raise ValueError(f"batch_size, chunk_size and max_sequences must be >= 1, got {batch_size}, {chunk_size} "
                          f"and {max_sequences}")  # fmt: skip
-    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
-        raise ValueError(f"the teacher's vocabulary of {teacher.config.vocab_size} is not the model's "
-                         f"{model.config.vocab_size}: compare models that share a tokenizer")  # fmt: skip
     device = model.output_weight.device
+    if teacher is not None:
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"the teacher's vocabulary of {teacher.config.vocab_size} is not the model's "
+                             f"{model.config.vocab_size}: compare models that share a tokenizer")  # fmt: skip
+        if teacher.output_weight.device != device:
+            raise ValueError(f"the teacher is on {teacher.output_weight.device} but the model on {device}; move "
+                             "one with .to()")  # fmt: skip
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # model CE, teacher CE, KL, agreeing tokens
     tokens = 0
     sizes = [len(r) if max_sequences is None else min(len(r), max_sequences) for r in rows]
-    batches = [batch for r in rows for batch in eval_batches(r, batch_size, max_sequences=max_sequences)]
-    for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not progress, total=len(batches)):
+    batches = (batch for r in rows for batch in eval_batches(r, batch_size, max_sequences=max_sequences))
+    total = sum(-(-size // batch_size) for size in sizes)
+    for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not progress, total=total):
         inputs, valid = batch.inputs.to(device), batch.valid_on(device)
         targets = batch.targets.to(device)
         counted = targets != IGNORE_INDEX
@@ -103,6 +113,9 @@ def evaluate(
         raise ValueError(f"the {sum(sizes)} sequences evaluated hold no counted target (prompt rows without "
                          "completions?); evaluate rows with targets")  # fmt: skip
     ce, teacher_ce, kl, agreeing = (sums / tokens).tolist()
+    if not math.isfinite(ce + teacher_ce + kl):
+        raise ValueError("a model's logits are NaN or inf: its weights are not finite or its activations overflowed; "
+                         "check the checkpoints or use float32")  # fmt: skip
     if teacher is None:
-        return Evaluation(tokens, ce)
-    return Evaluation(tokens, ce, teacher_ce, kl, agreeing)
+        return Evaluation(sum(sizes), tokens, ce)
+    return Evaluation(sum(sizes), tokens, ce, teacher_ce, kl, agreeing)

@@ -5,7 +5,8 @@ temporary sibling name (same directory, so the final rename never crosses a file
 then renamed over the destination in one step. A reader sees the old version or the new one,
 never half of either; a failure removes the temporary and leaves the destination untouched.
 
-- `atomic_file(path)`: yields a temporary path to write; on success it replaces `path`.
+- `atomic_file(path)`: yields a temporary path to write; on success it replaces `path` (or, with
+  `replace=False`, takes its name only if nothing has it by then).
 - `write_text_atomic(path, text)`: the same for a string.
 - `atomic_directory(path, keep=...)`: yields a temporary directory to fill; on success it replaces
   `path` (an existing directory is swapped out in one step where the OS allows, see `_exchange`).
@@ -111,23 +112,44 @@ def claim(path: Path, *, directory: bool, old: bool = False) -> Path:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of `path` for the caller to write; then fsync it and rename it
-    over `path`. On an exception the temporary is removed and `path` keeps its old content."""
+    over `path`. On an exception the temporary is removed and `path` keeps its old content.
+    replace=False: a file at `path` is never replaced, also one made while the caller wrote
+    (`_publish_new`)."""
     path = followed(path)
     tmp = claim(path, directory=False)
     try:
         yield tmp
         _finish(tmp, _default_mode())
-        os.replace(tmp, path)
+        os.replace(tmp, path) if replace else _publish_new(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync(path.parent)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_file(path) as tmp:
+def _publish_new(tmp: Path, path: Path) -> None:
+    """Give the file `tmp` the name `path` only where nothing has that name: a hard link, which
+    never replaces (without hard links, an empty file created exclusively claims the name first);
+    FileExistsError naming `path` otherwise."""
+    try:
+        try:
+            os.link(tmp, path, follow_symlinks=False)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this filesystem (some network and FUSE ones)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.replace(tmp, path)
+            return
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "it exists (made while this ran?) and was kept; nothing was written "
+                              "there", str(path)) from None  # fmt: skip
+    tmp.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, replace: bool = True) -> None:
+    with atomic_file(path, replace=replace) as tmp:
         tmp.write_text(text)
 
 

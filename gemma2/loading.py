@@ -1,15 +1,17 @@
 """A checkpoint and its tokenizer, as the scripts that run a model load them (scripts/generate.py,
 scripts/evaluate.py).
 
-The tokenizer is the checkpoint's `tokenizer.model` unless one is named. It is read first and
-checked against the model's config.json (gemma2.compatibility) before any weight is read, so a
-wrong pairing costs a second, not a 9B load. An official `.ckpt` without a config.json is checked
-once loaded. Every error is a ValueError or an OSError naming the fix (one line from gemma2.cli).
+The tokenizer is the checkpoint's `tokenizer.model` unless one is named (`find_tokenizer`). It is
+read first and checked against the model's config.json (gemma2.compatibility) before any weight is
+read (`load_checked`), so a wrong pairing costs a second, not a 9B load. An official `.ckpt`
+without a config.json is checked once loaded. Every error is a ValueError or an OSError naming the
+fix (one line from gemma2.cli).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,18 +51,10 @@ def check_vocabulary(tokenizer: Tokenizer, config: Gemma2Config) -> None:
         )
 
 
-def load_with_tokenizer(
-    checkpoint: str | os.PathLike,
-    *,
-    tokenizer: str | os.PathLike | None = None,
-    config: Gemma2Config | None = None,
-    dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device = "cpu",
-    quantize: str | None = None,
-) -> tuple[Gemma2ForCausalLM, Tokenizer]:
-    """The model in `checkpoint` (gemma2.checkpoint.load_model) and its tokenizer: `tokenizer` (a
-    .model file, or a directory holding tokenizer.model), by default the checkpoint's own.
-    config: the shape of an official .ckpt without config.json (it overrides config.json)."""
+def find_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer for `checkpoint`: `tokenizer` (a .model file, or a directory holding
+    tokenizer.model), by default the checkpoint's own; first checks that the checkpoint exists and
+    holds weights."""
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise ValueError(
@@ -68,19 +62,42 @@ def load_with_tokenizer(
             "(scripts/convert_checkpoint.py converts an official .ckpt)"
         )
     checkpoint_files(checkpoint)  # a directory without weights (a run's, say) is named before its tokenizer
-    directory = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    path = Path(tokenizer) if tokenizer else directory
+    path = Path(tokenizer) if tokenizer else checkpoint if checkpoint.is_dir() else checkpoint.parent
     if path.is_dir():  # a checkpoint directory, as for Tokenizer()
         path /= "tokenizer.model"
     if not path.is_file():
         raise ValueError(
             f"tokenizer {path} not found; put tokenizer.model in the checkpoint directory or pass --tokenizer PATH"
         )
-    tok = Tokenizer(path)  # before the model: a bad tokenizer fails fast
-    known = config or stored_config(checkpoint)  # None: an official .ckpt, checked once loaded
+    return Tokenizer(path)
+
+
+def load_checked(
+    checkpoint: str | os.PathLike,
+    tokenizer: Tokenizer,
+    *,
+    config: Gemma2Config | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    quantize: str | None = None,
+    check: Callable[[Tokenizer, Gemma2Config], None] = check_vocabulary,
+) -> Gemma2ForCausalLM:
+    """gemma2.checkpoint.load_model, with `check(tokenizer, config)` before any weight is read (on
+    `config`, else config.json), or after loading for an official .ckpt without either. The default
+    check is generation's (`check_vocabulary`); `compatibility.check_tokenizer` also accepts a
+    vocabulary padded past the pieces."""
+    known = config or stored_config(checkpoint)
     if known is not None:
-        check_vocabulary(tok, known)
+        check(tokenizer, known)
     model = load_model(checkpoint, config=config, dtype=dtype, device=device, quantize=quantize)
     if known is None:
-        check_vocabulary(tok, model.config)
-    return model, tok
+        check(tokenizer, model.config)
+    return model
+
+
+def load_with_tokenizer(
+    checkpoint: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, **options
+) -> tuple[Gemma2ForCausalLM, Tokenizer]:
+    """`find_tokenizer`, then `load_checked` with `options` (config, dtype, device, quantize, check)."""
+    tok = find_tokenizer(checkpoint, tokenizer)  # before the model: a bad tokenizer fails fast
+    return load_checked(checkpoint, tok, **options), tok

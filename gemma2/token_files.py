@@ -103,9 +103,14 @@ def load_prompt_file(path: str | os.PathLike, tokenizer: Tokenizer, max_new_toke
     return prompt_datasets(train, held, tokenizer, max_new_tokens, prompt_len)
 
 
+def names_token_file(paths: Sequence[str | os.PathLike] | None) -> bool:
+    """Whether a --data or --prompts list names a token file (NAME.npy)."""
+    return any(Path(p).suffix == ".npy" for p in paths or ())
+
+
 def _alone(paths: Sequence[str | os.PathLike], flag: str, eval_flag: str, others: bool) -> bool:
     """Whether `paths` name a token file, which must come alone and without held-out flags."""
-    if not any(Path(p).suffix == ".npy" for p in paths):
+    if not names_token_file(paths):
         return False
     if len(paths) > 1 or others:
         raise ValueError(

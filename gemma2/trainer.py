@@ -63,6 +63,7 @@ from .data import IGNORE_INDEX, Batch, BatchLoader, Datasets, eval_batches
 from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss, distill_sums
 from .distributed import Runtime, move_to, runtime, shard
 from .dtypes import dtype_name, to_dtype
+from .evaluation import perplexity
 from .files import notice, write_text_atomic
 from .locks import ensure_held
 from .model import Gemma2ForCausalLM, RMSNorm
@@ -259,14 +260,14 @@ def _evaluate(loss_mod: _StudentLoss, teacher: Teacher | None, data: Datasets, c
         if kd_on:
             teacher.release()
     ce, kd, n, t_ce = rt.all_reduce(sums).tolist()
-    out = {"eval_ce": ce / n, "eval_ppl": math.exp(min(ce / n, 50.0))}
+    out = {"eval_ce": ce / n, "eval_ppl": perplexity(ce / n)}
     if kd_on:
         out["eval_kd"] = kd / n * cfg.temperature**2
     if with_teacher_ce and teacher is not None:
         # A cache recorded its teacher's CE over the whole held-out split when it was written.
         t_ce = t_ce / n if teacher.model is not None else teacher.heldout.teacher_ce if teacher.heldout else None
         if t_ce is not None:
-            out |= {"teacher_eval_ce": t_ce, "teacher_eval_ppl": math.exp(min(t_ce, 50.0))}
+            out |= {"teacher_eval_ce": t_ce, "teacher_eval_ppl": perplexity(t_ce)}
     return out
 
 

@@ -190,12 +190,16 @@ def main() -> None:
     linear_params = sum(t.numel() for n, t in ours.named_parameters() if "norm" not in n)  # embed = head
     figures, compile_s = {}, {}
 
+    written = False  # the --json file is this run's own once written: later saves replace it
+
     def save(complete: bool) -> None:
         """The --json file with the figures so far: a run stopped by a time limit keeps them."""
+        nonlocal written
         if args.json:
             result = {"device": str(device), "limits": lim, "figures": figures, "compile_s": compile_s,
                       "complete": complete}  # fmt: skip
-            write_text_atomic(args.json, json.dumps(result, indent=1))
+            write_text_atomic(args.json, json.dumps(result, indent=1), replace=args.overwrite or written)
+            written = True
 
     def put(name, ours_v, theirs_v, limit_fraction=None):
         print(f"{name}: ours {ours_v:.4g}, theirs {theirs_v:.4g}", file=sys.stderr, flush=True)

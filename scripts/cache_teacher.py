@@ -32,7 +32,7 @@ import torch
 from gemma2.checkpoint import load_model
 from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
 from gemma2.compatibility import check_seq_len, check_tokenizer
-from gemma2.data_args import add_data_arguments, datasets_from_args, packed_seq_len
+from gemma2.data_args import add_data_arguments, check_data_args, datasets_from_args, packed_seq_len
 from gemma2.distributed import close_distributed, init_distributed, launched_world, runtime
 from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.teacher_cache import write_teacher_cache
@@ -65,6 +65,7 @@ def main() -> int:
         raise ValueError("--device is torchrun's to choose (each rank's own GPU, or the CPU on gloo); drop it")
     if args.device is not None:
         device_arg(args.device)  # refused before any work if this machine has no such device
+    check_data_args(args)  # before the teacher loads
     init_distributed()  # under torchrun: one process per GPU, each with a whole teacher
     code = cache(args, runtime(args.device).device)
     close_distributed()  # only after success: a rank that failed exits, and torchrun stops the others

@@ -32,7 +32,7 @@ import torch
 
 from gemma2.checkpoint import load_model
 from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
-from gemma2.data_args import add_data_arguments, datasets_from_args
+from gemma2.data_args import add_data_arguments, check_data_args, datasets_from_args
 from gemma2.distributed import close_distributed, init_distributed, launched_world
 from gemma2.dtypes import compute_dtype_argument, dtype_argument, to_dtype
 from gemma2.preemption import TrainingStopped, note_warnings
@@ -152,6 +152,7 @@ def main(args: argparse.Namespace) -> int:
     if args.device is not None:
         device_arg(args.device)
     check_unused(args)
+    check_data_args(args)  # before the models load
     if args.group_by_length and args.prompts is None:
         raise ValueError("--group-by-length goes with --prompts: packed rows (--data) are all --seq-len long")
     for flag, path in (("--teacher", args.teacher), ("--teacher-cache", args.teacher_cache)):

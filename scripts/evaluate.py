@@ -7,11 +7,15 @@ divergence from it and top-1 agreement (gemma2/evaluation.py).
 
 The rows are those scripts/distill.py reads from the same data flags (gemma2.data_args): the
 default, --split heldout, evaluates exactly the held-out sequences distill.py evaluates during
-training (the built-in corpus's split without --data); --split train takes the training rows,
---split all both (with --data FILE: every document in FILE). With --prompts only the completions
-count, as in training. The figures go to stdout, and with --json PATH to a new file (replaced only
+training (the built-in corpus's split without --data); --split train evaluates the training rows
+instead. --split all evaluates everything: without held-out flags every document (or prompt) is
+packed as one set, nothing held out; with --eval-data / --eval-prompts, or a token file, its
+training rows then its held-out rows. Packed rows end where a whole sequence of --seq-len + 1
+tokens does (the tail after the last is not evaluated, as in training). With --prompts only the
+completions count. The figures go to stdout, and with --json PATH to a new file (replaced only
 with --overwrite). --quantize int8 quantises the checkpoint, never the teacher: give the same
-checkpoint as --teacher to measure what int8 changes.
+checkpoint as --teacher to measure what int8 changes. Every flag, path and config is checked
+before any weight is read.
 """
 
 from __future__ import annotations
@@ -19,20 +23,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from gemma2 import load_model
+from gemma2.checkpoint import checkpoint_files
 from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
 from gemma2.compatibility import check_seq_len, check_tokenizer
-from gemma2.data_args import add_data_arguments, datasets_from_args, packed_seq_len
+from gemma2.config import Gemma2Config
+from gemma2.data_args import add_data_arguments, check_data_args, datasets_from_args, packed_seq_len
 from gemma2.dtypes import dtype_argument, dtype_name, to_dtype
 from gemma2.evaluation import evaluate
 from gemma2.files import write_text_atomic
-from gemma2.loading import default_dtype, load_with_tokenizer, stored_config
+from gemma2.loading import default_dtype, find_tokenizer, load_checked, stored_config
 from gemma2.quantize import QUANTIZE_MODES
 from gemma2.student import model_config
+from gemma2.token_files import names_token_file
 from gemma2.tokenizer import Tokenizer
 
 SPLITS = ("heldout", "train", "all")
@@ -53,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", choices=SPLITS, default="heldout",
                    help="the rows evaluated: the held-out split (default), the training split, or all of them")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
-    p.add_argument("--max-sequences", type=int, help="evaluate at most this many sequences of each split")
+    p.add_argument("--eval-sequences", type=int, help="evaluate at most the first this many sequences of each split")
     p.add_argument("--chunk-size", type=int, default=256,
                    help="tokens whose [tokens, vocab] logits are made at once (256 x 256000: 262 MB per tensor)")
     p.add_argument("--json", help="also write the figures here (a new file unless --overwrite)")
@@ -66,38 +73,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Everything that can be checked before minutes of loading."""
-    for name in ("batch_size", "chunk_size", "max_sequences"):
+    """The flags alone: what goes together, what would be ignored, the paths."""
+    for name in ("batch_size", "chunk_size", "eval_sequences"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    unused = sorted({"prompt_len", "max_new_tokens"} & args.given) if args.prompts is None else []
-    if unused:
-        raise ValueError(f"{', '.join('--' + n.replace('_', '-') for n in unused)} lay out --prompts rows; with "
-                         "--data evaluation would ignore them: drop them")  # fmt: skip
-    if args.teacher is not None and not Path(args.teacher).exists():
-        raise ValueError(f"--teacher {args.teacher}: no such file or directory")
+    ignored = {"prompt_len", "max_new_tokens"} & args.given if args.prompts is None else set()
+    if ignored:
+        raise ValueError(f"{', '.join(sorted('--' + n.replace('_', '-') for n in ignored))} lay out --prompts rows; "
+                         "with --data evaluation would ignore them: drop them")  # fmt: skip
+    if args.split == "train" and (args.eval_data or args.eval_prompts):
+        raise ValueError("--split train evaluates the training rows, not --eval-data / --eval-prompts: drop those "
+                         "or pass --split heldout or all")  # fmt: skip
+    if args.split == "all" and args.holdout_fraction is not None:
+        raise ValueError("--split all evaluates every document (prompt) whatever the split: drop --holdout-fraction")
+    if args.overwrite and not args.json:
+        raise ValueError("--overwrite replaces an existing --json file: pass --json PATH, or drop --overwrite")
+    check_data_args(args)
+    if args.teacher is not None:
+        if not Path(args.teacher).exists():
+            raise ValueError(f"--teacher {args.teacher}: no such file or directory")
+        checkpoint_files(Path(args.teacher))  # a directory without weights is named now
     if args.json:
         out = Path(args.json)
+        if out.is_dir():
+            raise ValueError(f"--json {out} is a directory; pass a file path")
         if out.exists() and not args.overwrite:
             raise ValueError(f"{out} exists; pass --overwrite to replace it, or another --json path")
         if not out.parent.is_dir():
             raise ValueError(f"--json {out}: the directory {out.parent} does not exist")
 
 
-def load_teacher(path: str, tokenizer: Tokenizer, dtype: torch.dtype, device: str):
-    """The teacher, after checking that it speaks the checkpoint's tokenizer (its config.json
-    before its weights are read, and its own tokenizer.model, when it has one)."""
-    own = Path(path) / "tokenizer.model"
-    if own.is_file() and Tokenizer(own).fingerprint() != tokenizer.fingerprint():
-        raise ValueError(f"the teacher's {own} is not the checkpoint's tokenizer {tokenizer.path}: compare models "
-                         "that share a tokenizer")  # fmt: skip
-    config = stored_config(path)
-    if config is not None:
-        check_tokenizer(tokenizer, config, "the teacher")
-    teacher = load_model(path, dtype=dtype, device=device)
-    check_tokenizer(tokenizer, teacher.config, "the teacher")
-    return teacher
+def check_configs(args: argparse.Namespace, tokenizer: Tokenizer, config: Gemma2Config | None) -> None:
+    """What the checkpoint's and the teacher's config.json (or --config) say, before any weight is
+    read: both speak `tokenizer`, share one vocabulary, and hold a packed row in their context.
+    The teacher's own tokenizer.model, when it has one, must be the checkpoint's."""
+    configs = {"the checkpoint": config or stored_config(args.checkpoint)}
+    if args.teacher is not None:
+        own = Path(args.teacher) / "tokenizer.model"
+        if own.is_file() and Tokenizer(own).fingerprint() != tokenizer.fingerprint():
+            raise ValueError(f"the teacher's {own} is not the checkpoint's tokenizer {tokenizer.path}: compare models "
+                             "that share a tokenizer")  # fmt: skip
+        configs["the teacher"] = stored_config(args.teacher)
+    known = {what: cfg for what, cfg in configs.items() if cfg is not None}
+    for what, cfg in known.items():
+        check_tokenizer(tokenizer, cfg, what)
+        if packed_seq_len(args):  # prompt rows: once laid out
+            check_seq_len(packed_seq_len(args), cfg, what)
+    if len({cfg.vocab_size for cfg in known.values()}) > 1:
+        raise ValueError(f"the teacher's vocabulary of {known['the teacher'].vocab_size} is not the checkpoint's "
+                         f"{known['the checkpoint'].vocab_size}: compare models that share a tokenizer")  # fmt: skip
 
 
 def evaluate_main(args: argparse.Namespace) -> None:
@@ -106,36 +131,41 @@ def evaluate_main(args: argparse.Namespace) -> None:
     check_args(args)
     dtype = to_dtype(args.dtype or default_dtype(args.device, args.quantize))
     config = model_config(args.config, "--config") if args.config else None
-    model, tokenizer = load_with_tokenizer(args.checkpoint, tokenizer=args.tokenizer, config=config, dtype=dtype,
-                                           device=args.device, quantize=args.quantize)  # fmt: skip
-    teacher = None if args.teacher is None else load_teacher(args.teacher, tokenizer, dtype, args.device)
-    models = [(m, what) for m, what in ((model, "the checkpoint"), (teacher, "the teacher")) if m is not None]
-    for m, what in models if packed_seq_len(args) else []:  # before reading the data; prompt rows: after
-        check_seq_len(packed_seq_len(args), m.config, what)
+    tokenizer = find_tokenizer(args.checkpoint, args.tokenizer)
+    check_configs(args, tokenizer, config)
+    if args.split == "all" and not (args.eval_data or args.eval_prompts or names_token_file(args.data or args.prompts)):
+        args.holdout_fraction = 0.0  # every document (prompt) in one set
+    model = load_checked(args.checkpoint, tokenizer, config=config, dtype=dtype, device=args.device,
+                         quantize=args.quantize, check=check_tokenizer)  # fmt: skip
+    teacher = None
+    if args.teacher is not None:
+        teacher = load_checked(args.teacher, tokenizer, dtype=dtype, device=args.device,
+                               check=partial(check_tokenizer, what="the teacher"))  # fmt: skip
     data = datasets_from_args(args, tokenizer)
-    if args.split != "train" and data.heldout is None:
+    if args.split == "heldout" and data.heldout is None:
+        flag = "--eval-data" if args.prompts is None else "--eval-prompts"
         raise ValueError("these data flags hold nothing out (--holdout-fraction 0, or a token file made without a "
-                         "held-out split): pass --split train or --eval-data FILES")  # fmt: skip
-    parts = {"heldout": [data.heldout], "train": [data.train], "all": [data.train, data.heldout]}[args.split]
-    parts = [rows for rows in parts if rows is not None]
-    for rows in parts:
-        for m, what in models:
-            check_seq_len(rows.seq_len, m.config, what)
-    sequences = sum(len(r) if args.max_sequences is None else min(len(r), args.max_sequences) for r in parts)
+                         f"held-out split): pass --split train or all, or {flag} FILES")  # fmt: skip
+    parts = [rows for rows in {"heldout": [data.heldout], "train": [data.train], "all": [data.train, data.heldout]}[
+        args.split] if rows is not None]  # fmt: skip
+    for rows in parts:  # prompt rows' width is known now
+        for m, what in ((model, "the checkpoint"), (teacher, "the teacher")):
+            if m is not None:
+                check_seq_len(rows.seq_len, m.config, what)
     width = f"{'up to ' if args.prompts else ''}{parts[0].seq_len}"
-    print(f"evaluating {sequences} sequences of {width} tokens ({args.split})", file=sys.stderr)
-    result = evaluate(model, *parts, teacher=teacher, batch_size=args.batch_size, max_sequences=args.max_sequences,
+    print(f"evaluating sequences of {width} tokens ({args.split})", file=sys.stderr)
+    result = evaluate(model, *parts, teacher=teacher, batch_size=args.batch_size, max_sequences=args.eval_sequences,
                       chunk_size=args.chunk_size, progress=not args.no_progress)  # fmt: skip
-    print(f"{result.tokens} targets counted in {sequences} sequences ({args.split})")
+    print(f"{result.tokens} targets counted in {result.sequences} sequences ({args.split})")
     print(f"checkpoint {args.checkpoint}: cross-entropy {result.ce:.4f} nats/token, perplexity {result.ppl:.2f}")
     if teacher is not None:
         print(f"teacher {args.teacher}: cross-entropy {result.teacher_ce:.4f} nats/token, "
               f"perplexity {result.teacher_ppl:.2f}")  # fmt: skip
-        print(f"KL(teacher || checkpoint): {result.kl:.4g} nats/token; top-1 agreement: {result.top1_agreement:.1%}")
+        print(f"KL(teacher || checkpoint): {result.kl:#.4g} nats/token; top-1 agreement: {result.top1_agreement:.1%}")
     if args.json:
-        record = {"checkpoint": args.checkpoint, "teacher": args.teacher, "split": args.split, "sequences": sequences,
+        record = {"checkpoint": args.checkpoint, "teacher": args.teacher, "split": args.split,
                   "dtype": dtype_name(dtype), "quantize": args.quantize, **result.as_dict()}  # fmt: skip
-        write_text_atomic(args.json, json.dumps(record, indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps(record, indent=1) + "\n", replace=args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,20 @@ def test_a_failed_file_write_keeps_the_old_content(tmp_path):
     assert target.read_text() == "new"
 
 
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_write_that_must_not_replace_keeps_a_file_made_while_it_wrote(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # as on filesystems without them: the name is claimed by an exclusive create
+        monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(PermissionError(1, "no links")))
+    target = tmp_path / "figures.json"
+    with pytest.raises(FileExistsError, match="made while this ran"), atomic_file(target, replace=False) as tmp:
+        tmp.write_text("new")
+        target.write_text("someone else's")  # appears after the caller's own check
+    assert target.read_text() == "someone else's" and os.listdir(tmp_path) == ["figures.json"]
+    target.unlink()
+    write_text_atomic(target, "new", replace=False)
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["figures.json"] and _mode(target) == _default_mode()
+
+
 def test_files_get_the_default_mode_whatever_the_writer_chose(tmp_path):
     with atomic_file(tmp_path / "a") as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)  # as safetensors creates its files
