@@ -32,6 +32,7 @@ from .static_decode import StaticDecoder
 from .tokenizer import left_pad  # noqa: F401  re-exported: prompts are padded with it for generate
 
 if TYPE_CHECKING:
+    from .prompt_lookup import PromptLookup
     from .tokenizer import Tokenizer
 
 
@@ -265,7 +266,7 @@ def generate(
     stop_token_ids: Sequence[int] = (1,),
     generator: torch.Generator | None = None,
     pad_id: int = 0,
-    draft_model: Gemma2ForCausalLM | None = None,
+    draft_model: Gemma2ForCausalLM | PromptLookup | None = None,
     draft_tokens: int | None = None,
     compiled: bool = False,
 ) -> Tensor:
@@ -279,7 +280,8 @@ def generate(
     draft_model: a model with the same vocabulary that proposes draft_tokens tokens (default 4) per
     forward of `model` (speculative decoding, batch 1; gemma2.speculative, whose
     `speculative_generate` also returns the acceptance statistics): the same tokens when greedy,
-    the same distribution when sampling.
+    the same distribution when sampling. `gemma2.prompt_lookup.PromptLookup()` in its place drafts
+    from the sequence itself.
     compiled: decode through torch.compile (see `Session`; with a draft model, the draft's steps).
     """
     if draft_model is not None:

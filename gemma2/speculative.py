@@ -14,6 +14,9 @@ temperature / top-k / top-p filters (`gemma2.sampling.probabilities`).
 After each round both caches drop the rejected columns (`KVCache.truncate`; built with `rollback=k`,
 so their sliding-window rings keep the window behind every kept column). One sequence at a time: rows
 would accept different counts, and a cache holds one position for all its rows.
+
+The draft is a model (`_ModelDraft`) or `gemma2.prompt_lookup.PromptLookup` (`_LookupDraft`): the
+sequence's own earlier tokens as guesses, with no draft model and no draft cache.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .generation import stop_ids, stream
 from .kv_cache import KVCache
 from .model import Gemma2ForCausalLM
+from .prompt_lookup import PromptLookup
 from .sampling import is_greedy, probabilities
 from .static_decode import StaticDecoder
 
@@ -55,10 +60,12 @@ class SpeculativeStats:
         return self.new_tokens / self.target_forwards if self.target_forwards else math.nan
 
 
-def check_draft(target: Gemma2ForCausalLM, draft: Gemma2ForCausalLM, draft_tokens: int) -> None:
+def check_draft(target: Gemma2ForCausalLM, draft: Gemma2ForCausalLM | PromptLookup, draft_tokens: int) -> None:
     """Raise ValueError unless `draft` can propose `draft_tokens` tokens per round for `target`."""
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
         raise ValueError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
+    if isinstance(draft, PromptLookup):
+        return
     check_vocab_sizes(target.config.vocab_size, draft.config.vocab_size)
     there, here = draft.output_weight.device, target.output_weight.device
     if there != here:
@@ -76,7 +83,7 @@ def check_vocab_sizes(target: int, draft: int) -> None:
 
 def speculative_stream(
     target: Gemma2ForCausalLM,
-    draft: Gemma2ForCausalLM,
+    draft: Gemma2ForCausalLM | PromptLookup,
     input_ids: Tensor,
     *,
     draft_tokens: int = DRAFT_TOKENS,
@@ -103,7 +110,11 @@ def speculative_stream(
             "generate each prompt on its own"
         )
     check_draft(target, draft, draft_tokens)
-    total, context = input_ids.shape[1] + max_new_tokens, draft.config.max_position_embeddings
+    if compiled and isinstance(draft, PromptLookup):
+        raise ValueError("compiled=True compiles a draft model's one-token steps, and prompt lookup has none (the "
+                         "target checks several tokens a forward): drop one of the two")  # fmt: skip
+    total = input_ids.shape[1] + max_new_tokens
+    context = total if isinstance(draft, PromptLookup) else draft.config.max_position_embeddings
     if total > context:
         raise ValueError(
             f"the prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens "
@@ -119,7 +130,7 @@ def speculative_stream(
 
 def speculative_generate(
     target: Gemma2ForCausalLM,
-    draft: Gemma2ForCausalLM,
+    draft: Gemma2ForCausalLM | PromptLookup,
     input_ids: Tensor,
     *,
     draft_tokens: int = DRAFT_TOKENS,
@@ -138,9 +149,10 @@ def speculative_generate(
 
     Greedy (temperature 0): the tokens of `generate(target, ...)`. Sampling: the same distribution
     (not the same draws: the generator also drives the draft and the accept/reject tests).
-    The draft must share the target's vocabulary; its context must hold T + max_new_tokens.
-    compiled: the draft's one-token steps run through torch.compile (gemma2.static_decode); a small
-    draft's step is mostly per-op overhead, which compiling removes.
+    A draft model must share the target's vocabulary; its context must hold T + max_new_tokens.
+    `PromptLookup()` drafts from the sequence itself (gemma2.prompt_lookup).
+    compiled: a draft model's one-token steps run through torch.compile (gemma2.static_decode); a
+    small draft's step is mostly per-op overhead, which compiling removes.
     """
     steps, stats = speculative_stream(
         target, draft, input_ids, draft_tokens=draft_tokens, attention_mask=attention_mask,
@@ -192,10 +204,50 @@ def _forward(
     return logits
 
 
+class _ModelDraft:
+    """A draft model proposing one token at a time over its own KV cache (compiled steps if asked)."""
+
+    def __init__(self, model: Gemma2ForCausalLM, length: int, k: int, device: torch.device, compiled: bool) -> None:
+        self.model = model
+        self.cache = KVCache(model.config, 1, length, dtype=model.dtype, device=device, rollback=k)
+        self.decoder = StaticDecoder(model, self.cache) if compiled else None
+
+    def propose(self, seq: Tensor, n: int, r: int, greedy: bool, pick, generator) -> tuple[int, Tensor | None]:
+        """Write r proposals into seq[n : n + r]; return r and their distributions `[r, V]` (sampling)."""
+        q = None if greedy else torch.empty(r, self.model.config.vocab_size, device=seq.device)
+        for i in range(r):  # the draft first catches up with the sequence (the prompt, or 1-2 tokens)
+            logits = _forward(self.model, self.cache, seq[self.cache.length : n + i], 1, self.decoder)[0]
+            if greedy:
+                seq[n + i] = logits.argmax()
+            else:
+                q[i] = pick(logits)
+                seq[n + i] = torch.multinomial(q[i], 1, generator=generator)[0]
+        return r, q
+
+    def keep(self, n: int) -> None:
+        """Drop the rejected proposals: the cache keeps at most seq[: n - 1]."""
+        self.cache.truncate(min(self.cache.length, n - 1))
+
+
+class _LookupDraft:
+    """gemma2.prompt_lookup's guesses, as proposals whose draft distribution is one-hot."""
+
+    def __init__(self, lookup: PromptLookup, vocab_size: int) -> None:
+        self.lookup, self.vocab_size = lookup, vocab_size
+
+    def propose(self, seq: Tensor, n: int, r: int, greedy: bool, pick, generator) -> tuple[int, Tensor | None]:
+        guess = self.lookup.propose(seq[:n], r)
+        seq[n : n + len(guess)] = guess
+        return len(guess), None if greedy else F.one_hot(guess, self.vocab_size).float()
+
+    def keep(self, n: int) -> None:
+        pass
+
+
 @torch.inference_mode()
 def _rounds(
     target: Gemma2ForCausalLM,
-    draft: Gemma2ForCausalLM,
+    draft: Gemma2ForCausalLM | PromptLookup,
     prompt: Tensor,  # [P] the real tokens
     k: int,
     max_new_tokens: int,
@@ -207,26 +259,20 @@ def _rounds(
     compiled: bool,
 ) -> Iterator[Tensor]:
     P, device = len(prompt), prompt.device
-    tcache, dcache = (
-        KVCache(m.config, 1, P + max_new_tokens, dtype=m.dtype, device=device, rollback=k) for m in (target, draft)
-    )  # fmt: skip
-    decoder = StaticDecoder(draft, dcache) if compiled else None
+    tcache = KVCache(target.config, 1, P + max_new_tokens, dtype=target.dtype, device=device, rollback=k)
+    if isinstance(draft, PromptLookup):
+        drafter = _LookupDraft(draft, target.config.vocab_size)
+    else:
+        drafter = _ModelDraft(draft, P + max_new_tokens, k, device, compiled)
     seq = torch.cat([prompt, prompt.new_zeros(max_new_tokens)])  # the sequence so far: seq[:n]
     n = P  # the caches hold at most seq[: n - 1]: the last token is fed with the next proposals
-    modes = [(m, m.training) for m in (target, draft)]
+    modes = [(m, m.training) for m in (target, draft) if isinstance(m, Gemma2ForCausalLM)]
     try:
         for m, _ in modes:
             m.eval()
         while n < P + max_new_tokens:
-            r = min(k, P + max_new_tokens - n - 1)  # proposals this round (the last token is the target's)
-            q = torch.empty(r, target.config.vocab_size, device=device)  # the draft's distributions (sampling)
-            for i in range(r):  # the draft first catches up with the sequence (the prompt, or 1-2 tokens)
-                logits = _forward(draft, dcache, seq[dcache.length : n + i], 1, decoder)[0]
-                if greedy:
-                    seq[n + i] = logits.argmax()
-                else:
-                    q[i] = pick(logits)
-                    seq[n + i] = torch.multinomial(q[i], 1, generator=generator)[0]
+            # Proposals this round (the last token is the target's); a lookup may find fewer.
+            r, q = drafter.propose(seq, n, min(k, P + max_new_tokens - n - 1), greedy, pick, generator)
             logits = _forward(target, tcache, seq[tcache.length : n + r], r + 1)  # [r + 1, V]
             if greedy:
                 best = logits.argmax(-1)
@@ -246,7 +292,7 @@ def _rounds(
             n += kept + 1
             # Drop the rejected proposals: both caches keep seq[: n - 1].
             tcache.truncate(n - 1)
-            dcache.truncate(min(dcache.length, n - 1))
+            drafter.keep(n)
     finally:
         for m, mode in modes:
             m.train(mode)

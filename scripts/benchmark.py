@@ -109,11 +109,12 @@ def limits(device, dtype, reps: int) -> dict:
 
 
 def speculative_decode(put, device: torch.device, reps: int, student_dir: str = "runs/demo/distilled") -> None:
-    """decode_speculative_k4: greedy speculative decoding (4 proposals per target forward) against
-    plain decoding of the same target, with a draft 4.4x smaller: the shipped tiny teacher (5.77M
-    parameters) as target, the demo's distilled student (1.31M; `scripts/demo.py` writes it to
-    runs/demo/distilled) as draft; fp32, the first 32 tokens of 4 held-out sequences, 64 new tokens
-    each. Random weights would accept almost nothing, hence this trained pair."""
+    """decode_speculative_k4 and decode_prompt_lookup_k4: greedy speculative decoding (4 proposals
+    per target forward) against plain decoding of the same target, the shipped tiny teacher (5.77M
+    parameters). The draft: the demo's distilled student (1.31M, 4.4x smaller; `scripts/demo.py`
+    writes it to runs/demo/distilled; the row is skipped without it), or the text itself
+    (gemma2.prompt_lookup). fp32, the first 32 tokens of 4 held-out sequences, 64 new tokens each.
+    Random weights would accept almost nothing, hence this trained model."""
     from pathlib import Path
 
     from gemma2.checkpoint import load_model
@@ -121,34 +122,40 @@ def speculative_decode(put, device: torch.device, reps: int, student_dir: str = 
     from gemma2.data import split_datasets
     from gemma2.demo import load_teacher
     from gemma2.generation import generate
+    from gemma2.prompt_lookup import PromptLookup
     from gemma2.speculative import speculative_generate
 
-    saved = sorted(Path(student_dir).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    if not saved:
-        print(f"decode_speculative_k4 skipped: no student in {student_dir}; run scripts/demo.py first", file=sys.stderr)
-        return
     teacher, tokenizer = load_teacher()
-    teacher, draft = teacher.to(device), load_model(saved[-1], device=device)
+    teacher = teacher.to(device)
+    drafts = {}
+    saved = sorted(Path(student_dir).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    if saved:
+        drafts["decode_speculative_k4"] = (load_model(saved[-1], device=device), str(saved[-1]))
+    else:
+        print(f"decode_speculative_k4 skipped: no student in {student_dir}; run scripts/demo.py first", file=sys.stderr)
+    drafts["decode_prompt_lookup_k4"] = (PromptLookup(), "the text itself (prompt lookup)")
     data = split_datasets(build_corpus(), tokenizer, teacher.config.max_position_embeddings)
     prompts, new = data.heldout.batch(range(4)).inputs[:, :32].to(device), 64
-    stats = []
 
     def plain():
         for row in prompts:
             generate(teacher, row[None], max_new_tokens=new, stop_token_ids=())
 
-    def speculative():
-        stats.clear()
-        for row in prompts:
-            stats.append(speculative_generate(teacher, draft, row[None], draft_tokens=4, max_new_tokens=new,
-                                              stop_token_ids=())[1])  # fmt: skip
+    for name, (draft, what) in drafts.items():
+        stats = []
 
-    t = alternate({"speculative": speculative, "plain": plain}, reps, device)
-    put("decode_speculative_k4", len(prompts) * new / t["speculative"][0], len(prompts) * new / t["plain"][0])
-    accepted, proposed = sum(s.accepted for s in stats), sum(s.proposed for s in stats)
-    forwards = sum(s.target_forwards for s in stats)
-    print(f"decode_speculative_k4: {saved[-1]} as draft, {accepted / proposed:.1%} of proposals accepted, "
-          f"{len(prompts) * new / forwards:.2f} tokens per target forward", file=sys.stderr)
+        def speculative():
+            stats.clear()
+            for row in prompts:
+                stats.append(speculative_generate(teacher, draft, row[None], draft_tokens=4, max_new_tokens=new,
+                                                  stop_token_ids=())[1])  # fmt: skip
+
+        t = alternate({"speculative": speculative, "plain": plain}, reps, device)
+        put(name, len(prompts) * new / t["speculative"][0], len(prompts) * new / t["plain"][0])
+        accepted, proposed = sum(s.accepted for s in stats), sum(s.proposed for s in stats)
+        forwards = sum(s.target_forwards for s in stats)
+        print(f"{name}: {what} as draft, {accepted / proposed:.1%} of proposals accepted, "
+              f"{len(prompts) * new / forwards:.2f} tokens per target forward", file=sys.stderr)
 
 
 def main() -> None:

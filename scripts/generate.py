@@ -20,7 +20,9 @@ CPU (bfloat16 with --quantize int8) and bfloat16 on CUDA.
 (e.g. a student distilled from the checkpoint), loaded like the checkpoint: it proposes
 --draft-tokens tokens per forward of the checkpoint, which keeps its own greedy tokens (or, when
 sampling, its own distribution). One prompt at a time; the figures line adds the share of proposals
-accepted and the tokens per forward of the checkpoint.
+accepted and the tokens per forward of the checkpoint. --prompt-lookup drafts the same way without a
+draft model: the text so far proposes its own continuation (gemma2.prompt_lookup), which pays where
+the output repeats the prompt or itself.
 
 --compile decodes through torch.compile (gemma2.static_decode): the whole step traced once, as a CUDA
 graph on GPU. On CPU it made the 5.8M-parameter tiny teacher decode 2.2-2.5x faster and a 150M model
@@ -49,6 +51,7 @@ from gemma2.dtypes import to_dtype
 from gemma2.generation import Chat, left_pad, stream
 from gemma2.loading import default_dtype, load_with_tokenizer, stored_config
 from gemma2.quantize import QUANTIZE_MODES
+from gemma2.prompt_lookup import PromptLookup
 from gemma2.sampling import check_sampling_args
 from gemma2.speculative import DRAFT_TOKENS, SpeculativeStats, check_draft, check_vocab_sizes, speculative_stream
 from gemma2.student import model_config
@@ -89,6 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "1.05-1.17x for a 150M model, after seconds of compiling: worth it for long generations; "
                         "with --draft, the draft's steps)")
     p.add_argument("--draft", help="a draft model directory with the checkpoint's vocabulary: speculative decoding")
+    p.add_argument("--prompt-lookup", action="store_true",
+                   help="speculative decoding without a draft model: the text so far proposes its continuation")
     p.add_argument("--draft-tokens", type=int,
                    help=f"tokens the draft proposes per forward of the checkpoint (default {DRAFT_TOKENS})")  # fmt: skip
     add_threads_option(p)
@@ -96,12 +101,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_draft_args(args: argparse.Namespace) -> None:
-    """--draft's conditions, before any model is loaded."""
+    """--draft's or --prompt-lookup's conditions, before any model is loaded."""
+    flag = "--draft" if args.draft else "--prompt-lookup"
+    if args.draft and args.prompt_lookup:
+        raise UsageError("--draft and --prompt-lookup are two ways to draft: pass one of them")
     if args.interactive or len(args.prompt) != 1:
-        raise UsageError("--draft decodes one sequence: pass exactly one --prompt (no batch, no --interactive)")
+        raise UsageError(f"{flag} decodes one sequence: pass exactly one --prompt (no batch, no --interactive)")
     args.draft_tokens = DRAFT_TOKENS if args.draft_tokens is None else args.draft_tokens
     if args.draft_tokens < 1:
         raise UsageError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+    if args.prompt_lookup:
+        if args.compile:
+            raise UsageError("--compile compiles a draft model's steps, and --prompt-lookup has none (the checkpoint "
+                             "checks several tokens a forward): drop one of the two")  # fmt: skip
+        return
     draft = Path(args.draft)
     if not draft.exists():
         raise UsageError(f"draft model {draft} not found; pass --draft a directory with config.json and *.safetensors")
@@ -169,7 +182,8 @@ def own_line() -> Iterator[None]:
         raise
 
 
-def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator, draft: Gemma2ForCausalLM | None) -> None:
+def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator,
+              draft: Gemma2ForCausalLM | PromptLookup | None) -> None:  # fmt: skip
     if args.chat:
         rows = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in args.prompt]
         stop = tokenizer.stop_ids
@@ -202,7 +216,7 @@ def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator, dra
     else:
         for i, row in enumerate(new):
             print(f"[{i}] {tokenizer.decode(row)}")
-    meter.report(drafting, compiled_draft=args.compile and draft is not None)
+    meter.report(drafting, compiled_draft=args.compile and args.draft is not None)
 
 
 def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generator) -> None:
@@ -255,13 +269,13 @@ def generate_main(args: argparse.Namespace) -> None:
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         raise UsageError("--top-k and --top-p shape sampling, but --temperature 0 (the default) decodes greedily: "
                          "pass --temperature > 0 (e.g. 0.7) to sample")  # fmt: skip
-    if args.draft:
+    if args.draft or args.prompt_lookup:
         check_draft_args(args)
     elif args.draft_tokens is not None:
-        raise UsageError("--draft-tokens needs --draft (the model that proposes them)")
+        raise UsageError("--draft-tokens needs --draft or --prompt-lookup (what proposes them)")
     device_arg(args.device)
     model, tokenizer = load(args)
-    draft = None
+    draft = PromptLookup() if args.prompt_lookup else None
     if args.draft:
         draft = load_model(args.draft, dtype=model.dtype, device=args.device, quantize=args.quantize)
         check_draft(model, draft, args.draft_tokens)  # also for checkpoints without a config.json

@@ -229,13 +229,28 @@ def test_a_draft_gives_the_checkpoints_own_greedy_text(checkpoint, drafts, compi
     assert 0 <= accepted <= 100 and proposed > 0 and 1 <= per_forward <= 4
 
 
+def test_prompt_lookup_gives_the_checkpoints_own_greedy_text(checkpoint):
+    prompt = "The quick brown fox. The quick brown fox. The quick"  # the text repeats: guesses are found
+    result = run_cli("--checkpoint", str(checkpoint), "--prompt-lookup", "--prompt", prompt, "--max-new-tokens", "24")
+    assert result.returncode == 0, result.stderr
+    tok = Tokenizer(checkpoint / "tokenizer.model")
+    [text] = expected_texts(checkpoint, [tok.encode(prompt)], (tok.eos_id,), 24)
+    assert result.stdout == text + "\n"
+    figures = re.fullmatch(FIGURES.pattern + r" \| accepted: ([\d.]+)% of (\d+) proposed \| tokens per target forward: "
+                           r"([\d.]+)", result.stderr.strip())  # fmt: skip
+    assert figures and int(figures[3]) > 0, result.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--prompt", "Hi", "--prompt", "Ho", "--draft", "{close}"], "--draft decodes one sequence"),
+        (["--prompt", "Hi", "--prompt", "Ho", "--prompt-lookup"], "--prompt-lookup decodes one sequence"),
+        (["--prompt", "Hi", "--prompt-lookup", "--draft", "{close}"], "--draft and --prompt-lookup are two ways"),
+        (["--prompt", "Hi", "--prompt-lookup", "--compile"], "--prompt-lookup has none"),
         (["--interactive", "--draft", "{close}"], "--draft decodes one sequence"),
         (["--prompt", "Hi", "--draft", "{close}", "--draft-tokens", "0"], "--draft-tokens must be >= 1"),
-        (["--prompt", "Hi", "--draft-tokens", "3"], "--draft-tokens needs --draft"),
+        (["--prompt", "Hi", "--draft-tokens", "3"], "--draft-tokens needs --draft or --prompt-lookup"),
         (["--prompt", "Hi", "--draft", "{tmp}/missing"], "draft model .*missing not found"),
         (["--prompt", "Hi", "--draft", "{other}"], r"vocabulary has \d+ tokens but the target's has \d+"),
     ],

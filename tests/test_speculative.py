@@ -11,6 +11,7 @@ import torch
 from conftest import randomize_, tiny_config
 from gemma2 import Gemma2ForCausalLM
 from gemma2.generation import generate
+from gemma2.prompt_lookup import PromptLookup
 from gemma2.speculative import speculative_generate
 
 CFG = tiny_config()  # W = 8, context 128
@@ -181,9 +182,14 @@ def noncentral_chi2_cdf(x: float, df: int, lam: float) -> float:
 
 
 @pytest.mark.slow
-def test_sampling_follows_the_targets_filtered_distribution():
-    target, draft = flat(1), flat(2)
-    ids = torch.tensor([[2, 5, 3]])
+@pytest.mark.parametrize("kind", ["model", "lookup"])
+def test_sampling_follows_the_targets_filtered_distribution(kind):
+    target = flat(1)
+    if kind == "model":
+        draft, ids = flat(2), torch.tensor([[2, 5, 3]])
+    else:  # the last two tokens occurred before: the first round guesses 6 (p = 0.39 after the filters), then 4
+        draft, ids = PromptLookup(), torch.tensor([[4, 7, 6, 4, 7]])
+    P = ids.shape[1]
     with torch.no_grad():
         # The exact distribution of every 3-token continuation under the target alone.
         exact: dict[tuple[int, ...], float] = {(): 1.0}
@@ -194,16 +200,18 @@ def test_sampling_follows_the_targets_filtered_distribution():
                 for t, p in enumerate(filtered(target(torch.tensor([ids[0].tolist() + list(seq)]))[0, -1]))
                 if p > 0
             }  # fmt: skip
-        p1, q1 = filtered(target(ids)[0, -1]), filtered(draft(ids)[0, -1])
+        p1 = filtered(target(ids)[0, -1])
+        q1 = filtered(draft(ids)[0, -1]) if kind == "model" else torch.nn.functional.one_hot(torch.tensor(6), 8).double()
     g = torch.Generator().manual_seed(0)
     counts, proposed, accepted = Counter(), 0, 0
     for _ in range(DRAWS):
         out, stats = speculative_generate(target, draft, ids, draft_tokens=2, max_new_tokens=3, stop_token_ids=(),
                                           generator=g, **FILTERS)  # fmt: skip
-        counts[tuple(out[0, 3:].tolist())] += 1
+        counts[tuple(out[0, P:].tolist())] += 1
         proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
     assert set(counts) <= set(exact)  # nothing the filters remove is ever emitted
-    assert 0.2 < accepted / proposed < 0.9  # the draft differs: rejections and residual draws happen
+    # The draft differs: rejections and residual draws happen (a guess after the first is often filtered out).
+    assert (0.2 if kind == "model" else 0.1) < accepted / proposed < 0.9
     # Pearson's chi-square; cells expecting fewer than 5 draws pooled per first token, so that the
     # pooled cells still refine the first token's distribution (used for the power below).
     cells: dict[tuple, list[float]] = {}
@@ -269,6 +277,70 @@ def test_draft_tokens_without_a_draft_is_refused(pair):
     target, _ = pair
     with pytest.raises(ValueError, match="draft_tokens needs a draft_model"):
         generate(target, torch.ones(1, 3, dtype=torch.long), max_new_tokens=4, draft_tokens=3)
+
+
+# Prompt lookup: the sequence drafts itself (gemma2.prompt_lookup).
+
+
+def latest_continuation(seq: list[int], k: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """The definition, by brute force: for n from max_ngram down, the latest start i < L - n whose n
+    tokens equal the last n; the k tokens after them."""
+    L = len(seq)
+    for n in range(max_ngram, min_ngram - 1, -1):
+        for i in reversed(range(L - n)):
+            if seq[i : i + n] == seq[L - n :]:
+                return seq[i + n : i + n + k]
+    return []
+
+
+@pytest.mark.parametrize("max_ngram, min_ngram", [(3, 1), (2, 2), (1, 1), (4, 2)])
+def test_prompt_lookup_guesses_what_followed_the_latest_earlier_occurrence(max_ngram, min_ngram):
+    lookup, g = PromptLookup(max_ngram, min_ngram), torch.Generator().manual_seed(max_ngram * 10 + min_ngram)
+    found = 0
+    for _ in range(300):
+        seq = torch.randint(0, 3, (int(torch.randint(1, 25, (1,), generator=g)),), generator=g)
+        for k in (1, 4):
+            want = latest_continuation(seq.tolist(), k, max_ngram, min_ngram)
+            assert lookup.propose(seq, k).tolist() == want, (seq.tolist(), k)
+            found += bool(want)
+    assert 100 < found < 600  # both outcomes, often
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_prompt_lookup_greedy_is_the_targets_own_output(pair, k):
+    talkative_target, _ = pair
+    copier = Gemma2ForCausalLM(CFG).eval()
+    randomize_(copier, seed=5)  # at this scale a tied head predicts the input token again: guesses come true
+    proposed = accepted = 0
+    g = torch.Generator().manual_seed(k)
+    for target in (talkative_target, copier):
+        for _ in range(3):
+            ids = torch.randint(3, 9, (1, 12), generator=g)  # six ids: the prompt repeats itself
+            want = generate(target, ids, max_new_tokens=NEW, stop_token_ids=())
+            got, stats = speculative_generate(target, PromptLookup(), ids, draft_tokens=k, max_new_tokens=NEW,
+                                              stop_token_ids=())  # fmt: skip
+            assert torch.equal(got, want)
+            assert stats.new_tokens == NEW and stats.proposed <= k * stats.target_forwards
+            proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
+    assert 0 < accepted < proposed  # kept and rejected guesses both happened
+
+
+def test_prompt_lookup_through_generate_and_its_refusals(pair):
+    target, _ = pair
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5]])
+    g = [torch.Generator().manual_seed(1) for _ in range(2)]
+    via_generate = generate(target, ids, max_new_tokens=20, draft_model=PromptLookup(), temperature=0.9, generator=g[0])
+    direct, _ = speculative_generate(target, PromptLookup(), ids, max_new_tokens=20, temperature=0.9, generator=g[1])
+    assert torch.equal(via_generate, direct)
+    with pytest.raises(ValueError, match="prompt lookup has none"):
+        speculative_generate(target, PromptLookup(), ids, max_new_tokens=4, compiled=True)
+    with pytest.raises(ValueError, match="draft_tokens must be an integer >= 1"):
+        speculative_generate(target, PromptLookup(), ids, max_new_tokens=4, draft_tokens=0)
+    with pytest.raises(ValueError, match="exceed the model's context of 128"):
+        speculative_generate(target, PromptLookup(), ids, max_new_tokens=125)
+    for bad in ((0, 1), (2, 3), (2.0, 1)):
+        with pytest.raises(ValueError, match="1 <= min_ngram <= max_ngram"):
+            PromptLookup(*bad)
 
 
 @pytest.mark.cuda
