@@ -22,9 +22,10 @@ sequence's own earlier tokens as guesses, with no draft model and no draft cache
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -114,11 +115,11 @@ def speculative_stream(
         raise ValueError("compiled=True compiles a draft model's one-token steps, and prompt lookup has none (the "
                          "target checks several tokens a forward): drop one of the two")  # fmt: skip
     total = input_ids.shape[1] + max_new_tokens
-    context = total if isinstance(draft, PromptLookup) else draft.config.max_position_embeddings
-    if total > context:
+    if not isinstance(draft, PromptLookup) and total > draft.config.max_position_embeddings:
         raise ValueError(
-            f"the prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens "
-            f"exceed the draft model's context of {context}; shorten the prompt or lower max_new_tokens"
+            f"the prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens exceed "
+            f"the draft model's context of {draft.config.max_position_embeddings}; shorten the prompt or lower "
+            "max_new_tokens"
         )
     prompt = input_ids[0] if attention_mask is None else input_ids[0, attention_mask[0].bool()]  # no padding
     pick = partial(probabilities, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -204,6 +205,20 @@ def _forward(
     return logits
 
 
+class _Draft(Protocol):
+    """What `_rounds` asks of a draft."""
+
+    def propose(self, seq: Tensor, n: int, r: int, greedy: bool, pick: Callable[[Tensor], Tensor],
+                generator: torch.Generator | None) -> tuple[int, Tensor | None]:  # fmt: skip
+        """Write up to r proposals into seq[n:], after the sequence so far seq[:n]; return how
+        many, and (sampling) the distributions `[r', V]` they were drawn from."""
+        ...
+
+    def truncate(self, n: int) -> None:
+        """The sequence is seq[:n] again: forget the rejected proposals."""
+        ...
+
+
 class _ModelDraft:
     """A draft model proposing one token at a time over its own KV cache (compiled steps if asked)."""
 
@@ -212,8 +227,8 @@ class _ModelDraft:
         self.cache = KVCache(model.config, 1, length, dtype=model.dtype, device=device, rollback=k)
         self.decoder = StaticDecoder(model, self.cache) if compiled else None
 
-    def propose(self, seq: Tensor, n: int, r: int, greedy: bool, pick, generator) -> tuple[int, Tensor | None]:
-        """Write r proposals into seq[n : n + r]; return r and their distributions `[r, V]` (sampling)."""
+    def propose(self, seq: Tensor, n: int, r: int, greedy: bool, pick: Callable[[Tensor], Tensor],
+                generator: torch.Generator | None) -> tuple[int, Tensor | None]:  # fmt: skip
         q = None if greedy else torch.empty(r, self.model.config.vocab_size, device=seq.device)
         for i in range(r):  # the draft first catches up with the sequence (the prompt, or 1-2 tokens)
             logits = _forward(self.model, self.cache, seq[self.cache.length : n + i], 1, self.decoder)[0]
@@ -224,9 +239,8 @@ class _ModelDraft:
                 seq[n + i] = torch.multinomial(q[i], 1, generator=generator)[0]
         return r, q
 
-    def keep(self, n: int) -> None:
-        """Drop the rejected proposals: the cache keeps at most seq[: n - 1]."""
-        self.cache.truncate(min(self.cache.length, n - 1))
+    def truncate(self, n: int) -> None:
+        self.cache.truncate(min(self.cache.length, n - 1))  # at most seq[: n - 1]: the last token comes next
 
 
 class _LookupDraft:
@@ -235,13 +249,14 @@ class _LookupDraft:
     def __init__(self, lookup: PromptLookup, vocab_size: int) -> None:
         self.lookup, self.vocab_size = lookup, vocab_size
 
-    def propose(self, seq: Tensor, n: int, r: int, greedy: bool, pick, generator) -> tuple[int, Tensor | None]:
-        guess = self.lookup.propose(seq[:n], r)
+    def propose(self, seq: Tensor, n: int, r: int, greedy: bool, pick: Callable[[Tensor], Tensor],
+                generator: torch.Generator | None) -> tuple[int, Tensor | None]:  # fmt: skip
+        guess = self.lookup.propose(seq[:n], r) if r else seq[:0]  # the last round proposes nothing
         seq[n : n + len(guess)] = guess
         return len(guess), None if greedy else F.one_hot(guess, self.vocab_size).float()
 
-    def keep(self, n: int) -> None:
-        pass
+    def truncate(self, n: int) -> None:
+        pass  # no state: the next guess is looked up in the sequence as it is then
 
 
 @torch.inference_mode()
@@ -260,10 +275,10 @@ def _rounds(
 ) -> Iterator[Tensor]:
     P, device = len(prompt), prompt.device
     tcache = KVCache(target.config, 1, P + max_new_tokens, dtype=target.dtype, device=device, rollback=k)
-    if isinstance(draft, PromptLookup):
-        drafter = _LookupDraft(draft, target.config.vocab_size)
-    else:
-        drafter = _ModelDraft(draft, P + max_new_tokens, k, device, compiled)
+    drafter: _Draft = (
+        _LookupDraft(draft, target.config.vocab_size) if isinstance(draft, PromptLookup)
+        else _ModelDraft(draft, P + max_new_tokens, k, device, compiled)
+    )  # fmt: skip
     seq = torch.cat([prompt, prompt.new_zeros(max_new_tokens)])  # the sequence so far: seq[:n]
     n = P  # the caches hold at most seq[: n - 1]: the last token is fed with the next proposals
     modes = [(m, m.training) for m in (target, draft) if isinstance(m, Gemma2ForCausalLM)]
@@ -290,9 +305,9 @@ def _rounds(
                 if int(token) in stop:
                     return
             n += kept + 1
-            # Drop the rejected proposals: both caches keep seq[: n - 1].
+            # Drop the rejected proposals: the target's cache keeps seq[: n - 1], the draft's at most that.
             tcache.truncate(n - 1)
-            drafter.keep(n)
+            drafter.truncate(n)
     finally:
         for m, mode in modes:
             m.train(mode)

@@ -144,7 +144,7 @@ def speculative_decode(put, device: torch.device, reps: int, student_dir: str = 
     for name, (draft, what) in drafts.items():
         stats = []
 
-        def speculative():
+        def speculative(draft=draft, stats=stats):  # this iteration's, bound now
             stats.clear()
             for row in prompts:
                 stats.append(speculative_generate(teacher, draft, row[None], draft_tokens=4, max_new_tokens=new,

@@ -50,8 +50,8 @@ from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
 from gemma2.dtypes import to_dtype
 from gemma2.generation import Chat, left_pad, stream
 from gemma2.loading import default_dtype, load_with_tokenizer, stored_config
-from gemma2.quantize import QUANTIZE_MODES
 from gemma2.prompt_lookup import PromptLookup
+from gemma2.quantize import QUANTIZE_MODES
 from gemma2.sampling import check_sampling_args
 from gemma2.speculative import DRAFT_TOKENS, SpeculativeStats, check_draft, check_vocab_sizes, speculative_stream
 from gemma2.student import model_config
@@ -163,10 +163,9 @@ class Meter:
         decode = f"{decoded / max(t_end - times[start - 1], 1e-9):.1f}" if decoded else "n/a"
         extra = f" | first decode step (compiling): {times[1] - times[0]:.1f} s" if start == 2 else ""
         extra += " | the prefill includes compiling the draft's step" if compiled_draft else ""
-        extra += "" if drafting is None else (
-            f" | accepted: {drafting.acceptance_rate:.1%} of {drafting.proposed} proposed"
-            f" | tokens per target forward: {drafting.tokens_per_forward:.2f}"
-        )  # fmt: skip
+        if drafting is not None:
+            accepted = f"{drafting.acceptance_rate:.1%} of {drafting.proposed}" if drafting.proposed else "none"
+            extra += f" | accepted: {accepted} proposed | tokens per target forward: {drafting.tokens_per_forward:.2f}"
         print(f"prompt tokens: {self.prompt_tokens} | new tokens: {sum(self.counts)} | "
               f"prefill: {prefill:.1f} tokens/s | decode: {decode} tokens/s{extra}", file=sys.stderr, flush=True)  # fmt: skip
 

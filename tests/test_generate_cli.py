@@ -22,6 +22,7 @@ SCRIPT = ROOT / "scripts" / "generate.py"
 FIGURES = re.compile(
     r"prompt tokens: \d+ \| new tokens: \d+ \| prefill: [\d.]+ tokens/s \| decode: ([\d.]+|n/a) tokens/s"
 )
+DRAFTING = r" \| accepted: (?:([\d.]+)% of (\d+)|none) proposed \| tokens per target forward: ([\d.]+)"
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello there! How are you today?",
          "I am fine, thank you. What would you like to know?"] * 3  # fmt: skip
 
@@ -222,8 +223,7 @@ def test_a_draft_gives_the_checkpoints_own_greedy_text(checkpoint, drafts, compi
     [text] = expected_texts(checkpoint, [tok.encode("The quick")], (tok.eos_id,), 24)
     assert result.stdout == text + "\n"
     compiling = r" \| the prefill includes compiling the draft's step" if compile_ else ""
-    figures = re.fullmatch(FIGURES.pattern + compiling + r" \| accepted: ([\d.]+)% of (\d+) proposed \| tokens per target forward: ([\d.]+)",
-                           result.stderr.strip())  # fmt: skip
+    figures = re.fullmatch(FIGURES.pattern + compiling + DRAFTING, result.stderr.strip())
     assert figures, result.stderr
     accepted, proposed, per_forward = float(figures[2]), int(figures[3]), float(figures[4])
     assert 0 <= accepted <= 100 and proposed > 0 and 1 <= per_forward <= 4
@@ -236,9 +236,11 @@ def test_prompt_lookup_gives_the_checkpoints_own_greedy_text(checkpoint):
     tok = Tokenizer(checkpoint / "tokenizer.model")
     [text] = expected_texts(checkpoint, [tok.encode(prompt)], (tok.eos_id,), 24)
     assert result.stdout == text + "\n"
-    figures = re.fullmatch(FIGURES.pattern + r" \| accepted: ([\d.]+)% of (\d+) proposed \| tokens per target forward: "
-                           r"([\d.]+)", result.stderr.strip())  # fmt: skip
-    assert figures and int(figures[3]) > 0, result.stderr
+    figures = re.fullmatch(FIGURES.pattern + DRAFTING, result.stderr.strip())
+    assert figures and figures[3] is not None and int(figures[3]) > 0, result.stderr
+    nothing = run_cli("--checkpoint", str(checkpoint), "--prompt-lookup", "--prompt", "The", "--max-new-tokens", "1")
+    assert nothing.returncode == 0 and re.fullmatch(FIGURES.pattern + r" \| accepted: none proposed \| tokens per "
+                                                    r"target forward: 1.00", nothing.stderr.strip()), nothing.stderr
 
 
 @pytest.mark.parametrize(
