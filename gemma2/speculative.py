@@ -215,7 +215,7 @@ class _Draft(Protocol):
         ...
 
     def truncate(self, n: int) -> None:
-        """The sequence is seq[:n] again: forget the rejected proposals."""
+        """The sequence is now seq[:n] (the kept proposals and the target's token): forget the rejected ones."""
         ...
 
 
@@ -266,7 +266,7 @@ def _rounds(
     prompt: Tensor,  # [P] the real tokens
     k: int,
     max_new_tokens: int,
-    pick,  # logits [..., V] -> the filtered distributions (gemma2.sampling.probabilities)
+    pick: Callable[[Tensor], Tensor],  # logits [..., V] -> the filtered distributions (sampling.probabilities)
     greedy: bool,
     stop: set[int],
     generator: torch.Generator | None,
@@ -286,7 +286,7 @@ def _rounds(
         for m, _ in modes:
             m.eval()
         while n < P + max_new_tokens:
-            # Proposals this round (the last token is the target's); a lookup may find fewer.
+            # Proposals this round (the last token is the target's); a lookup may find none.
             r, q = drafter.propose(seq, n, min(k, P + max_new_tokens - n - 1), greedy, pick, generator)
             logits = _forward(target, tcache, seq[tcache.length : n + r], r + 1)  # [r + 1, V]
             if greedy:

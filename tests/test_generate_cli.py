@@ -224,7 +224,7 @@ def test_a_draft_gives_the_checkpoints_own_greedy_text(checkpoint, drafts, compi
     assert result.stdout == text + "\n"
     compiling = r" \| the prefill includes compiling the draft's step" if compile_ else ""
     figures = re.fullmatch(FIGURES.pattern + compiling + DRAFTING, result.stderr.strip())
-    assert figures, result.stderr
+    assert figures and figures[3] is not None, result.stderr
     accepted, proposed, per_forward = float(figures[2]), int(figures[3]), float(figures[4])
     assert 0 <= accepted <= 100 and proposed > 0 and 1 <= per_forward <= 4
 

@@ -342,7 +342,7 @@ def test_prompt_lookup_through_generate_and_its_refusals(pair):
         speculative_generate(target, PromptLookup(), ids, max_new_tokens=4, draft_tokens=0)
     with pytest.raises(ValueError, match="exceed the model's context of 128"):
         speculative_generate(target, PromptLookup(), ids, max_new_tokens=125)
-    for bad in ((0, 1), (2, 3), (2.0, 1)):
+    for bad in ((0, 1), (2, 3), (2.0, 1), (True, 1)):
         with pytest.raises(ValueError, match="1 <= min_ngram <= max_ngram"):
             PromptLookup(*bad)
 
