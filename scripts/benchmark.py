@@ -257,7 +257,7 @@ def main() -> None:
                 compile_s[name] = t["ours"][1] - t["ours"][0]
             roofline = lim["gemv_gbps"] * 1e9 / weight_bytes  # steps/s when every weight is read once
             put(name, B * steps / t["ours"][0], B * steps / t["hf"][0], steps / t["ours"][0] / roofline)
-            del ours_steps, past
+            ours_steps = past = None  # this row's caches freed before the next
         # Weight-only int8 (gemma2.quantize) against our own bf16 decode: this row's reference is ours.
         int8 = quantize_model(copy.deepcopy(ours))
         ids = torch.randint(3, cfg.vocab_size, (1, 1024), device=device)

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from gemma2.distill import (
     TeacherHead,
-    TopK,
     chunked_distill_loss,
     distill_sums,
     kd_loss,
