@@ -148,7 +148,9 @@ def evaluate_main(args: argparse.Namespace) -> None:
                          f"held-out split): pass --split train or all, or {flag} FILES")  # fmt: skip
     parts = [rows for rows in {"heldout": [data.heldout], "train": [data.train], "all": [data.train, data.heldout]}[
         args.split] if rows is not None]  # fmt: skip
-    for rows in parts:  # prompt rows' width is known now
+    # Again on the loaded configs: prompt rows' width is known only now, and an official .ckpt
+    # without config.json was not checked before loading.
+    for rows in parts:
         for m, what in ((model, "the checkpoint"), (teacher, "the teacher")):
             if m is not None:
                 check_seq_len(rows.seq_len, m.config, what)
