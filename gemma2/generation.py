@@ -5,7 +5,7 @@
 - `stream(model, ids, ...)`: a fresh session for one (left-padded) batch of prompts; yields each
   step's new tokens `[B]`.
 - `generate(model, ids, ...)`: `stream` written into a preallocated `[B, T + max_new_tokens]` buffer.
-- `Chat`: Gemma's chat template over a session, one user turn at a time.
+(`gemma2.chat.Chat`: Gemma's chat template over a session, one user turn at a time.)
 
 Stopping: a row that samples a stop id keeps that token and gets pad_id for every later step. When
 every row has stopped the loop ends early; `generate` still returns `[B, T + max_new_tokens]`, the
@@ -18,9 +18,9 @@ next turn): a session holds it as `pending`, and counts it in `length`.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,10 +33,9 @@ from .tokenizer import left_pad  # noqa: F401  re-exported: prompts are padded w
 
 if TYPE_CHECKING:
     from .prompt_lookup import PromptLookup
-    from .tokenizer import Tokenizer
 
 
-def _check_max_new_tokens(n: int) -> None:
+def check_max_new_tokens(n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {n!r}")
 
@@ -55,6 +54,15 @@ def stop_ids(stop_token_ids: Sequence[int] | int | None) -> tuple[int, ...]:
         raise ValueError(
             f"stop_token_ids must be token ids (a list of ints, one int, or None), got {stop_token_ids!r}"
         ) from None
+
+
+class Sampling(NamedTuple):
+    """How a stream picks its tokens (checked by `Session.stream`; see gemma2.sampling)."""
+
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    generator: torch.Generator | None
 
 
 class Session:
@@ -118,7 +126,7 @@ class Session:
         if T and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < V:
             raise ValueError(f"input_ids holds ids outside [0, {V}) (the model's vocabulary): "
                              f"min {int(input_ids.min())}, max {int(input_ids.max())}; encode with the model's tokenizer")  # fmt: skip
-        _check_max_new_tokens(max_new_tokens)
+        check_max_new_tokens(max_new_tokens)
         check_sampling_args(temperature, top_k, top_p)
         total = self.length + T + max_new_tokens
         if total > self.max_len:
@@ -163,9 +171,8 @@ class Session:
                 raise ValueError("only a session of one sequence can be continued; run one Session per conversation")
             if not valid.all():
                 raise ValueError("only a session's first call may pad: pass attention_mask=None when continuing")
-        pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        stop = torch.tensor(stop_ids(stop_token_ids), dtype=torch.long, device=device)
-        return self._steps(input_ids, valid, max_new_tokens, pick, stop, pad_id)
+        sampling = Sampling(temperature, top_k, top_p, generator)
+        return self._steps(input_ids, valid, max_new_tokens, sampling, stop_ids(stop_token_ids), pad_id)
 
     @torch.inference_mode()
     def _steps(
@@ -173,11 +180,14 @@ class Session:
         ids: Tensor,  # [B, T] the new tokens
         valid: Tensor,  # [B, T] bool, False for left padding
         max_new_tokens: int,
-        pick: Callable[[Tensor], Tensor],  # logits [B, V] -> tokens [B]
-        stop: Tensor,  # [n] stop ids
+        sampling: Sampling,
+        stop_token_ids: tuple[int, ...],
         pad_id: int,
     ) -> Iterator[Tensor]:
         model = self.model
+        pick = partial(sample, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                       generator=sampling.generator)  # fmt: skip
+        stop = torch.tensor(stop_token_ids, dtype=torch.long, device=ids.device)
         B = ids.shape[0]
         if self.cache is None:
             weight = model.output_weight
@@ -245,7 +255,7 @@ def stream(
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-    _check_max_new_tokens(max_new_tokens)
+    check_max_new_tokens(max_new_tokens)
     # Past the context, Session.stream refuses the request with the numbers.
     max_len = min(input_ids.shape[1] + max_new_tokens, model.config.max_position_embeddings)
     return Session(model, max_len=max_len, compiled=compiled).stream(
@@ -304,70 +314,3 @@ def generate(
     for i, token in enumerate(steps):
         out[:, T + i] = token
     return out
-
-
-class Chat:
-    """Gemma's chat template over a Session: each `reply` feeds one user turn, streams the model's turn.
-
-    The first turn is `<bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n`; each
-    later one closes the model's turn (its `<end_of_turn>` is usually already there: the stop token
-    it sampled) and opens the next user turn, so the cache always holds exactly the conversation.
-    """
-
-    def __init__(
-        self, model: Gemma2ForCausalLM, tokenizer: Tokenizer, max_len: int | None = None, *, compiled: bool = False
-    ) -> None:
-        if tokenizer.end_of_turn_id is None:
-            raise ValueError(
-                f"{tokenizer.path} has no <end_of_turn> piece; a chat needs an instruction-tuned Gemma tokenizer"
-            )
-        self.session = Session(model, max_len=max_len, compiled=compiled)
-        self.tokenizer = tokenizer
-
-    @property
-    def tokens_left(self) -> int:
-        return self.session.tokens_left
-
-    def turn_ids(self, text: str) -> list[int]:
-        """The tokens that take the conversation from where it is to the model's next turn."""
-        tok = self.tokenizer
-        opening = tok.encode_chat([{"role": "user", "content": text}])  # bos, user turn, model turn open
-        if self.session.length == 0:
-            return opening
-        last = int(self.session.pending[0, 0]) if self.session.pending is not None else None
-        close = [] if last == tok.end_of_turn_id else [tok.end_of_turn_id]  # a reply cut by max_new_tokens
-        return close + tok.encode("\n", bos=False) + opening[1:]  # opening[1:]: one bos per conversation
-
-    def reply(
-        self,
-        text: str,
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[int]:
-        """Stream the model's reply to `text` as token ids, ending with its stop token (if it fits).
-
-        The reply is cut short when the context fills; a turn that leaves no room for even one new
-        token is a ValueError (start a new Chat, with a larger max_len if the model allows).
-        """
-        ids = self.turn_ids(text)
-        room = self.tokens_left - len(ids)
-        # No chat holds it (a new one also opens with a bos): a new chat would not help.
-        if room < 1 and (self.session.length == 0 or len(ids) + 1 >= self.session.max_len):
-            raise ValueError(f"this turn needs {len(ids)} tokens and a reply at least one more, but the chat "
-                             f"holds {self.session.max_len}: shorten it")  # fmt: skip
-        if room < 1:
-            raise ValueError(
-                f"the chat is full: {self.session.length} of {self.session.max_len} tokens used and this turn "
-                f"needs {len(ids)} more; start a new chat"
-            )
-        device = self.session.model.output_weight.device
-        steps = self.session.stream(
-            torch.tensor([ids], device=device), max_new_tokens=min(max_new_tokens, room), temperature=temperature,
-            top_k=top_k, top_p=top_p, stop_token_ids=self.tokenizer.stop_ids, generator=generator,
-            pad_id=self.tokenizer.pad_id,
-        )  # fmt: skip
-        return (int(token) for token in steps)

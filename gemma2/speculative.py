@@ -11,12 +11,15 @@ max(0, p_i - q_i), normalised, and when all k are kept p_{k+1} gives one more to
 token then follows the target's distribution exactly, with p and q both taken after the same
 temperature / top-k / top-p filters (`gemma2.sampling.probabilities`).
 
-After each round both caches drop the rejected columns (`KVCache.truncate`; built with `rollback=k`,
+After each round both caches drop the rejected columns (`KVCache.truncate`; built with `rollback`,
 so their sliding-window rings keep the window behind every kept column). One sequence at a time: rows
 would accept different counts, and a cache holds one position for all its rows.
 
 The draft is a model (`_ModelDraft`) or `gemma2.prompt_lookup.PromptLookup` (`_LookupDraft`): the
 sequence's own earlier tokens as guesses, with no draft model and no draft cache.
+`SpeculativeSession` runs the rounds over a `gemma2.generation.Session`'s conversation (a chat's
+turns: `gemma2.chat.Chat(..., draft=...)`); `speculative_stream` / `speculative_generate` are one
+prompt in a session of their own.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .generation import stop_ids, stream
+from .generation import Sampling, Session, check_max_new_tokens
 from .kv_cache import KVCache
 from .model import Gemma2ForCausalLM
 from .prompt_lookup import PromptLookup
@@ -100,33 +103,23 @@ def speculative_stream(
 ) -> tuple[Iterator[Tensor], SpeculativeStats]:
     """The new tokens `[1]` one by one, as `gemma2.generation.stream` yields them, and the statistics
     that fill in as they are produced. Arguments as in `speculative_generate`, checked now."""
-    # generate's own checks, in one place: stream checks every argument and does no work until iterated.
-    stream(
-        target, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, stop_token_ids=stop_token_ids, generator=generator, pad_id=pad_id,
-    )  # fmt: skip
-    if input_ids.shape[0] != 1:
-        raise ValueError(
-            f"speculative decoding runs one sequence (batch 1), got a batch of {input_ids.shape[0]}; "
-            "generate each prompt on its own"
-        )
-    check_draft(target, draft, draft_tokens)
-    if compiled and isinstance(draft, PromptLookup):
-        raise ValueError("compiled=True compiles a draft model's one-token steps, and prompt lookup has none (the "
-                         "target checks several tokens a forward): drop one of the two")  # fmt: skip
-    total = input_ids.shape[1] + max_new_tokens
-    if not isinstance(draft, PromptLookup) and total > draft.config.max_position_embeddings:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    check_max_new_tokens(max_new_tokens)
+    total, context = input_ids.shape[1] + max_new_tokens, target.config.max_position_embeddings
+    # The shorter context refuses: the draft's here, the target's in Session.stream (with the numbers).
+    if not isinstance(draft, PromptLookup) and draft.config.max_position_embeddings < min(total, context):
         raise ValueError(
             f"the prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens exceed "
             f"the draft model's context of {draft.config.max_position_embeddings}; shorten the prompt or lower "
             "max_new_tokens"
         )
-    prompt = input_ids[0] if attention_mask is None else input_ids[0, attention_mask[0].bool()]  # no padding
-    pick = partial(probabilities, temperature=temperature, top_k=top_k, top_p=top_p)
-    stats = SpeculativeStats()
-    steps = _rounds(target, draft, prompt, draft_tokens, max_new_tokens, pick, is_greedy(temperature),
-                    set(stop_ids(stop_token_ids)), generator, stats, compiled)  # fmt: skip
-    return steps, stats
+    session = SpeculativeSession(target, draft, min(total, context), draft_tokens=draft_tokens, compiled=compiled)
+    steps = session.stream(
+        input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, stop_token_ids=stop_token_ids, generator=generator, pad_id=pad_id,
+    )  # fmt: skip
+    return steps, session.stats
 
 
 def speculative_generate(
@@ -206,7 +199,7 @@ def _forward(
 
 
 class _Draft(Protocol):
-    """What `_rounds` asks of a draft."""
+    """What `SpeculativeSession` asks of a draft."""
 
     def propose(self, seq: Tensor, n: int, r: int, greedy: bool, pick: Callable[[Tensor], Tensor],
                 generator: torch.Generator | None) -> tuple[int, Tensor | None]:  # fmt: skip
@@ -259,55 +252,123 @@ class _LookupDraft:
         pass  # no state: the next guess is looked up in the sequence as it is then
 
 
-@torch.inference_mode()
-def _rounds(
-    target: Gemma2ForCausalLM,
-    draft: Gemma2ForCausalLM | PromptLookup,
-    prompt: Tensor,  # [P] the real tokens
-    k: int,
-    max_new_tokens: int,
-    pick: Callable[[Tensor], Tensor],  # logits [..., V] -> the filtered distributions (sampling.probabilities)
-    greedy: bool,
-    stop: set[int],
-    generator: torch.Generator | None,
-    stats: SpeculativeStats,
-    compiled: bool,
-) -> Iterator[Tensor]:
-    P, device = len(prompt), prompt.device
-    tcache = KVCache(target.config, 1, P + max_new_tokens, dtype=target.dtype, device=device, rollback=k)
-    drafter: _Draft = (
-        _LookupDraft(draft, target.config.vocab_size) if isinstance(draft, PromptLookup)
-        else _ModelDraft(draft, P + max_new_tokens, k, device, compiled)
-    )  # fmt: skip
-    seq = torch.cat([prompt, prompt.new_zeros(max_new_tokens)])  # the sequence so far: seq[:n]
-    n = P  # the caches hold at most seq[: n - 1]: the last token is fed with the next proposals
-    modes = [(m, m.training) for m in (target, draft) if isinstance(m, Gemma2ForCausalLM)]
-    try:
-        for m, _ in modes:
-            m.eval()
-        while n < P + max_new_tokens:
-            # Proposals this round (the last token is the target's); a lookup may find none.
-            r, q = drafter.propose(seq, n, min(k, P + max_new_tokens - n - 1), greedy, pick, generator)
-            logits = _forward(target, tcache, seq[tcache.length : n + r], r + 1)  # [r + 1, V]
-            if greedy:
-                best = logits.argmax(-1)
-                kept = int((best[:r] == seq[n : n + r]).long().cumprod(0).sum())
-                after = best[kept]
-            else:
-                kept, after = accept_reject(pick(logits), q, seq[n : n + r], generator)
-            seq[n + kept] = after
-            stats.target_forwards += 1
-            stats.proposed += r
-            stats.accepted += kept
-            for token in seq[n : n + kept + 1]:
-                stats.new_tokens += 1
-                yield token[None]
-                if int(token) in stop:
-                    return
-            n += kept + 1
-            # Drop the rejected proposals: the target's cache keeps seq[: n - 1], the draft's at most that.
-            tcache.truncate(n - 1)
-            drafter.truncate(n)
-    finally:
-        for m, mode in modes:
-            m.train(mode)
+class SpeculativeSession(Session):
+    """A `Session` of one sequence whose new tokens come from speculative rounds: `draft` (a model
+    of the same vocabulary, or `PromptLookup()`) proposes up to `draft_tokens` tokens, the model
+    checks them in one forward. `stats` is what the latest stream's drafting achieved.
+
+    Besides the caches it keeps the conversation's tokens: a lookup searches all of them, earlier
+    turns included, and a draft model's cache catches up with a new turn in its first proposal.
+    max_len defaults to the shorter of the two models' contexts. compiled: the draft model's
+    one-token steps run through torch.compile (the target checks several tokens a forward).
+    """
+
+    def __init__(
+        self,
+        model: Gemma2ForCausalLM,
+        draft: Gemma2ForCausalLM | PromptLookup,
+        max_len: int | None = None,
+        *,
+        draft_tokens: int = DRAFT_TOKENS,
+        compiled: bool = False,
+    ) -> None:
+        check_draft(model, draft, draft_tokens)
+        lookup = isinstance(draft, PromptLookup)
+        if compiled and lookup:
+            raise ValueError("compiled=True compiles a draft model's one-token steps, and prompt lookup has none "
+                             "(the target checks several tokens a forward): drop one of the two")  # fmt: skip
+        if max_len is None and not lookup:
+            max_len = min(model.config.max_position_embeddings, draft.config.max_position_embeddings)
+        super().__init__(model, max_len)
+        if not lookup and self.max_len > draft.config.max_position_embeddings:
+            raise ValueError(f"max_len {self.max_len} exceeds the draft model's context of "
+                             f"{draft.config.max_position_embeddings}; lower max_len")  # fmt: skip
+        self.draft, self.draft_tokens, self.draft_compiled = draft, draft_tokens, compiled
+        self.drafter: _Draft | None = None  # made with the cache, by the first stream
+        self.seq: Tensor | None = None  # [max_len] the conversation: seq[: self.done]
+        self.done = 0  # the conversation's tokens so far: those fed, and those the caller got
+        self.stats = SpeculativeStats()
+
+    @property
+    def length(self) -> int:
+        return self.done
+
+    def _hand_over(self, done: int) -> None:
+        """The conversation is now seq[:done]; its last token is `pending` (what `Chat.turn_ids` reads)."""
+        self.done = done
+        self.pending = self.seq[done - 1 : done][None]
+
+    def stream(self, input_ids: Tensor, **kwargs) -> Iterator[Tensor]:
+        """As `Session.stream`, for one sequence `[1, T]`; `stats` starts again for this stream."""
+        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+            raise ValueError(
+                f"speculative decoding runs one sequence (batch 1), got a batch of {input_ids.shape[0]}; "
+                "generate each prompt on its own"
+            )
+        self.stats = SpeculativeStats()
+        return super().stream(input_ids, **kwargs)
+
+    @torch.inference_mode()
+    def _steps(
+        self,
+        ids: Tensor,  # [1, T] the new tokens
+        valid: Tensor,  # [1, T] bool, False for left padding
+        max_new_tokens: int,
+        sampling: Sampling,
+        stop_token_ids: tuple[int, ...],
+        pad_id: int,
+    ) -> Iterator[Tensor]:
+        target, k, stats, device = self.model, self.draft_tokens, self.stats, ids.device
+        if self.cache is None:
+            # rollback k + 1: a round that fails after the target's forward (r + 1 columns) is undone too.
+            self.cache = KVCache(target.config, 1, self.max_len, dtype=target.dtype, device=device, rollback=k + 1)
+            self.seq = torch.zeros(self.max_len, dtype=torch.long, device=device)
+            self.drafter = (
+                _LookupDraft(self.draft, target.config.vocab_size) if isinstance(self.draft, PromptLookup)
+                else _ModelDraft(self.draft, self.max_len, k, device, self.draft_compiled)
+            )  # fmt: skip
+        cache, drafter, seq = self.cache, self.drafter, self.seq
+        if self.done:
+            # The caches may hold columns the caller never got (a stream left mid-round, or ended by
+            # an error after the target's forward): drop them, so that they hold at most seq[: done - 1].
+            cache.truncate(min(cache.length, self.done - 1))
+            drafter.truncate(self.done)
+        new = ids[valid]  # the real tokens: only a first call pads, and one row has no use for it
+        n = self.done + len(new)  # the caches hold at most seq[: n - 1]: the last token is fed with the proposals
+        seq[self.done : n] = new
+        self._hand_over(n)
+        end = n + max_new_tokens
+        greedy, generator = is_greedy(sampling.temperature), sampling.generator
+        pick = partial(probabilities, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+        stop = set(stop_token_ids)
+        modes = [(m, m.training) for m in (target, self.draft) if isinstance(m, Gemma2ForCausalLM)]
+        try:
+            for m, _ in modes:
+                m.eval()
+            while n < end:
+                # Proposals this round (the last token is the target's); a lookup may find none.
+                r, q = drafter.propose(seq, n, min(k, end - n - 1), greedy, pick, generator)
+                logits = _forward(target, cache, seq[cache.length : n + r], r + 1)  # [r + 1, V]
+                if greedy:
+                    best = logits.argmax(-1)
+                    kept = int((best[:r] == seq[n : n + r]).long().cumprod(0).sum())
+                    after = best[kept]
+                else:
+                    kept, after = accept_reject(pick(logits), q, seq[n : n + r], generator)
+                seq[n + kept] = after
+                stats.target_forwards += 1
+                stats.proposed += r
+                stats.accepted += kept
+                for i in range(n, n + kept + 1):
+                    self._hand_over(i + 1)  # before the yield: the caller may stop here for good
+                    stats.new_tokens += 1
+                    yield seq[i : i + 1]
+                    if int(seq[i]) in stop:
+                        return
+                n += kept + 1
+                # Drop the rejected proposals: the target's cache keeps seq[: n - 1], the draft's at most that.
+                cache.truncate(n - 1)
+                drafter.truncate(n)
+        finally:
+            for m, mode in modes:
+                m.train(mode)

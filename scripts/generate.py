@@ -19,10 +19,11 @@ CPU (bfloat16 with --quantize int8) and bfloat16 on CUDA.
 --draft DIR: speculative decoding (gemma2.speculative) with a smaller model of the same vocabulary
 (e.g. a student distilled from the checkpoint), loaded like the checkpoint: it proposes
 --draft-tokens tokens per forward of the checkpoint, which keeps its own greedy tokens (or, when
-sampling, its own distribution). One prompt at a time; the figures line adds the share of proposals
-accepted and the tokens per forward of the checkpoint. --prompt-lookup drafts the same way without a
-draft model: the text so far proposes its own continuation (gemma2.prompt_lookup), which pays where
-the output repeats the prompt or itself.
+sampling, its own distribution). One prompt, or --interactive (the draft keeps its own cache of the
+chat); the figures line adds the share of proposals accepted and the tokens per forward of the
+checkpoint. --prompt-lookup drafts the same way without a draft model: the text so far (in a chat,
+the whole conversation) proposes its own continuation (gemma2.prompt_lookup), which pays where the
+output repeats the prompt or itself.
 
 --compile decodes through torch.compile (gemma2.static_decode): the whole step traced once, as a CUDA
 graph on GPU. On CPU it made the 5.8M-parameter tiny teacher decode 2.2-2.5x faster and a 150M model
@@ -48,7 +49,8 @@ import torch
 from gemma2 import Gemma2ForCausalLM, load_model
 from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
 from gemma2.dtypes import to_dtype
-from gemma2.generation import Chat, left_pad, stream
+from gemma2.chat import Chat
+from gemma2.generation import left_pad, stream
 from gemma2.loading import default_dtype, load_with_tokenizer, stored_config
 from gemma2.prompt_lookup import PromptLookup
 from gemma2.quantize import QUANTIZE_MODES
@@ -105,8 +107,8 @@ def check_draft_args(args: argparse.Namespace) -> None:
     flag = "--draft" if args.draft else "--prompt-lookup"
     if args.draft and args.prompt_lookup:
         raise UsageError("--draft and --prompt-lookup are two ways to draft: pass one of them")
-    if args.interactive or len(args.prompt) != 1:
-        raise UsageError(f"{flag} decodes one sequence: pass exactly one --prompt (no batch, no --interactive)")
+    if not args.interactive and len(args.prompt) != 1:
+        raise UsageError(f"{flag} decodes one sequence: pass exactly one --prompt (no batch), or --interactive")
     args.draft_tokens = DRAFT_TOKENS if args.draft_tokens is None else args.draft_tokens
     if args.draft_tokens < 1:
         raise UsageError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
@@ -218,8 +220,12 @@ def run_batch(args, model, tokenizer: Tokenizer, generator: torch.Generator,
     meter.report(drafting, compiled_draft=args.compile and args.draft is not None)
 
 
-def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generator) -> None:
-    chat = Chat(model, tokenizer, compiled=args.compile)
+def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generator,
+                    draft: Gemma2ForCausalLM | PromptLookup | None) -> None:  # fmt: skip
+    def new_chat() -> Chat:
+        return Chat(model, tokenizer, compiled=args.compile, draft=draft, draft_tokens=args.draft_tokens)
+
+    chat = new_chat()
     first = list(args.prompt)
     while True:
         if first:
@@ -234,7 +240,7 @@ def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generato
             if not line or not text or text == "/exit":
                 return
             if text == "/new":
-                chat = Chat(model, tokenizer, compiled=args.compile)
+                chat = new_chat()
                 print("(a new chat)", file=sys.stderr)
                 continue
         try:
@@ -244,13 +250,15 @@ def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generato
         except ValueError as e:  # the turn does not fit (the arguments were checked up front)
             print(f"{e} (/new starts a new chat, /exit ends)", file=sys.stderr)
             continue
-        meter, decoder = Meter(turn, compiling=args.compile and chat.session.decoder is None), StreamDecoder(tokenizer)
+        # The steps compile when a chat first uses them (with --draft, the draft's: before the first tokens).
+        compiling = args.compile and (chat.session.drafter if draft else chat.session.decoder) is None
+        meter, decoder = Meter(turn, compiling=compiling and draft is None), StreamDecoder(tokenizer)
         with own_line():
             for token in steps:
                 meter.step(1)
                 print(decoder.push(token), end="", flush=True)
         print(decoder.flush(), flush=True)
-        meter.report()
+        meter.report(None if draft is None else chat.session.stats, compiled_draft=compiling and draft is not None)
 
 
 def generate_main(args: argparse.Namespace) -> None:
@@ -280,7 +288,7 @@ def generate_main(args: argparse.Namespace) -> None:
         check_draft(model, draft, args.draft_tokens)  # also for checkpoints without a config.json
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     if args.interactive:
-        run_interactive(args, model, tokenizer, generator)
+        run_interactive(args, model, tokenizer, generator, draft)
     else:
         run_batch(args, model, tokenizer, generator, draft)
 

@@ -14,7 +14,8 @@ import torch
 from conftest import randomize_, tiny_config
 from gemma2 import Gemma2ForCausalLM, load_model, save_model
 from gemma2.checkpoint import save_official
-from gemma2.generation import Chat, generate, left_pad
+from gemma2.chat import Chat
+from gemma2.generation import generate, left_pad
 from gemma2.tokenizer import Tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,6 +244,20 @@ def test_prompt_lookup_gives_the_checkpoints_own_greedy_text(checkpoint):
                                                     r"target forward: 1.00", nothing.stderr.strip()), nothing.stderr
 
 
+@pytest.mark.parametrize("drafting", [["--prompt-lookup"], ["--draft", "{close}", "--draft-tokens", "3"]])
+def test_an_interactive_chat_with_a_draft_replies_as_without(checkpoint, drafts, drafting):
+    """--interactive with --prompt-lookup or --draft: the plain chat's replies, turn after turn,
+    /new included, each figures line with its drafting."""
+    stdin = "Hi\nHow are you? How are you today?\n/new\nHi\n"
+    plain = run_cli("--checkpoint", str(checkpoint), "--interactive", "--max-new-tokens", "10", stdin=stdin)
+    result = run_cli("--checkpoint", str(checkpoint), "--interactive", "--max-new-tokens", "10",
+                     *[a.format(**drafts) for a in drafting], stdin=stdin)  # fmt: skip
+    assert plain.returncode == result.returncode == 0, result.stderr
+    assert result.stdout == plain.stdout and plain.stdout.count("\n") == 3
+    lines = re.findall(FIGURES.pattern + DRAFTING, result.stderr)
+    assert len(lines) == 3 and sum(int(line[2] or 0) for line in lines) > 0, result.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -250,7 +265,6 @@ def test_prompt_lookup_gives_the_checkpoints_own_greedy_text(checkpoint):
         (["--prompt", "Hi", "--prompt", "Ho", "--prompt-lookup"], "--prompt-lookup decodes one sequence"),
         (["--prompt", "Hi", "--prompt-lookup", "--draft", "{close}"], "--draft and --prompt-lookup are two ways"),
         (["--prompt", "Hi", "--prompt-lookup", "--compile"], "--prompt-lookup has none"),
-        (["--interactive", "--draft", "{close}"], "--draft decodes one sequence"),
         (["--prompt", "Hi", "--draft", "{close}", "--draft-tokens", "0"], "--draft-tokens must be >= 1"),
         (["--prompt", "Hi", "--draft-tokens", "3"], "--draft-tokens needs --draft or --prompt-lookup"),
         (["--prompt", "Hi", "--draft", "{tmp}/missing"], "draft model .*missing not found"),

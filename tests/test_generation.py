@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import hf_twin, left_padded, tiny_config
-from gemma2.generation import Chat, Session, generate, left_pad, stream
+from gemma2.chat import Chat
+from gemma2.generation import Session, generate, left_pad, stream
 from gemma2.tokenizer import Tokenizer, train_tokenizer
 
 CFG = tiny_config()  # W = 8, context 128

@@ -2,6 +2,7 @@
 (filtered) distribution, and bad requests are refused before any work."""
 
 import copy
+import itertools
 import math
 from collections import Counter
 
@@ -10,9 +11,11 @@ import torch
 
 from conftest import randomize_, tiny_config
 from gemma2 import Gemma2ForCausalLM
-from gemma2.generation import generate
+from gemma2.chat import Chat
+from gemma2.generation import Session, generate
 from gemma2.prompt_lookup import PromptLookup
-from gemma2.speculative import speculative_generate
+from gemma2.speculative import SpeculativeSession, speculative_generate
+from gemma2.tokenizer import Tokenizer, train_tokenizer
 
 CFG = tiny_config()  # W = 8, context 128
 NEW = 40  # with prompts up to 12 tokens, decoding runs past 4 W: three windows past the first
@@ -345,6 +348,102 @@ def test_prompt_lookup_through_generate_and_its_refusals(pair):
     for bad in ((0, 1), (2, 3), (2.0, 1), (True, 1)):
         with pytest.raises(ValueError, match="1 <= min_ngram <= max_ngram"):
             PromptLookup(*bad)
+
+
+# Sessions: a conversation decoded speculatively, turn after turn (gemma2.speculative.SpeculativeSession).
+
+
+@pytest.fixture(scope="module")
+def copier():
+    model = Gemma2ForCausalLM(CFG).eval()
+    randomize_(model, seed=5)  # at this scale a tied head predicts the input token again: guesses come true
+    return model
+
+
+def session_pair(pair, copier, kind: str) -> tuple[Gemma2ForCausalLM, Gemma2ForCausalLM | PromptLookup]:
+    """A target and its draft: a close model for the talkative target, or prompt lookup for the copier."""
+    return (pair[0], pair[1]) if kind == "model" else (copier, PromptLookup())
+
+
+@pytest.mark.parametrize("kind", ["model", "lookup"])
+def test_a_speculative_session_goes_on_turn_after_turn_as_a_plain_one(pair, copier, kind):
+    """Three turns, each read to its end or left after `cut` tokens (often in the middle of a round,
+    whose later tokens the caller never gets): the plain Session's tokens, turn after turn, and the
+    same length. The plain Session is itself tested against generating from the whole conversation."""
+    target, draft = session_pair(pair, copier, kind)
+    g = torch.Generator().manual_seed(3)
+    left_mid_round = proposed = accepted = 0
+    for cut in (1, 2, 3, 5, None):
+        plain, fast = Session(target, max_len=128), SpeculativeSession(target, draft, max_len=128, draft_tokens=4)
+        for T in (12, 5, 3):
+            ids = torch.randint(3, 9, (1, T), generator=g)  # six ids: the turns repeat each other
+            want = [int(t) for t in itertools.islice(plain.stream(ids, max_new_tokens=20, stop_token_ids=()), cut)]
+            steps = fast.stream(ids, max_new_tokens=20, stop_token_ids=())
+            got = [int(t) for t in itertools.islice(steps, cut)]  # `steps` is still open: never closed
+            assert got == want and fast.length == plain.length and fast.tokens_left == plain.tokens_left
+            stats = fast.stats
+            assert stats.new_tokens == len(got)
+            left_mid_round += stats.accepted + stats.target_forwards > stats.new_tokens
+            proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
+    assert left_mid_round and 0 < accepted < proposed
+
+
+@pytest.mark.parametrize("kind", ["model", "lookup"])
+@pytest.mark.parametrize("where", ["inside", "after"])
+def test_a_round_that_fails_is_undone(pair, copier, kind, where):
+    """An error in the middle of the target's forward (its caches half written) or right after it
+    (every column of the round written): the session goes on from the last token the caller got,
+    and the tokens are those of a session that never failed."""
+    target, draft = session_pair(pair, copier, kind)
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 8, 5, 6]])
+    want = [int(t) for t in Session(target, max_len=128).stream(ids, max_new_tokens=NEW, stop_token_ids=())]
+    calls = 0
+
+    def fail_on_the_third_round(*_):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("injected")
+
+    # Inside: after the second layer (the first, local, has written its ring too); after: the final
+    # norm, which runs once the cache has counted the round's columns.
+    module = target.model.layers[1] if where == "inside" else target.model.norm
+    hook = module.register_forward_hook(fail_on_the_third_round)
+    session = SpeculativeSession(target, draft, max_len=128, draft_tokens=4)
+    got: list[int] = []
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            for token in session.stream(ids, max_new_tokens=NEW, stop_token_ids=()):
+                got.append(int(token))
+    finally:
+        hook.remove()
+    assert 2 <= len(got) < NEW and session.length == ids.shape[1] + len(got)
+    got += [int(t) for t in session.stream(ids[:, :0], max_new_tokens=NEW - len(got), stop_token_ids=())]
+    assert got == want
+
+
+def test_a_chat_with_a_draft_replies_as_a_plain_chat(tmp_path, pair):
+    """Chat(..., draft=...): the same replies (greedy), turn after turn, for a model draft and
+    for prompt lookup; its refusals."""
+    texts = ["Hello there! How are you today?", "I am fine, thank you. What would you like to know?"] * 3
+    tok = Tokenizer(train_tokenizer(texts, tmp_path / "tokenizer.model", 300))
+    target = talkative(tiny_config(vocab_size=tok.vocab_size), seed=4)
+    close = perturbed(target, 0.02, seed=2)
+    turns = ["Hello there!", "How are you today? How are you?", "Hello"]
+    plain = Chat(target, tok)
+    want = [list(plain.reply(text, max_new_tokens=12)) for text in turns]
+    for draft in (close, PromptLookup()):
+        chat = Chat(target, tok, draft=draft, draft_tokens=3)
+        assert [list(chat.reply(text, max_new_tokens=12)) for text in turns] == want
+        assert chat.session.stats.new_tokens == len(want[-1]) and chat.session.length == plain.session.length
+    with pytest.raises(ValueError, match="draft_tokens needs a draft"):
+        Chat(target, tok, draft_tokens=3)
+    short = Gemma2ForCausalLM(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=16))
+    assert Chat(target, tok, draft=short).session.max_len == 16  # the shorter context, by default
+    with pytest.raises(ValueError, match="max_len 40 exceeds the draft model's context of 16"):
+        Chat(target, tok, max_len=40, draft=short)
+    with pytest.raises(ValueError, match=r"batch 1\), got a batch of 2"):
+        SpeculativeSession(target, close).stream(torch.ones(2, 3, dtype=torch.long), max_new_tokens=2)
 
 
 @pytest.mark.cuda
