@@ -6,17 +6,18 @@
   the special ids (pad, bos, eos) must be the ones the model's config names. A mismatched tokenizer
   does not fail loudly by itself: every id simply means another piece (the tiny teacher's
   perplexity reads 3974 instead of 74) and generation decodes nonsense or ids past the tokenizer.
+  Nor does another tokenizer of the same size and special ids: a model directory's own
+  tokenizer.model, when it has one, must be the one given (`check_own_tokenizer`).
 - A sequence length and a model: at most the model's context (`max_position_embeddings`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from pathlib import Path
 
 from .config import Gemma2Config
-
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer
 
 VOCAB_PADDING = 128
 
@@ -50,6 +51,22 @@ def check_tokenizer(tokenizer: Tokenizer, config: Gemma2Config, what: str = "the
         raise ValueError(
             f"the tokenizer {tokenizer.path} numbers its special tokens differently from {what}: "
             f"{', '.join(wrong)}; pass the tokenizer.model that came with the model"
+        )
+
+
+def check_own_tokenizer(tokenizer: Tokenizer, model: str | os.PathLike, what: str = "the model") -> None:
+    """Raise ValueError when the model at `model` (a directory, or a checkpoint file in one) came
+    with a tokenizer.model that is not `tokenizer`: the same number of pieces, other pieces (a
+    Gemma tokenizer against the tiny teacher's, of equal size: perplexity 3068 instead of 92)."""
+    model = Path(model)
+    own = (model if model.is_dir() else model.parent) / "tokenizer.model"
+    if not own.is_file() or own.resolve() == Path(tokenizer.path).resolve():
+        return
+    theirs = Tokenizer(own)
+    if theirs.fingerprint() != tokenizer.fingerprint():
+        raise ValueError(
+            f"the tokenizer {tokenizer.path} ({tokenizer.vocab_size} pieces) is not the one {what} came with "
+            f"({own}, {theirs.vocab_size} pieces): its ids would mean other pieces; pass {own} (or leave --tokenizer out)"
         )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import checkpoint_files, load_model
-from .compatibility import check_tokenizer
+from .compatibility import check_own_tokenizer, check_tokenizer
 from .config import Gemma2Config
 from .model import Gemma2ForCausalLM
 from .tokenizer import Tokenizer
@@ -53,8 +53,8 @@ def check_vocabulary(tokenizer: Tokenizer, config: Gemma2Config) -> None:
 
 def find_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer for `checkpoint`: `tokenizer` (a .model file, or a directory holding
-    tokenizer.model), by default the checkpoint's own; first checks that the checkpoint exists and
-    holds weights."""
+    tokenizer.model), by default the checkpoint's own, which `tokenizer` must then be; first checks
+    that the checkpoint exists and holds weights."""
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise ValueError(
@@ -69,7 +69,9 @@ def find_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike |
         raise ValueError(
             f"tokenizer {path} not found; put tokenizer.model in the checkpoint directory or pass --tokenizer PATH"
         )
-    return Tokenizer(path)
+    found = Tokenizer(path)
+    check_own_tokenizer(found, checkpoint, "the checkpoint")
+    return found
 
 
 def load_checked(

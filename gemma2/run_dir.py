@@ -362,17 +362,13 @@ def _same_bytes(a: Path, b: Path) -> bool:
     return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
 
 
-@contextmanager
-def open_run(cfg: TrainConfig, data: Datasets, *, models: dict, resume: bool, overwrite: bool, main: bool = True,
-             world: int = 1) -> Iterator[Run]:  # fmt: skip
-    """Check the output directory for a run and hold its lock while the run lasts (rank 0 only:
-    `main`; `world` ranks in all). Raises ValueError for a directory that is not this run's to write (see the module
-    docstring) and for a resume that does not continue the stored run. models: Run.models."""
-    out = Path(cfg.out_dir)
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> tuple[Path, dict] | None:
+    """What `out` must be for a run, seen from the directory alone (before any model or data is
+    read: scripts/distill.py asks first): a directory or nothing; one holding checkpoints only with
+    `resume`, other files only with `overwrite`. Returns its newest checkpoint and state, if any."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out_dir {out} exists and is not a directory; choose a directory")
     found = latest_complete(out)
-    fingerprint = data.train.fingerprint()
     if found is not None and not resume:
         raise ValueError(
             f"{out} already holds checkpoints ({found[0].name}); pass resume=True (--resume) to continue "
@@ -385,6 +381,18 @@ def open_run(cfg: TrainConfig, data: Datasets, *, models: dict, resume: bool, ov
             f"{out} is not empty ({shown}) and holds no previous training run; choose a new out_dir, "
             "or pass overwrite=True (--overwrite) to write into it (nothing in it is deleted)"
         )
+    return found
+
+
+@contextmanager
+def open_run(cfg: TrainConfig, data: Datasets, *, models: dict, resume: bool, overwrite: bool, main: bool = True,
+             world: int = 1) -> Iterator[Run]:  # fmt: skip
+    """Check the output directory for a run and hold its lock while the run lasts (rank 0 only:
+    `main`; `world` ranks in all). Raises ValueError for a directory that is not this run's to write (see the module
+    docstring) and for a resume that does not continue the stored run. models: Run.models."""
+    out = Path(cfg.out_dir)
+    found = check_out_dir(out, resume=resume, overwrite=overwrite)
+    fingerprint = data.train.fingerprint()
     if found is not None:
         ckpt, state = found
         if not (ckpt / "optimizer").is_dir():

@@ -90,6 +90,28 @@ def partial_directory(directory: Path) -> Path:
     return directory.with_name(directory.name + PARTIAL)
 
 
+def check_cache_settings(vocab_size: int | None, *, k: int, temperature: float, batch_size: int, chunk_size: int,
+                         logprob_dtype: torch.dtype, shard_bytes: int) -> None:  # fmt: skip
+    """write_teacher_cache's settings, checkable before the teacher loads (vocab_size None: its
+    config is not known yet, and k is checked against it later)."""
+    if logprob_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"logprob_dtype must be torch.float16 or torch.float32, got {logprob_dtype}")
+    if not 1 <= k <= (vocab_size or k):
+        raise ValueError(f"k must be in [1, vocab size {vocab_size}], got {k}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be > 0 (and the training temperature), got {temperature}")
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("shard_bytes", shard_bytes)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def check_cache_directory(directory: Path, overwrite: bool) -> None:
+    """Refuse a non-empty `directory` (an earlier cache, or anything else) unless `overwrite`."""
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        what = "a complete teacher cache" if (directory / INDEX).is_file() else "files"
+        raise ValueError(f"{directory} already holds {what}; pass overwrite=True (--overwrite) to replace it")
+
+
 @torch.no_grad()
 def write_teacher_cache(
     teacher: Gemma2ForCausalLM,
@@ -116,16 +138,8 @@ def write_teacher_cache(
     arguments finished are not computed again (see the module docstring). Returns the index
     written to cache.json.
     """
-    if logprob_dtype not in (torch.float16, torch.float32):
-        raise ValueError(f"logprob_dtype must be torch.float16 or torch.float32, got {logprob_dtype}")
-    V = teacher.config.vocab_size
-    if not 1 <= k <= V:
-        raise ValueError(f"k must be in [1, vocab size {V}], got {k}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be > 0 (and the training temperature), got {temperature}")
-    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("shard_bytes", shard_bytes)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    check_cache_settings(teacher.config.vocab_size, k=k, temperature=temperature, batch_size=batch_size,
+                         chunk_size=chunk_size, logprob_dtype=logprob_dtype, shard_bytes=shard_bytes)  # fmt: skip
     for name, rows in splits.items():
         if not getattr(rows, "has_completions", True):  # prompt rows (gemma2.prompts)
             raise ValueError(
@@ -174,9 +188,7 @@ def _take_partial(directory: Path, plan: dict, overwrite: bool) -> tuple[Path, s
     directory beside it, made with `plan` if there is none, else checked to be for `plan`. Returns
     the lock and the names of the shards an earlier write finished there."""
     remove_stale_temporaries(directory.parent, directory.name)  # a killed swap's old cache is put back
-    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
-        what = "a complete teacher cache" if (directory / INDEX).is_file() else "files"
-        raise ValueError(f"{directory} already holds {what}; pass overwrite=True (--overwrite) to replace it")
+    check_cache_directory(directory, overwrite)
     if holder := lock_holder(directory):
         raise ValueError(f"{directory} is in use by {holder} (its {LOCK_FILE}): wait for it to end, or write the "
                          f"cache elsewhere. If that process is gone, delete {directory / LOCK_FILE}")  # fmt: skip

@@ -29,14 +29,17 @@ from pathlib import Path
 
 import torch
 
-from gemma2.checkpoint import load_model
+from gemma2.checkpoint import checkpoint_files, load_model
 from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
-from gemma2.compatibility import check_seq_len, check_tokenizer
+from gemma2.compatibility import check_own_tokenizer, check_seq_len, check_tokenizer
 from gemma2.data_args import add_data_arguments, check_data_args, datasets_from_args, packed_seq_len
 from gemma2.distributed import close_distributed, init_distributed, launched_world, runtime
 from gemma2.dtypes import dtype_argument, to_dtype
-from gemma2.teacher_cache import write_teacher_cache
+from gemma2.loading import stored_config
+from gemma2.teacher_cache import check_cache_directory, check_cache_settings, write_teacher_cache
 from gemma2.tokenizer import Tokenizer
+
+LOGPROB_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # --logprob-dtype
 
 
 def main() -> int:
@@ -65,7 +68,15 @@ def main() -> int:
         raise ValueError("--device is torchrun's to choose (each rank's own GPU, or the CPU on gloo); drop it")
     if args.device is not None:
         device_arg(args.device)  # refused before any work if this machine has no such device
-    check_data_args(args)  # before the teacher loads
+    check_data_args(args)  # before the teacher loads, as are the teacher's path, the cache's settings and --out
+    if not Path(args.teacher).exists():
+        raise ValueError(f"--teacher {args.teacher}: no such file or directory")
+    checkpoint_files(Path(args.teacher))  # a directory without weights (a run's, say) is named before its tokenizer
+    config = stored_config(args.teacher)
+    check_cache_settings(None if config is None else config.vocab_size, k=args.k, temperature=args.temperature,
+                         batch_size=args.batch_size, chunk_size=args.chunk_size,
+                         logprob_dtype=LOGPROB_DTYPES[args.logprob_dtype], shard_bytes=int(args.shard_mb * 2**20))  # fmt: skip
+    check_cache_directory(Path(args.out), args.overwrite)
     init_distributed()  # under torchrun: one process per GPU, each with a whole teacher
     code = cache(args, runtime(args.device).device)
     close_distributed()  # only after success: a rank that failed exits, and torchrun stops the others
@@ -75,6 +86,7 @@ def main() -> int:
 def cache(args: argparse.Namespace, device: torch.device) -> int:
     tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.teacher) / "tokenizer.model"
     tokenizer = Tokenizer(tok_path)
+    check_own_tokenizer(tokenizer, args.teacher, "the teacher")
     teacher = load_model(args.teacher, dtype=to_dtype(args.dtype), device=device)
     check_tokenizer(tokenizer, teacher.config, "the teacher")
     if packed_seq_len(args) is not None:  # before reading and tokenizing the documents
@@ -84,7 +96,7 @@ def cache(args: argparse.Namespace, device: torch.device) -> int:
     splits = {"train": data.train} | ({"heldout": data.heldout} if data.heldout is not None else {})
     index = write_teacher_cache(
         teacher, splits, args.out, k=args.k, temperature=args.temperature, batch_size=args.batch_size,
-        chunk_size=args.chunk_size, logprob_dtype=torch.float16 if args.logprob_dtype == "fp16" else torch.float32,
+        chunk_size=args.chunk_size, logprob_dtype=LOGPROB_DTYPES[args.logprob_dtype],
         shard_bytes=int(args.shard_mb * 2**20), overwrite=args.overwrite,
         progress=runtime().is_main and not args.no_progress,
     )  # fmt: skip

@@ -24,6 +24,7 @@ newest complete checkpoint.
 """
 
 import argparse
+import dataclasses
 import signal
 import sys
 from pathlib import Path
@@ -32,10 +33,12 @@ import torch
 
 from gemma2.checkpoint import load_model
 from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
+from gemma2.compatibility import check_own_tokenizer
 from gemma2.data_args import add_data_arguments, check_data_args, datasets_from_args
 from gemma2.distributed import close_distributed, init_distributed, launched_world
 from gemma2.dtypes import compute_dtype_argument, dtype_argument, to_dtype
 from gemma2.preemption import TrainingStopped, note_warnings
+from gemma2.run_dir import check_out_dir
 from gemma2.sharded_load import load_sharded
 from gemma2.teacher import teacher_vocab_size
 from gemma2.teacher_cache import TeacherCache
@@ -138,6 +141,24 @@ def tokenizer_path(args: argparse.Namespace) -> Path:
     raise ValueError("no tokenizer: pass --tokenizer PATH (or a --teacher / --student directory holding tokenizer.model)")
 
 
+def train_config(args: argparse.Namespace, tok_path: Path) -> TrainConfig:
+    """The run's settings from the flags (TrainConfig checks each); what the data decides
+    (evaluation without a held-out split, a prompt dataset's layout) is filled in once it is read."""
+    taught = args.teacher is not None or args.teacher_cache is not None
+    return TrainConfig(
+        out_dir=args.out, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        alpha=args.alpha if args.alpha is not None else float(taught), objective=args.objective,
+        temperature=args.temperature, beta=args.beta, chunk_size=args.chunk_size, dtype=args.dtype,
+        activation_checkpointing=args.activation_checkpointing, eval_every=args.eval_every,
+        eval_sequences=args.eval_sequences, save_every=args.save_every, keep_last=args.keep_last or None,
+        seed=args.seed, device=args.device, tokenizer_file=str(tok_path), peak_flops=args.peak_flops,
+        lmbda=args.lmbda, seq_kd=args.seq_kd, max_new_tokens=args.max_new_tokens,
+        gen_temperature=args.gen_temperature, prompt_len=args.prompt_len, compile_sampling=args.compile_sampling,
+        sample_sharded=args.sample_sharded, group_by_length=args.group_by_length,
+    )  # fmt: skip
+
+
 def interrupted(out: str) -> str:
     """What Ctrl-C leaves: the newest checkpoint is whole (a save in progress is discarded)."""
     ckpt = latest_checkpoint(out) if Path(out).is_dir() else None
@@ -158,9 +179,14 @@ def main(args: argparse.Namespace) -> int:
     for flag, path in (("--teacher", args.teacher), ("--teacher-cache", args.teacher_cache)):
         if path is not None and not Path(path).exists():  # before the tokenizer, which may be sought there
             raise ValueError(f"{flag} {path}: no such file or directory")
-    rank, world = init_distributed()
     tok_path = tokenizer_path(args)
+    cfg = train_config(args, tok_path)  # every training flag checked, then --out: before the models load
+    check_out_dir(Path(args.out), resume=args.resume, overwrite=args.overwrite)
+    rank, world = init_distributed()
     tokenizer = Tokenizer(tok_path)
+    for what, source in (("the teacher", args.teacher), ("the student", args.student)):
+        if source is not None and Path(source).exists():  # a directory (or a preset's name: none)
+            check_own_tokenizer(tokenizer, source, what)
     teacher = None
     if args.teacher:
         # Under torchrun each rank reads only its shards of the models (gemma2.sharded_load).
@@ -181,19 +207,9 @@ def main(args: argparse.Namespace) -> int:
         if data.heldout is None and args.eval_every:
             print("note: no held-out split (--holdout-fraction 0, or a token file made without one): no "
                   "evaluation", file=sys.stderr)  # fmt: skip
-    cfg = TrainConfig(
-        out_dir=args.out, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        alpha=args.alpha if args.alpha is not None else float(teacher is not None), objective=args.objective,
-        temperature=args.temperature, beta=args.beta, chunk_size=args.chunk_size, dtype=args.dtype,
-        activation_checkpointing=args.activation_checkpointing,
-        eval_every=args.eval_every if data.heldout is not None else 0, eval_sequences=args.eval_sequences,
-        save_every=args.save_every, keep_last=args.keep_last or None, seed=args.seed, device=args.device,
-        tokenizer_file=str(tok_path), peak_flops=args.peak_flops, lmbda=args.lmbda, seq_kd=args.seq_kd,
-        max_new_tokens=args.max_new_tokens, gen_temperature=args.gen_temperature,
+    cfg = dataclasses.replace(
+        cfg, eval_every=args.eval_every if data.heldout is not None else 0,
         prompt_len=data.train.prompt_len if args.prompts else args.prompt_len,  # a prompt dataset's layout
-        compile_sampling=args.compile_sampling, sample_sharded=args.sample_sharded,
-        group_by_length=args.group_by_length,
     )  # fmt: skip
     try:
         metrics = train(cfg, student, data, teacher=teacher, resume=args.resume, overwrite=args.overwrite,

@@ -14,8 +14,8 @@ training rows then its held-out rows. Packed rows end where a whole sequence of 
 tokens does (the tail after the last is not evaluated, as in training). With --prompts only the
 completions count. The figures go to stdout, and with --json PATH to a new file (replaced only
 with --overwrite). --quantize int8 quantises the checkpoint, never the teacher: give the same
-checkpoint as --teacher to measure what int8 changes. Every flag, path and config is checked
-before any weight is read.
+checkpoint as --teacher to measure what int8 changes. Every flag, path and config is checked, and
+the data read, before any weight is read.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 from gemma2.checkpoint import checkpoint_files
 from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
-from gemma2.compatibility import check_seq_len, check_tokenizer
+from gemma2.compatibility import check_own_tokenizer, check_seq_len, check_tokenizer
 from gemma2.config import Gemma2Config
 from gemma2.data_args import add_data_arguments, check_data_args, datasets_from_args, packed_seq_len
 from gemma2.dtypes import dtype_argument, dtype_name, to_dtype
@@ -110,10 +110,7 @@ def check_configs(args: argparse.Namespace, tokenizer: Tokenizer, config: Gemma2
     The teacher's own tokenizer.model, when it has one, must be the checkpoint's."""
     configs = {"the checkpoint": config or stored_config(args.checkpoint)}
     if args.teacher is not None:
-        own = Path(args.teacher) / "tokenizer.model"
-        if own.is_file() and Tokenizer(own).fingerprint() != tokenizer.fingerprint():
-            raise ValueError(f"the teacher's {own} is not the checkpoint's tokenizer {tokenizer.path}: compare models "
-                             "that share a tokenizer")  # fmt: skip
+        check_own_tokenizer(tokenizer, args.teacher, "the teacher")  # compare models that share a tokenizer
         configs["the teacher"] = stored_config(args.teacher)
     known = {what: cfg for what, cfg in configs.items() if cfg is not None}
     for what, cfg in known.items():
@@ -135,17 +132,17 @@ def evaluate_main(args: argparse.Namespace) -> None:
     check_configs(args, tokenizer, config)
     if args.split == "all" and not (args.eval_data or args.eval_prompts or names_token_file(args.data or args.prompts)):
         args.holdout_fraction = 0.0  # every document (prompt) in one set
+    data = datasets_from_args(args, tokenizer)  # a bad file, or no held-out split: said before minutes of loading
+    if args.split == "heldout" and data.heldout is None:
+        flag = "--eval-data" if args.prompts is None else "--eval-prompts"
+        raise ValueError("these data flags hold nothing out (--holdout-fraction 0, or a token file made without a "
+                         f"held-out split): pass --split train or all, or {flag} FILES")  # fmt: skip
     model = load_checked(args.checkpoint, tokenizer, config=config, dtype=dtype, device=args.device,
                          quantize=args.quantize, check=check_tokenizer)  # fmt: skip
     teacher = None
     if args.teacher is not None:
         teacher = load_checked(args.teacher, tokenizer, dtype=dtype, device=args.device,
                                check=partial(check_tokenizer, what="the teacher"))  # fmt: skip
-    data = datasets_from_args(args, tokenizer)
-    if args.split == "heldout" and data.heldout is None:
-        flag = "--eval-data" if args.prompts is None else "--eval-prompts"
-        raise ValueError("these data flags hold nothing out (--holdout-fraction 0, or a token file made without a "
-                         f"held-out split): pass --split train or all, or {flag} FILES")  # fmt: skip
     parts = [rows for rows in {"heldout": [data.heldout], "train": [data.train], "all": [data.train, data.heldout]}[
         args.split] if rows is not None]  # fmt: skip
     # Again on the loaded configs: prompt rows' width is known only now, and an official .ckpt

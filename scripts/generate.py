@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", help="float32 (fp32) or bfloat16 (bf16) (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", help="float32 (fp32) or bfloat16 (bf16) (default: float32 on CPU, bfloat16 on CUDA and with --quantize int8)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, help="int8: weight-only int8, quantised while loading")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn")
@@ -234,8 +234,9 @@ def run_interactive(args, model, tokenizer: Tokenizer, generator: torch.Generato
             print("> ", end="", file=sys.stderr, flush=True)
             try:
                 line = utf8(sys.stdin.readline(), "a line on stdin")
-            except UnicodeDecodeError:
-                raise UsageError("a line on stdin is not valid UTF-8 text; type or pipe UTF-8") from None
+            except (UnicodeDecodeError, UsageError):  # the chat goes on: its cache holds the conversation
+                print("(that line is not valid UTF-8 text, so it was skipped: type or pipe UTF-8)", file=sys.stderr)
+                continue
             text = line.strip()
             if not line or not text or text == "/exit":
                 return

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from gemma2 import Gemma2Config
-from gemma2.compatibility import check_seq_len, check_tokenizer, check_vocab
-from gemma2.tokenizer import Tokenizer
+from gemma2.compatibility import check_own_tokenizer, check_seq_len, check_tokenizer, check_vocab
+from gemma2.tokenizer import Tokenizer, train_tokenizer
 
 TEACHER = Path(__file__).parents[1] / "checkpoints" / "tiny-teacher"
 
@@ -38,3 +38,22 @@ def test_seq_len_up_to_the_context():
     check_seq_len(256, config)
     with pytest.raises(ValueError, match="seq_len 257 exceeds the context of the model, max_position_embeddings = 256"):
         check_seq_len(257, config)
+
+
+def test_a_model_directorys_own_tokenizer_must_be_the_one_given(tmp_path):
+    """Two tokenizers of 300 pieces and the same special ids, trained on other texts: the model
+    directory's own, or a copy of it, passes; the other is refused, naming both; a directory without
+    tokenizer.model, and a checkpoint file beside its tokenizer.model, as expected."""
+    model, elsewhere = tmp_path / "model", tmp_path / "elsewhere"
+    model.mkdir(), elsewhere.mkdir()
+    own = Tokenizer(train_tokenizer(["The quick brown fox jumps over the lazy dog."] * 3, model / "tokenizer.model", 300))
+    copy = Tokenizer(train_tokenizer(["The quick brown fox jumps over the lazy dog."] * 3, elsewhere / "copy.model", 300))
+    other = Tokenizer(train_tokenizer(["Hello there! How are you today?"] * 3, elsewhere / "other.model", 300))
+    assert own.vocab_size == other.vocab_size and (own.pad_id, own.bos_id, own.eos_id) == (other.pad_id, other.bos_id, other.eos_id)
+    check_own_tokenizer(own, model)
+    check_own_tokenizer(copy, model)
+    check_own_tokenizer(other, elsewhere)  # no tokenizer.model there: nothing to compare with
+    with pytest.raises(ValueError, match=r"other.model \(300 pieces\) is not the one the teacher came with \(.*model/tokenizer.model, 300 pieces\)"):
+        check_own_tokenizer(other, model, "the teacher")
+    with pytest.raises(ValueError, match="is not the one the model came with"):
+        check_own_tokenizer(other, model / "model.ckpt")  # a checkpoint file: its directory's tokenizer

@@ -165,6 +165,13 @@ def models(tmp_path_factory) -> dict[str, Path]:
             shutil.copy(root / "tokenizer.model", root / name / "tokenizer.model")
         out[name] = root / name
     assert tok.vocab_size == 320
+    # A tokenizer of the same size and special ids, of other pieces; and a teacher that came with it.
+    foreign = Tokenizer(train_tokenizer([t[::-1] for t in TEXTS], root / "foreign.model", 320))
+    assert foreign.vocab_size == 320 and foreign.fingerprint() != tok.fingerprint()
+    out["foreign"] = foreign.path
+    shutil.copytree(root / "teacher", root / "foreign-teacher")
+    shutil.copy(foreign.path, root / "foreign-teacher" / "tokenizer.model")
+    out["foreign-teacher"] = root / "foreign-teacher"
     for name, texts in (("train", TEXTS[:50]), ("heldout", TEXTS[50:])):
         out[name] = root / f"{name}.jsonl"
         out[name].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -262,6 +269,8 @@ def test_a_vocabulary_padded_past_the_pieces_is_evaluated(models, capsys):
         (["--teacher", "{other}"], "has 320 pieces but the teacher has a vocabulary of 256"),
         (["--seq-len", "200"], "seq_len 200 exceeds the context of the checkpoint"),
         (["--tokenizer", "{tmp}/no.model"], "no.model not found"),
+        (["--tokenizer", "{foreign}"], r"foreign.model \(320 pieces\) is not the one the checkpoint came with"),
+        (["--teacher", "{foreign-teacher}"], "is not the one the teacher came with .*foreign-teacher/tokenizer.model"),
     ],
 )
 def test_bad_flags_are_one_line_with_status_2_before_any_weight_is_read(models, tmp_path, capsys, monkeypatch, args,

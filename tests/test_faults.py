@@ -595,7 +595,7 @@ def test_a_tokenizer_of_another_size_than_the_teacher_is_refused(tmp_path, docs,
     args = distill_args(docs, tmp_path / "run", "--steps", 2, "--teacher", TEACHER, "--alpha", 1)
     args[args.index("--tokenizer") + 1] = small_tokenizer
     line = one_line_error(script("distill.py", *args))
-    assert "has 320 pieces but the student has a vocabulary of 4096" in line  # the teacher's size
+    assert "small.model (320 pieces) is not the one the teacher came with" in line and "4096 pieces)" in line
     assert not (tmp_path / "run").exists()
 
 
@@ -608,7 +608,8 @@ def test_a_teacher_with_other_special_ids_is_refused(tmp_path, docs, fp32_checkp
 
 def test_generate_refuses_a_tokenizer_smaller_than_the_model(small_tokenizer):
     done = script("generate.py", "--checkpoint", TEACHER, "--tokenizer", small_tokenizer, "--prompt", "Hi")
-    assert "has 320 pieces but the model has a vocabulary of 4096" in one_line_error(done)
+    line = one_line_error(done)
+    assert "small.model (320 pieces) is not the one the checkpoint came with" in line and "4096 pieces)" in line
     assert done.stdout == ""
 
 
@@ -749,10 +750,7 @@ def test_prompts_that_are_not_utf8_are_one_line():
     cmd = [sys.executable, str(ROOT / "scripts" / "generate.py"), "--checkpoint", str(TEACHER)]
     done = subprocess.run([*cmd, "--prompt", b"caf\xe9"], capture_output=True, text=True, env=ENV, timeout=120)
     assert "--prompt is not valid UTF-8" in one_line_error(done)
-    done = subprocess.run([*cmd, "--interactive", "--max-new-tokens", "2"], input=b"caf\xe9\n", capture_output=True,
-                          env=ENV, timeout=120)  # fmt: skip
-    done.stderr = done.stderr.decode()
-    assert "stdin is not valid UTF-8" in one_line_error(done)
+    # A line on stdin that is not UTF-8 is skipped and the chat goes on (tests/test_generate_cli.py).
 
 
 def test_interactive_with_stdin_closed_is_one_line():

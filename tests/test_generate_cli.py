@@ -97,6 +97,17 @@ def test_interactive_chat_keeps_its_cache_between_turns(checkpoint):
     assert len(FIGURES.findall(result.stderr)) == 2  # one figures line per turn, nothing after /exit
 
 
+def test_an_interactive_line_that_is_not_utf8_is_skipped_and_the_chat_goes_on(checkpoint):
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--checkpoint", str(checkpoint), "--interactive",
+                             "--max-new-tokens", "8"], input=b"\xff\xfe\nHi\n", capture_output=True, env=env,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert b"is not valid UTF-8 text, so it was skipped" in result.stderr
+    tok, model = Tokenizer(checkpoint / "tokenizer.model"), load_model(checkpoint)
+    assert result.stdout.decode() == tok.decode(list(Chat(model, tok).reply("Hi", max_new_tokens=8))) + "\n"
+
+
 def test_a_tokenizer_directory_is_its_tokenizer_model(checkpoint):
     plain = run_cli("--checkpoint", str(checkpoint), "--prompt", "Hi", "--max-new-tokens", "4")
     named = run_cli("--checkpoint", str(checkpoint), "--tokenizer", str(checkpoint), "--prompt", "Hi", "--max-new-tokens", "4")
@@ -180,6 +191,16 @@ def test_user_errors_are_one_line_with_status_2(checkpoint, tmp_path, capsys, ar
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_another_tokenizer_of_the_same_size_is_refused(checkpoint, tmp_path, capsys):
+    other = train_tokenizer([t[::-1] for t in TEXTS], tmp_path / "other.model", 300)
+    assert Tokenizer(other).vocab_size == Tokenizer(checkpoint / "tokenizer.model").vocab_size
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().main(["--checkpoint", str(checkpoint), "--tokenizer", str(other), "--prompt", "Hi"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert f"error: the tokenizer {other} (300 pieces) is not the one the checkpoint came with" in err, err
 
 
 def test_an_error_in_the_middle_of_the_streamed_text_is_on_a_line_of_its_own(checkpoint, capsys, monkeypatch):

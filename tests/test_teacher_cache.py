@@ -538,3 +538,40 @@ def test_a_writer_whose_lock_was_taken_over_does_not_publish(tmp_path, setup, mo
     with pytest.raises(ValueError, match="no longer this process's to write: .* taken over by process 4242 on node-b"):
         _write(tmp_path / "c", setup)
     assert not (tmp_path / "c").exists() and (tmp_path / "c.partial" / ".lock").read_text() == "4242 node-b\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--out", "{tmp}/cached"], r"cached already holds a complete teacher cache; pass overwrite=True \(--overwrite\)"),
+        (["--out", "{tmp}/mine"], r"mine already holds files; pass overwrite=True \(--overwrite\)"),
+        (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+        (["--k", "0"], r"k must be in \[1, vocab size 4096\], got 0"),
+        (["--k", "5000"], r"k must be in \[1, vocab size 4096\], got 5000"),
+        (["--temperature", "0"], "temperature must be > 0"),
+        (["--teacher", "{tmp}/nope"], "--teacher .*nope: no such file or directory"),
+        (["--teacher", "{tmp}"], "found no model.safetensors"),
+        (["--tokenizer", "{tmp}/other.model"], r"other.model \(300 pieces\) is not the one the teacher came with \(.*, 4096 pieces\)"),
+    ],
+)
+def test_the_script_refuses_bad_flags_before_the_teacher_loads(tmp_path, monkeypatch, capsys, args, message):
+    import runpy
+
+    from gemma2.tokenizer import train_tokenizer
+
+    train_tokenizer(["Hello there! How are you today?"] * 3, tmp_path / "other.model", 300)
+    (tmp_path / "cached").mkdir()
+    (tmp_path / "cached" / "cache.json").write_text("{}")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    for name in ("gemma2.checkpoint.load_model", "gemma2.data_args.datasets_from_args"):
+        monkeypatch.setattr(name, lambda *a, _name=name, **k: pytest.fail(f"{_name} was called"))
+    flags = ["--teacher", str(ROOT / "checkpoints" / "tiny-teacher"), "--out", str(tmp_path / "new"), "--seq-len", "16"]
+    script = ROOT / "scripts" / "cache_teacher.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *flags, *[a.format(tmp=tmp_path) for a in args]])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine" and not (tmp_path / "new").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import runpy
 import shutil
 import sys
@@ -382,6 +383,42 @@ def test_script_trains_and_reports_user_errors(tmp_path, monkeypatch, capsys):
     assert "error: student 'nope' is neither" in capsys.readouterr().err
     assert run_script(monkeypatch, "--student", "tiny", "--out", str(tmp_path / "t"), *common) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+TEACHER = Path(__file__).parents[1] / "checkpoints" / "tiny-teacher"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr", "-1"], "lr must be > 0, got -1.0"),
+        (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+        (["--alpha", "1.5"], r"alpha must be in \[0, 1\]"),
+        (["--keep-last", "-2"], "keep_last must be >= 1"),
+        (["--out", "{tmp}/file"], "file exists and is not a directory"),
+        (["--out", "{tmp}/mine"], r"mine is not empty \(notes.txt\) .*\(--overwrite\)"),
+        (["--out", "{tmp}/run"], r"already holds checkpoints \(step-000001\); pass resume=True \(--resume\)"),
+        (["--tokenizer", "{tmp}/other.model"], r"other.model \(300 pieces\) is not the one the teacher came with"),
+    ],
+)
+def test_script_refuses_bad_flags_and_out_dirs_before_any_model_or_data_is_read(tmp_path, monkeypatch, capsys, args,
+                                                                                message):  # fmt: skip
+    from gemma2.tokenizer import train_tokenizer
+
+    train_tokenizer(["Hello there! How are you today?"] * 3, tmp_path / "other.model", 300)
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "run" / "step-000001").mkdir(parents=True)
+    (tmp_path / "run" / "step-000001" / "trainer_state.json").write_text(json.dumps({"step": 1}))
+    for name in ("gemma2.checkpoint.load_model", "gemma2.student.load_student", "gemma2.data_args.datasets_from_args"):
+        monkeypatch.setattr(name, lambda *a, _name=name, **k: pytest.fail(f"{_name} was called"))
+    flags = ["--student", "tiny", "--teacher", str(TEACHER), "--out", str(tmp_path / "new"), "--steps", "2"]
+    code = run_script(monkeypatch, *flags, *[a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
+    assert (tmp_path / "file").read_text() == (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_rank_saves_and_restores_its_own_cuda_rng_state(monkeypatch):
