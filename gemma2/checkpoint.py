@@ -169,6 +169,9 @@ def _read_pickle(file: Path) -> Iterator[tuple[str, Tensor]]:
 
 def checkpoint_files(path: Path) -> list[Path]:
     """The files that hold the tensors, in a stable order."""
+    if path.is_file() and path.suffix in (".json", ".model"):  # a model directory's config or tokenizer
+        raise CheckpointError(f"{path} is not a weights file (.safetensors, .ckpt, .bin); pass its directory, "
+                              f"{path.parent}")  # fmt: skip
     if path.is_file():
         return [path]
     if not path.is_dir():

@@ -231,3 +231,10 @@ def test_library_never_imports_transformers():
     for file in pathlib.Path(gemma2.__file__).parent.glob("*.py"):
         for line in file.read_text().splitlines():
             assert not line.strip().startswith(("import transformers", "from transformers")), file
+
+
+def test_a_config_or_tokenizer_file_given_as_the_checkpoint_names_its_directory():
+    teacher = Path(__file__).parents[1] / "checkpoints" / "tiny-teacher"
+    for name in ("config.json", "tokenizer.model"):
+        with pytest.raises(CheckpointError, match=rf"{name} is not a weights file .*; pass its directory, {teacher}$"):
+            load_model(teacher / name)
