@@ -63,8 +63,10 @@ def check_data_args(args: argparse.Namespace) -> None:
     if args.prompts is None and args.eval_prompts is not None:
         raise ValueError("--eval-prompts goes with --prompts; held-out documents for --data are --eval-data")
     if args.prompts is not None and (args.seq_len is not None or args.eval_data is not None):
+        given = " and ".join(flag for flag, value in (("--seq-len", args.seq_len), ("--eval-data", args.eval_data))
+                             if value is not None)  # fmt: skip
         raise ValueError("with --prompts, rows are --prompt-len + --max-new-tokens tokens and held-out prompts are "
-                         "--eval-prompts: drop --seq-len and --eval-data")  # fmt: skip
+                         f"--eval-prompts: drop {given}")  # fmt: skip
 
 
 def datasets_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> Datasets:
