@@ -23,6 +23,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -129,3 +130,18 @@ def set_threads(threads: int | None) -> None:
     if threads < 1:
         raise ValueError(f"--threads {threads}: pass 1 or more, or leave it out for torch's choice")
     torch.set_num_threads(threads)
+
+
+def check_json_flag(json: str | None, overwrite: bool) -> None:
+    """--json PATH and --overwrite, as the scripts that write a figures file take them: a new file
+    in an existing directory, or an existing one only with --overwrite (checked before any work)."""
+    if overwrite and not json:
+        raise ValueError("--overwrite replaces an existing --json file: pass --json PATH, or drop --overwrite")
+    if json:
+        out = Path(json)
+        if out.is_dir():
+            raise ValueError(f"--json {out} is a directory; pass a file path")
+        if out.exists() and not overwrite:
+            raise ValueError(f"{out} exists; pass --overwrite to replace it, or another --json path")
+        if not out.parent.is_dir():
+            raise ValueError(f"--json {out}: the directory {out.parent} does not exist")

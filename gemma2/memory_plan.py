@@ -46,6 +46,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .compatibility import check_seq_len
 from .config import Gemma2Config
 from .data import Batch
 from .distill import TopK
@@ -320,7 +321,14 @@ def plan_memory(
         raise ValueError("pass a live teacher's config or a cache's k, not both")
     if seq_len < 1 or (teacher_cache_k is not None and teacher_cache_k < 1):
         raise ValueError(f"seq_len and the cache's k must be >= 1, got seq_len {seq_len} and k {teacher_cache_k}")
+    for config, what in ((student, "the student"), (teacher, "the teacher")):
+        if config is not None:
+            check_seq_len(seq_len, config, what)  # as the trainer refuses it (and a trace would run for minutes)
     P = seq_len - max_new_tokens if prompt_len is None else prompt_len
+    if prompt_len is None and max_new_tokens >= seq_len:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no prompt in a row of seq_len {seq_len} (the "
+                         f"prompt is seq_len - max_new_tokens): lower max_new_tokens below {seq_len}, raise "
+                         "seq_len, or pass prompt_len")  # fmt: skip
     # A sampled row holds P + N tokens: one more than a training row of a prompt dataset (P + N - 1).
     if max_new_tokens < 0 or max_new_tokens and not 1 <= P <= seq_len + 1 - max_new_tokens:
         raise ValueError(f"max_new_tokens must be >= 0 and, with a prompt of >= 1 token, fit a row of seq_len "

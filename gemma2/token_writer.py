@@ -402,8 +402,11 @@ def write_token_file(
     lock = _lock_partial(out)
     work = lock.parent
     try:
-        if not overwrite and (out.exists() or sidecar_path(out).exists()):  # under the lock: no writer is mid-way
-            raise ValueError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it, or another name")
+        # Under the lock: no writer is mid-way. Named as found: a sidecar alone is replaced too.
+        existing = next((p for p in (out, sidecar_path(out)) if p.exists()), None)
+        if not overwrite and existing is not None:
+            raise ValueError(f"{existing} already exists; pass --overwrite (overwrite=True) to replace it, or another "
+                             "name")  # fmt: skip
         info = _write(work, out, tokenizer, paths, eval_paths, holdout_fraction, text_column, prompts, workers,
                       progress)  # fmt: skip
         try:

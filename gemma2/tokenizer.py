@@ -318,6 +318,9 @@ def _chunks(text: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterable[str]:
         yield "".join(buf)
 
 
+FIXED_PIECES = 263  # pad, eos, bos, unk, the three control symbols and 256 byte pieces (train_tokenizer)
+
+
 def train_tokenizer(
     texts: Iterable[str],
     output_path: str | Path,
@@ -340,6 +343,10 @@ def train_tokenizer(
     output_path = Path(output_path)
     if output_path.exists() and not overwrite:
         raise ValueError(f"{output_path} already exists; pass --overwrite (overwrite=True) to replace it, or another path")
+    if vocab_size <= FIXED_PIECES:
+        raise ValueError(f"vocab_size {vocab_size} is too small: a tokenizer holds {FIXED_PIECES} fixed pieces (7 "
+                         "special and 256 bytes) plus one per character of the text, so at least "
+                         f"{FIXED_PIECES + 1}")  # fmt: skip
     texts = [c for t in texts for c in _chunks(t) if c]
     if not texts:
         raise ValueError("train_tokenizer got no text; pass a non-empty list of documents")
@@ -368,9 +375,9 @@ def train_tokenizer(
         )
     except RuntimeError as e:
         raise ValueError(
-            f"SentencePiece training failed: {e}. If the vocabulary is too large for the text, "
-            "lower vocab_size or add text; it must exceed 263 (7 special + 256 byte pieces) plus "
-            "the number of distinct characters"
+            f"SentencePiece training failed: {e}. vocab_size must be more than {FIXED_PIECES} (7 special and 256 "
+            "byte pieces) plus the text's distinct characters (raise it when below that), and no more than the "
+            "text can fill (lower it, or add text)"
         ) from e
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(output_path) as tmp:  # a reader never sees half a model

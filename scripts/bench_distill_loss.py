@@ -35,11 +35,12 @@ import time
 
 import torch
 
-from gemma2.cli import add_threads_option, run_cli, set_threads
+from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
 from gemma2.dtypes import dtype_argument, to_dtype
-from gemma2.distill import TeacherHead, chunked_distill_loss, kd_loss
+from gemma2.distill import OBJECTIVES, TeacherHead, chunked_distill_loss, kd_loss
 
 CAP = 30.0  # Gemma 2 final logit softcap, student and teacher
+VARIANTS = ("naive", "chunked")
 
 
 def _status_kib(key: str) -> int:
@@ -104,6 +105,21 @@ def worker(args) -> None:
     print(json.dumps({"peak_bytes": _peak(device) - base, "seconds": seconds, "cpu_seconds": cpu_seconds}))
 
 
+def check_args(args) -> None:
+    """Every flag, in the parent, before any worker runs: one line and status 2 (gemma2.cli), not a
+    worker's failure."""
+    set_threads(args.threads)  # refuses < 1; each worker applies it again
+    device_arg(args.device)
+    for name in ("tokens", "vocab", "hidden", "teacher_hidden", "chunk_size", "repeats"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if not set(args.variants.split(",")) <= set(VARIANTS):
+        raise ValueError(f"--variants {args.variants!r}: pass {' or '.join(VARIANTS)}, or both separated by a comma")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096)
@@ -112,17 +128,18 @@ def main() -> None:
     p.add_argument("--teacher-hidden", type=int, default=3584, help="teacher hidden size (9B: 3584)")
     p.add_argument("--dtype", type=dtype_argument, default="fp32", help="hidden states and weights: fp32 or bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--objective", default="forward_kl")
+    p.add_argument("--objective", choices=OBJECTIVES, default="forward_kl")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=1,
                    help="timed runs per variant, each in a fresh process (medians reported)")
     add_threads_option(p)
-    p.add_argument("--variants", default="naive,chunked")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = p.parse_args()
     if args.variant:
         return worker(args)
+    check_args(args)
 
     # One fresh process per timed run, variants interleaved (A B B A A B ...) so that drifting load
     # from other processes on the machine hits both alike.

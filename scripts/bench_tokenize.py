@@ -64,12 +64,17 @@ def main() -> None:
     p.add_argument("--tokenizer", default=str(TEACHER_DIR / "tokenizer.model"))
     p.add_argument("--prompts", action="store_true", help="a prompt dataset, then its loading by a rank")
     args = p.parse_args()
+    # Checked before a corpus of --mb is written.
+    for name in ("mb", "workers"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    tokenizer = Tokenizer(args.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         corpus, out = Path(tmp) / "corpus.jsonl", Path(tmp) / "t.npy"
         n_docs = write_corpus(corpus, args.mb, args.prompts)
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
-        info = write_token_file([corpus], Tokenizer(args.tokenizer), out, prompts=args.prompts,
+        info = write_token_file([corpus], tokenizer, out, prompts=args.prompts,
                                 workers=args.workers, progress=False)  # fmt: skip
         dt = time.perf_counter() - t0
         tokens = info["tokens"]["train"] + info["tokens"]["heldout"]

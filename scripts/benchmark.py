@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from gemma2 import Gemma2Config, Gemma2ForCausalLM, KVCache
-from gemma2.cli import add_threads_option, run_cli, set_threads
+from gemma2.cli import add_threads_option, check_json_flag, device_arg, run_cli, set_threads
 from gemma2.files import write_text_atomic
 from gemma2.quantize import quantize_model
 from gemma2.quantize import weight_bytes as quantized_weight_bytes
@@ -115,8 +115,6 @@ def speculative_decode(put, device: torch.device, reps: int, student_dir: str = 
     writes it to runs/demo/distilled; the row is skipped without it), or the text itself
     (gemma2.prompt_lookup). fp32, the first 32 tokens of 4 held-out sequences, 64 new tokens each.
     Random weights would accept almost nothing, hence this trained model."""
-    from pathlib import Path
-
     from gemma2.checkpoint import load_model
     from gemma2.corpus import build_corpus
     from gemma2.data import split_datasets
@@ -166,20 +164,14 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_threads_option(p)
     args = p.parse_args()
-    if args.json:  # checked before minutes of work
-        out = Path(args.json)
-        if out.exists() and not args.overwrite:
-            raise ValueError(f"{out} exists; pass --overwrite to replace it, or another --json path")
-        if not out.parent.is_dir():
-            raise ValueError(f"--json {out}: the directory {out.parent} does not exist")
+    # Every flag is checked before minutes of work.
+    set_threads(args.threads)
+    device, dtype = device_arg(args.device), torch.bfloat16
+    check_json_flag(args.json, args.overwrite)
     try:
         import transformers
     except ImportError:
         raise ValueError("benchmark.py needs transformers, its reference: pip install -e '.[test]'") from None
-    set_threads(args.threads)
-    device, dtype = torch.device(args.device), torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this machine has no CUDA device; pass --device cpu")
     reps, steps = (1, 4) if args.quick else (3, 16)  # repetitions after the warm-up; decode steps per call
     torch.manual_seed(0)
     cfg = CONFIG

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from gemma2.checkpoint import checkpoint_files
-from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
+from gemma2.cli import add_threads_option, check_json_flag, device_arg, run_cli, set_threads
 from gemma2.compatibility import check_own_tokenizer, check_seq_len, check_tokenizer
 from gemma2.config import Gemma2Config
 from gemma2.data_args import add_data_arguments, check_data_args, datasets_from_args, packed_seq_len
@@ -87,21 +87,12 @@ def check_args(args: argparse.Namespace) -> None:
                          "or pass --split heldout or all")  # fmt: skip
     if args.split == "all" and args.holdout_fraction is not None:
         raise ValueError("--split all evaluates every document (prompt) whatever the split: drop --holdout-fraction")
-    if args.overwrite and not args.json:
-        raise ValueError("--overwrite replaces an existing --json file: pass --json PATH, or drop --overwrite")
     check_data_args(args)
     if args.teacher is not None:
         if not Path(args.teacher).exists():
             raise ValueError(f"--teacher {args.teacher}: no such file or directory")
         checkpoint_files(Path(args.teacher))  # a directory without weights is named now
-    if args.json:
-        out = Path(args.json)
-        if out.is_dir():
-            raise ValueError(f"--json {out} is a directory; pass a file path")
-        if out.exists() and not args.overwrite:
-            raise ValueError(f"{out} exists; pass --overwrite to replace it, or another --json path")
-        if not out.parent.is_dir():
-            raise ValueError(f"--json {out}: the directory {out.parent} does not exist")
+    check_json_flag(args.json, args.overwrite)
 
 
 def check_configs(args: argparse.Namespace, tokenizer: Tokenizer, config: Gemma2Config | None) -> None:

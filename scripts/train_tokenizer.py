@@ -13,8 +13,7 @@ from pathlib import Path
 
 from gemma2.cli import run_cli
 from gemma2.corpus import build_corpus, corpus_bytes, corpus_fingerprint, read_documents, split_corpus
-from gemma2.tokenizer import Tokenizer, train_tokenizer
-
+from gemma2.tokenizer import FIXED_PIECES, Tokenizer, train_tokenizer
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,8 +26,21 @@ def main() -> None:
     p.add_argument("--holdout-fraction", type=float, default=0.02,
                    help="held-out share of the built-in corpus left out of training (default 0.02)")
     args = p.parse_args()
-    if Path(args.output).exists() and not args.overwrite:  # before reading any input
+    # Every flag before reading any input.
+    if Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a directory; pass the path of the .model file to write "
+                         f"(e.g. {Path(args.output) / 'tokenizer.model'})")  # fmt: skip
+    if Path(args.output).exists() and not args.overwrite:
         raise ValueError(f"{args.output} already exists; pass --overwrite to replace it, or another --output")
+    # Found by experiment: SentencePiece refuses a vocabulary below its fixed pieces plus one per
+    # character of the text; train_tokenizer says so too, but only once the text is read.
+    if args.vocab_size <= FIXED_PIECES:
+        raise ValueError(f"--vocab-size {args.vocab_size} is too small: the tokenizer holds {FIXED_PIECES} fixed "
+                         "pieces (7 special + 256 bytes) plus one per character of the text (the rarest "
+                         f"excepted), so at least {FIXED_PIECES + 1}; pass more (the default is "
+                         f"{p.get_default('vocab_size')})")  # fmt: skip
+    if args.input and args.holdout_fraction != p.get_default("holdout_fraction"):
+        raise ValueError("--holdout-fraction splits the built-in corpus, not --input: drop one of them")
 
     if args.input:
         docs = [d for path in args.input for d in read_documents(path)]

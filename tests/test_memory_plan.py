@@ -252,3 +252,24 @@ def test_script_prints_the_table_and_suggests_what_fits(tmp_path):
     paired = subprocess.run([sys.executable, str(script), "--student", "tiny", "--teacher", str(teacher), "--seq-len",
                              "128", "--gpu-memory", "80"], capture_output=True, text=True)  # fmt: skip
     assert paired.returncode == 0 and "fits in 74.5 GiB" in paired.stdout, paired.stderr
+    # Beyond the student's context of 256, as distill.py refuses it: at once, not after a trace.
+    too_long = subprocess.run([sys.executable, str(script), "--student", "tiny", "--teacher", str(teacher),
+                               "--seq-len", "512", "--gpu-memory", "80"], capture_output=True, text=True, timeout=60)
+    assert too_long.returncode == 2 and too_long.stdout == "", too_long.stdout
+    assert too_long.stderr.startswith("error: seq_len 512 exceeds the context of the student"), too_long.stderr
+
+
+def test_a_run_beyond_a_models_context_or_without_a_prompt_is_refused():
+    """What the trainer refuses is not planned: a row longer than either model's context, and on-policy
+    sampling whose default prompt (seq_len - max_new_tokens) would be empty."""
+    student = tiny_training_config(max_position_embeddings=64)
+    with pytest.raises(ValueError, match="seq_len 65 exceeds the context of the student"):
+        plan_memory(student, seq_len=65, batch_size=1, device_type="cpu")
+    with pytest.raises(ValueError, match="seq_len 64 exceeds the context of the teacher, max_position_embeddings = 32"):
+        plan_memory(student, teacher=student.replace(max_position_embeddings=32), seq_len=64, batch_size=1)
+    for n in (32, 40):
+        with pytest.raises(ValueError, match=f"max_new_tokens {n} leaves no prompt in a row of seq_len 32"):
+            plan_memory(student, seq_len=32, batch_size=1, max_new_tokens=n, device_type="cpu")
+    # A prompt of its own: a prompt dataset's row of 1 + 32 - 1 tokens, its sample one more.
+    plan = plan_memory(student, seq_len=32, batch_size=1, max_new_tokens=32, prompt_len=1, device_type="cpu")
+    assert "sampling" in plan.phases

@@ -125,6 +125,11 @@ def test_no_holdout_and_refusals(tmp_path, tok):
     _same(data, load_datasets([tmp_path / "a.jsonl"], tok, SEQ, holdout_fraction=0))
     with pytest.raises(ValueError, match="already exists; pass --overwrite"):
         write_token_file([tmp_path / "a.jsonl"], tok, tmp_path / "t.npy", progress=False)
+    # A sidecar's name taken by a file alone: that file is named, not the .npy that does not exist.
+    sidecar_path(tmp_path / "side.npy").write_text("someone's")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'side.json'))} already exists; pass --overwrite"):
+        write_token_file([tmp_path / "a.jsonl"], tok, tmp_path / "side.npy", progress=False)
+    assert sidecar_path(tmp_path / "side.npy").read_text() == "someone's" and not (tmp_path / "side.npy").exists()
     with pytest.raises(ValueError, match="without --eval-data or --holdout-fraction"):
         open_datasets([tmp_path / "t.npy"], tok, SEQ, holdout_fraction=0.1)
     other = Tokenizer(train_tokenizer(_docs(100, seed=7), tmp_path / "other.model", vocab_size=320))

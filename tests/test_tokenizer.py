@@ -238,3 +238,43 @@ def test_long_documents_are_cut_at_line_ends():
     assert "".join(chunks) == doc
     assert all(len(c.encode()) <= 1000 for c in chunks)
     assert all(c.endswith("\n") for c in chunks[:-1] if not c.startswith("x"))
+
+
+def _train_script(*argv: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts/train_tokenizer.py"
+    return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_script_refuses_bad_flags_before_reading_the_input(tmp_path):
+    """A directory as --output (even with --overwrite: the model is a file), a vocabulary below the
+    263 fixed pieces plus one character (found by experiment: 264 trains on one character, 263
+    never does), --holdout-fraction with --input: each named before any input is read (the
+    missing --input would otherwise be the error)."""
+    missing = str(tmp_path / "missing.txt")
+    (tmp_path / "out").mkdir()
+    cases = {("--output", str(tmp_path / "out"), "--overwrite"): f"--output {tmp_path / 'out'} is a directory",
+             ("--vocab-size", "0"): "--vocab-size 0 is too small", ("--vocab-size", "263"): "at least 264",
+             ("--holdout-fraction", "0.1"): "--holdout-fraction splits the built-in corpus, not --input"}  # fmt: skip
+    for flags, message in cases.items():
+        out = _train_script("--input", missing, "--output", str(tmp_path / "tok.model"), *flags)
+        assert out.returncode == 2 and out.stderr.startswith("error: ") and message in out.stderr, out.stderr
+        assert out.stderr.count("\n") == 1 and not (tmp_path / "tok.model").exists()
+    one_character = tmp_path / "a.txt"
+    one_character.write_text("aaaa")
+    smallest = _train_script("--input", str(one_character), "--output", str(tmp_path / "tok.model"), "--vocab-size",
+                             "264")  # fmt: skip
+    assert smallest.returncode == 0, smallest.stderr
+    assert Tokenizer(tmp_path / "tok.model").vocab_size == 264
+
+
+def test_train_tokenizer_refuses_a_vocabulary_below_its_fixed_pieces_before_training(tmp_path, monkeypatch):
+    import sentencepiece as spm
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", lambda **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match="vocab_size 263 is too small: .*263 fixed pieces .* so at least 264"):
+        train_tokenizer(["some text"], tmp_path / "t.model", 263)
+    assert not (tmp_path / "t.model").exists()
