@@ -132,13 +132,13 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def check_json_flag(json: str | None, overwrite: bool) -> None:
+def check_json_flag(path: str | None, overwrite: bool) -> None:
     """--json PATH and --overwrite, as the scripts that write a figures file take them: a new file
     in an existing directory, or an existing one only with --overwrite (checked before any work)."""
-    if overwrite and not json:
+    if overwrite and not path:
         raise ValueError("--overwrite replaces an existing --json file: pass --json PATH, or drop --overwrite")
-    if json:
-        out = Path(json)
+    if path:
+        out = Path(path)
         if out.is_dir():
             raise ValueError(f"--json {out} is a directory; pass a file path")
         if out.exists() and not overwrite:

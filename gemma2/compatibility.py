@@ -62,7 +62,10 @@ def check_own_tokenizer(tokenizer: Tokenizer, model: str | os.PathLike, what: st
     own = (model if model.is_dir() else model.parent) / "tokenizer.model"
     if not own.is_file() or own.resolve() == Path(tokenizer.path).resolve():
         return
-    theirs = Tokenizer(own)
+    try:
+        theirs = Tokenizer(own)
+    except ValueError:  # unreadable (a Git LFS pointer, say): the one given is the user's way round it
+        return
     if theirs.fingerprint() != tokenizer.fingerprint():
         raise ValueError(
             f"the tokenizer {tokenizer.path} ({tokenizer.vocab_size} pieces) is not the one {what} came with "

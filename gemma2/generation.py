@@ -18,7 +18,7 @@ next turn): a session holds it as `pending`, and counts it in `length`.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -171,6 +171,10 @@ class Session:
                 raise ValueError("only a session of one sequence can be continued; run one Session per conversation")
             if not valid.all():
                 raise ValueError("only a session's first call may pad: pass attention_mask=None when continuing")
+            if not self._continuable():
+                raise ValueError("an earlier stream of this session stopped in the middle of a forward (an error or "
+                                 "Ctrl-C) that overwrote cache slots the next token attends to: start a new Session "
+                                 "(a new Chat)")  # fmt: skip
         sampling = Sampling(temperature, top_k, top_p, generator)
         return self._steps(input_ids, valid, max_new_tokens, sampling, stop_ids(stop_token_ids), pad_id)
 
@@ -196,13 +200,12 @@ class Session:
         ones = torch.ones(B, 1, dtype=torch.bool, device=ids.device)  # decode steps never pad
         if self.pending is not None:  # the previous turn's last token goes in first
             ids, valid = torch.cat([self.pending, ids], dim=1), torch.cat([ones, valid], dim=1)
-            self.pending = None
         was_training = model.training
         model.eval()
         try:
             # Prefill in one call; only the last position goes through the output head, so a long
             # prompt never materialises [B, T, V] logits.
-            logits = model.last_logits(ids, valid, cache)  # [B, V]
+            logits = self._fed(lambda: model.last_logits(ids, valid, cache))  # [B, V]
             done = torch.zeros(B, dtype=torch.bool, device=ids.device)
             for step in range(max_new_tokens):
                 # [B]; a row's NaN would otherwise sample pad ids. Softcapped logits (|x| <= cap) sum
@@ -223,15 +226,35 @@ class Session:
                 yield token
                 if step == max_new_tokens - 1 or all_done:
                     return
-                self.pending = None
-                if self.compiled:
-                    if self.decoder is None:  # made here, so the prefill's time is its own
-                        self.decoder = StaticDecoder(model, cache)
-                    logits = self.decoder(token[:, None])
-                else:
-                    logits = model.last_logits(token[:, None], ones, cache)
+                if self.compiled and self.decoder is None:  # made here, so the prefill's time is its own
+                    self.decoder = StaticDecoder(model, cache)
+                logits = self._fed(partial(self.decoder, token[:, None]) if self.compiled
+                                   else partial(model.last_logits, token[:, None], ones, cache))  # fmt: skip
         finally:
             model.train(was_training)
+
+    def _fed(self, forward: Callable[[], Tensor]) -> Tensor:
+        """`forward()`, which feeds `pending` and any new tokens to the cache; then they are in it.
+        A forward that fails is undone where it can be (the session as before it: `pending` is fed
+        again); past what the rings can undo, the columns it counted stay, `pending` with them."""
+        cache, before = self.cache, self.cache.length
+        try:
+            logits = forward()
+        except BaseException:
+            if cache.length == before:
+                cache.abandon()  # it stopped before counting its columns: forget those it began
+            elif cache.holds_window(before):
+                cache.truncate(before)
+            else:
+                self.pending = None
+            raise
+        self.pending = None
+        return logits
+
+    def _continuable(self) -> bool:
+        """Whether the cache holds what the next token attends to (not after a forward that failed
+        midway through a chunk: its rings may hold columns it never counted)."""
+        return self.cache.holds_window(self.cache.length)
 
 
 def stream(

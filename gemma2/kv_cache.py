@@ -102,6 +102,10 @@ class KVCache:
             local_cols = torch.cat([ring_columns(start, self.ring, device), q_cols])
         local_valid = self.valid[:, local_cols.clamp(min=0)] & (local_cols >= 0)
         self_attending = start == 0 and T > 1  # a decode step's local keys are the whole ring
+        # Raised before the layers write their rings (`advance` raises it to the same): a forward
+        # that fails midway through a chunk leaves the loss of the columns it overwrote on record,
+        # so that `holds_window` refuses them rather than a query attending to newer ones.
+        self.intact = max(self.intact, start + T - self.ring)
         return Columns(q_cols, global_cols, self.valid[:, : self.span], local_cols, local_valid, positions, self_attending)
 
     def decode_span(self, n: int) -> int:
@@ -131,14 +135,39 @@ class KVCache:
         """
         if not 0 <= length <= self.length:
             raise ValueError(f"truncate keeps 0 .. {self.length} columns (those written), got {length}")
-        if max(length - self.config.sliding_window + 1, 0) < self.intact:
+        if not self.holds_window(length):
             raise ValueError(
                 f"truncating {self.length} columns to {length} loses the sliding window: the rings of "
                 f"{self.ring} slots were overwritten; build the cache with rollback >= {self.length - length}"
             )
-        self.valid[:, length:] = False
-        self.seen.copy_(self.valid[:, :length].sum(-1, keepdim=True))
         self.length = length
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Forget the columns past `length` that a forward began (`begin` marked and counted them)
+        but never finished: it stopped before `advance`."""
+        self.valid[:, self.length :] = False
+        self.seen.copy_(self.valid[:, : self.length].sum(-1, keepdim=True))
+
+    def holds_window(self, length: int) -> bool:
+        """Whether the rings hold the W - 1 columns before `length`, which a query at `length`
+        attends to besides itself (False after a forward that failed midway through a chunk)."""
+        return max(length - self.config.sliding_window + 1, 0) >= self.intact
+
+    def rewind(self, length: int) -> None:
+        """Keep at most `length` columns: `truncate` to them, or `reset` when the rings lost the
+        window they need (the caller then feeds them again)."""
+        length = min(length, self.length)
+        if self.holds_window(length):
+            self.truncate(length)
+        else:
+            self.reset()
+
+    def reset(self) -> None:
+        """Forget every column, in place (the buffers keep their addresses: gemma2.static_decode)."""
+        self.valid.zero_()
+        self.seen.zero_()
+        self.length = self.intact = 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's keys/values `[B, KV, T, hd]`; return the keys/values to attend over."""

@@ -233,7 +233,7 @@ class _ModelDraft:
         return r, q
 
     def truncate(self, n: int) -> None:
-        self.cache.truncate(min(self.cache.length, n - 1))  # at most seq[: n - 1]: the last token comes next
+        self.cache.rewind(n - 1)  # at most seq[: n - 1]: the last token comes next
 
 
 class _LookupDraft:
@@ -305,8 +305,12 @@ class SpeculativeSession(Session):
                 f"speculative decoding runs one sequence (batch 1), got a batch of {input_ids.shape[0]}; "
                 "generate each prompt on its own"
             )
-        self.stats = SpeculativeStats()
-        return super().stream(input_ids, **kwargs)
+        steps = super().stream(input_ids, **kwargs)  # checked first: a refused call keeps the last stats
+        self.stats = SpeculativeStats()  # read when `steps` starts
+        return steps
+
+    def _continuable(self) -> bool:
+        return True  # it keeps the conversation's tokens: a cache that lost them is fed them again
 
     @torch.inference_mode()
     def _steps(
@@ -331,7 +335,8 @@ class SpeculativeSession(Session):
         if self.done:
             # The caches may hold columns the caller never got (a stream left mid-round, or ended by
             # an error after the target's forward): drop them, so that they hold at most seq[: done - 1].
-            cache.truncate(min(cache.length, self.done - 1))
+            # After an error midway through a forward whose rings lost their window, they start again.
+            cache.rewind(self.done - 1)
             drafter.truncate(self.done)
         new = ids[valid]  # the real tokens: only a first call pads, and one row has no use for it
         n = self.done + len(new)  # the caches hold at most seq[: n - 1]: the last token is fed with the proposals

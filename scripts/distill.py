@@ -184,9 +184,10 @@ def main(args: argparse.Namespace) -> int:
     check_out_dir(Path(args.out), resume=args.resume, overwrite=args.overwrite)
     rank, world = init_distributed()
     tokenizer = Tokenizer(tok_path)
-    for what, source in (("the teacher", args.teacher), ("the student", args.student)):
-        if source is not None and Path(source).exists():  # a directory (or a preset's name: none)
-            check_own_tokenizer(tokenizer, source, what)
+    if args.teacher is not None:
+        check_own_tokenizer(tokenizer, args.teacher, "the teacher")
+    if Path(args.student).is_dir():  # a checkpoint; a preset or a config.json is built fresh for the tokenizer
+        check_own_tokenizer(tokenizer, args.student, "the student")
     teacher = None
     if args.teacher:
         # Under torchrun each rank reads only its shards of the models (gemma2.sharded_load).

@@ -15,6 +15,7 @@ from gemma2.cli import run_cli
 from gemma2.corpus import build_corpus, corpus_bytes, corpus_fingerprint, read_documents, split_corpus
 from gemma2.tokenizer import FIXED_PIECES, Tokenizer, train_tokenizer
 
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", default=[], metavar="PATH",

@@ -57,3 +57,5 @@ def test_a_model_directorys_own_tokenizer_must_be_the_one_given(tmp_path):
         check_own_tokenizer(other, model, "the teacher")
     with pytest.raises(ValueError, match="is not the one the model came with"):
         check_own_tokenizer(other, model / "model.ckpt")  # a checkpoint file: its directory's tokenizer
+    (model / "tokenizer.model").write_text("version https://git-lfs.github.com/spec/v1\n")  # a pointer, not a model
+    check_own_tokenizer(other, model)  # the one given is the user's way round an unreadable own one

@@ -606,10 +606,16 @@ def test_a_teacher_with_other_special_ids_is_refused(tmp_path, docs, fp32_checkp
     assert "numbers its special tokens differently from the teacher: bos 2 (model: 5)" in one_line_error(done)
 
 
-def test_generate_refuses_a_tokenizer_smaller_than_the_model(small_tokenizer):
+def test_generate_refuses_a_tokenizer_smaller_than_the_model(small_tokenizer, tmp_path):
     done = script("generate.py", "--checkpoint", TEACHER, "--tokenizer", small_tokenizer, "--prompt", "Hi")
     line = one_line_error(done)
     assert "small.model (320 pieces) is not the one the checkpoint came with" in line and "4096 pieces)" in line
+    assert done.stdout == ""
+    # A checkpoint without a tokenizer.model of its own: its config's vocabulary refuses it.
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(TEACHER / name, tmp_path / name)
+    done = script("generate.py", "--checkpoint", tmp_path, "--tokenizer", small_tokenizer, "--prompt", "Hi")
+    assert "has 320 pieces but the model has a vocabulary of 4096" in one_line_error(done)
     assert done.stdout == ""
 
 

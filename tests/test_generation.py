@@ -164,6 +164,57 @@ def test_session_turns_equal_feeding_the_whole_conversation(twin):
     assert session.length == 40  # the refused turn changed nothing
 
 
+@pytest.mark.parametrize("where", ["inside", "after"])
+def test_a_decode_step_that_fails_leaves_the_session_where_the_caller_is(twin, where):
+    """A decode step that fails in the middle of the model (after its second layer) or once the
+    cache has counted its column (in the final norm): the session holds the tokens the caller got,
+    the last one pending or in the cache, and goes on with the tokens of one that never failed."""
+    _, model = twin
+    ids = torch.randint(3, CFG.vocab_size, (1, 10), generator=torch.Generator().manual_seed(5))
+    want = [int(t) for t in Session(model, max_len=60).stream(ids, max_new_tokens=NEW, stop_token_ids=())]
+    calls = 0
+
+    def fail_on_the_fifth_forward(*_):
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise RuntimeError("injected")
+
+    module = model.model.layers[1] if where == "inside" else model.model.norm
+    hook = module.register_forward_hook(fail_on_the_fifth_forward)
+    session, got = Session(model, max_len=60), []
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            for token in session.stream(ids, max_new_tokens=NEW, stop_token_ids=()):
+                got.append(int(token))
+    finally:
+        hook.remove()
+    assert len(got) == 4 and session.length == 14
+    got += [int(t) for t in session.stream(ids[:, :0], max_new_tokens=NEW - 4, stop_token_ids=())]
+    assert got == want
+
+
+def test_a_session_whose_turn_failed_midway_through_its_rings_is_refused(twin):
+    """A later turn of 12 tokens (more than the rings' 8 slots) failing after the first layer wrote
+    its ring: the cache no longer holds the window the next token needs, and a plain session keeps
+    no tokens to feed again, so it refuses to go on and says what to do."""
+    _, model = twin
+    session = Session(model, max_len=60)
+    list(session.stream(torch.randint(3, CFG.vocab_size, (1, 10)), max_new_tokens=5, stop_token_ids=()))
+
+    def fail(*_):
+        raise RuntimeError("injected")
+
+    hook = model.model.layers[0].register_forward_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            next(session.stream(torch.randint(3, CFG.vocab_size, (1, 12)), max_new_tokens=5))
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="stopped in the middle of a forward .* start a new Session"):
+        session.stream(torch.randint(3, CFG.vocab_size, (1, 2)), max_new_tokens=5)
+
+
 def test_a_batch_session_cannot_be_continued(twin):
     _, model = twin
     ids, mask = left_padded([6, 4], CFG.vocab_size)

@@ -99,3 +99,34 @@ def test_decode_steps_over_the_whole_buffer_equal_a_full_forward(model):
                     assert cache.span == 30  # the stale slots are inside the span: masked
                     assert (got - model(ids[:, : s + 1])[0, -1]).abs().max().item() <= 1e-4
     assert spans[0] == 5 and spans[-1] == 30 and 19 in spans and 20 not in spans  # both regimes ran
+
+
+def test_a_forward_that_fails_midway_through_a_chunk_leaves_its_loss_on_record(model):
+    """A chunk's forward stopped after the first (local) layer wrote its ring: the length is as it
+    was, but the ring's older columns are gone. `holds_window` says so, `truncate` refuses, `rewind`
+    resets; a reset cache, fed again, continues as a fresh one."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, CFG.vocab_size, (1, 40), generator=g)
+
+    def stop(*_):
+        raise RuntimeError("stop")
+
+    cache = KVCache(CFG, 1, 64)
+    with torch.no_grad():
+        model(ids[:, :20], cache=cache)
+        assert cache.holds_window(20)
+        hook = model.model.layers[0].register_forward_hook(stop)
+        try:
+            with pytest.raises(RuntimeError, match="stop"):
+                model(ids[:, 20:32], cache=cache)  # 12 columns: more than the ring's 8 slots
+        finally:
+            hook.remove()
+        assert cache.length == 20 and not cache.holds_window(20)
+        with pytest.raises(ValueError, match="loses the sliding window"):
+            cache.truncate(20)
+        cache.rewind(20)
+        assert cache.length == 0 and cache.seen.item() == 0 and not cache.valid.any()
+        got = model(ids[:, :32], cache=cache)[0, -1]
+        assert (got - model(ids[:, :32])[0, -1]).abs().max().item() <= 1e-4
+        cache.rewind(40)  # nothing lost: at most what is written, by truncating
+        assert cache.length == 32

@@ -422,6 +422,35 @@ def test_a_round_that_fails_is_undone(pair, copier, kind, where):
     assert got == want
 
 
+@pytest.mark.parametrize("kind", ["model", "lookup"])
+def test_a_later_turns_first_forward_that_fails_midway_is_fed_again(pair, copier, kind):
+    """A second turn of 10 tokens whose first target forward (the last token, the turn, the
+    proposals: a chunk longer than the rings' spare slots) fails after its first layers wrote their
+    rings: the caches are rebuilt from the conversation, and the session goes on with the tokens of
+    one that never failed."""
+    target, draft = session_pair(pair, copier, kind)
+    g = torch.Generator().manual_seed(7)
+    turn1, turn2 = torch.randint(3, 9, (1, 12), generator=g), torch.randint(3, 9, (1, 10), generator=g)
+    plain = Session(target, max_len=128)
+    list(plain.stream(turn1, max_new_tokens=20, stop_token_ids=()))
+    want = [int(t) for t in plain.stream(turn2, max_new_tokens=30, stop_token_ids=())]
+    session = SpeculativeSession(target, draft, max_len=128, draft_tokens=4)
+    list(session.stream(turn1, max_new_tokens=20, stop_token_ids=()))
+
+    def fail(*_):
+        raise RuntimeError("injected")
+
+    hook = target.model.layers[1].register_forward_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            next(session.stream(turn2, max_new_tokens=30, stop_token_ids=()))
+    finally:
+        hook.remove()
+    assert session.length == 42 and not session.cache.holds_window(session.cache.length)
+    got = [int(t) for t in session.stream(turn2[:, :0], max_new_tokens=30, stop_token_ids=())]
+    assert got == want
+
+
 def test_a_chat_with_a_draft_replies_as_a_plain_chat(tmp_path, pair):
     """Chat(..., draft=...): the same replies (greedy), turn after turn, for a model draft and
     for prompt lookup; its refusals."""

@@ -421,6 +421,25 @@ def test_script_refuses_bad_flags_and_out_dirs_before_any_model_or_data_is_read(
     assert not (tmp_path / "new").exists()
 
 
+def test_a_student_config_beside_another_tokenizer_is_built_fresh_for_the_one_given(tmp_path, monkeypatch):
+    """--student DIR/config.json builds a fresh student for --tokenizer: DIR's own tokenizer.model
+    is not the student's, so it is not held against the one given (the checks pass; the load is next)."""
+    from gemma2.tokenizer import train_tokenizer
+
+    train_tokenizer(["Hello there! How are you today?"] * 3, tmp_path / "other.model", 300)
+
+    class Reached(Exception):
+        pass
+
+    def reached(*a, **k):
+        raise Reached
+
+    monkeypatch.setattr("gemma2.student.load_student", reached)
+    with pytest.raises(Reached):
+        run_script(monkeypatch, "--student", str(TEACHER / "config.json"), "--tokenizer", str(tmp_path / "other.model"),
+                   "--out", str(tmp_path / "new"), "--steps", "2")  # fmt: skip
+
+
 def test_a_rank_saves_and_restores_its_own_cuda_rng_state(monkeypatch):
     """Saving every device's state (as before) made a resume on a machine with fewer GPUs fail;
     CUDA is faked here: which state goes to which device is plain bookkeeping."""
