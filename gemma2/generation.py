@@ -205,7 +205,7 @@ class Session:
         try:
             # Prefill in one call; only the last position goes through the output head, so a long
             # prompt never materialises [B, T, V] logits.
-            logits = self._fed(lambda: model.last_logits(ids, valid, cache))  # [B, V]
+            logits = self._fed(lambda: model.last_logits(ids, valid, cache), ids[:, -1:])  # [B, V]
             done = torch.zeros(B, dtype=torch.bool, device=ids.device)
             for step in range(max_new_tokens):
                 # [B]; a row's NaN would otherwise sample pad ids. Softcapped logits (|x| <= cap) sum
@@ -228,28 +228,32 @@ class Session:
                     return
                 if self.compiled and self.decoder is None:  # made here, so the prefill's time is its own
                     self.decoder = StaticDecoder(model, cache)
-                logits = self._fed(partial(self.decoder, token[:, None]) if self.compiled
-                                   else partial(model.last_logits, token[:, None], ones, cache))  # fmt: skip
+                step = (partial(self.decoder, token[:, None]) if self.compiled
+                        else partial(model.last_logits, token[:, None], ones, cache))  # fmt: skip
+                logits = self._fed(step, token[:, None])
         finally:
             model.train(was_training)
 
-    def _fed(self, forward: Callable[[], Tensor]) -> Tensor:
-        """`forward()`, which feeds `pending` and any new tokens to the cache; then they are in it.
-        A forward that fails is undone where it can be (the session as before it: `pending` is fed
-        again); past what the rings can undo, the columns it counted stay, `pending` with them."""
+    def _fed(self, forward: Callable[[], Tensor], last: Tensor) -> Tensor:
+        """`forward()`, which feeds `pending` and the new tokens (the last of them `last` `[B, 1]`)
+        to the cache. A forward that fails leaves a session that goes on: one that stopped before
+        the cache counted its columns feeds `pending` again (a first one leaves the session new);
+        one that stopped after keeps them but the last, which becomes `pending` (always possible:
+        every ring holds the window of the column before its last)."""
         cache, before = self.cache, self.cache.length
+        pending, self.pending = self.pending, None
         try:
-            logits = forward()
+            return forward()
         except BaseException:
-            if cache.length == before:
-                cache.abandon()  # it stopped before counting its columns: forget those it began
-            elif cache.holds_window(before):
-                cache.truncate(before)
+            if cache.length > before:
+                cache.truncate(cache.length - 1)
+                self.pending = last
+            elif before == 0:
+                self.cache = None  # a first call that failed: as new (a batch, padding and all)
             else:
-                self.pending = None
+                cache.abandon()  # `begin` marked and counted the columns it never wrote whole
+                self.pending = pending
             raise
-        self.pending = None
-        return logits
 
     def _continuable(self) -> bool:
         """Whether the cache holds what the next token attends to (not after a forward that failed

@@ -102,10 +102,6 @@ class KVCache:
             local_cols = torch.cat([ring_columns(start, self.ring, device), q_cols])
         local_valid = self.valid[:, local_cols.clamp(min=0)] & (local_cols >= 0)
         self_attending = start == 0 and T > 1  # a decode step's local keys are the whole ring
-        # Raised before the layers write their rings (`advance` raises it to the same): a forward
-        # that fails midway through a chunk leaves the loss of the columns it overwrote on record,
-        # so that `holds_window` refuses them rather than a query attending to newer ones.
-        self.intact = max(self.intact, start + T - self.ring)
         return Columns(q_cols, global_cols, self.valid[:, : self.span], local_cols, local_valid, positions, self_attending)
 
     def decode_span(self, n: int) -> int:
@@ -152,7 +148,7 @@ class KVCache:
     def holds_window(self, length: int) -> bool:
         """Whether the rings hold the W - 1 columns before `length`, which a query at `length`
         attends to besides itself (False after a forward that failed midway through a chunk)."""
-        return max(length - self.config.sliding_window + 1, 0) >= self.intact
+        return length == 0 or max(length - self.config.sliding_window + 1, 0) >= self.intact
 
     def rewind(self, length: int) -> None:
         """Keep at most `length` columns: `truncate` to them, or `reset` when the rings lost the
@@ -177,6 +173,10 @@ class KVCache:
             kbuf[:, :, start : start + T] = k
             vbuf[:, :, start : start + T] = v
             return kbuf[:, :, : self.span], vbuf[:, :, : self.span]
+        # Raised before the ring is written (`advance` raises it to the same): a forward that fails
+        # midway leaves the loss of the columns it overwrote on record, so that `holds_window`
+        # refuses them rather than a query attending to newer ones in their slots.
+        self.intact = max(self.intact, start + T - self.ring)
         if T == 1:
             slot = start % self.ring
             kbuf[:, :, slot : slot + 1] = k

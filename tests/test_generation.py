@@ -194,13 +194,50 @@ def test_a_decode_step_that_fails_leaves_the_session_where_the_caller_is(twin, w
     assert got == want
 
 
-def test_a_session_whose_turn_failed_midway_through_its_rings_is_refused(twin):
-    """A later turn of 12 tokens (more than the rings' 8 slots) failing after the first layer wrote
-    its ring: the cache no longer holds the window the next token needs, and a plain session keeps
-    no tokens to feed again, so it refuses to go on and says what to do."""
+@pytest.mark.parametrize("where", ["before its rings", "midway through its rings", "after it was counted"])
+def test_a_later_turn_that_fails(twin, where):
+    """A later turn of 12 tokens (more than the rings' 8 slots) whose forward fails: before any ring
+    is written (in the first layer's norm), the turn is fed again as if never sent; after the first
+    layer wrote its ring, the cache no longer holds the window the next token needs, and a plain
+    session keeps no tokens to feed again, so it refuses to go on and says what to do; after the
+    cache counted it (in the final norm), the turn stays and the reply follows. Each against a
+    session that never failed."""
     _, model = twin
+    g = torch.Generator().manual_seed(9)
+    turn1, turn2 = (torch.randint(3, CFG.vocab_size, (1, T), generator=g) for T in (10, 12))
+    plain = Session(model, max_len=60)
+    list(plain.stream(turn1, max_new_tokens=5, stop_token_ids=()))
+    want = [int(t) for t in plain.stream(turn2, max_new_tokens=8, stop_token_ids=())]
     session = Session(model, max_len=60)
-    list(session.stream(torch.randint(3, CFG.vocab_size, (1, 10)), max_new_tokens=5, stop_token_ids=()))
+    list(session.stream(turn1, max_new_tokens=5, stop_token_ids=()))
+
+    def fail(*_):
+        raise RuntimeError("injected")
+
+    module = {"before its rings": model.model.layers[0].input_layernorm, "midway through its rings":
+              model.model.layers[0], "after it was counted": model.model.norm}[where]  # fmt: skip
+    hook = module.register_forward_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            next(session.stream(turn2, max_new_tokens=8, stop_token_ids=()))
+    finally:
+        hook.remove()
+    if where == "midway through its rings":
+        with pytest.raises(ValueError, match="stopped in the middle of a forward .* start a new Session"):
+            session.stream(turn2, max_new_tokens=8)
+        return
+    again = turn2 if where == "before its rings" else turn2[:, :0]
+    assert session.length == 15 + 12 * (where == "after it was counted")
+    assert [int(t) for t in session.stream(again, max_new_tokens=8, stop_token_ids=())] == want
+
+
+def test_a_first_call_that_fails_leaves_the_session_new(twin):
+    """A left-padded batch's prefill failing (after the first layer wrote its ring): the same call
+    again, padding and batch and all, gives a fresh session's tokens."""
+    _, model = twin
+    ids, mask = left_padded([14, 9], CFG.vocab_size)
+    want = torch.stack(list(Session(model).stream(ids, attention_mask=mask, max_new_tokens=6)), 1)
+    session = Session(model)
 
     def fail(*_):
         raise RuntimeError("injected")
@@ -208,11 +245,11 @@ def test_a_session_whose_turn_failed_midway_through_its_rings_is_refused(twin):
     hook = model.model.layers[0].register_forward_hook(fail)
     try:
         with pytest.raises(RuntimeError, match="injected"):
-            next(session.stream(torch.randint(3, CFG.vocab_size, (1, 12)), max_new_tokens=5))
+            next(session.stream(ids, attention_mask=mask, max_new_tokens=6))
     finally:
         hook.remove()
-    with pytest.raises(ValueError, match="stopped in the middle of a forward .* start a new Session"):
-        session.stream(torch.randint(3, CFG.vocab_size, (1, 2)), max_new_tokens=5)
+    assert session.length == 0
+    assert torch.equal(torch.stack(list(session.stream(ids, attention_mask=mask, max_new_tokens=6)), 1), want)
 
 
 def test_a_batch_session_cannot_be_continued(twin):
