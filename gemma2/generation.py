@@ -228,9 +228,9 @@ class Session:
                     return
                 if self.compiled and self.decoder is None:  # made here, so the prefill's time is its own
                     self.decoder = StaticDecoder(model, cache)
-                step = (partial(self.decoder, token[:, None]) if self.compiled
-                        else partial(model.last_logits, token[:, None], ones, cache))  # fmt: skip
-                logits = self._fed(step, token[:, None])
+                fed = token[:, None]
+                step = partial(self.decoder, fed) if self.compiled else partial(model.last_logits, fed, ones, cache)
+                logits = self._fed(step, fed)
         finally:
             model.train(was_training)
 

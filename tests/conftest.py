@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -107,6 +110,34 @@ def random_prompt_rows(n: int, seed: int, vocab: int, stop_ids: tuple[int, ...] 
     completions = [rng.integers(3, vocab, size=rng.integers(1, 9)).tolist() for _ in range(n)]
     examples = Examples.of(zip(prompts, completions))
     return PromptRows(examples, prompt_len=8, max_new_tokens=6, pad_id=0, stop_ids=stop_ids)
+
+
+@contextmanager
+def failing(module: torch.nn.Module, on_call: int = 1) -> Iterator[None]:
+    """While inside: the `on_call`-th forward of `module` raises RuntimeError("injected") once it
+    has run (a failure in the middle of a model, or at its end)."""
+    calls = 0
+
+    def hook(*_):
+        nonlocal calls
+        calls += 1
+        if calls == on_call:
+            raise RuntimeError("injected")
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def until_injected(steps: Iterator[torch.Tensor]) -> list[int]:
+    """The tokens a stream yields before its injected failure, which must come."""
+    got: list[int] = []
+    with pytest.raises(RuntimeError, match="injected"):
+        for token in steps:
+            got.append(int(token))
+    return got
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import hf_twin, left_padded, tiny_config
+from conftest import failing, hf_twin, left_padded, tiny_config, until_injected
 from gemma2.chat import Chat
 from gemma2.generation import Session, generate, left_pad, stream
 from gemma2.tokenizer import Tokenizer, train_tokenizer
@@ -172,23 +172,9 @@ def test_a_decode_step_that_fails_leaves_the_session_where_the_caller_is(twin, w
     _, model = twin
     ids = torch.randint(3, CFG.vocab_size, (1, 10), generator=torch.Generator().manual_seed(5))
     want = [int(t) for t in Session(model, max_len=60).stream(ids, max_new_tokens=NEW, stop_token_ids=())]
-    calls = 0
-
-    def fail_on_the_fifth_forward(*_):
-        nonlocal calls
-        calls += 1
-        if calls == 5:
-            raise RuntimeError("injected")
-
-    module = model.model.layers[1] if where == "inside" else model.model.norm
-    hook = module.register_forward_hook(fail_on_the_fifth_forward)
-    session, got = Session(model, max_len=60), []
-    try:
-        with pytest.raises(RuntimeError, match="injected"):
-            for token in session.stream(ids, max_new_tokens=NEW, stop_token_ids=()):
-                got.append(int(token))
-    finally:
-        hook.remove()
+    session = Session(model, max_len=60)
+    with failing(model.model.layers[1] if where == "inside" else model.model.norm, on_call=5):
+        got = until_injected(session.stream(ids, max_new_tokens=NEW, stop_token_ids=()))
     assert len(got) == 4 and session.length == 14
     got += [int(t) for t in session.stream(ids[:, :0], max_new_tokens=NEW - 4, stop_token_ids=())]
     assert got == want
@@ -210,18 +196,10 @@ def test_a_later_turn_that_fails(twin, where):
     want = [int(t) for t in plain.stream(turn2, max_new_tokens=8, stop_token_ids=())]
     session = Session(model, max_len=60)
     list(session.stream(turn1, max_new_tokens=5, stop_token_ids=()))
-
-    def fail(*_):
-        raise RuntimeError("injected")
-
     module = {"before its rings": model.model.layers[0].input_layernorm, "midway through its rings":
               model.model.layers[0], "after it was counted": model.model.norm}[where]  # fmt: skip
-    hook = module.register_forward_hook(fail)
-    try:
-        with pytest.raises(RuntimeError, match="injected"):
-            next(session.stream(turn2, max_new_tokens=8, stop_token_ids=()))
-    finally:
-        hook.remove()
+    with failing(module):
+        assert until_injected(session.stream(turn2, max_new_tokens=8, stop_token_ids=())) == []
     if where == "midway through its rings":
         with pytest.raises(ValueError, match="stopped in the middle of a forward .* start a new Session"):
             session.stream(turn2, max_new_tokens=8)
@@ -238,16 +216,8 @@ def test_a_first_call_that_fails_leaves_the_session_new(twin):
     ids, mask = left_padded([14, 9], CFG.vocab_size)
     want = torch.stack(list(Session(model).stream(ids, attention_mask=mask, max_new_tokens=6)), 1)
     session = Session(model)
-
-    def fail(*_):
-        raise RuntimeError("injected")
-
-    hook = model.model.layers[0].register_forward_hook(fail)
-    try:
-        with pytest.raises(RuntimeError, match="injected"):
-            next(session.stream(ids, attention_mask=mask, max_new_tokens=6))
-    finally:
-        hook.remove()
+    with failing(model.model.layers[0]):
+        assert until_injected(session.stream(ids, attention_mask=mask, max_new_tokens=6)) == []
     assert session.length == 0
     assert torch.equal(torch.stack(list(session.stream(ids, attention_mask=mask, max_new_tokens=6)), 1), want)
 

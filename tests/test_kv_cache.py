@@ -4,7 +4,7 @@ cache continues exactly as one built fresh from the kept sequence, past the slid
 import pytest
 import torch
 
-from conftest import randomize_, tiny_config
+from conftest import failing, randomize_, tiny_config
 from gemma2 import Gemma2ForCausalLM, KVCache
 
 CFG = tiny_config()  # W = 8, 3 layers: local, global, local
@@ -107,20 +107,12 @@ def test_a_forward_that_fails_midway_through_a_chunk_leaves_its_loss_on_record(m
     resets; a reset cache, fed again, continues as a fresh one."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, CFG.vocab_size, (1, 40), generator=g)
-
-    def stop(*_):
-        raise RuntimeError("stop")
-
     cache = KVCache(CFG, 1, 64)
     with torch.no_grad():
         model(ids[:, :20], cache=cache)
         assert cache.holds_window(20)
-        hook = model.model.layers[0].register_forward_hook(stop)
-        try:
-            with pytest.raises(RuntimeError, match="stop"):
-                model(ids[:, 20:32], cache=cache)  # 12 columns: more than the ring's 8 slots
-        finally:
-            hook.remove()
+        with failing(model.model.layers[0]), pytest.raises(RuntimeError, match="injected"):
+            model(ids[:, 20:32], cache=cache)  # 12 columns: more than the ring's 8 slots
         assert cache.length == 20 and not cache.holds_window(20)
         with pytest.raises(ValueError, match="loses the sliding window"):
             cache.truncate(20)

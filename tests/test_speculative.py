@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import randomize_, tiny_config
+from conftest import failing, randomize_, tiny_config, until_injected
 from gemma2 import Gemma2ForCausalLM
 from gemma2.chat import Chat
 from gemma2.generation import Session, generate
@@ -397,26 +397,11 @@ def test_a_round_that_fails_is_undone(pair, copier, kind, where):
     target, draft = session_pair(pair, copier, kind)
     ids = torch.tensor([[5, 6, 7, 5, 6, 7, 8, 5, 6]])
     want = [int(t) for t in Session(target, max_len=128).stream(ids, max_new_tokens=NEW, stop_token_ids=())]
-    calls = 0
-
-    def fail_on_the_third_round(*_):
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise RuntimeError("injected")
-
-    # Inside: after the second layer (the first, local, has written its ring too); after: the final
-    # norm, which runs once the cache has counted the round's columns.
-    module = target.model.layers[1] if where == "inside" else target.model.norm
-    hook = module.register_forward_hook(fail_on_the_third_round)
     session = SpeculativeSession(target, draft, max_len=128, draft_tokens=4)
-    got: list[int] = []
-    try:
-        with pytest.raises(RuntimeError, match="injected"):
-            for token in session.stream(ids, max_new_tokens=NEW, stop_token_ids=()):
-                got.append(int(token))
-    finally:
-        hook.remove()
+    # Inside: after the second layer (the first, local, has written its ring too); after: the final
+    # norm, which runs once the cache has counted the round's columns. The third round fails.
+    with failing(target.model.layers[1] if where == "inside" else target.model.norm, on_call=3):
+        got = until_injected(session.stream(ids, max_new_tokens=NEW, stop_token_ids=()))
     assert 2 <= len(got) < NEW and session.length == ids.shape[1] + len(got)
     got += [int(t) for t in session.stream(ids[:, :0], max_new_tokens=NEW - len(got), stop_token_ids=())]
     assert got == want
@@ -436,16 +421,8 @@ def test_a_later_turns_first_forward_that_fails_midway_is_fed_again(pair, copier
     want = [int(t) for t in plain.stream(turn2, max_new_tokens=30, stop_token_ids=())]
     session = SpeculativeSession(target, draft, max_len=128, draft_tokens=4)
     list(session.stream(turn1, max_new_tokens=20, stop_token_ids=()))
-
-    def fail(*_):
-        raise RuntimeError("injected")
-
-    hook = target.model.layers[1].register_forward_hook(fail)
-    try:
-        with pytest.raises(RuntimeError, match="injected"):
-            next(session.stream(turn2, max_new_tokens=30, stop_token_ids=()))
-    finally:
-        hook.remove()
+    with failing(target.model.layers[1]):
+        assert until_injected(session.stream(turn2, max_new_tokens=30, stop_token_ids=())) == []
     assert session.length == 42 and not session.cache.holds_window(session.cache.length)
     got = [int(t) for t in session.stream(turn2[:, :0], max_new_tokens=30, stop_token_ids=())]
     assert got == want
