@@ -43,6 +43,7 @@ HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
 OFFICIAL_INDEX = "pytorch_model.bin.index.json"
 EMBED = "model.embed_tokens.weight"
+HEAD = "lm_head.weight"  # not a Gemma 2 weight: a copy of EMBED that some exporters write
 SKIPPED = ("freqs_cis",)  # the official reference stores its RoPE table; we recompute it
 
 
@@ -239,8 +240,32 @@ def stored_dtype(path: str | os.PathLike) -> torch.dtype:
 
 def skipped(raw_name: str, expected: dict[str, torch.Size]) -> bool:
     """Whether a checkpoint tensor is not loaded: the RoPE table, or a copy of the tied head
-    (some exporters write lm_head.weight anyway)."""
-    return raw_name in SKIPPED or raw_name == "lm_head.weight" and EMBED in expected
+    (some exporters write lm_head.weight anyway; `check_tied_head` holds it to being a copy)."""
+    return raw_name in SKIPPED or raw_name == HEAD and EMBED in expected
+
+
+def check_tied_head(head: LazyRows, embed: LazyRows, start: int = 0, stop: int | None = None) -> None:
+    """A CheckpointError unless rows start:stop of lm_head.weight equal the embedding's (in the
+    embedding's dtype), read a block of rows at a time: Gemma 2 ties its output head to the
+    embedding, so a head of its own would silently be replaced by it."""
+    if head.shape != embed.shape:
+        raise CheckpointError(f"{head.file}: {HEAD} has shape {tuple(head.shape)} but {EMBED} {tuple(embed.shape)}; "
+                              "Gemma 2 ties its output head to the embedding: is this a Gemma 2 checkpoint?")  # fmt: skip
+    stop = head.shape[0] if stop is None else stop
+    for a in range(start, stop, 4096):
+        b = min(a + 4096, stop)
+        rows = embed.read(a, b)
+        if not torch.equal(head.read(a, b).to(rows.dtype), rows):
+            raise CheckpointError(
+                f"{head.file}: {HEAD} differs from {EMBED}: the checkpoint has an output head of its own, and Gemma 2 "
+                "ties it to the embedding, so it would be ignored and the logits would not be this checkpoint's"
+            )
+
+
+def tied_head_rows(files: list[Path]) -> tuple[LazyRows, LazyRows] | None:
+    """lm_head.weight and the embedding, read lazily, when the checkpoint's files hold both."""
+    found = {name: rows for file in files for name, rows in lazy_tensors(file) if name in (HEAD, EMBED)}
+    return (found[HEAD], found[EMBED]) if len(found) == 2 else None
 
 
 def check_tensor(file: Path, raw_name: str, name: str, shape: torch.Size, expected: dict[str, torch.Size],
@@ -351,12 +376,14 @@ def load_model(
     expected = {name: p.shape for name, p in model.state_dict().items()}
     placing = Int8Loading(model, quantize, expected, dtype, device)  # casts, or quantises, each tensor
     state: dict[str, Tensor] = {}
+    copied_head = False  # lm_head.weight was there (a copy of the embedding, checked once loaded)
     # Closed however the loop ends: an error's line then starts a line of its own.
     with tqdm(total=len(expected), desc="loading", unit="tensor", disable=not progress) as bar:
         for file in files:
             reader = _read_safetensors if file.suffix == ".safetensors" else _read_pickle
             for raw_name, raw in reader(file):
                 if skipped(raw_name, expected):
+                    copied_head |= raw_name == HEAD
                     continue
                 for name, tensor in placing.place_all(official_to_hf(raw_name, raw, config)):
                     check_tensor(file, raw_name, name, tensor.shape, expected, state)
@@ -366,6 +393,8 @@ def load_model(
                     bar.update()
     placing.check()
     check_complete(path, expected, state)
+    if copied_head and (tied := tied_head_rows(files)) is not None:
+        check_tied_head(*tied)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

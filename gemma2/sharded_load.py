@@ -41,10 +41,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .checkpoint import (
+    EMBED,
+    HEAD,
     LazyRows,
     check_complete,
     check_finite_values,
     check_tensor,
+    check_tied_head,
     checkpoint_files,
     load_model,
     lazy_tensors,
@@ -81,6 +84,7 @@ class _FromCheckpoint:
 
     entries: list[_Entry]
     check_finite: bool
+    head: LazyRows | None = None  # lm_head.weight, a copy of the embedding: each rank checks its rows
 
     def fill(self, model: nn.Module) -> None:
         params = dict(model.named_parameters())
@@ -91,6 +95,8 @@ class _FromCheckpoint:
                     # Cast by the copy itself: no converted copy of the rows in transit, and the
                     # file's mapped pages are released when the rows go.
                     local.copy_(entry.rows.read(start, start + local.shape[0]))
+                    if entry.name == EMBED and self.head is not None:
+                        check_tied_head(self.head, entry.rows, start, start + local.shape[0])
                     if self.check_finite:  # in the target dtype, as load_model checks
                         check_finite_values(entry.file, entry.raw_name, local)
             except CheckpointError as e:
@@ -134,13 +140,16 @@ def _require_distributed(what: str) -> None:
 
 
 def _checked_entries(path: Path, files: list[Path], config: Gemma2Config,
-                     expected: dict[str, torch.Size]) -> list[_Entry]:  # fmt: skip
-    """Every tensor of the checkpoint, checked from the headers alone as load_model checks it."""
+                     expected: dict[str, torch.Size]) -> tuple[list[_Entry], LazyRows | None]:  # fmt: skip
+    """Every tensor of the checkpoint, checked from the headers alone as load_model checks it; and
+    lm_head.weight, if it is there (its values are checked with the embedding's rows)."""
     entries: list[_Entry] = []
     seen: set[str] = set()
+    head = None
     for file in files:
         for raw_name, lazy in lazy_tensors(file):
             if skipped(raw_name, expected):
+                head = lazy if raw_name == HEAD else head
                 continue
             for name, rows in official_to_hf(raw_name, lazy, config):
                 if rows.int8 or name.endswith("." + SCALER):
@@ -152,7 +161,7 @@ def _checked_entries(path: Path, files: list[Path], config: Gemma2Config,
                 seen.add(name)
                 entries.append(_Entry(len(entries), file, raw_name, name, rows))
     check_complete(path, expected, seen)
-    return entries
+    return entries, head
 
 
 def load_sharded(
@@ -175,8 +184,8 @@ def load_sharded(
     dtype = to_dtype(dtype)
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in Gemma2ForCausalLM(config).state_dict().items()}
-    entries = _checked_entries(path, files, config, shapes)
-    return _meta_model(config, dtype, attention, compile_attention, _FromCheckpoint(entries, check_finite))
+    entries, head = _checked_entries(path, files, config, shapes)
+    return _meta_model(config, dtype, attention, compile_attention, _FromCheckpoint(entries, check_finite, head))
 
 
 def init_sharded(

@@ -238,3 +238,28 @@ def test_a_config_or_tokenizer_file_given_as_the_checkpoint_names_its_directory(
     for name in ("config.json", "tokenizer.model"):
         with pytest.raises(CheckpointError, match=rf"{name} is not a weights file .*; pass its directory, {teacher}$"):
             load_model(teacher / name)
+
+
+def test_a_copy_of_the_tied_head_is_dropped_and_any_other_head_refused(twin, inputs, tmp_path):
+    """lm_head.weight beside the embedding (some exporters write it): a copy loads as the model
+    without it; a head of its own (one entry off, or the embedding rounded to bf16), or of another
+    shape, is refused rather than silently replaced by the embedding."""
+    from safetensors.torch import save_file
+
+    hf, ours = twin
+    state = {k: v.contiguous() for k, v in ours.state_dict().items()}
+    embed = state["model.embed_tokens.weight"]
+    for name, head in (("copy", embed.clone()), ("copy-bf16", embed.bfloat16()), ("own", embed.clone()),
+                       ("shape", embed[:-1].clone())):  # fmt: skip
+        if name == "own":
+            head[7, 3] += 0.5
+        (tmp_path / name).mkdir()
+        save_file(state | {"lm_head.weight": head}, tmp_path / name / "model.safetensors")
+        ours.config.to_json(tmp_path / name / "config.json")
+    assert_same_logits(load_model(tmp_path / "copy"), hf, inputs)
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from model.embed_tokens.weight"):
+        load_model(tmp_path / "copy-bf16")  # rounded to bf16: not the embedding any more
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from model.embed_tokens.weight: .* its own"):
+        load_model(tmp_path / "own")
+    with pytest.raises(CheckpointError, match=r"lm_head.weight has shape \(299, 64\)"):
+        load_model(tmp_path / "shape")

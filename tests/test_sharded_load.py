@@ -127,6 +127,11 @@ def test_a_bad_checkpoint_raises_load_models_error_on_every_rank(tmp_path):
 
     bad("bad-nan", two_nans)
     bad("bad-nan-rank1", lambda m: m.model.norm.weight.__setitem__(-1, float("nan")))
+    # An output head of its own: its last row differs from the embedding's, which only rank 1 reads.
+    (tmp_path / "bad-head").mkdir()
+    head = good.state_dict()["model.embed_tokens.weight"].clone()
+    head[-1, 0] += 1.0
+    save_file(good.state_dict() | {"lm_head.weight": head}, tmp_path / "bad-head" / "model.safetensors")
     save_model(init_weights(Gemma2ForCausalLM(CFG.replace(intermediate_size=48))), tmp_path / "bad-shape")
     save_model(quantize_model(Gemma2ForCausalLM(CFG)), tmp_path / "bad-int8")
     (tmp_path / "bad-missing").mkdir()
@@ -147,6 +152,7 @@ def test_a_bad_checkpoint_raises_load_models_error_on_every_rank(tmp_path):
             load_model(tmp_path / case, config=CFG)
         assert ranks[0][case] == str(single.value), case
     assert "down_proj" in ranks[0]["bad-nan"] and "holds NaN or inf" in ranks[0]["bad-nan"]
+    assert "lm_head.weight differs from model.embed_tokens.weight" in ranks[0]["bad-head"]
 
 
 STEPS = 4
