@@ -51,6 +51,14 @@ def check_vocabulary(tokenizer: Tokenizer, config: Gemma2Config) -> None:
         )
 
 
+def check_model_arg(path: str | os.PathLike, flag: str) -> None:
+    """A model that `flag` names exists and holds weights (a run's directory is named with a
+    checkpoint inside it to pass), before any tokenizer is sought there or any weight read."""
+    if not Path(path).exists():
+        raise ValueError(f"{flag} {path}: no such file or directory")
+    checkpoint_files(Path(path))
+
+
 def find_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer for `checkpoint`: `tokenizer` (a .model file, or a directory holding
     tokenizer.model), by default the checkpoint's own, which `tokenizer` must then be; first checks

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from gemma2.checkpoint import checkpoint_files, load_model
+from gemma2.checkpoint import load_model
 from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
 from gemma2.compatibility import check_own_tokenizer, check_seq_len, check_tokenizer
 from gemma2.data_args import add_data_arguments, check_data_args, datasets_from_args, packed_seq_len
 from gemma2.distributed import close_distributed, init_distributed, launched_world, runtime
 from gemma2.dtypes import dtype_argument, to_dtype
-from gemma2.loading import stored_config
+from gemma2.loading import check_model_arg, stored_config
 from gemma2.teacher_cache import check_cache_directory, check_cache_settings, write_teacher_cache
 from gemma2.tokenizer import Tokenizer
 
@@ -69,9 +69,7 @@ def main() -> int:
     if args.device is not None:
         device_arg(args.device)  # refused before any work if this machine has no such device
     check_data_args(args)  # before the teacher loads, as are the teacher's path, the cache's settings and --out
-    if not Path(args.teacher).exists():
-        raise ValueError(f"--teacher {args.teacher}: no such file or directory")
-    checkpoint_files(Path(args.teacher))  # a directory without weights (a run's, say) is named before its tokenizer
+    check_model_arg(args.teacher, "--teacher")
     config = stored_config(args.teacher)
     check_cache_settings(None if config is None else config.vocab_size, k=args.k, temperature=args.temperature,
                          batch_size=args.batch_size, chunk_size=args.chunk_size,

@@ -24,11 +24,9 @@ import argparse
 import json
 import sys
 from functools import partial
-from pathlib import Path
 
 import torch
 
-from gemma2.checkpoint import checkpoint_files
 from gemma2.cli import add_threads_option, check_json_flag, device_arg, run_cli, set_threads
 from gemma2.compatibility import check_own_tokenizer, check_seq_len, check_tokenizer
 from gemma2.config import Gemma2Config
@@ -36,7 +34,7 @@ from gemma2.data_args import add_data_arguments, check_data_args, datasets_from_
 from gemma2.dtypes import dtype_argument, dtype_name, to_dtype
 from gemma2.evaluation import evaluate
 from gemma2.files import write_text_atomic
-from gemma2.loading import default_dtype, find_tokenizer, load_checked, stored_config
+from gemma2.loading import check_model_arg, default_dtype, find_tokenizer, load_checked, stored_config
 from gemma2.quantize import QUANTIZE_MODES
 from gemma2.student import model_config
 from gemma2.token_files import names_token_file
@@ -89,9 +87,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--split all evaluates every document (prompt) whatever the split: drop --holdout-fraction")
     check_data_args(args)
     if args.teacher is not None:
-        if not Path(args.teacher).exists():
-            raise ValueError(f"--teacher {args.teacher}: no such file or directory")
-        checkpoint_files(Path(args.teacher))  # a directory without weights is named now
+        check_model_arg(args.teacher, "--teacher")
     check_json_flag(args.json, args.overwrite)
 
 

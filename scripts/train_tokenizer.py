@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gemma2.cli import run_cli
 from gemma2.corpus import build_corpus, corpus_bytes, corpus_fingerprint, read_documents, split_corpus
-from gemma2.tokenizer import FIXED_PIECES, Tokenizer, train_tokenizer
+from gemma2.tokenizer import Tokenizer, check_vocab_size, train_tokenizer
 
 
 def main() -> None:
@@ -33,13 +33,7 @@ def main() -> None:
                          f"(e.g. {Path(args.output) / 'tokenizer.model'})")  # fmt: skip
     if Path(args.output).exists() and not args.overwrite:
         raise ValueError(f"{args.output} already exists; pass --overwrite to replace it, or another --output")
-    # Found by experiment: SentencePiece refuses a vocabulary below its fixed pieces plus one per
-    # character of the text; train_tokenizer says so too, but only once the text is read.
-    if args.vocab_size <= FIXED_PIECES:
-        raise ValueError(f"--vocab-size {args.vocab_size} is too small: the tokenizer holds {FIXED_PIECES} fixed "
-                         "pieces (7 special + 256 bytes) plus one per character of the text (the rarest "
-                         f"excepted), so at least {FIXED_PIECES + 1}; pass more (the default is "
-                         f"{p.get_default('vocab_size')})")  # fmt: skip
+    check_vocab_size(args.vocab_size, "--vocab-size")
     if args.input and args.holdout_fraction != p.get_default("holdout_fraction"):
         raise ValueError("--holdout-fraction splits the built-in corpus, not --input: drop one of them")
 
