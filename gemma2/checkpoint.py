@@ -216,14 +216,15 @@ def _finite(t: Tensor) -> bool:
     return bool(t.sum().isfinite()) or bool(t.isfinite().all())
 
 
-def stored_dtype(path: str | os.PathLike) -> torch.dtype:
+def stored_dtype(path: str | os.PathLike, floating: bool = False) -> torch.dtype:
     """The dtype a checkpoint's weights are stored in: that of its first weight (not the official
     RoPE table, complex; int8 for an int8 checkpoint), read from a safetensors file's header, not
-    its bytes (the 2B embedding is 1.2 GB)."""
+    its bytes (the 2B embedding is 1.2 GB). floating: that of its first floating-point tensor
+    instead (the same, except in an int8 checkpoint: its scales' and norms')."""
     file = checkpoint_files(Path(path))[0]
 
     def weight(name: str, dtype: torch.dtype) -> bool:
-        return name not in SKIPPED and (dtype.is_floating_point or dtype == torch.int8)
+        return name not in SKIPPED and (dtype.is_floating_point or dtype == torch.int8 and not floating)
 
     if file.suffix == ".safetensors":
         with _opened(file) as f:

@@ -10,6 +10,7 @@ fix (one line from gemma2.cli).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from .checkpoint import checkpoint_files, load_model
 from .compatibility import check_own_tokenizer, check_tokenizer
 from .config import Gemma2Config
 from .model import Gemma2ForCausalLM
+from .student import model_config
 from .tokenizer import Tokenizer
 
 
@@ -37,6 +39,24 @@ def stored_config(path: str | os.PathLike) -> Gemma2Config | None:
         return Gemma2Config.from_json(file) if file.is_file() else None
     except (ValueError, KeyError, TypeError, AttributeError):
         return None  # load_model reports what is wrong with it
+
+
+def config_flag(checkpoint: str | os.PathLike, spec: str | None) -> Gemma2Config | None:
+    """The config that --config names (a preset or a config.json), for a checkpoint without a
+    config.json of its own (an official .ckpt). One that differs from the checkpoint's own
+    config.json is refused, naming the fields, rather than silently overriding it."""
+    if spec is None:
+        return None
+    config, own = model_config(spec, "--config"), stored_config(checkpoint)
+    if own is None or own == config:
+        return config
+    differ = [f"{f.name} {getattr(own, f.name)!r} there, {getattr(config, f.name)!r} in --config"
+              for f in dataclasses.fields(own) if getattr(own, f.name) != getattr(config, f.name)]  # fmt: skip
+    directory = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    raise ValueError(
+        f"--config {spec} differs from {directory / 'config.json'} ({'; '.join(differ)}): --config is for a "
+        "checkpoint without a config.json; drop it to load the checkpoint as its config.json says"
+    )
 
 
 def check_vocabulary(tokenizer: Tokenizer, config: Gemma2Config) -> None:

@@ -31,6 +31,7 @@ from gemma2.checkpoint import check_save_directory, save_official, stored_dtype
 from gemma2.cli import run_cli
 from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.files import atomic_file
+from gemma2.loading import config_flag
 from gemma2.quantize import QUANTIZE_MODES
 
 
@@ -45,18 +46,18 @@ def check_output(source: Path, target: Path, dtype: torch.dtype, args: argparse.
             raise ValueError(f"--output {target} is a file; the Hugging Face layout is a directory")
         exists = target.is_dir() and any(target.iterdir())
         check_save_directory(target)  # before loading anything
-    if target.resolve() == source.resolve():
-        old = stored_dtype(source)
-        if old != dtype and not args.quantize and not args.overwrite:
-            keep = "" if old == torch.int8 else f"--dtype {str(old).removeprefix('torch.')}, "
+    if target.resolve() == source.resolve() and not args.overwrite:
+        weights, floats = stored_dtype(source), stored_dtype(source, floating=True)
+        if args.quantize and weights != torch.int8:
             raise ValueError(
-                f"--output is the input and would turn its {old} weights into {dtype} in place; pass "
-                f"{keep}another --output, or --overwrite"
+                f"--output is the input and --quantize {args.quantize} would replace its {weights} weights in "
+                "place; pass another --output, or --overwrite"
             )
-        if args.quantize and not args.overwrite:
+        if floats != dtype:  # an int8 input stays int8: --dtype is that of its scales and norms
+            what = f"{weights} weights" if weights != torch.int8 else f"int8 checkpoint's {floats} scales and norms"
             raise ValueError(
-                f"--output is the input and --quantize {args.quantize} would replace its weights in place; "
-                "pass another --output, or --overwrite"
+                f"--output is the input and would turn its {what} into {dtype} in place; pass "
+                f"--dtype {str(floats).removeprefix('torch.')}, another --output, or --overwrite"
             )
     elif exists and not args.overwrite:
         raise ValueError(f"--output {target} already exists and is not empty; pass --overwrite to replace it")
@@ -79,12 +80,8 @@ def main() -> int:
     source, target = Path(args.input), Path(args.output)
     if not source.exists():
         raise ValueError(f"--input {source}: no such file or directory")
+    config = config_flag(source, args.config)
     check_output(source, target, to_dtype(args.dtype), args)
-    config = args.config
-    if config and config.endswith(".json"):
-        from gemma2 import Gemma2Config
-
-        config = Gemma2Config.from_json(config)
     model = load_model(source, dtype=to_dtype(args.dtype), config=config, progress=True, quantize=args.quantize)
     if not args.quantize and model.output_weight.dtype == torch.int8:  # an int8 checkpoint loads as int8
         print(f"{source} holds int8 weights: written as int8 with {args.dtype} scales (int8 weights cannot be made "

@@ -34,9 +34,8 @@ from gemma2.data_args import add_data_arguments, check_data_args, datasets_from_
 from gemma2.dtypes import dtype_argument, dtype_name, to_dtype
 from gemma2.evaluation import evaluate
 from gemma2.files import write_text_atomic
-from gemma2.loading import check_model_arg, default_dtype, find_tokenizer, load_checked, stored_config
+from gemma2.loading import check_model_arg, config_flag, default_dtype, find_tokenizer, load_checked, stored_config
 from gemma2.quantize import QUANTIZE_MODES
-from gemma2.student import model_config
 from gemma2.token_files import names_token_file
 from gemma2.tokenizer import Tokenizer
 
@@ -114,7 +113,7 @@ def evaluate_main(args: argparse.Namespace) -> None:
     device_arg(args.device)
     check_args(args)
     dtype = to_dtype(args.dtype or default_dtype(args.device, args.quantize))
-    config = model_config(args.config, "--config") if args.config else None
+    config = config_flag(args.checkpoint, args.config)
     tokenizer = find_tokenizer(args.checkpoint, args.tokenizer)
     check_configs(args, tokenizer, config)
     if args.split == "all" and not (args.eval_data or args.eval_prompts or names_token_file(args.data or args.prompts)):

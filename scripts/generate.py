@@ -51,12 +51,11 @@ from gemma2.cli import add_threads_option, device_arg, run_cli, set_threads
 from gemma2.dtypes import to_dtype
 from gemma2.chat import Chat
 from gemma2.generation import left_pad, stream
-from gemma2.loading import default_dtype, load_with_tokenizer, stored_config
+from gemma2.loading import config_flag, default_dtype, load_with_tokenizer, stored_config
 from gemma2.prompt_lookup import PromptLookup
 from gemma2.quantize import QUANTIZE_MODES
 from gemma2.sampling import check_sampling_args
 from gemma2.speculative import DRAFT_TOKENS, SpeculativeStats, check_draft, check_vocab_sizes, speculative_stream
-from gemma2.student import model_config
 from gemma2.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -131,7 +130,7 @@ def load(args: argparse.Namespace) -> tuple[Gemma2ForCausalLM, Tokenizer]:
         dtype = to_dtype(args.dtype)
     except ValueError as e:
         raise UsageError(f"--dtype {e}") from None
-    config = model_config(args.config, "--config") if args.config else None
+    config = config_flag(args.checkpoint, args.config)
     return load_with_tokenizer(args.checkpoint, tokenizer=args.tokenizer, config=config, dtype=dtype,
                                device=args.device, quantize=args.quantize)  # fmt: skip
 

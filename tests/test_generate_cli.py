@@ -148,6 +148,12 @@ def test_an_official_ckpt_with_config(checkpoint, tmp_path):
     assert result.stdout == run_cli("--checkpoint", str(checkpoint), *common[2:]).stdout
     missing = run_cli(*common)
     assert missing.returncode == 2 and "no config.json" in missing.stderr and "--config" in missing.stderr
+    # Beside a config.json, --config may only repeat it (it silently won): another is refused.
+    beside = ["--checkpoint", str(checkpoint), *common[2:]]
+    assert run_cli(*beside, "--config", str(checkpoint / "config.json")).stdout == result.stdout
+    other = run_cli(*beside, "--config", "tiny")
+    assert other.returncode == 2 and other.stderr.startswith(f"error: --config tiny differs from {checkpoint}/config.json (")
+    assert "--config is for a checkpoint without a config.json; drop it" in other.stderr
 
 
 def test_a_padded_vocabulary_is_refused_before_generating(checkpoint, tmp_path, capsys):

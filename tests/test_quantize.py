@@ -374,11 +374,24 @@ def test_convert_checkpoint_quantize_int8(tmp_path):
     direct = quantize_model(load_model(tmp_path / "f"))
     converted = load_model(tmp_path / "q")
     assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), direct.state_dict().values()))
-    # In place, the int8 weights would be dequantised: refused with the ways that work (--quantize int8
-    # in place is refused too, so it is not offered).
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_checkpoint.py"), "--input", str(tmp_path / "q"),
-                           "--output", str(tmp_path / "q")], capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 2 and done.stderr.endswith("in place; pass another --output, or --overwrite\n")
+    # In place, an int8 input stays int8; --dtype is its scales' and norms': a change is refused,
+    # naming them, and the same dtype (with or without --quantize int8) rewrites the same tensors.
+    convert = [sys.executable, str(ROOT / "scripts" / "convert_checkpoint.py"), "--input", str(tmp_path / "q"),
+               "--output", str(tmp_path / "q")]  # fmt: skip
+    done = subprocess.run(convert, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.endswith(
+        "would turn its int8 checkpoint's torch.float32 scales and norms into torch.bfloat16 in place; "
+        "pass --dtype float32, another --output, or --overwrite\n"
+    )
+    for extra in (["--dtype", "fp32"], ["--dtype", "fp32", "--quantize", "int8"]):
+        done = subprocess.run(convert + extra, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        again = load_model(tmp_path / "q")
+        assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), direct.state_dict().values()))
+    # A float input quantised in place loses its float weights: refused.
+    done = subprocess.run(convert[:3] + [str(tmp_path / "f"), "--output", str(tmp_path / "f"), "--quantize", "int8",
+                                         "--dtype", "fp32"], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and "--quantize int8 would replace its torch.float32 weights in place" in done.stderr
 
 
 def test_generate_script_quantize_int8():
