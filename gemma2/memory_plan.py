@@ -333,6 +333,9 @@ def plan_memory(
     if max_new_tokens < 0 or max_new_tokens and not 1 <= P <= seq_len + 1 - max_new_tokens:
         raise ValueError(f"max_new_tokens must be >= 0 and, with a prompt of >= 1 token, fit a row of seq_len "
                          f"{seq_len}; got {max_new_tokens} new tokens after a prompt of {P}")  # fmt: skip
+    if not max_new_tokens and (prompt_len is not None or sample_sharded):  # they shape sampling: say it is off
+        raise ValueError("prompt_len and sample_sharded describe on-policy sampling, which is off without "
+                         "max_new_tokens: pass max_new_tokens (--max-new-tokens) too, or drop them")  # fmt: skip
     if seq_kd and (teacher is None or not max_new_tokens):
         raise ValueError("seq_kd samples from a live teacher: pass its config (--teacher) and how many tokens "
                          "it samples (--max-new-tokens)")

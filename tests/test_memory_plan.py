@@ -270,6 +270,9 @@ def test_a_run_beyond_a_models_context_or_without_a_prompt_is_refused():
     for n in (32, 40):
         with pytest.raises(ValueError, match=f"max_new_tokens {n} leaves no prompt in a row of seq_len 32"):
             plan_memory(student, seq_len=32, batch_size=1, max_new_tokens=n, device_type="cpu")
+    for shaping in (dict(prompt_len=8), dict(sample_sharded=True)):  # ignored without sampling: refused
+        with pytest.raises(ValueError, match="describe on-policy sampling, which is off without max_new_tokens: pass"):
+            plan_memory(student, seq_len=32, batch_size=1, device_type="cpu", **shaping)
     # A prompt of its own: a prompt dataset's row of 1 + 32 - 1 tokens, its sample one more.
     plan = plan_memory(student, seq_len=32, batch_size=1, max_new_tokens=32, prompt_len=1, device_type="cpu")
     assert "sampling" in plan.phases
