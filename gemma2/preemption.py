@@ -9,10 +9,16 @@ reach the ranks at different moments), the trainer saves a checkpoint there and 
 process as Ctrl-C does (gemma2.cli), while a SIGUSR1 warning noted since `note_warnings` stops the
 loop at its first check. Ctrl-C itself keeps its meaning: stop now, keep the last complete
 checkpoint.
+
+A stop loses no work only if it ends before the scheduler's SIGKILL: Kubernetes and SLURM allow
+30 s by default, while a large run's save alone can take minutes. `StopTime` adds up the slowest
+step, evaluation and save measured so far and says once, naming the figures, when a stop could
+outlast the grace a run declares (TrainConfig.stop_grace, `--stop-grace`).
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 from pathlib import Path
@@ -20,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .distributed import Runtime
+from .files import notice
 from .locks import ensure_held
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -100,3 +107,35 @@ def check_together(rt: Runtime, lock: Path | None, asked: bool = False) -> bool:
         raise ValueError(f"rank {rt.rank}: the rank holding the run directory's lock lost it (its own message "
                          "says how); stopping with it, without writing")  # fmt: skip
     return asked
+
+
+class StopTime:
+    """The longest a stop could take, against the grace the scheduler allows between its SIGTERM
+    and SIGKILL (`grace` seconds; None: not checked): the slowest step (the one in progress when
+    the signal comes), evaluation (when one is due after it) and save measured so far. The first
+    time their sum exceeds the grace, one note on stderr (`quiet`: on other ranks, none) says so,
+    with the figures and the fixes. A save is measured only once one has run: with `save_every`
+    0, at the end."""
+
+    PARTS = ("step", "evaluation", "save")
+
+    def __init__(self, grace: float | None, quiet: bool = False) -> None:
+        self.grace, self.quiet = grace, quiet
+        self.slowest = dict.fromkeys(self.PARTS, 0.0)
+        self.warned = False
+
+    def measured(self, part: str, seconds: float) -> None:
+        self.slowest[part] = max(self.slowest[part], seconds)
+        total = sum(self.slowest.values())
+        if self.grace is None or self.warned or total <= self.grace:
+            return
+        self.warned = True
+        if self.quiet:
+            return
+        parts = ", ".join(f"{what} {s:.1f} s" for what, s in self.slowest.items() if s)
+        need = math.ceil(1.2 * total)  # a fifth more than measured: steps and saves vary
+        notice(f"stopping on SIGTERM could take {total:.1f} s here (the slowest {parts}), more than the "
+               f"{self.grace:g} s between a scheduler's SIGTERM and its SIGKILL that this run assumes "
+               "(--stop-grace): a stop cut short keeps only the last checkpoint. Allow more time (SLURM: "
+               f"--signal=USR1@{need}, a warning ahead; Kubernetes: terminationGracePeriodSeconds: {need}) and "
+               f"pass --stop-grace {need}, or save more often (--save-every)")  # fmt: skip

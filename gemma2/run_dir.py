@@ -62,7 +62,7 @@ RNG_FILE = "rng-{rank}.pt"  # in a checkpoint, each rank's RNG states (gemma2.tr
 # fingerprint, which covers the tokenizer.
 SAFE_TO_CHANGE = ("steps", "save_every", "eval_every", "eval_sequences", "keep_last", "out_dir", "tokenizer_file",
                   "activation_checkpointing", "device", "peak_flops", "compile_sampling",
-                  "sample_sharded")  # fmt: skip
+                  "sample_sharded", "stop_grace")  # fmt: skip
 # Only their product with the number of ranks, the global batch, changes the run: one step's
 # gradient is the mean over its sequences however they are split (gemma2.trainer).
 BATCH_SPLIT = ("batch_size", "grad_accum")

@@ -68,7 +68,7 @@ from .files import notice, write_text_atomic
 from .locks import ensure_held
 from .model import Gemma2ForCausalLM, RMSNorm
 from .on_policy import Rollouts, check_on_policy
-from .preemption import StopSignals, TrainingStopped, check_together
+from .preemption import StopSignals, StopTime, TrainingStopped, check_together
 from .run_dir import METRICS_FILE, Run, json_line, open_run, read_metrics
 from .sharded_load import load_weights
 from .teacher import Teacher, check_teacher, teacher_record
@@ -114,6 +114,9 @@ class TrainConfig:
     compile_sampling: bool = False  # completions decode through torch.compile (gemma2.static_decode); one process
     sample_sharded: bool = False  # FSDP2: gather each Block per new token (its memory alone), not the student once
     group_by_length: int = 0  # prompts: rows sorted longest first within runs of this many (gemma2.data.BatchLoader)
+    # Seconds a scheduler allows between SIGTERM and SIGKILL (Kubernetes' and SLURM's default); a
+    # stop measured to take longer is noted once (gemma2.preemption.StopTime). None: not checked.
+    stop_grace: float | None = 30.0
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "chunk_size")
@@ -156,6 +159,9 @@ class TrainConfig:
             raise ValueError(f"gen_temperature must be a finite number >= 0 (0 = greedy), got {self.gen_temperature}")
         if self.group_by_length < 0:
             raise ValueError(f"group_by_length must be >= 0 rows (0: off), got {self.group_by_length}")
+        if self.stop_grace is not None and not 0 < self.stop_grace < math.inf:
+            raise ValueError(f"stop_grace must be a positive number of seconds or None (not checked), got "
+                             f"{self.stop_grace}")  # fmt: skip
         if self.prompt_len is not None and self.prompt_len < 1:
             raise ValueError(f"prompt_len must be >= 1 or None (seq_len - max_new_tokens), got {self.prompt_len}")
         self.betas = tuple(self.betas)  # JSON gives a list back
@@ -494,6 +500,7 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     flops_per_token = partial(training_flops_per_token, student.config, teacher=live_teacher)
     peak = cfg.peak_flops or peak_flops(rt.device, loss_mod.dtype)
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not progress or not rt.is_main)
+    stop_time = StopTime(cfg.stop_grace, quiet=not rt.is_main)
     with StopSignals() as stop, bar:  # the bar closed however the loop ends: an error's line is its own
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
@@ -512,9 +519,12 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
+            stop_time.measured("step", dt)
             done = step + 1 == cfg.steps
             due = cfg.eval_every and (done or (step + 1) % cfg.eval_every == 0)
             evaluated = evaluate(step + 1, first=False) if due else None
+            if due:
+                stop_time.measured("evaluation", time.perf_counter() - t0 - dt)
             stopping = stop.requested(rt, run.lock)  # a scheduler's SIGTERM or SIGUSR1, the lock: one collective
             per_device = tokens / dt / rt.world
             utilisation = mfu(flops / tokens, per_device, peak)
@@ -533,9 +543,11 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
                 log(evaluated)
             if done or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 state = {"data": loader.state_dict(), "config": dataclasses.asdict(cfg), "run": run.record}
+                t_save = time.perf_counter()
                 with run.saving(student):
                     saved = save_checkpoint(out, step + 1, student, optimizer, state,
                                             tokenizer_file=cfg.tokenizer_file, keep_last=cfg.keep_last)  # fmt: skip
+                stop_time.measured("save", time.perf_counter() - t_save)
             if stopping and not done:
                 asked = stop.received or "a stop signal (on another rank)"
                 raise TrainingStopped(f"stopped by {asked} after step {step + 1} of {cfg.steps}; saved {saved}: "

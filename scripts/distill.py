@@ -101,6 +101,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--peak-flops", type=float, default=None,
                    help="peak FLOP/s of one device, for MFU (default: gemma2.throughput's table of common cards)")
+    p.add_argument("--stop-grace", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds the scheduler allows between SIGTERM and SIGKILL (default 30, Kubernetes' and "
+                   "SLURM's); a stop (step, evaluation, save) measured longer is noted once. 0: not checked")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="start in a non-empty --out that holds no previous run (nothing in it is deleted)")
@@ -155,7 +158,7 @@ def train_config(args: argparse.Namespace, tok_path: Path) -> TrainConfig:
         seed=args.seed, device=args.device, tokenizer_file=str(tok_path), peak_flops=args.peak_flops,
         lmbda=args.lmbda, seq_kd=args.seq_kd, max_new_tokens=args.max_new_tokens,
         gen_temperature=args.gen_temperature, prompt_len=args.prompt_len, compile_sampling=args.compile_sampling,
-        sample_sharded=args.sample_sharded, group_by_length=args.group_by_length,
+        sample_sharded=args.sample_sharded, group_by_length=args.group_by_length, stop_grace=args.stop_grace or None,
     )  # fmt: skip
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import gemma2.trainer as trainer
 from conftest import tiny_training_config
 from gemma2 import Gemma2ForCausalLM
 from gemma2.data import Datasets, PackedSequences
-from gemma2.preemption import TrainingStopped, note_warnings
+from gemma2.preemption import StopTime, TrainingStopped, note_warnings
 from gemma2.student import init_weights
 from gemma2.train_state import latest_checkpoint
 from gemma2.trainer import TrainConfig, train
@@ -134,3 +136,44 @@ def test_a_warning_before_the_loop_stops_it_at_its_first_check(tmp_path):
         assert [m["step"] for m in metrics] == [2, 3, 4, 5, 6]
     finally:
         signal.signal(signal.SIGUSR1, before)
+
+
+def test_a_stop_that_could_outlast_the_grace_is_noted_once_with_its_figures(capsys):
+    """The slowest step, evaluation and save add up to the longest stop; the first time that sum
+    passes the grace, one note names the figures and the flags that fix it."""
+    stop_time = StopTime(10.0)
+    for part, seconds in (("step", 4.0), ("evaluation", 3.0), ("step", 2.0)):  # 7 s at most: within
+        stop_time.measured(part, seconds)
+    assert capsys.readouterr().err == ""
+    stop_time.measured("save", 5.0)  # 4 + 3 + 5 = 12 s > 10: 1.2 x 12 = 14.4 -> 15 s asked for
+    err = capsys.readouterr().err
+    assert err.startswith("note: stopping on SIGTERM could take 12.0 s here (the slowest step 4.0 s, evaluation "
+                          "3.0 s, save 5.0 s), more than the 10 s between a scheduler's SIGTERM and its SIGKILL")
+    assert "--signal=USR1@15" in err and "terminationGracePeriodSeconds: 15" in err and "--stop-grace 15" in err
+    stop_time.measured("save", 50.0)
+    assert capsys.readouterr().err == ""  # once
+    for quiet in (StopTime(10.0, quiet=True), StopTime(None)):  # another rank; no grace declared
+        quiet.measured("save", 50.0)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("grace, noted", [(0.3, True), (30.0, False)])
+def test_the_trainer_measures_its_saves_against_the_grace(tmp_path, monkeypatch, capsys, grace, noted):
+    """A save that takes 0.4 s (slowed here) passes a grace of 0.3 s at the first checkpoint."""
+    save = trainer.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        time.sleep(0.4)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", slow_save)
+    tokens = np.random.default_rng(0).integers(3, 96, size=2000).astype(np.int32)
+    student = init_weights(Gemma2ForCausalLM(tiny_training_config(vocab_size=96, max_position_embeddings=32)), 2)
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=4, batch_size=2, lr=1e-2, warmup=1, alpha=0.0,
+                      eval_every=0, save_every=2, stop_grace=grace)  # fmt: skip
+    train(cfg, student, Datasets(PackedSequences(tokens, 16), None), progress=False)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "stopping on SIGTERM" in line]
+    assert len(notes) == noted
+    if noted:
+        assert re.search(r"could take 0\.\d s here \(the slowest step 0\.\d s, save 0\.[45] s\), more than the 0\.3 s",
+                         notes[0]), notes[0]  # fmt: skip
