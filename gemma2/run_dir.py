@@ -274,6 +274,55 @@ def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, wo
     """Refuse a resume whose settings would change the run's meaning; print each safe change.
     `world`: the number of ranks now (the checkpoint records its own); `models`: the student's
     config and the teacher's record now (Run.models)."""
+    differ, changed = _setting_changes(cfg, state, ckpt, world)
+    old_fp = (state.get("run") or {}).get("train_fingerprint")
+    if old_fp is not None and old_fp != fingerprint:
+        differ.append(f"the training tokens (data, tokenizer or seq_len; fingerprint {old_fp} -> {fingerprint})")
+    if models is not None:
+        differ += _model_changes(models, ckpt, (state.get("run") or {}).get("models") or {})
+    _refuse_differences(ckpt, differ)
+    for change in changed:
+        notice(f"resuming with a changed setting: {change}")
+
+
+def check_resume_settings(cfg: TrainConfig, found: tuple[Path, dict], world: int = 1,
+                          decided_later: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """The checks of a resume from `found` (check_out_dir's newest checkpoint and state) that need
+    neither the data nor the models, so that scripts/distill.py refuses a changed flag before
+    minutes of loading (open_run checks them again, with the rest). `decided_later`: the settings
+    that the data fill in (a prompt dataset's prompt_len), left to that later check."""
+    ckpt, state = found
+    _check_resumable(cfg, ckpt, state)
+    _refuse_differences(ckpt, _setting_changes(cfg, state, ckpt, world, skip=decided_later)[0])
+
+
+def _check_resumable(cfg: TrainConfig, ckpt: Path, state: dict) -> None:
+    """A checkpoint a run can continue: with its optimizer, and not past `cfg.steps`."""
+    if not (ckpt / "optimizer").is_dir():
+        raise ValueError(
+            f"{ckpt} has no optimizer/ directory, so it cannot be resumed (it holds weights only); start a "
+            f"new run with it as the student, or delete it to resume from an earlier checkpoint"
+        )
+    if cfg.steps < state["step"]:
+        raise ValueError(
+            f"{ckpt} is at step {state['step']}, past steps = {cfg.steps}; pass steps > {state['step']} "
+            "to train further (a run cannot go back)"
+        )
+
+
+def _refuse_differences(ckpt: Path, differ: list[str]) -> None:
+    if differ:
+        raise ValueError(
+            f"cannot resume from {ckpt}: these settings differ from the run it continues: {'; '.join(differ)}. "
+            "Resume with the checkpoint's settings (its trainer_state.json lists them), or start a new run "
+            "in another out_dir"
+        )
+
+
+def _setting_changes(cfg: TrainConfig, state: dict, ckpt: Path, world: int,
+                     skip: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:  # fmt: skip
+    """How `cfg` differs from the settings `state` recorded: the differences that change the
+    run's meaning, and the safe changes (SAFE_TO_CHANGE, a batch split, more steps)."""
     stored = state.get("config") or {}
     now = dataclasses.asdict(cfg)
     differ, changed = [], []
@@ -284,7 +333,7 @@ def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, wo
     # A checkpoint older than a field ran with that field's default (e.g. lmbda = 0: no on-policy steps).
     defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
     for name, value in now.items():
-        if name not in stored and name not in defaults:
+        if name in skip or name not in stored and name not in defaults:
             continue
         old = stored.get(name, defaults.get(name))
         old = tuple(old) if isinstance(old, list) else old
@@ -306,19 +355,7 @@ def check_resume(cfg: TrainConfig, state: dict, fingerprint: str, ckpt: Path, wo
             changed.append(f"{name}: {old} -> {value}")
         else:
             differ.append(f"{name} (checkpoint: {old!r}, now: {value!r})")
-    old_fp = (state.get("run") or {}).get("train_fingerprint")
-    if old_fp is not None and old_fp != fingerprint:
-        differ.append(f"the training tokens (data, tokenizer or seq_len; fingerprint {old_fp} -> {fingerprint})")
-    if models is not None:
-        differ += _model_changes(models, ckpt, (state.get("run") or {}).get("models") or {})
-    if differ:
-        raise ValueError(
-            f"cannot resume from {ckpt}: these settings differ from the run it continues: {'; '.join(differ)}. "
-            "Resume with the checkpoint's settings (its trainer_state.json lists them), or start a new run "
-            "in another out_dir"
-        )
-    for change in changed:
-        notice(f"resuming with a changed setting: {change}")
+    return differ, changed
 
 
 def _model_changes(models: dict, ckpt: Path, stored: dict) -> list[str]:
@@ -395,16 +432,7 @@ def open_run(cfg: TrainConfig, data: Datasets, *, models: dict, resume: bool, ov
     fingerprint = data.train.fingerprint()
     if found is not None:
         ckpt, state = found
-        if not (ckpt / "optimizer").is_dir():
-            raise ValueError(
-                f"{ckpt} has no optimizer/ directory, so it cannot be resumed (it holds weights only); start a "
-                f"new run with it as the student, or delete it to resume from an earlier checkpoint"
-            )
-        if cfg.steps < state["step"]:
-            raise ValueError(
-                f"{ckpt} is at step {state['step']}, past steps = {cfg.steps}; pass steps > {state['step']} "
-                "to train further (a run cannot go back)"
-            )
+        _check_resumable(cfg, ckpt, state)
         check_resume(cfg, state, fingerprint, ckpt, world, models)
         if main and cfg.steps == state["step"]:
             notice(f"{ckpt} is already at step {cfg.steps}: nothing to train (pass a larger steps to continue)")

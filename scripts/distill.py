@@ -38,7 +38,7 @@ from gemma2.data_args import add_data_arguments, check_data_args, datasets_from_
 from gemma2.distributed import close_distributed, init_distributed, launched_world
 from gemma2.dtypes import compute_dtype_argument, dtype_argument, to_dtype
 from gemma2.preemption import TrainingStopped, note_warnings
-from gemma2.run_dir import check_out_dir
+from gemma2.run_dir import check_out_dir, check_resume_settings
 from gemma2.sharded_load import load_sharded
 from gemma2.teacher import teacher_vocab_size
 from gemma2.teacher_cache import TeacherCache
@@ -184,8 +184,10 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} {path}: no such file or directory")
     tok_path = tokenizer_path(args)
     cfg = train_config(args, tok_path)  # every training flag checked, then --out: before the models load
-    check_out_dir(Path(args.out), resume=args.resume, overwrite=args.overwrite)
+    found = check_out_dir(Path(args.out), resume=args.resume, overwrite=args.overwrite)
     rank, world = init_distributed()
+    if found is not None:  # --resume: a changed flag is refused now, the data's and models' part once read
+        check_resume_settings(cfg, found, world, decided_later=("prompt_len",) if args.prompts else ())
     tokenizer = Tokenizer(tok_path)
     if args.teacher is not None:
         check_own_tokenizer(tokenizer, args.teacher, "the teacher")

@@ -399,6 +399,11 @@ TEACHER = Path(__file__).parents[1] / "checkpoints" / "tiny-teacher"
         (["--out", "{tmp}/mine"], r"mine is not empty \(notes.txt\) .*\(--overwrite\)"),
         (["--out", "{tmp}/run"], r"already holds checkpoints \(step-000001\); pass resume=True \(--resume\)"),
         (["--tokenizer", "{tmp}/other.model"], r"other.model \(300 pieces\) is not the one the teacher came with"),
+        # --resume: what the checkpoint alone says is checked first too.
+        (["--out", "{tmp}/run", "--resume"], r"step-000001 has no optimizer/ directory, so it cannot be resumed"),
+        (["--out", "{tmp}/resumable", "--resume"], r"step-000005 is at step 5, past steps = 2"),
+        (["--out", "{tmp}/resumable", "--resume", "--steps", "6"],
+         r"cannot resume from .*step-000005: these settings differ .*lr \(checkpoint: 0.5, now: 0.0003\)"),
     ],
 )
 def test_script_refuses_bad_flags_and_out_dirs_before_any_model_or_data_is_read(tmp_path, monkeypatch, capsys, args,
@@ -411,6 +416,10 @@ def test_script_refuses_bad_flags_and_out_dirs_before_any_model_or_data_is_read(
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     (tmp_path / "run" / "step-000001").mkdir(parents=True)
     (tmp_path / "run" / "step-000001" / "trainer_state.json").write_text(json.dumps({"step": 1}))
+    (tmp_path / "resumable" / "step-000005" / "optimizer").mkdir(parents=True)
+    (tmp_path / "resumable" / "step-000005" / "trainer_state.json").write_text(
+        json.dumps({"step": 5, "config": {"lr": 0.5, "steps": 5}})
+    )
     for name in ("gemma2.checkpoint.load_model", "gemma2.student.load_student", "gemma2.data_args.datasets_from_args"):
         monkeypatch.setattr(name, lambda *a, _name=name, **k: pytest.fail(f"{_name} was called"))
     flags = ["--student", "tiny", "--teacher", str(TEACHER), "--out", str(tmp_path / "new"), "--steps", "2"]
