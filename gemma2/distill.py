@@ -232,7 +232,7 @@ class DistillStats:
     """Unnormalised sums over this call's counted tokens, detached, for logging.
 
     kd_sum: sum of per-token KD (no temperature**2, no alpha); ce_sum: sum of per-token CE at
-    temperature 1 (0 when alpha == 1 and no targets); tokens: number of counted tokens.
+    temperature 1 (0 when alpha == 1: not computed, targets or not); tokens: number of counted tokens.
     """
 
     kd_sum: Tensor

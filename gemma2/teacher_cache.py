@@ -1,6 +1,7 @@
 """An offline teacher: its top-k next-token log-probs for every packed sequence, or for the
 completion columns of every row of a prompt dataset (gemma2.prompts: the only columns whose targets
-count; a prompt's columns are never stored, and a completion's padding is stored as zeros), run once.
+count; a prompt's columns are never stored, and a completion's padding holds whatever the teacher
+gave for the pad tokens, or zeros past a batch's longest row: never counted), run once.
 
 Distilling from a cache costs no teacher forward per step and no teacher memory, at the price of
 keeping k of the V probabilities (plus one bucket for the rest: gemma2.distill.topk_kd_loss).
