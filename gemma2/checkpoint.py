@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from .config import Gemma2Config
+from .config import Gemma2Config, model_directory
 from .dtypes import to_dtype
 from .errors import CheckpointError
 from .files import atomic_directory, atomic_file
@@ -96,7 +96,7 @@ def resolve_config(path: Path, config: Gemma2Config | str | None) -> Gemma2Confi
         return config
     if isinstance(config, str):
         return Gemma2Config.from_name(config)
-    directory = path if path.is_dir() else path.parent
+    directory = model_directory(path)
     if not (directory / "config.json").exists():
         raise CheckpointError(
             f"{directory}: no config.json to say the model's shape; pass config= (a Gemma2Config or a preset "
@@ -218,25 +218,27 @@ def _finite(t: Tensor) -> bool:
 
 def stored_dtype(path: str | os.PathLike, floating: bool = False) -> torch.dtype:
     """The dtype a checkpoint's weights are stored in: that of its first weight (not the official
-    RoPE table, complex; int8 for an int8 checkpoint), read from a safetensors file's header, not
-    its bytes (the 2B embedding is 1.2 GB). floating: that of its first floating-point tensor
-    instead (the same, except in an int8 checkpoint: its scales' and norms')."""
-    file = checkpoint_files(Path(path))[0]
+    RoPE table, complex; int8 for an int8 checkpoint), read from safetensors files' headers, not
+    their bytes (the 2B embedding is 1.2 GB). floating: that of its first floating-point tensor
+    instead (the same, except in an int8 checkpoint: its scales' and norms', which may first appear
+    in a later shard than the int8 embedding's)."""
 
     def weight(name: str, dtype: torch.dtype) -> bool:
         return name not in SKIPPED and (dtype.is_floating_point or dtype == torch.int8 and not floating)
 
-    if file.suffix == ".safetensors":
-        with _opened(file) as f:
-            pieces = ((name, f.get_slice(name)) for name in f.keys())
-            # An empty slice reads no tensor bytes (a scalar is read whole: it is tiny).
-            tensors = ((name, piece[:0] if piece.get_shape() else f.get_tensor(name)) for name, piece in pieces)
-            dtype = next((t.dtype for name, t in tensors if weight(name, t.dtype)), None)
-    else:
-        dtype = next((t.dtype for name, t in _read_pickle(file) if weight(name, t.dtype)), None)
-    if dtype is None:
-        raise CheckpointError(f"{file}: holds no weights")
-    return dtype
+    files = checkpoint_files(Path(path))
+    for file in files:
+        if file.suffix == ".safetensors":
+            with _opened(file) as f:
+                pieces = ((name, f.get_slice(name)) for name in f.keys())
+                # An empty slice reads no tensor bytes (a scalar is read whole: it is tiny).
+                tensors = ((name, piece[:0] if piece.get_shape() else f.get_tensor(name)) for name, piece in pieces)
+                dtype = next((t.dtype for name, t in tensors if weight(name, t.dtype)), None)
+        else:
+            dtype = next((t.dtype for name, t in _read_pickle(file) if weight(name, t.dtype)), None)
+        if dtype is not None:
+            return dtype
+    raise CheckpointError(f"{files[0] if len(files) == 1 else path}: holds no {'float ' if floating else ''}weights")
 
 
 def skipped(raw_name: str, expected: dict[str, torch.Size]) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import Gemma2Config
+from .config import Gemma2Config, model_directory
 from .tokenizer import Tokenizer
 
 VOCAB_PADDING = 128
@@ -58,8 +58,7 @@ def check_own_tokenizer(tokenizer: Tokenizer, model: str | os.PathLike, what: st
     """Raise ValueError when the model at `model` (a directory, or a checkpoint file in one) came
     with a tokenizer.model that is not `tokenizer`: the same number of pieces, other pieces (a
     Gemma tokenizer against the tiny teacher's, of equal size: perplexity 3068 instead of 92)."""
-    model = Path(model)
-    own = (model if model.is_dir() else model.parent) / "tokenizer.model"
+    own = model_directory(model) / "tokenizer.model"
     if not own.is_file() or own.resolve() == Path(tokenizer.path).resolve():
         return
     try:

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+def model_directory(path: str | os.PathLike) -> Path:
+    """The directory of a model checkpoint, where its config.json and tokenizer.model sit: `path`
+    itself, or the directory holding it (an official .ckpt file)."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,11 @@ class Gemma2Config:
 
     def replace(self, **changes: Any) -> Gemma2Config:
         return dataclasses.replace(self, **changes)
+
+    def differences(self, other: Gemma2Config) -> list[str]:
+        """`field self -> other` for each field that `other` sets differently."""
+        return [f"{f.name} {getattr(self, f.name)!r} -> {getattr(other, f.name)!r}"
+                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]  # fmt: skip
 
     # Presets.
     @classmethod

@@ -10,7 +10,6 @@ fix (one line from gemma2.cli).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from .checkpoint import checkpoint_files, load_model
 from .compatibility import check_own_tokenizer, check_tokenizer
-from .config import Gemma2Config
+from .config import Gemma2Config, model_directory
 from .model import Gemma2ForCausalLM
 from .student import model_config
 from .tokenizer import Tokenizer
@@ -33,8 +32,7 @@ def default_dtype(device: str | torch.device, quantize: str | None) -> str:
 
 def stored_config(path: str | os.PathLike) -> Gemma2Config | None:
     """The config.json beside a checkpoint, or None (an official .ckpt: checked once loaded)."""
-    path = Path(path)
-    file = (path if path.is_dir() else path.parent) / "config.json"
+    file = model_directory(path) / "config.json"
     try:
         return Gemma2Config.from_json(file) if file.is_file() else None
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -50,12 +48,10 @@ def config_flag(checkpoint: str | os.PathLike, spec: str | None) -> Gemma2Config
     config, own = model_config(spec, "--config"), stored_config(checkpoint)
     if own is None or own == config:
         return config
-    differ = [f"{f.name} {getattr(own, f.name)!r} there, {getattr(config, f.name)!r} in --config"
-              for f in dataclasses.fields(own) if getattr(own, f.name) != getattr(config, f.name)]  # fmt: skip
-    directory = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     raise ValueError(
-        f"--config {spec} differs from {directory / 'config.json'} ({'; '.join(differ)}): --config is for a "
-        "checkpoint without a config.json; drop it to load the checkpoint as its config.json says"
+        f"--config {spec} differs from {model_directory(checkpoint) / 'config.json'} (config.json -> --config: "
+        f"{'; '.join(own.differences(config))}): --config is for a checkpoint without a config.json; drop it to "
+        "load the checkpoint as its config.json says"
     )
 
 
@@ -90,7 +86,7 @@ def find_tokenizer(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike |
             "(scripts/convert_checkpoint.py converts an official .ckpt)"
         )
     checkpoint_files(checkpoint)  # a directory without weights (a run's, say) is named before its tokenizer
-    path = Path(tokenizer) if tokenizer else checkpoint if checkpoint.is_dir() else checkpoint.parent
+    path = Path(tokenizer) if tokenizer else model_directory(checkpoint)
     if path.is_dir():  # a checkpoint directory, as for Tokenizer()
         path /= "tokenizer.model"
     if not path.is_file():

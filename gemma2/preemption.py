@@ -1,19 +1,22 @@
 """A clean stop when the job is asked to end, with the work kept.
 
 Schedulers end a job with SIGTERM (Kubernetes, SLURM at a time limit or on preemption; torchrun
-passes it on to every rank), and SLURM can warn ahead with SIGUSR1 (`--signal=USR1@120`). While
-the trainer's loop runs, `StopSignals` turns either into a request: the step in progress finishes,
-every rank agrees after the same step (`requested`: one all-reduce of a flag, as the signal may
-reach the ranks at different moments), the trainer saves a checkpoint there and raises
-`TrainingStopped`, which names it. Before the loop (loading the models, say) SIGTERM unwinds the
+passes it on to every rank), and SLURM can warn ahead of its time limit with SIGUSR1
+(`--signal=USR1@120`; torchrun passes that on only when its `--signals-to-handle` lists SIGUSR1).
+While the trainer's loop runs, `StopSignals` turns either into a request: the step in progress
+finishes, every rank agrees after the same step (`requested`: one all-reduce of a flag, as the
+signal may reach the ranks at different moments), the trainer saves a checkpoint there (or, when
+the signal came during a periodic save, stops at that checkpoint) and raises `TrainingStopped`,
+which names it. Before the loop (loading the models, say) SIGTERM unwinds the
 process as Ctrl-C does (gemma2.cli), while a SIGUSR1 warning noted since `note_warnings` stops the
 loop at its first check. Ctrl-C itself keeps its meaning: stop now, keep the last complete
 checkpoint.
 
-A stop loses no work only if it ends before the scheduler's SIGKILL: Kubernetes and SLURM allow
-30 s by default, while a large run's save alone can take minutes. `StopTime` adds up the slowest
-step, evaluation and save measured so far and says once, naming the figures, when a stop could
-outlast the grace a run declares (TrainConfig.stop_grace, `--stop-grace`).
+A stop loses no work only if it ends before the SIGKILL that follows: Kubernetes and SLURM allow
+30 s by default, and so does torchrun (its `--shutdown-timeout`) whatever the scheduler allows,
+while a large run's save alone can take minutes. `StopTime` adds up the slowest step, evaluation
+and save measured so far and says once, naming the figures, when a stop could outlast the grace a
+run declares (TrainConfig.stop_grace, `--stop-grace`).
 """
 
 from __future__ import annotations
@@ -110,21 +113,26 @@ def check_together(rt: Runtime, lock: Path | None, asked: bool = False) -> bool:
 
 
 class StopTime:
-    """The longest a stop could take, against the grace the scheduler allows between its SIGTERM
-    and SIGKILL (`grace` seconds; None: not checked): the slowest step (the one in progress when
-    the signal comes), evaluation (when one is due after it) and save measured so far. The first
-    time their sum exceeds the grace, one note on stderr (`quiet`: on other ranks, none) says so,
-    with the figures and the fixes. A save is measured only once one has run: with `save_every`
-    0, at the end."""
+    """The longest a stop could take, against the grace between the SIGTERM and the SIGKILL that
+    follows it (`grace` seconds; None: not checked): the slowest step (the one in progress when the
+    signal comes), evaluation (when one is due after it) and save measured so far. The first step
+    and evaluation of a process are not counted: they warm up (allocator, compilation). The first
+    time the sum exceeds the grace, one note on stderr (`quiet`: on other ranks, none) says so, with
+    the figures and the fixes (`torchrun`: its own shutdown timeout too). A save is measured only
+    once one has run: with `save_every` 0, at the end."""
 
     PARTS = ("step", "evaluation", "save")
 
-    def __init__(self, grace: float | None, quiet: bool = False) -> None:
-        self.grace, self.quiet = grace, quiet
+    def __init__(self, grace: float | None, quiet: bool = False, torchrun: bool = False) -> None:
+        self.grace, self.quiet, self.torchrun = grace, quiet, torchrun
         self.slowest = dict.fromkeys(self.PARTS, 0.0)
+        self.count = dict.fromkeys(self.PARTS, 0)
         self.warned = False
 
     def measured(self, part: str, seconds: float) -> None:
+        self.count[part] += 1
+        if part != "save" and self.count[part] == 1:
+            return  # a warm-up
         self.slowest[part] = max(self.slowest[part], seconds)
         total = sum(self.slowest.values())
         if self.grace is None or self.warned or total <= self.grace:
@@ -134,8 +142,11 @@ class StopTime:
             return
         parts = ", ".join(f"{what} {s:.1f} s" for what, s in self.slowest.items() if s)
         need = math.ceil(1.2 * total)  # a fifth more than measured: steps and saves vary
+        torchrun = (f"; torchrun: --shutdown-timeout {need}, and SIGUSR1 in its --signals-to-handle for SLURM's "
+                    "warning") if self.torchrun else ""  # fmt: skip
         notice(f"stopping on SIGTERM could take {total:.1f} s here (the slowest {parts}), more than the "
-               f"{self.grace:g} s between a scheduler's SIGTERM and its SIGKILL that this run assumes "
-               "(--stop-grace): a stop cut short keeps only the last checkpoint. Allow more time (SLURM: "
-               f"--signal=USR1@{need}, a warning ahead; Kubernetes: terminationGracePeriodSeconds: {need}) and "
-               f"pass --stop-grace {need}, or save more often (--save-every)")  # fmt: skip
+               f"{self.grace:g} s between SIGTERM and SIGKILL that this run assumes (--stop-grace): a stop cut "
+               f"short keeps only the last checkpoint. Give a stop {need} s (Kubernetes: "
+               f"terminationGracePeriodSeconds: {need}; SLURM: KillWait or the partition's GraceTime, or "
+               f"--signal=USR1@{need} to warn ahead of the time limit{torchrun}) and pass --stop-grace {need}; "
+               "saving more often (--save-every) loses less when a stop is cut short")  # fmt: skip

@@ -362,9 +362,7 @@ def _model_changes(models: dict, ckpt: Path, stored: dict) -> list[str]:
     """How the student's config (against the checkpoint's config.json), the compute dtype and the
     teacher (against the checkpoint's record of them, when it has one) differ now."""
     changes = []
-    saved = dataclasses.asdict(Gemma2Config.from_json(ckpt / "config.json"))
-    now = _as_json(models["student"])
-    fields = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if _as_json(saved[k]) != now[k]]
+    fields = Gemma2Config.from_json(ckpt / "config.json").differences(Gemma2Config(**models["student"]))
     if fields:
         changes.append(f"the student's config ({', '.join(fields)})")
     if stored.get("compute_dtype", models["compute_dtype"]) != models["compute_dtype"]:

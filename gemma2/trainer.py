@@ -500,7 +500,7 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     flops_per_token = partial(training_flops_per_token, student.config, teacher=live_teacher)
     peak = cfg.peak_flops or peak_flops(rt.device, loss_mod.dtype)
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not progress or not rt.is_main)
-    stop_time = StopTime(cfg.stop_grace, quiet=not rt.is_main)
+    stop_time = StopTime(cfg.stop_grace, quiet=not rt.is_main, torchrun=rt.world > 1)
     with StopSignals() as stop, bar:  # the bar closed however the loop ends: an error's line is its own
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
@@ -548,6 +548,9 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
                     saved = save_checkpoint(out, step + 1, student, optimizer, state,
                                             tokenizer_file=cfg.tokenizer_file, keep_last=cfg.keep_last)  # fmt: skip
                 stop_time.measured("save", time.perf_counter() - t_save)
+                # A signal that came during a periodic save stops the run at that checkpoint, not one
+                # step and another save later (one more collective, on save steps only).
+                stopping = stopping or not done and stop.requested(rt, run.lock)
             if stopping and not done:
                 asked = stop.received or "a stop signal (on another rank)"
                 raise TrainingStopped(f"stopped by {asked} after step {step + 1} of {cfg.steps}; saved {saved}: "

@@ -29,6 +29,7 @@ import torch
 from gemma2 import load_model, save_model
 from gemma2.checkpoint import check_save_directory, save_official, stored_dtype
 from gemma2.cli import run_cli
+from gemma2.config import model_directory
 from gemma2.dtypes import dtype_argument, to_dtype
 from gemma2.files import atomic_file
 from gemma2.loading import config_flag
@@ -55,9 +56,10 @@ def check_output(source: Path, target: Path, dtype: torch.dtype, args: argparse.
             )
         if floats != dtype:  # an int8 input stays int8: --dtype is that of its scales and norms
             what = f"{weights} weights" if weights != torch.int8 else f"int8 checkpoint's {floats} scales and norms"
+            keep = f"--dtype {str(floats).removeprefix('torch.')}, " if floats in (torch.bfloat16, torch.float32) else ""
             raise ValueError(
                 f"--output is the input and would turn its {what} into {dtype} in place; pass "
-                f"--dtype {str(floats).removeprefix('torch.')}, another --output, or --overwrite"
+                f"{keep}another --output, or --overwrite"
             )
     elif exists and not args.overwrite:
         raise ValueError(f"--output {target} already exists and is not empty; pass --overwrite to replace it")
@@ -93,7 +95,7 @@ def main() -> int:
     else:
         save_model(model, target, max_shard_bytes=int(args.max_shard_gb * 2**30))
         out_dir = target
-    tokenizer, copy = (source if source.is_dir() else source.parent) / "tokenizer.model", out_dir / "tokenizer.model"
+    tokenizer, copy = model_directory(source) / "tokenizer.model", out_dir / "tokenizer.model"
     if tokenizer.exists() and (not copy.exists() or args.overwrite and not copy.samefile(tokenizer)):
         with atomic_file(copy) as tmp:
             shutil.copyfile(tokenizer, tmp)

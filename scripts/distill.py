@@ -25,6 +25,7 @@ newest complete checkpoint.
 
 import argparse
 import dataclasses
+import math
 import signal
 import sys
 from pathlib import Path
@@ -148,6 +149,8 @@ def train_config(args: argparse.Namespace, tok_path: Path) -> TrainConfig:
     """The run's settings from the flags (TrainConfig checks each); what the data decides
     (evaluation without a held-out split, a prompt dataset's layout) is filled in once it is read."""
     taught = args.teacher is not None or args.teacher_cache is not None
+    if not 0 <= args.stop_grace < math.inf:
+        raise ValueError(f"--stop-grace must be a number of seconds >= 0 (0: not checked), got {args.stop_grace}")
     return TrainConfig(
         out_dir=args.out, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,

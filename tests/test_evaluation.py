@@ -271,8 +271,8 @@ def test_a_vocabulary_padded_past_the_pieces_is_evaluated(models, capsys):
         (["--tokenizer", "{tmp}/no.model"], "no.model not found"),
         (["--tokenizer", "{foreign}"], r"foreign.model \(320 pieces\) is not the one the checkpoint came with"),
         (["--teacher", "{foreign-teacher}"], "is not the one the teacher came with .*foreign-teacher/tokenizer.model"),
-        (["--config", "2b"], "--config 2b differs from .*/config.json \\(vocab_size 320 there, 256000 in --config; "
-                             "hidden_size .*: --config is for a checkpoint without a config.json; drop it"),
+        (["--config", "2b"], "--config 2b differs from .*/config.json \\(config.json -> --config: vocab_size 320 -> "
+                             "256000; hidden_size .*: --config is for a checkpoint without a config.json; drop it"),
     ],
 )
 def test_bad_flags_are_one_line_with_status_2_before_any_weight_is_read(models, tmp_path, capsys, monkeypatch, args,

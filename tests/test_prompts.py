@@ -409,6 +409,13 @@ def test_scripts_distil_on_prompts_from_the_teacher_or_its_cache(tmp_path, tok):
     resumed = subprocess.run([*more, "--lmbda", "0.5", "--prompt-len", str(P), "--resume", "--out", str(tmp_path / "run")],
                              capture_output=True, text=True)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
+    # ... and without it, the data lay the rows out as before (distill.py's early check leaves
+    # prompt_len to the data).
+    more[more.index("--steps") + 1] = "4"
+    resumed = subprocess.run([*more, "--lmbda", "0.5", "--resume", "--out", str(tmp_path / "run")], capture_output=True,
+                             text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "run" / "step-000004").is_dir()
     bad = subprocess.run([*common, "--seq-len", "64", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: with --prompts, rows are")
     assert not (tmp_path / "bad").exists()

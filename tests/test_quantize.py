@@ -388,6 +388,13 @@ def test_convert_checkpoint_quantize_int8(tmp_path):
         assert done.returncode == 0, done.stderr
         again = load_model(tmp_path / "q")
         assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), direct.state_dict().values()))
+    # A shard per tensor, the int8 embedding's first: the scales' dtype is read on in later shards.
+    save_model(direct, tmp_path / "s", max_shard_bytes=1)
+    with safe_open(str(min((tmp_path / "s").glob("*.safetensors"))), framework="pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"I8"}
+    done = subprocess.run(convert[:3] + [str(tmp_path / "s"), "--output", str(tmp_path / "s"), "--dtype", "fp32"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
     # A float input quantised in place loses its float weights: refused.
     done = subprocess.run(convert[:3] + [str(tmp_path / "f"), "--output", str(tmp_path / "f"), "--quantize", "int8",
                                          "--dtype", "fp32"], capture_output=True, text=True)  # fmt: skip

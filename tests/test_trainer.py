@@ -395,6 +395,7 @@ TEACHER = Path(__file__).parents[1] / "checkpoints" / "tiny-teacher"
         (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
         (["--alpha", "1.5"], r"alpha must be in \[0, 1\]"),
         (["--keep-last", "-2"], "keep_last must be >= 1"),
+        (["--stop-grace", "-5"], r"--stop-grace must be a number of seconds >= 0 \(0: not checked\), got -5.0"),
         (["--out", "{tmp}/file"], "file exists and is not a directory"),
         (["--out", "{tmp}/mine"], r"mine is not empty \(notes.txt\) .*\(--overwrite\)"),
         (["--out", "{tmp}/run"], r"already holds checkpoints \(step-000001\); pass resume=True \(--resume\)"),
