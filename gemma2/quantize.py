@@ -50,20 +50,22 @@ def check_quantize(quantize: str | None) -> None:
         raise ValueError(f"quantize must be None or one of {QUANTIZE_MODES}, got {quantize!r}")
 
 
-def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """`[out, in]` float -> (int8 `[out, in]`, fp32 scales `[out]`), symmetric, one scale per row.
+def quantize_per_channel(weight: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """`[out, in]` float -> (int8 `[out, in]`, scales `[out]` in `dtype`), symmetric, one scale per
+    row: s = max|row| / 127 rounded to `dtype` (the scales' storage and compute dtype), q =
+    round(w / s), so that each weight is within s / 2 of q * s with the scale as it is used.
 
     Rows are processed in chunks, so quantising the 2B embedding never holds it in fp32 whole.
     """
     out_features, in_features = weight.shape
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scale = torch.empty(out_features, dtype=torch.float32, device=weight.device)
+    scale = torch.empty(out_features, dtype=dtype, device=weight.device)
     step = max(1, _ROWS_PER_CHUNK_BYTES // (4 * max(in_features, 1)))
     for start in range(0, out_features, step):
         w = weight[start : start + step].float()
         # An all-zero row gets the smallest positive scale: its int8 values are 0 either way.
-        s = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        q[start : start + step] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        s = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
+        q[start : start + step] = torch.round(w / s.float()[:, None]).clamp(-127, 127).to(torch.int8)
         scale[start : start + step] = s
     return q, scale
 
@@ -104,8 +106,7 @@ class Int8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         if linear.bias is not None:
             raise ValueError("Int8Linear has no bias; Gemma 2 has none anywhere")
-        q, scale = quantize_per_channel(linear.weight.detach())
-        return cls(q, scale.to(linear.weight.dtype))
+        return cls(*quantize_per_channel(linear.weight.detach(), linear.weight.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         return int8_matmul(x, self.weight, self.weight_scaler)
@@ -128,8 +129,7 @@ class Int8Embedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding) -> Int8Embedding:
-        q, scale = quantize_per_channel(embedding.weight.detach())
-        return cls(q, scale.to(embedding.weight.dtype))
+        return cls(*quantize_per_channel(embedding.weight.detach(), embedding.weight.dtype))
 
     def forward(self, input_ids: Tensor) -> Tensor:
         rows = self.weight[input_ids]  # [..., D] int8
@@ -221,9 +221,9 @@ class Int8Loading:
             self.float_weights[name] = tensor.dtype
             if self.int8_checkpoint:
                 raise self._refuse_float(name)
-            q, scale = quantize_per_channel(tensor)
+            q, scale = quantize_per_channel(tensor, self.dtype)
             yield name, q.to(self.device)
-            yield name.removesuffix("weight") + SCALER, scale.to(device=self.device, dtype=self.dtype)
+            yield name.removesuffix("weight") + SCALER, scale.to(self.device)
         else:
             if name in self.quantizable:
                 self.float_weights[name] = tensor.dtype

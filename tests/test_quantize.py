@@ -23,12 +23,12 @@ from gemma2.quantize import Int8Embedding, Int8Linear, dequantize_matmul, int8_m
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def textbook_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8, written independently of the library: s = max|row| / 127."""
-    w = w.double()
-    s = w.abs().max(dim=1).values / 127
-    q = (w / s[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return q, s.float()
+def textbook_int8(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8, written independently of the library: s = max|row| / 127 as stored
+    (in fp32, then in `dtype`), q = round(w / s) against that stored scale."""
+    s = (w.double().abs().max(dim=1).values / 127).float().to(dtype).double()
+    q = (w.double() / s[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, s.to(dtype)
 
 
 def random_model(cfg: Gemma2Config | None = None, seed: int = 0) -> Gemma2ForCausalLM:
@@ -40,19 +40,21 @@ def random_model(cfg: Gemma2Config | None = None, seed: int = 0) -> Gemma2ForCau
 # The kernel.
 
 
-def test_quantize_per_channel_is_the_textbook_formula():
-    w = torch.randn(37, 50) * torch.rand(37, 1) * 3
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_per_channel_is_the_textbook_formula(dtype):
+    w = (torch.randn(37, 50, generator=torch.Generator().manual_seed(3)) * torch.rand(37, 1) * 3).to(dtype)
     w[5] = 0.0  # an all-zero row must not divide by zero
-    linear = torch.nn.Linear(50, 37, bias=False)
+    linear = torch.nn.Linear(50, 37, bias=False, dtype=dtype)
     with torch.no_grad():
         linear.weight.copy_(w)
     layer = Int8Linear.from_linear(linear)
-    q, s = textbook_int8(w)
+    q, s = textbook_int8(w, dtype)
     rows = torch.arange(37) != 5
     assert layer.weight.dtype == torch.int8 and torch.equal(layer.weight[rows], q[rows])
     assert torch.equal(layer.weight[5], torch.zeros(50, dtype=torch.int8))
-    assert torch.allclose(layer.weight_scaler[rows], s[rows], rtol=1e-6)
-    # Every weight is within half a step of its row's scale.
+    assert layer.weight_scaler.dtype == dtype and torch.equal(layer.weight_scaler[rows], s[rows])
+    # Every weight is within half a step of its row's scale, as stored (in bf16 too: the codes are
+    # rounded against the bf16 scale, not the fp32 one, which gave up to 0.83 of a step).
     back = layer.weight.double() * layer.weight_scaler.double()[:, None]
     assert ((back - w.double()).abs() <= layer.weight_scaler.double()[:, None] / 2 + 1e-7).all()
 
