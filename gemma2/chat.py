@@ -18,8 +18,10 @@ class Chat:
     """Gemma's chat template over a Session: each `reply` feeds one user turn, streams the model's turn.
 
     The first turn is `<bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n`; each
-    later one closes the model's turn (its `<end_of_turn>` is usually already there: the stop token
-    it sampled) and opens the next user turn, so the cache always holds exactly the conversation.
+    later one closes the model's turn (with the `<end_of_turn>` it sampled, or one added after a
+    reply cut by max_new_tokens, or in place of an `<eos>` it stopped on: the template holds no
+    `<eos>` inside a conversation) and opens the next user turn, so the cache always holds exactly
+    the conversation in Gemma's template.
     """
 
     def __init__(
@@ -61,7 +63,7 @@ class Chat:
         if self.session.length == 0:
             return opening
         last = int(self.session.pending[0, 0]) if self.session.pending is not None else None
-        close = [] if last == tok.end_of_turn_id else [tok.end_of_turn_id]  # a reply cut by max_new_tokens
+        close = [] if last == tok.end_of_turn_id else [tok.end_of_turn_id]  # a reply cut short (or by <eos>)
         return close + tok.encode("\n", bos=False) + opening[1:]  # opening[1:]: one bos per conversation
 
     def reply(
@@ -79,6 +81,9 @@ class Chat:
         The reply is cut short when the context fills; a turn that leaves no room for even one new
         token is a ValueError (start a new Chat, with a larger max_len if the model allows).
         """
+        pending = self.session.pending
+        if pending is not None and int(pending[0, 0]) == self.tokenizer.eos_id:
+            self.session.drop_pending()  # the reply stopped on <eos>: turn_ids closes it with <end_of_turn>
         ids = self.turn_ids(text)
         room = self.tokens_left - len(ids)
         # No chat holds it (a new one also opens with a bos): a new chat would not help.

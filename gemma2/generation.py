@@ -98,6 +98,11 @@ class Session:
     def tokens_left(self) -> int:
         return self.max_len - self.length
 
+    def drop_pending(self) -> None:
+        """Forget the last sampled tokens, which the cache has not been fed: the conversation now
+        ends before them (a chat drops a reply's `<eos>`, which Gemma's template never holds)."""
+        self.pending = None
+
     def stream(
         self,
         input_ids: Tensor,

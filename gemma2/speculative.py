@@ -298,6 +298,11 @@ class SpeculativeSession(Session):
         self.done = done
         self.pending = self.seq[done - 1 : done][None]
 
+    def drop_pending(self) -> None:
+        # After a reply, so done >= 2. The caches may then hold the new last token: the next stream
+        # rewinds them to seq[: done - 1], as after any round.
+        self._hand_over(self.done - 1)
+
     def stream(self, input_ids: Tensor, **kwargs) -> Iterator[Tensor]:
         """As `Session.stream`, for one sequence `[1, T]`; `stats` starts again for this stream."""
         if input_ids.dim() == 2 and input_ids.shape[0] != 1:

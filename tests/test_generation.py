@@ -1,5 +1,7 @@
 """Generation: cached decoding against recomputation and transformers, stopping, sessions, chats."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -274,6 +276,30 @@ def test_chat_replies_equal_generating_from_the_whole_conversation(chat_parts):
         list(chat.reply(too_long_here, max_new_tokens=5))
     with pytest.raises(ValueError, match="the chat holds 120: shorten it"):
         list(chat.reply("x " * 100, max_new_tokens=5))
+
+
+@pytest.mark.parametrize("lookup", [False, True])
+def test_a_reply_that_stopped_on_eos_is_closed_with_end_of_turn_alone(lookup):
+    """Gemma's template holds no <eos> inside a conversation: after a reply that stopped on it, the
+    chat goes on from the reply's text with <end_of_turn> (it fed <eos><end_of_turn>), and the
+    next reply is the model's continuation of exactly that conversation."""
+    from gemma2 import load_model
+    from gemma2.prompt_lookup import PromptLookup
+
+    teacher = Path(__file__).parents[1] / "checkpoints" / "tiny-teacher"
+    model, tok = load_model(teacher), Tokenizer(teacher / "tokenizer.model")
+    chat = Chat(model, tok, draft=PromptLookup() if lookup else None)
+    first = chat.turn_ids("What is a list?")
+    reply1 = list(chat.reply("What is a list?", max_new_tokens=60))
+    assert reply1[-1] == tok.eos_id  # the tiny teacher (not instruction-tuned) ends its replies so
+    second = chat.turn_ids("And a tuple?")
+    assert second == [tok.end_of_turn_id] + tok.encode("\n", bos=False) + tok.encode_chat(
+        [{"role": "user", "content": "And a tuple?"}])[1:]  # fmt: skip
+    reply2 = list(chat.reply("And a tuple?", max_new_tokens=12))
+    whole = torch.tensor([first + reply1[:-1] + second])  # the conversation, without the <eos>
+    want = generate(model, whole, max_new_tokens=12, stop_token_ids=tok.stop_ids)[0, whole.shape[1] :].tolist()
+    assert reply2 == want[: len(reply2)] and set(want[len(reply2) :]) <= {tok.pad_id}
+    assert chat.session.length == len(first) + len(reply1) - 1 + len(second) + len(reply2)
 
 
 def test_left_pad():
