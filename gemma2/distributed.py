@@ -25,6 +25,12 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def under_torchrun() -> bool:
+    """Whether torchrun started this process (it sets TORCHELASTIC_RUN_ID in every worker, with
+    one process too)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group that torchrun describes (WORLD_SIZE > 1): NCCL when this machine has
     GPUs, gloo otherwise. Returns (rank, world_size); (0, 1) outside torchrun."""

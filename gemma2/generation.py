@@ -100,7 +100,8 @@ class Session:
 
     def drop_pending(self) -> None:
         """Forget the last sampled tokens, which the cache has not been fed: the conversation now
-        ends before them (a chat drops a reply's `<eos>`, which Gemma's template never holds)."""
+        ends before them (a chat drops a reply's `<eos>`, which Gemma's template never holds).
+        Once after a stream: another call (or one before any) drops nothing."""
         self.pending = None
 
     def stream(

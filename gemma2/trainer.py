@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 from .compatibility import check_seq_len, check_tokenizer
 from .data import IGNORE_INDEX, Batch, BatchLoader, Datasets, eval_batches
 from .distill import OBJECTIVES, DistillStats, TeacherHead, TopK, chunked_distill_loss, distill_sums
-from .distributed import Runtime, move_to, runtime, shard
+from .distributed import Runtime, move_to, runtime, shard, under_torchrun
 from .dtypes import dtype_name, to_dtype
 from .evaluation import perplexity
 from .files import notice, write_text_atomic
@@ -491,8 +491,11 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     # Every metrics line and checkpoint follows a check_together of every rank (gemma2.preemption):
     # a lost lock stops them all there, not the rank holding it alone. The log and the save check
     # again on that rank alone (a lock lost in the moment between stops it alone, before writing).
+    stop_time = StopTime(cfg.stop_grace, quiet=not rt.is_main, torchrun=rt.world > 1 or under_torchrun())
     if cfg.eval_every and start_step == 0:
+        t0 = time.perf_counter()
         evaluated = evaluate(0, first=True)
+        stop_time.measured("evaluation", time.perf_counter() - t0)  # the process's first: a warm-up
         check_together(rt, run.lock)
         log(evaluated)
     train_teacher = kd_teacher if cfg.alpha > 0 else None  # alpha = 0: the teacher only evaluates
@@ -500,7 +503,6 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     flops_per_token = partial(training_flops_per_token, student.config, teacher=live_teacher)
     peak = cfg.peak_flops or peak_flops(rt.device, loss_mod.dtype)
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not progress or not rt.is_main)
-    stop_time = StopTime(cfg.stop_grace, quiet=not rt.is_main, torchrun=rt.world > 1)
     with StopSignals() as stop, bar:  # the bar closed however the loop ends: an error's line is its own
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()

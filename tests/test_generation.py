@@ -289,9 +289,13 @@ def test_a_reply_that_stopped_on_eos_is_closed_with_end_of_turn_alone(lookup):
     teacher = Path(__file__).parents[1] / "checkpoints" / "tiny-teacher"
     model, tok = load_model(teacher), Tokenizer(teacher / "tokenizer.model")
     chat = Chat(model, tok, draft=PromptLookup() if lookup else None)
+    chat.session.drop_pending()  # nothing to drop yet
     first = chat.turn_ids("What is a list?")
     reply1 = list(chat.reply("What is a list?", max_new_tokens=60))
     assert reply1[-1] == tok.eos_id  # the tiny teacher (not instruction-tuned) ends its replies so
+    for _ in range(2):  # by hand (reply does it): once drops the <eos>, twice nothing more
+        chat.session.drop_pending()
+        assert chat.session.length == len(first) + len(reply1) - 1
     second = chat.turn_ids("And a tuple?")
     assert second == [tok.end_of_turn_id] + tok.encode("\n", bos=False) + tok.encode_chat(
         [{"role": "user", "content": "And a tuple?"}])[1:]  # fmt: skip

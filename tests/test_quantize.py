@@ -304,11 +304,14 @@ def test_quantize_argument_is_checked(tmp_path):
 # Our own int8 layout.
 
 
-def test_quantise_on_load_equals_quantising_the_loaded_model(tmp_path):
-    model = random_model(seed=7)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantise_on_load_equals_quantising_the_loaded_model(tmp_path, dtype):
+    """Where the checkpoint is stored in the model's dtype (an fp32 checkpoint loaded in bf16 is
+    quantised from its fp32 values, the loaded model from their bf16 rounding)."""
+    model = random_model(seed=7).to(dtype)
     save_model(model, tmp_path / "f")
-    loaded = load_model(tmp_path / "f", quantize="int8")
-    after = quantize_model(load_model(tmp_path / "f"))
+    loaded = load_model(tmp_path / "f", dtype=dtype, quantize="int8")
+    after = quantize_model(load_model(tmp_path / "f", dtype=dtype))
     assert loaded.state_dict().keys() == after.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), after.state_dict().values()))
 
