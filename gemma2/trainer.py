@@ -488,10 +488,10 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
         loss_mod.train()
         return record
 
+    stop_time = StopTime(cfg.stop_grace, quiet=not rt.is_main, torchrun=under_torchrun())
     # Every metrics line and checkpoint follows a check_together of every rank (gemma2.preemption):
     # a lost lock stops them all there, not the rank holding it alone. The log and the save check
     # again on that rank alone (a lock lost in the moment between stops it alone, before writing).
-    stop_time = StopTime(cfg.stop_grace, quiet=not rt.is_main, torchrun=rt.world > 1 or under_torchrun())
     if cfg.eval_every and start_step == 0:
         t0 = time.perf_counter()
         evaluated = evaluate(0, first=True)
