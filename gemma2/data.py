@@ -16,9 +16,12 @@
   (seed, epoch). Fixing the packing keeps sequence i the same across epochs and runs, which is
   what lets an offline teacher cache (gemma2.teacher_cache) be keyed by sequence index.
 - Sharding: a global micro-batch is batch_size * world_size consecutive entries of the
-  permutation; rank r takes the r-th block of batch_size. One process with batch_size * W sees
-  exactly the rows that W processes see together. The position in the data, (epoch, offset in
-  sequences), is part of the trainer's checkpoint, so a resumed run reads the same batches.
+  permutation; rank r takes the r-th block of batch_size. An optimizer step reads grad_accum of
+  them, and an epoch ends at a step's boundary, so the rows of every step depend only on the step
+  batch (batch_size * grad_accum * world_size), not on how it is split: one process with
+  batch_size * W sees exactly the rows that W processes see together, and 4 x 1 micro-batches the
+  rows of 2 x 2. The position in the data, (epoch, offset in sequences), is part of the trainer's
+  checkpoint, so a resumed run reads the same batches, however it splits its step.
 
 Tokens are held as a flat numpy int32 array (or a read-only memmap of a `.npy` file for big
 corpora), never as Python lists; a batch is gathered with one fancy index.
@@ -212,7 +215,8 @@ def split_datasets(
     split_corpus), tokenise and pack them."""
     if heldout_docs is not None:
         train_docs, held_docs = docs, heldout_docs
-        note_overlap(len(set(held_docs) & set(train_docs)), len(held_docs), "documents")
+        trained = set(train_docs)  # counted as the prompts' and the token writer's: held-out items, repeats too
+        note_overlap(sum(doc in trained for doc in held_docs), len(held_docs), "documents")
     else:
         train_docs, held_docs = split_corpus(docs, holdout_fraction=holdout_fraction)
     held_tokens = tokenize(held_docs, tokenizer) if held_docs else None
@@ -248,10 +252,12 @@ def pack_datasets(train_tokens: np.ndarray, heldout_tokens: np.ndarray | None, s
 class BatchLoader:
     """Endless micro-batches over `data`: a fresh seeded permutation per epoch, sliced per rank.
 
-    The state (epoch, offset) counts SEQUENCES, not batches, so a checkpoint taken with one world
-    size resumes at the same place with another (as long as the global batch divides evenly).
-    Sequences left over at the end of an epoch (fewer than a global batch) are skipped that epoch;
-    the next permutation puts different ones there.
+    The state (epoch, offset) counts SEQUENCES, not batches, so a checkpoint taken with one split
+    of its step batch (batch_size x grad_accum x world_size: the micro-batches of one optimizer
+    step, over every rank) resumes at the same place with another. Sequences left over at the end
+    of an epoch (fewer than a step batch) are skipped that epoch, whole steps only (an epoch ending
+    at a micro-batch made a step's rows depend on its split); the next permutation puts different
+    ones there.
 
     group > 0 (rows of different lengths: gemma2.prompts, whose batches are cut to their rows):
     within each run of `group` rows of the permutation, the rows go longest first (prompt plus
@@ -263,9 +269,9 @@ class BatchLoader:
     """
 
     def __init__(self, data: Rows, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 group: int = 0) -> None:  # fmt: skip
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+                 group: int = 0, grad_accum: int = 1) -> None:  # fmt: skip
+        if batch_size < 1 or grad_accum < 1:
+            raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size} and {grad_accum}")
         if group < 0:
             raise ValueError(f"group must be >= 0 rows (0: no grouping by length), got {group}")
         if group and not hasattr(data, "lengths"):
@@ -273,12 +279,13 @@ class BatchLoader:
                              "packed rows are all seq_len long: drop group_by_length (--group-by-length)")  # fmt: skip
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size = {world_size})")
-        self.global_batch = batch_size * world_size
-        if len(data) < self.global_batch:
+        self.global_batch = batch_size * world_size  # one micro-batch over every rank
+        self.step_batch = self.global_batch * grad_accum  # one optimizer step
+        if len(data) < self.step_batch:
             raise ValueError(
                 f"the data holds {len(data)} training rows, fewer than one global batch (batch_size "
-                f"{batch_size} x {world_size} ranks); lower the batch size, or add data (for packed text, "
-                "a lower seq_len makes more rows)"
+                f"{batch_size} x grad_accum {grad_accum} x {world_size} ranks); lower the batch size, or add "
+                "data (for packed text, a lower seq_len makes more rows)"
             )
         self.data, self.batch_size, self.seed, self.rank, self.group = data, batch_size, seed, rank, group
         self.epoch, self.offset = 0, 0
@@ -302,8 +309,8 @@ class BatchLoader:
         return self
 
     def __next__(self) -> Batch:
-        if self.offset + self.global_batch > len(self.data):
-            self.epoch, self.offset, self._perm = self.epoch + 1, 0, None
+        if self.offset % self.step_batch == 0 and self.offset + self.step_batch > len(self.data):
+            self.epoch, self.offset, self._perm = self.epoch + 1, 0, None  # at a step's start only
         start = self.offset + self.rank * self.batch_size
         indices = self._permutation()[start : start + self.batch_size]
         self.offset += self.global_batch
@@ -318,11 +325,11 @@ class BatchLoader:
                 f"the checkpoint's data order was drawn with seed {state['seed']}, this run uses "
                 f"{self.seed}: resume with the same seed, or start a new out_dir"
             )
-        if state["offset"] % self.global_batch:
+        if state["offset"] % self.step_batch:
             raise ValueError(
                 f"the checkpoint stopped {state['offset']} sequences into epoch {state['epoch']}, "
-                f"not a multiple of this run's global batch {self.global_batch}; resume with the "
-                "batch size and world size it was saved with"
+                f"not a multiple of this run's global batch {self.step_batch} (batch_size x grad_accum x "
+                "ranks); resume with the global batch it was saved with"
             )
         self.epoch, self.offset, self._perm = state["epoch"], state["offset"], None
 

@@ -91,8 +91,10 @@ def parse_example(line: str, where: str) -> dict:
         raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise ValueError(f"{where}: JSON nested too deeply") from None
-    if isinstance(example, dict) and isinstance(example.get("messages"), list) and example["messages"]:
-        return example
+    if isinstance(example, dict) and "messages" in example:  # the conversation, even beside a "prompt"
+        if isinstance(example["messages"], list) and example["messages"]:
+            return example
+        raise ValueError(f'{where}: "messages" must be a non-empty list of {{"role": str, "content": str}} turns')
     if isinstance(example, dict) and isinstance(example.get("prompt"), str):
         if not isinstance(example.get("completion", ""), str):
             raise ValueError(f'{where}: "completion" must be a string')

@@ -371,7 +371,7 @@ def _check(cfg: TrainConfig, student: Gemma2ForCausalLM, teacher, data: Datasets
     if teacher is not None:
         check_teacher(teacher, V, cfg.temperature, cfg.objective, data)
     # Refuses data smaller than one global batch, and grouping rows that are all one length.
-    BatchLoader(data.train, cfg.batch_size, world_size=world, group=cfg.group_by_length)
+    BatchLoader(data.train, cfg.batch_size, world_size=world, group=cfg.group_by_length, grad_accum=cfg.grad_accum)
     top = max(int(d.tokens.max()) for d in (data.train, data.heldout) if d is not None)
     if top >= V:
         raise ValueError(
@@ -465,7 +465,7 @@ def _train(cfg: TrainConfig, student: Gemma2ForCausalLM, data: Datasets, teacher
     loss_mod = _prepare_student(student, cfg, rt)
     optimizer = build_optimizer(student, cfg, rt.device)
     loader = BatchLoader(data.train, cfg.batch_size, seed=cfg.seed, rank=rt.rank, world_size=rt.world,
-                         group=cfg.group_by_length)  # fmt: skip
+                         group=cfg.group_by_length, grad_accum=cfg.grad_accum)  # fmt: skip
     start_step = 0
     if ckpt is not None:
         state = load_training_state(ckpt, student, optimizer)

@@ -353,6 +353,9 @@ def test_bad_files_are_named_with_their_line(tmp_path, tok, capsys):
         "f.jsonl": ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, '
                     '{"role": "assistant", "content": "z"}]}\n', r"f.jsonl:1: chat turn 2 is 'model' where 'user'"),
         "g.jsonl": ("[" * 100_000 + "\n", r"g.jsonl:1: JSON nested too deeply"),
+        # An empty or malformed conversation beside a prompt is named (it crashed with an IndexError).
+        "h.jsonl": ('{"messages": [], "prompt": "x"}\n', r'h.jsonl:1: "messages" must be a non-empty list'),
+        "i.jsonl": ('{"messages": {"role": "user"}, "prompt": "x"}\n', r'i.jsonl:1: "messages" must be a non-empty'),
     }  # fmt: skip
     for name, (text, match) in bad.items():
         (tmp_path / name).write_text(text)

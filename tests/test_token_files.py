@@ -461,7 +461,7 @@ def test_held_out_files_that_repeat_training_items_are_noted(tmp_path, tok, caps
     directory): a note with the count, from the in-memory path and the token file alike."""
     docs, examples = _docs(40), _examples(30)
     _jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])
-    _jsonl(tmp_path / "e.jsonl", [{"text": d} for d in docs[:3] + _docs(5, seed=4)])
+    _jsonl(tmp_path / "e.jsonl", [{"text": d} for d in docs[:3] + docs[:1] + _docs(5, seed=4)])  # one twice
     _jsonl(tmp_path / "p.jsonl", examples)
     _jsonl(tmp_path / "q.jsonl", examples[:4] + _examples(6, seed=5))  # 4 prompts answered again, as they were
     runs = [lambda: load_datasets([tmp_path / "d.jsonl"], tok, SEQ, eval_paths=[tmp_path / "e.jsonl"]),
@@ -470,7 +470,7 @@ def test_held_out_files_that_repeat_training_items_are_noted(tmp_path, tok, caps
             lambda: load_prompt_datasets([tmp_path / "p.jsonl"], tok, 4, eval_paths=[tmp_path / "q.jsonl"]),
             lambda: write_token_file([tmp_path / "p.jsonl"], tok, tmp_path / "p.npy", eval_paths=[tmp_path / "q.jsonl"],
                                      prompts=True, progress=False)]  # fmt: skip
-    for run, note in zip(runs, ["3 of the 8 held-out documents"] * 2 + ["4 of the 10 held-out prompts"] * 2):
+    for run, note in zip(runs, ["4 of the 9 held-out documents"] * 2 + ["4 of the 10 held-out prompts"] * 2):
         run()
         assert f"note: {note} are also in the training data" in capsys.readouterr().err
     _jsonl(tmp_path / "f.jsonl", [{"text": d} for d in _docs(5, seed=4)])  # nothing repeated: no note
