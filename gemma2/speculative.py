@@ -287,7 +287,6 @@ class SpeculativeSession(Session):
         self.drafter: _Draft | None = None  # made with the cache, by the first stream
         self.seq: Tensor | None = None  # [max_len] the conversation: seq[: self.done]
         self.done = 0  # the conversation's tokens so far: those fed, and those the caller got
-        self.sampled = False  # whether seq[done - 1] is a token a stream handed over (drop_pending)
         self.stats = SpeculativeStats()
 
     @property
@@ -301,11 +300,11 @@ class SpeculativeSession(Session):
 
     def drop_pending(self) -> None:
         # The caches may then hold the new last token: the next stream rewinds them to
-        # seq[: done - 1], as after any round. `sampled` keeps a second call from dropping a token
-        # that was fed (done >= 2 then: the prompt's last token, and the sampled one).
-        if self.sampled:
-            self._hand_over(self.done - 1)
-            self.sampled = False
+        # seq[: done - 1], as after any round. `pending` None marks the drop, as in Session: a
+        # second call (or one on a new session) drops nothing.
+        if self.pending is not None:
+            self.done -= 1
+            self.pending = None
 
     def stream(self, input_ids: Tensor, **kwargs) -> Iterator[Tensor]:
         """As `Session.stream`, for one sequence `[1, T]`; `stats` starts again for this stream."""
@@ -351,7 +350,6 @@ class SpeculativeSession(Session):
         n = self.done + len(new)  # the caches hold at most seq[: n - 1]: the last token is fed with the proposals
         seq[self.done : n] = new
         self._hand_over(n)
-        self.sampled = False
         end = n + max_new_tokens
         greedy, generator = is_greedy(sampling.temperature), sampling.generator
         pick = partial(probabilities, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
@@ -376,7 +374,6 @@ class SpeculativeSession(Session):
                 stats.accepted += kept
                 for i in range(n, n + kept + 1):
                     self._hand_over(i + 1)  # before the yield: the caller may stop here for good
-                    self.sampled = True
                     stats.new_tokens += 1
                     yield seq[i : i + 1]
                     if int(seq[i]) in stop:
